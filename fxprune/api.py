@@ -1,0 +1,169 @@
+"""The public entry points: `analyze` and `compress`.
+
+Example::
+
+    >>> import torch, torchvision, fxprune
+    >>> model = torchvision.models.resnet18(weights=None).eval()
+    >>> slim = fxprune.compress(model, method="l1", example_inputs=torch.randn(1, 3, 224, 224), flops=0.5)
+    >>> slim.fxprune_report.macs_ratio <= 0.5
+    True
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch.fx as fx
+from torch import nn
+
+from passes.dependency import ChannelAnalysis, analyze_dependencies
+from passes.mask import masked_reference
+from passes.rewrite import PruningPlan, apply_plan
+from passes.structures import Structures, find_structures
+
+from . import report as _report
+from .cost import CostModel
+from .errors import ConfigError, NothingToPruneError
+from .importance import group_scores
+from .inputs import ExampleInputs
+from .selection import select
+from .shapes import propagate
+from .tracer import TracedModel, trace
+from .verify import verify as verify_against
+
+METHODS = ("l1", "l2", "bn_scale", "random", "uniform")
+
+
+@dataclass
+class ModelAnalysis:
+    """Everything the compiler knows about a model before a method decides what to prune."""
+
+    traced: TracedModel
+    inputs: ExampleInputs
+    channels: ChannelAnalysis
+    cost: CostModel
+    structures: Structures
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def groups(self):
+        return self.channels.groups
+
+    @property
+    def boundaries(self):
+        return self.channels.boundaries
+
+    def table(self, limit: int | None = None) -> str:
+        auto = "".join(f"\nauto leaf {p}: {r}" for p, r in self.traced.auto_leaves.items())
+        return (
+            f"{_report.groups_table(self.channels, limit)}\n\n{_report.boundaries_table(self.channels)}{auto}\n\n"
+            f"params {_report.human(self.cost.total_params)}, MACs {_report.human(self.cost.total_macs)}, "
+            f"FLOPs {_report.human(2 * self.cost.total_macs)}; "
+            f"{len(self.channels.prunable_groups)}/{len(self.groups)} groups prunable, "
+            f"{len(self.structures.residual_branches)} residual branches, "
+            f"{len(self.structures.concat_inputs)} droppable concat inputs"
+        )
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def analyze(model: nn.Module, example_inputs: Any, *, ignore: Iterable = (), leaf_modules: Iterable = (),
+            concrete_args: dict | None = None) -> ModelAnalysis:
+    """Trace, propagate shapes and find the channel groups, boundaries and coarse structures."""
+    inputs = ExampleInputs.normalize(example_inputs)
+    t0 = time.perf_counter()
+    traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    t1 = time.perf_counter()
+    propagate(traced.graph_module, inputs)
+    t2 = time.perf_counter()
+    channels = analyze_dependencies(traced.graph_module, ignore=ignore, auto_leaves=traced.auto_leaves)
+    structures = find_structures(channels)
+    cost = CostModel(channels)
+    t3 = time.perf_counter()
+    return ModelAnalysis(traced, inputs, channels, cost, structures,
+                         {"trace": t1 - t0, "shapes": t2 - t1, "analysis": t3 - t2})
+
+
+def _check_options(method: str, flops: float, round_to, min_channels, min_ratio) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0 < flops <= 1:
+        raise ConfigError(
+            f"flops={flops!r} must be the fraction of the original FLOPs to keep, in (0, 1] (e.g. 0.5)")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise ConfigError(f"round_to={round_to!r} must be a positive integer (e.g. 8) or None")
+    if not isinstance(min_channels, int) or min_channels < 1:
+        raise ConfigError(f"min_channels={min_channels!r} must be an integer >= 1")
+    if not 0 <= min_ratio < 1:
+        raise ConfigError(f"min_ratio={min_ratio!r} must be in [0, 1)")
+
+
+def prune_with_plan(analysis: ModelAnalysis, plan: PruningPlan, *, verify_output: bool = True,
+                    tolerance: float | None = None) -> tuple[fx.GraphModule, Any]:
+    """Rewrite with `plan` and (optionally) verify against the masked original."""
+    slim = apply_plan(analysis.channels, plan)
+    slim.training = analysis.traced.graph_module.training
+    result = None
+    if verify_output:
+        result = verify_against(masked_reference(analysis.channels, plan), slim, analysis.inputs, tolerance)
+    return slim, result
+
+
+def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, flops: float = 0.5, *,
+             round_to: int | None = None, ignore: Iterable = (), leaf_modules: Iterable = (),
+             concrete_args: dict | None = None, min_channels: int = 1, min_ratio: float = 0.0,
+             verify: bool = True, tolerance: float | None = None, seed: int = 0) -> fx.GraphModule:
+    """Return a slim copy of `model` keeping at most `flops` of its FLOPs.
+
+    Args:
+        method: importance criterion, one of ``METHODS`` (data-free).
+        example_inputs: a tensor, tuple of positional args or dict of keyword args.
+        flops: fraction of the original FLOPs (= MACs) the result may keep, in (0, 1].
+        round_to: keep channel counts multiples of this (per group, e.g. 8 for tensor cores).
+        ignore: modules (qualified names, globs, types or instances) whose channels must stay.
+        leaf_modules: module types or names to trace as opaque leaves (their channels stay).
+        concrete_args: fixed values for non-tensor forward arguments (passed to torch.fx).
+        min_channels / min_ratio: each group keeps at least this many / this fraction of channels.
+        verify: compare with the masked original on random inputs and raise if they differ.
+        tolerance: relative tolerance of the verification (default by dtype: 1e-4 for fp32).
+
+    The returned GraphModule has the model's dtype, device and train/eval mode; its
+    ``fxprune_report`` attribute holds the before/after numbers. The input model is not modified.
+    """
+    _check_options(method, flops, round_to, min_channels, min_ratio)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    t0 = time.perf_counter()
+    analysis = analyze(model, example_inputs, ignore=ignore, leaf_modules=leaf_modules,
+                       concrete_args=concrete_args)
+    if not analysis.channels.prunable_groups:
+        reason = _report.main_boundary_reason(analysis.channels)
+        raise NothingToPruneError(
+            f"{type(model).__name__} has no prunable channel group ({len(analysis.groups)} groups, all fixed; "
+            f"main reason: {reason or 'no conv/linear layers found'}). Check ignore= and leaf_modules=, "
+            "or run fxprune.analyze(model, x) to see every boundary.")
+    t1 = time.perf_counter()
+    scores = group_scores(analysis.channels, method, seed)
+    plan = select(analysis.channels, analysis.cost, scores, flops, min_channels=min_channels,
+                  min_ratio=min_ratio, round_to=round_to, uniform=method == "uniform")
+    t2 = time.perf_counter()
+    slim, result = prune_with_plan(analysis, plan, verify_output=False)
+    t3 = time.perf_counter()
+    if verify:
+        result = verify_against(masked_reference(analysis.channels, plan), slim, analysis.inputs, tolerance)
+    t4 = time.perf_counter()
+    keep = analysis.channels.keep_roots(plan.keep)
+    slim.fxprune_report = _report.CompressionReport(
+        model=type(model).__name__, method=method, target_flops=flops,
+        params_before=int(analysis.cost.total_params), params_after=sum(p.numel() for p in slim.parameters()),
+        macs_before=int(analysis.cost.total_macs), macs_after=int(round(analysis.cost.macs(keep))),
+        max_abs_error=None if result is None else result.max_abs_error,
+        max_rel_error=None if result is None else result.max_rel_error,
+        groups=len(analysis.groups), prunable_groups=len(analysis.channels.prunable_groups),
+        boundaries=list(analysis.boundaries),
+        timings={**analysis.timings, "method": t2 - t1, "rewrite": t3 - t2, "verify": t4 - t3, "total": t4 - t0},
+    )
+    return slim
+

@@ -1,0 +1,68 @@
+"""Typed errors. Each message names the problem and the fix, so a batch job can log it and go on."""
+
+
+class FxpruneError(Exception):
+    """Base class of every error fxprune raises on purpose."""
+
+
+class ConfigError(FxpruneError, ValueError):
+    """An argument has a value fxprune cannot use (unknown method, `flops` outside (0, 1], ...)."""
+
+
+class InputError(FxpruneError, ValueError):
+    """The example inputs do not fit the model (wrong shape, dtype or structure)."""
+
+
+class TraceError(FxpruneError, RuntimeError):
+    """torch.fx could not trace the model, not even with untraceable submodules turned into leaves.
+
+    Attributes:
+        module_path: qualified name of the module whose code failed ("" for the root).
+        reason: the message torch.fx (or the model's own code) raised.
+    """
+
+    def __init__(self, module_path: str, reason: str):
+        self.module_path = module_path
+        self.reason = reason
+        where = f"module '{module_path}'" if module_path else "the model's own forward()"
+        super().__init__(
+            f"cannot trace {where}: {reason}\n"
+            "Remedy: pass leaf_modules=[...] (module types or qualified names) to keep untraceable "
+            "submodules whole, or concrete_args={'flag': value} to fix Python-level control flow "
+            "on non-tensor arguments."
+        )
+
+
+class NothingToPruneError(FxpruneError):
+    """The analysis found no prunable channel group (every channel is behind a boundary)."""
+
+
+class TargetUnreachableError(FxpruneError):
+    """The FLOPs target is below what the prunable groups can reach.
+
+    Attributes:
+        target: the requested fraction of the original MACs.
+        minimum: the smallest fraction reachable with every prunable group at its minimum.
+    """
+
+    def __init__(self, target: float, minimum: float, detail: str = ""):
+        self.target = target
+        self.minimum = minimum
+        super().__init__(
+            f"flops={target:.4f} is unreachable: with every prunable group at its minimum size the "
+            f"model keeps {minimum:.4f} of its MACs{detail}. Ask for flops >= {minimum:.4f}, lower "
+            "min_channels, or remove modules from ignore=."
+        )
+
+
+class VerificationError(FxpruneError):
+    """The slim model's outputs differ from the masked original's beyond the tolerance."""
+
+    def __init__(self, max_abs_error: float, tolerance: float, where: str):
+        self.max_abs_error = max_abs_error
+        self.tolerance = tolerance
+        super().__init__(
+            f"verification failed: max abs error {max_abs_error:.3e} > tolerance {tolerance:.3e} "
+            f"at output {where}. This is a bug in fxprune's rewrite; please report it with the model. "
+            "Pass verify=False to get the model anyway."
+        )

@@ -1,0 +1,106 @@
+"""Choose what to keep: global ranking across groups under a MACs budget.
+
+Units of all prunable groups are ranked together by their normalised score. The pruned set is
+the k lowest-ranked units (never taking a group below its minimum); k is found by binary search
+so that the recounted MACs (rounding included) are at or under the budget with as much kept as
+possible. `uniform` instead searches one keep ratio shared by every group.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from passes.rewrite import PruningPlan
+
+from .errors import TargetUnreachableError
+from .importance import normalize
+
+
+@dataclass
+class _GroupChoice:
+    index: int
+    units: np.ndarray  # unit roots
+    order: np.ndarray  # unit indices, least important first
+    minimum: int  # units kept at least
+    step: int  # kept units rounded up to a multiple of this (round_to)
+
+
+def _choices(analysis, scores, min_channels, min_ratio, round_to) -> list[_GroupChoice]:
+    out = []
+    for gi, s in scores.items():
+        g = analysis.groups[gi]
+        width = max(g.unit_channels, 1)
+        minimum = max(1, math.ceil(max(min_channels, min_ratio * g.size) / width))
+        step = 1 if not round_to else round_to // math.gcd(round_to, width)
+        out.append(_GroupChoice(gi, g.units, np.argsort(s, kind="stable"), min(minimum, g.n_units), step))
+    return out
+
+
+def _kept_count(c: _GroupChoice, kept: int) -> int:
+    kept = max(kept, c.minimum)
+    kept = math.ceil(kept / c.step) * c.step
+    return min(kept, len(c.units))
+
+
+def _keep_array(analysis, choices, kept_counts) -> np.ndarray:
+    keep = np.ones(len(analysis.root), dtype=bool)
+    for c, kept in zip(choices, kept_counts):
+        keep[c.units[c.order[: len(c.units) - kept]]] = False
+    return keep
+
+
+def _plan(choices, kept_counts) -> PruningPlan:
+    return PruningPlan(keep={c.index: np.sort(c.order[len(c.units) - k:]) for c, k in zip(choices, kept_counts)})
+
+
+def _search(evaluate, lo: int, hi: int, budget: float) -> int:
+    """Smallest k in [lo, hi] with evaluate(k) <= budget; evaluate is non-increasing in k."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if evaluate(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def select(analysis, cost, scores: dict[int, np.ndarray], flops: float, *, min_channels: int = 1,
+           min_ratio: float = 0.0, round_to: int | None = None, uniform: bool = False) -> PruningPlan:
+    """A plan whose MACs are at most `flops` x the original's (see module docstring)."""
+    budget = flops * cost.total_macs
+    choices = _choices(analysis, scores, min_channels, min_ratio, round_to)
+    floor = [_kept_count(c, 0) for c in choices]
+    minimum = cost.macs(_keep_array(analysis, choices, floor))
+    if minimum > budget * (1 + 1e-9):
+        raise TargetUnreachableError(
+            flops, minimum / cost.total_macs,
+            f" ({len(choices)} prunable groups; the rest is fixed by boundaries)")
+    if uniform:
+        return _uniform(analysis, cost, choices, budget)
+    ranked = [(normalize(scores[c.index])[c.order[r]], ci, r)
+              for ci, c in enumerate(choices) for r in range(len(c.units) - c.minimum)]
+    ranked.sort(key=lambda t: t[0])
+    group_of = np.array([ci for _, ci, _ in ranked], dtype=np.int64)
+
+    def counts(k: int) -> list[int]:
+        removed = np.bincount(group_of[:k], minlength=len(choices))
+        return [_kept_count(c, len(c.units) - int(r)) for c, r in zip(choices, removed)]
+
+    k = _search(lambda k: cost.macs(_keep_array(analysis, choices, counts(k))), 0, len(ranked), budget)
+    return _plan(choices, counts(k))
+
+
+def _uniform(analysis, cost, choices, budget) -> PruningPlan:
+    def counts(ratio: float) -> list[int]:
+        return [_kept_count(c, math.ceil(ratio * len(c.units))) for c in choices]
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if cost.macs(_keep_array(analysis, choices, counts(mid))) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return _plan(choices, counts(lo))

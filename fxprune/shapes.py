@@ -1,0 +1,177 @@
+"""Shape propagation: every node's output spec and MACs in `node.meta`.
+
+`propagate(gm, inputs)` runs the graph once on fake tensors (no memory, no compute), falling back to
+real tensors on a private copy when an op has no fake implementation. It writes
+
+* ``node.meta["fxprune_value"]``: the output with every tensor replaced by a `TensorSpec`
+  (shape, dtype); Python values (sizes from ``x.size(0)``) are kept as they are;
+* ``node.meta["fxprune_macs"]``: multiply-accumulates of the node, as
+  `torch.utils.flop_counter.FlopCounterMode` counts them (its FLOPs / 2).
+
+Example::
+
+    >>> import torch, torchvision, fxprune
+    >>> from fxprune.shapes import propagate
+    >>> gm = fxprune.trace(torchvision.models.resnet18()).graph_module
+    >>> propagate(gm, fxprune.ExampleInputs.normalize(torch.randn(1, 3, 224, 224)))
+    >>> gm.graph.find_nodes(op="call_module", target="conv1")[0].meta["fxprune_value"].shape
+    (1, 64, 112, 112)
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import InputError
+from .inputs import ExampleInputs
+
+VALUE = "fxprune_value"
+MACS = "fxprune_macs"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def spec_of(value: Any) -> Any:
+    """Replace each tensor in a (nested) value by its TensorSpec."""
+
+    def one(x):
+        if isinstance(x, torch.Tensor):
+            return TensorSpec(tuple(int(s) for s in x.shape), x.dtype)
+        return x
+
+    return pytree.tree_map(one, value)
+
+
+class _Propagator(fx.Interpreter):
+    """Records each node's output spec and the MACs FlopCounterMode saw while it ran."""
+
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode):
+        super().__init__(gm)
+        self.counter = counter
+
+    def run_node(self, n: fx.Node) -> Any:
+        before = self.counter.get_total_flops()
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            exc._fxprune_node = n
+            raise
+        n.meta[VALUE] = spec_of(result)
+        n.meta[MACS] = (self.counter.get_total_flops() - before) // 2
+        return result
+
+
+@contextlib.contextmanager
+def standard_attention_path():
+    """nn.MultiheadAttention's inference fast path hides its projections from FlopCounterMode;
+    counting on the standard path keeps MACs the same whatever the grad mode."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
+def _run(gm: fx.GraphModule, inputs: ExampleInputs) -> None:
+    flat_args = _flat_placeholder_args(gm, inputs)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), standard_attention_path(), counter:
+        _Propagator(gm, counter).run(*flat_args)
+
+
+def _run_on_meta(gm: fx.GraphModule, inputs: ExampleInputs) -> None:
+    """Fastest: parameters swapped for meta tensors for the duration of one run."""
+    meta = {
+        name: torch.empty_like(t, device="meta")
+        for name, t in [*gm.named_parameters(), *gm.named_buffers()]
+    }
+    with _reparametrize_module(gm, meta):
+        _run(gm, inputs.map_tensors(lambda t: torch.empty_like(t, device="meta")))
+
+
+def _run_on_fake(gm: fx.GraphModule, inputs: ExampleInputs) -> None:
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        fake_inputs = inputs.map_tensors(mode.from_tensor)
+        _run(gm, fake_inputs)
+
+
+def _run_for_real(gm: fx.GraphModule, inputs: ExampleInputs) -> None:
+    # On a copy: a train-mode BatchNorm must not touch the user's running statistics.
+    private = copy.deepcopy(gm)
+    _run(private, inputs)
+    for src, dst in zip(private.graph.nodes, gm.graph.nodes):
+        dst.meta[VALUE] = src.meta[VALUE]
+        dst.meta[MACS] = src.meta[MACS]
+
+
+def _flat_placeholder_args(gm: fx.GraphModule, inputs: ExampleInputs) -> list:
+    """Placeholders in order, taking positional inputs first, then keyword ones, then defaults."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    args = list(inputs.args)
+    if len(args) > len(placeholders):
+        raise InputError(
+            f"the model takes {len(placeholders)} inputs but example_inputs has {len(args)}"
+        )
+    unknown = set(inputs.kwargs) - {p.target.lstrip("*") for p in placeholders}
+    if unknown:
+        raise InputError(f"example_inputs names arguments the model does not take: {sorted(unknown)}")
+    values = []
+    for i, p in enumerate(placeholders):
+        name = p.target.lstrip("*")
+        if i < len(args):
+            values.append(args[i])
+        elif name in inputs.kwargs:
+            values.append(inputs.kwargs[name])
+        elif p.args:
+            values.append(p.args[0])  # the parameter's default value
+        else:
+            raise InputError(f"example_inputs gives no value for the model's argument '{name}'")
+    return values
+
+
+def propagate(gm: fx.GraphModule, inputs: ExampleInputs) -> None:
+    """Annotate every node of `gm` with its output spec and MACs (see module docstring).
+
+    Tries meta tensors, then fake tensors, then real tensors; the last error is the one reported.
+    """
+    _flat_placeholder_args(gm, inputs)  # structural mistakes fail fast, with their own message
+    for strategy in (_run_on_meta, _run_on_fake):
+        try:
+            strategy(gm, inputs)
+            return
+        except Exception:  # noqa: BLE001 - an op without a meta/fake kernel: next strategy
+            continue
+    try:
+        _run_for_real(gm, inputs)
+    except Exception as exc:  # noqa: BLE001 - wrapped with the failing node's name
+        node = getattr(exc, "_fxprune_node", None)
+        where = f"node '{node.name}' ({node.op} {node.target})" if node is not None else "the model"
+        shapes = [tuple(t.shape) for t in inputs.tensors()]
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(
+            f"the example inputs (tensor shapes {shapes}) do not fit the model: {where} raised "
+            f"{type(exc).__name__}: {first_line}. Pass inputs shaped like a real batch for this model."
+        ) from exc

@@ -1,0 +1,261 @@
+"""Dependency analysis: which channel slots must be pruned together.
+
+`analyze_dependencies(gm)` walks a shape-propagated GraphModule once, calling the handler of each
+node (see `passes.ops`). The couplings form a graph whose connected components (networkx) are the
+*units* — the smallest things that can be pruned. Units touching exactly the same parameter slots
+form a *channel group*: e.g. in a ResNet stage every block's output conv, its BN, the shortcut and
+the next blocks' input convs share one group. A group with any unit behind a boundary (model
+input/output, an op without handler, a user `ignore`) is not prunable, and says why.
+
+Example::
+
+    >>> import torch, torchvision, fxprune
+    >>> from passes.dependency import analyze_dependencies
+    >>> from fxprune.shapes import propagate
+    >>> gm = fxprune.trace(torchvision.models.resnet18()).graph_module
+    >>> propagate(gm, fxprune.ExampleInputs.normalize(torch.randn(1, 3, 224, 224)))
+    >>> analysis = analyze_dependencies(gm)
+    >>> sum(g.prunable for g in analysis.groups)
+    12
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import networkx as nx
+import numpy as np
+import torch.fx as fx
+from torch import nn
+
+from fxprune.shapes import VALUE, TensorSpec
+
+from .context import LAYOUT, AnalysisContext, Boundary, Layout, Member
+from .ops import handler_for
+
+
+@dataclass
+class GroupMember:
+    """The slots of one parameter/buffer dim that belong to a group."""
+
+    target: str
+    dim: int
+    role: str
+    positions: np.ndarray  # indices along `dim`, in unit order
+    unit_of_position: np.ndarray  # unit index (within the group) of each position
+
+    @property
+    def offset(self) -> int:
+        return int(self.positions.min())
+
+    @property
+    def length(self) -> int:
+        return len(self.positions)
+
+    @property
+    def contiguous(self) -> bool:
+        p = np.sort(self.positions)
+        return bool(np.all(np.diff(p) == 1))
+
+
+@dataclass
+class ChannelGroup:
+    """Channel slots pruned together. Plans keep or drop whole *units* (indices into `units`)."""
+
+    index: int
+    units: np.ndarray  # element roots in order
+    members: list[GroupMember]
+    prunable: bool
+    reason: str | None
+
+    @property
+    def leading(self) -> GroupMember:
+        return next((m for m in self.members if m.role == "out"), self.members[0])
+
+    @property
+    def size(self) -> int:
+        """Channels, counted in the leading (producing) member."""
+        return self.leading.length
+
+    @property
+    def n_units(self) -> int:
+        return len(self.units)
+
+    @property
+    def unit_channels(self) -> int:
+        return self.size // max(self.n_units, 1)
+
+
+@dataclass
+class ChannelAnalysis:
+    gm: fx.GraphModule
+    groups: list[ChannelGroup]
+    boundaries: list[Boundary]
+    members: dict[tuple[str, int], Member]
+    root: np.ndarray  # element id -> unit root id
+    layouts: dict[str, Any]  # node name -> Layout / tuple of Layouts / None
+    structures: Any = None  # filled by passes.structures
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def keep_roots(self, plan: dict[int, Iterable[int]]) -> np.ndarray:
+        """Boolean over element roots from {group index: kept unit indices}."""
+        keep = np.ones(len(self.root), dtype=bool)
+        for gi, kept in plan.items():
+            group = self.groups[gi]
+            mask = np.zeros(group.n_units, dtype=bool)
+            mask[np.asarray(list(kept), dtype=np.int64)] = True
+            keep[group.units[~mask]] = False
+        return keep
+
+
+def _run_handlers(ctx: AnalysisContext, gm: fx.GraphModule, auto_leaves: dict[str, str]) -> dict:
+    layouts: dict[str, Any] = {}
+    for node in gm.graph.nodes:
+        layout = None
+        if node.op == "output":
+            for arg in node.all_input_nodes:
+                ctx.mark_all(ctx.layout(arg), "reaches the model output")
+        elif node.op in ("call_module", "call_function", "call_method"):
+            handler = handler_for(node, gm)
+            if handler is not None:
+                layout = handler.analyze(ctx, node)
+            elif any(isinstance(ctx.layout(a), (Layout, tuple, list)) for a in node.all_input_nodes) or any(
+                    a.op == "get_attr" for a in node.all_input_nodes):
+                ctx.boundary(node, _unknown_reason(node, gm, auto_leaves))
+        node.meta[LAYOUT] = layout
+        layouts[node.name] = layout
+    return layouts
+
+
+def _unknown_reason(node: fx.Node, gm: fx.GraphModule, auto_leaves: dict[str, str]) -> str:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if node.target in auto_leaves:
+            return f"untraceable module {type(mod).__name__} kept whole ({auto_leaves[node.target]})"
+        return f"no handler for module {type(mod).__module__}.{type(mod).__name__}"
+    if node.op == "call_method":
+        return f"no handler for method .{node.target}()"
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"no handler for function {getattr(node.target, '__module__', '') or ''}.{name}".replace(" .", " ")
+
+
+def _ignored(target: str, gm: fx.GraphModule, ignore: list) -> bool:
+    module_path = target.rsplit(".", 1)[0] if "." in target else ""
+    for item in ignore:
+        if isinstance(item, str) and (fnmatch.fnmatchcase(module_path, item) or module_path == item
+                                      or module_path.startswith(item + ".")):
+            return True
+        if isinstance(item, type) and isinstance(gm.get_submodule(module_path), item):
+            return True
+        if isinstance(item, nn.Module) and gm.get_submodule(module_path) is item:
+            return True
+    return False
+
+
+def _components(n: int, edges: list) -> np.ndarray:
+    root = np.arange(n, dtype=np.int64)
+    if not edges:
+        return root
+    a = np.concatenate([e[0] for e in edges])
+    b = np.concatenate([e[1] for e in edges])
+    graph = nx.Graph()
+    graph.add_edges_from(zip(a.tolist(), b.tolist()))
+    for comp in nx.connected_components(graph):
+        ids = np.fromiter(comp, dtype=np.int64, count=len(comp))
+        root[ids] = ids.min()
+    return root
+
+
+def _reasons(n: int, root: np.ndarray, marks: list) -> tuple[np.ndarray, list[str]]:
+    reason_of = np.full(n, -1, dtype=np.int64)
+    texts: list[str] = []
+    index: dict[str, int] = {}
+    for ids, text in marks:
+        r = root[ids]
+        fresh = r[reason_of[r] == -1]
+        if len(fresh):
+            k = index.setdefault(text, len(texts))
+            if k == len(texts):
+                texts.append(text)
+            reason_of[fresh] = k
+    return reason_of, texts
+
+
+def _build_groups(members: list[Member], root: np.ndarray, reason_of: np.ndarray,
+                  texts: list[str]) -> list[ChannelGroup]:
+    rng = np.random.default_rng(0)
+    weights = rng.integers(1, 2**63 - 1, size=len(members), dtype=np.int64).astype(np.uint64)
+    member_roots = [root[m.ids] for m in members]
+    signature = np.zeros(len(root), dtype=np.uint64)
+    present = np.zeros(len(root), dtype=bool)
+    for k, roots in enumerate(member_roots):
+        uniq = np.unique(roots)
+        signature[uniq] += weights[k]
+        present[uniq] = True
+    unit_roots = np.nonzero(present)[0]
+    keys = np.stack([signature[unit_roots], reason_of[unit_roots].astype(np.uint64)], axis=1)
+    _, group_of_unit = np.unique(keys, axis=0, return_inverse=True)
+    group_of_unit = group_of_unit.reshape(-1)
+    n_groups = int(group_of_unit.max()) + 1 if len(unit_roots) else 0
+    gid = np.full(len(root), -1, dtype=np.int64)
+    gid[unit_roots] = group_of_unit
+
+    raw: list[list] = [[] for _ in range(n_groups)]
+    for m, roots in zip(members, member_roots):
+        g_of_pos = gid[roots]
+        order = np.argsort(g_of_pos, kind="stable")
+        bounds = np.searchsorted(g_of_pos[order], np.arange(n_groups + 1))
+        for g in np.unique(g_of_pos):
+            pos = order[bounds[g]:bounds[g + 1]]
+            raw[g].append((m, pos, roots[pos]))
+
+    groups = []
+    for g, entries in enumerate(raw):
+        lead = next((e for e in entries if e[0].role == "out"), entries[0])
+        _, first = np.unique(lead[2], return_index=True)
+        units = lead[2][np.sort(first)]
+        unit_index = {int(u): i for i, u in enumerate(units)}
+        lookup = np.vectorize(unit_index.__getitem__, otypes=[np.int64])
+        group_members = [GroupMember(m.target, m.dim, m.role, pos, lookup(r)) for m, pos, r in entries]
+        reason_k = reason_of[units[0]]
+        groups.append(ChannelGroup(len(groups), units, group_members, reason_k == -1,
+                                   None if reason_k == -1 else texts[reason_k]))
+    groups.sort(key=lambda grp: (grp.leading.target, grp.leading.offset))
+    for i, grp in enumerate(groups):
+        grp.index = i
+    return groups
+
+
+def analyze_dependencies(gm: fx.GraphModule, ignore: Iterable = (),
+                         auto_leaves: dict[str, str] | None = None) -> ChannelAnalysis:
+    """Channel groups of a shape-propagated GraphModule (see module docstring)."""
+    ctx = AnalysisContext(gm)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and VALUE not in node.meta:
+            raise ValueError("run fxprune.shapes.propagate(gm, inputs) before the analysis")
+    layouts = _run_handlers(ctx, gm, auto_leaves or {})
+    ignore = list(ignore)
+    for m in ctx.members.values():
+        if m.target in ctx.tainted:
+            ctx.mark(m.ids, f"parameter {m.target} is also read by a boundary op")
+        elif ignore and _ignored(m.target, gm, ignore):
+            ctx.mark(m.ids, "in a module the user asked to ignore")
+    root = _components(ctx.n_elements, ctx.edges)
+    reason_of, texts = _reasons(ctx.n_elements, root, ctx.marks)
+    groups = _build_groups(list(ctx.members.values()), root, reason_of, texts)
+    return ChannelAnalysis(gm, groups, ctx.boundaries, ctx.members, root, layouts)
+
+
+def boundary_summary(analysis: ChannelAnalysis) -> Counter:
+    """How many unprunable groups each reason explains."""
+    return Counter(g.reason for g in analysis.groups if not g.prunable)
+
+
+__all__ = ["ChannelAnalysis", "ChannelGroup", "GroupMember", "analyze_dependencies",
+           "boundary_summary", "TensorSpec"]

@@ -1,0 +1,41 @@
+"""The masked reference: the original model with the pruned channels switched off.
+
+Pruning removes a channel from every op that reads it. The same effect, at full size, is to zero
+the input columns (`role == "in"` members) that read pruned channels; everything between producer
+and consumer acts per channel, so the rest of the network is untouched. A removed residual branch
+is replaced by zeros. The slim model must equal this reference up to float rounding: that is the
+verification contract.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .rewrite import PruningPlan, _get_tensor, _set_tensor, copy_sharing, plan_keep_roots
+
+
+def masked_reference(analysis, plan: PruningPlan) -> fx.GraphModule:
+    keep_root = plan_keep_roots(analysis, plan)
+    everything = [name for name, _ in [*analysis.gm.named_parameters(), *analysis.gm.named_buffers()]]
+    ref = copy_sharing(analysis.gm, everything)  # shared tensors are only read; masked ones replaced
+    with torch.no_grad():
+        for (target, dim), member in analysis.members.items():
+            if member.role != "in":
+                continue
+            kept = keep_root[analysis.root[member.ids]]
+            if kept.all():
+                continue
+            tensor = _get_tensor(ref, target)
+            index = torch.as_tensor(np.nonzero(~kept)[0], device=tensor.device)
+            _set_tensor(ref, target, tensor.detach().index_fill(dim, index, 0))
+    nodes = {n.name: n for n in ref.graph.nodes}
+    for add_name, operand in plan.remove_branches:
+        add = nodes[add_name]
+        with ref.graph.inserting_before(add):
+            zeros = ref.graph.call_function(torch.zeros_like, (add.args[operand],))
+        args = list(add.args)
+        args[operand] = zeros
+        add.args = tuple(args)
+    ref.recompile()
+    return ref

@@ -1,0 +1,8 @@
+"""Per-op handlers of the dependency analysis and the rewrite, one small class per op kind.
+
+Importing this package fills the registry; an op without a handler is a boundary.
+"""
+from . import conv, elementwise, linear, norm, passthrough, reduce, reshape, slicing  # noqa: F401
+from .registry import OpHandler, handler_for, register_function, register_method, register_module
+
+__all__ = ["OpHandler", "handler_for", "register_function", "register_method", "register_module"]

@@ -1,0 +1,168 @@
+"""Rewrite: apply a pruning plan and return a new, physically smaller GraphModule.
+
+The plan keeps some units of each channel group and may remove residual branches and concat
+inputs. The rewrite (1) removes those structures from a private copy of the graph, (2) slices
+every member parameter/buffer to the kept indices, (3) lets each op's handler fix module
+attributes (`out_channels`, `groups`, `num_features`...) and node arguments (split sizes, view
+literals, slice bounds), and (4) drops what became unused. The input GraphModule (and so the
+user's model, whose modules it shares) is never modified.
+
+Example::
+
+    >>> plan = PruningPlan(keep={g.index: range(g.n_units // 2) for g in analysis.prunable_groups})
+    >>> slim = apply_plan(analysis, plan)
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxprune.shapes import VALUE
+
+from .ops import handler_for
+from .structures import exclusive_branch
+
+
+@dataclass
+class PruningPlan:
+    """Kept unit indices per group; structures to remove whole."""
+
+    keep: dict[int, np.ndarray] = field(default_factory=dict)
+    remove_branches: list[tuple[str, int]] = field(default_factory=list)  # (add node, operand)
+    drop_concat_inputs: list[tuple[str, int]] = field(default_factory=list)  # (cat node, input)
+
+
+class RewriteContext:
+    """What handlers see during the rewrite: the slim module and the analysis' layouts."""
+
+    def __init__(self, analysis, slim: fx.GraphModule, keep_root: np.ndarray):
+        self.analysis = analysis
+        self.gm = slim
+        self.keep_root = keep_root
+        self._orig_nodes = {n.name: n for n in analysis.gm.graph.nodes}
+
+    def layout(self, node: fx.Node):
+        return self.analysis.layouts.get(node.name) if isinstance(node, fx.Node) else None
+
+    def spec(self, node: fx.Node):
+        return self._orig_nodes[node.name].meta[VALUE]
+
+    def kept(self, ids: np.ndarray) -> np.ndarray:
+        return self.keep_root[self.analysis.root[ids]]
+
+    def kept_count(self, ids: np.ndarray) -> int:
+        return int(self.kept(ids).sum())
+
+    def original_module_attr(self, target: str, attr: str):
+        return getattr(self.analysis.gm.get_submodule(target), attr)
+
+    def original_shape(self, target: str) -> tuple:
+        return tuple(_get_tensor(self.analysis.gm, target).shape)
+
+
+def _get_tensor(gm: nn.Module, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _set_tensor(gm: nn.Module, target: str, value: torch.Tensor) -> None:
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    old = getattr(owner, name)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        setattr(owner, name, value)
+
+
+def _has_target(gm: nn.Module, target: str) -> bool:
+    try:
+        _get_tensor(gm, target)
+        return True
+    except AttributeError:
+        return False
+
+
+def copy_sharing(gm: fx.GraphModule, shared_targets) -> fx.GraphModule:
+    """Deep copy of `gm` whose tensors named in `shared_targets` are not copied (still shared).
+
+    Used where those tensors are about to be replaced anyway: copying them first would double
+    the peak memory and the time of the rewrite for nothing.
+    """
+    memo = {}
+    for target in shared_targets:
+        if _has_target(gm, target):
+            t = _get_tensor(gm, target)
+            memo[id(t)] = t
+    return copy.deepcopy(gm, memo)
+
+
+def plan_keep_roots(analysis, plan: PruningPlan) -> np.ndarray:
+    """Boolean over element roots, including the channels of dropped concat inputs."""
+    keep = analysis.keep_roots(plan.keep)
+    for cat, index in plan.drop_concat_inputs:
+        node = next(n for n in analysis.gm.graph.nodes if n.name == cat)
+        keep[analysis.root[analysis.layouts[node.args[0][index].name].ids]] = False
+    return keep
+
+
+def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
+    for n in reversed(candidates):
+        if not n.users:
+            graph.erase_node(n)
+
+
+def _remove_structures(slim: fx.GraphModule, plan: PruningPlan) -> None:
+    nodes = {n.name: n for n in slim.graph.nodes}
+    for add_name, operand in plan.remove_branches:
+        add = nodes[add_name]
+        branch_out, shortcut = add.args[operand], add.args[1 - operand]
+        dead = exclusive_branch(branch_out, add, [shortcut])
+        add.replace_all_uses_with(shortcut)
+        slim.graph.erase_node(add)
+        _erase_dead(slim.graph, dead)
+    for cat_name, index in sorted(plan.drop_concat_inputs, key=lambda t: -t[1]):
+        cat = nodes[cat_name]
+        inputs = list(cat.args[0])
+        dropped = inputs.pop(index)
+        dead = exclusive_branch(dropped, cat, inputs)
+        cat.args = (inputs, *cat.args[1:])
+        _erase_dead(slim.graph, dead)
+
+
+def _slice_members(analysis, slim: fx.GraphModule, keep_root: np.ndarray) -> None:
+    with torch.no_grad():
+        for (target, dim), member in analysis.members.items():
+            if not _has_target(slim, target):
+                continue  # its module went with a removed branch
+            kept = keep_root[analysis.root[member.ids]]
+            if kept.all():
+                continue
+            tensor = _get_tensor(slim, target)
+            index = torch.as_tensor(np.nonzero(kept)[0], device=tensor.device)
+            _set_tensor(slim, target, tensor.index_select(dim, index).clone())
+
+
+def apply_plan(analysis, plan: PruningPlan) -> fx.GraphModule:
+    """A new slim GraphModule (see module docstring)."""
+    keep_root = plan_keep_roots(analysis, plan)
+    sliced = {t for (t, _), m in analysis.members.items() if not keep_root[analysis.root[m.ids]].all()}
+    slim = copy_sharing(analysis.gm, sliced)
+    _remove_structures(slim, plan)
+    slim.delete_all_unused_submodules()
+    _slice_members(analysis, slim, keep_root)
+    rctx = RewriteContext(analysis, slim, keep_root)
+    for node in list(slim.graph.nodes):
+        handler = handler_for(node, slim) if node.op.startswith("call") else None
+        if handler is not None:
+            handler.rewrite(rctx, node)
+    slim.graph.lint()
+    slim.recompile()
+    return slim

@@ -1,0 +1,118 @@
+"""Coarse structures later methods remove whole: residual branches and concat inputs.
+
+A residual branch is an operand `F(x)` of a coupling add `y = s + F(x)` whose nodes serve that
+operand only; removing it leaves `y = s` (the block becomes its shortcut). A concat input is an
+input of a channel `cat` whose producing nodes serve only that cat; dropping it removes its
+channels from the concatenation and its whole branch.
+
+Example::
+
+    >>> # after analyze_dependencies(gm):
+    >>> structures = find_structures(analysis)
+    >>> [b.add for b in structures.residual_branches][:2]
+    ['add', 'add_1']
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .context import Layout
+from .ops.registry import get_arg
+
+_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
+
+
+@dataclass
+class ResidualBranch:
+    add: str  # the add node
+    operand: int  # which operand is the branch
+    nodes: list[str]  # the branch's nodes, topologically ordered (removed with it)
+    macs: int
+
+
+@dataclass
+class ConcatInput:
+    cat: str
+    index: int
+    channels: int
+    nodes: list[str]
+    macs: int
+
+
+@dataclass
+class Structures:
+    residual_branches: list[ResidualBranch] = field(default_factory=list)
+    concat_inputs: list[ConcatInput] = field(default_factory=list)
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def exclusive_branch(start: fx.Node, consumer: fx.Node, others: list[fx.Node]) -> list[fx.Node]:
+    """Nodes computing `start` that nothing but `consumer` (through them) needs, in graph order."""
+    shared: set[fx.Node] = set()
+    for o in others:
+        shared |= _ancestors(o)
+    candidates = _ancestors(start) - shared
+    branch: set[fx.Node] = set()
+    for n in reversed(start.graph.nodes):  # users are decided before the nodes they read
+        if n not in candidates or n.op in ("placeholder", "get_attr", "output"):
+            continue
+        if all(u in branch or u is consumer for u in n.users):
+            branch.add(n)
+    return [n for n in start.graph.nodes if n in branch]
+
+
+def _macs(nodes) -> int:
+    return int(sum(n.meta.get("fxprune_macs", 0) for n in nodes))
+
+
+def find_structures(analysis) -> Structures:
+    found = Structures()
+    for node in analysis.gm.graph.nodes:
+        lay = analysis.layouts.get(node.name)
+        if node.target in _ADDS and isinstance(lay, Layout):
+            _residual(node, analysis, found)
+        if node.target in (torch.cat, torch.concat) and isinstance(lay, Layout):
+            _concat(node, lay, analysis, found)
+    analysis.structures = found
+    return found
+
+
+def _residual(node, analysis, found):
+    operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    if len(operands) != 2 or node.kwargs:
+        return
+    out_shape = node.meta["fxprune_value"].shape
+    for i, op in enumerate(operands):
+        other = operands[1 - i]
+        if getattr(other.meta.get("fxprune_value"), "shape", None) != out_shape:
+            continue  # removing the branch would change the result's shape
+        nodes = exclusive_branch(op, node, [other])
+        if any(n.op in ("call_module", "call_function", "call_method") for n in nodes) and op in nodes:
+            found.residual_branches.append(ResidualBranch(node.name, i, [n.name for n in nodes], _macs(nodes)))
+
+
+def _concat(node, lay, analysis, found):
+    inputs = list(get_arg(node, 0, "tensors"))
+    if get_arg(node, 1, "dim", 0) % len(node.meta["fxprune_value"].shape) != lay.dim:
+        return
+    for i, x in enumerate(inputs):
+        x_lay = analysis.layouts.get(x.name)
+        if not isinstance(x_lay, Layout) or inputs.count(x) > 1:
+            continue
+        nodes = exclusive_branch(x, node, inputs[:i] + inputs[i + 1:])
+        if x in nodes:
+            found.concat_inputs.append(ConcatInput(node.name, i, len(x_lay.ids), [n.name for n in nodes], _macs(nodes)))
