@@ -123,7 +123,9 @@ def _run_handlers(ctx: AnalysisContext, gm: fx.GraphModule, auto_leaves: dict[st
                 ctx.mark_all(ctx.layout(arg), "reaches the model output")
         elif node.op in ("call_module", "call_function", "call_method"):
             handler = handler_for(node, gm)
-            if handler is not None:
+            if _builds_container(node):
+                layout = tuple(ctx.layout(a) for a in node.args)
+            elif handler is not None:
                 layout = handler.analyze(ctx, node)
             elif any(isinstance(ctx.layout(a), (Layout, tuple, list)) for a in node.all_input_nodes) or any(
                     a.op == "get_attr" for a in node.all_input_nodes):
@@ -131,6 +133,12 @@ def _run_handlers(ctx: AnalysisContext, gm: fx.GraphModule, auto_leaves: dict[st
         node.meta[LAYOUT] = layout
         layouts[node.name] = layout
     return layouts
+
+
+def _builds_container(node: fx.Node) -> bool:
+    """`Pair(a, b)` for a namedtuple class traced as a call: its layout is its fields' layouts."""
+    t = node.target
+    return node.op == "call_function" and isinstance(t, type) and issubclass(t, tuple) and not node.kwargs
 
 
 def _unknown_reason(node: fx.Node, gm: fx.GraphModule, auto_leaves: dict[str, str]) -> str:
@@ -224,7 +232,7 @@ def _build_groups(members: list[Member], root: np.ndarray, reason_of: np.ndarray
         lookup = np.vectorize(unit_index.__getitem__, otypes=[np.int64])
         group_members = [GroupMember(m.target, m.dim, m.role, pos, lookup(r)) for m, pos, r in entries]
         reason_k = reason_of[units[0]]
-        groups.append(ChannelGroup(len(groups), units, group_members, reason_k == -1,
+        groups.append(ChannelGroup(len(groups), units, group_members, bool(reason_k == -1),
                                    None if reason_k == -1 else texts[reason_k]))
     groups.sort(key=lambda grp: (grp.leading.target, grp.leading.offset))
     for i, grp in enumerate(groups):

@@ -163,6 +163,9 @@ class SizeRead(OpHandler):
 
     def analyze(self, ctx, node):
         lay = ctx.layout(node.args[0])
+        spec = ctx.spec(node.args[0])
+        if isinstance(lay, tuple) and node.target is getattr and hasattr(spec, "_fields"):
+            return lay[spec._fields.index(node.args[1])]  # a namedtuple field
         if not isinstance(lay, Layout):
             return None
         if node.target in ("dim", "ndimension") or (node.target is getattr and node.args[1] != "shape"):

@@ -169,6 +169,9 @@ class GetItem(OpHandler):
             ctx.boundary(node, "indexing with tensors or lists")
             return None
         item, out_dim = _locate_channel(items, lay.dim)
+        if isinstance(item, slice) and any(isinstance(v, fx.Node) for v in (item.start, item.stop, item.step)):
+            ctx.boundary(node, "channel slice with bounds computed at run time")
+            return None
         if isinstance(item, int) or (isinstance(item, slice) and item.step not in (None, 1)):
             ctx.boundary(node, "indexing picks single or strided channels")
             return None

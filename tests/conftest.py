@@ -1,0 +1,99 @@
+"""Shared test helpers.
+
+`assert_equivalent` is the contract every structural test checks: the slim model's outputs equal
+the masked original's on random inputs (relative tolerance 1e-5 in float32 unless stated), its
+MACs (counted independently by FlopCounterMode) really fell, and so did its parameters.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import fxprune
+from fxprune.inputs import ExampleInputs, output_leaves
+from fxprune.shapes import standard_attention_path
+
+
+def measured_macs(model: nn.Module, inputs) -> int:
+    ex = ExampleInputs.normalize(inputs)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), standard_attention_path(), FlopCounterMode(display=False) as counter:
+            ex.call(model)
+    finally:
+        model.train(was)
+    return counter.get_total_flops() // 2
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def outputs(model: nn.Module, inputs):
+    ex = ExampleInputs.normalize(inputs)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), standard_attention_path():
+            return output_leaves(ex.call(model))
+    finally:
+        model.train(was)
+
+
+def assert_close_outputs(ref: nn.Module, slim: nn.Module, inputs, rtol: float = 1e-5) -> float:
+    ref_out, slim_out = outputs(ref, inputs), outputs(slim, inputs)
+    assert [p for p, _ in ref_out] == [p for p, _ in slim_out]
+    worst = 0.0
+    for (path, a), (_, b) in zip(ref_out, slim_out):
+        assert a.shape == b.shape, path
+        scale = max(a.abs().max().item(), 1e-30)
+        err = (a - b).abs().max().item() / scale
+        assert err <= rtol, f"{path}: relative error {err:.2e} > {rtol}"
+        worst = max(worst, err)
+    return worst
+
+
+def make_verification_sensitive(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give zero-initialised weights (ViT heads) and tiny layer scales (ConvNeXt) real values,
+    so an output comparison cannot pass because a whole path outputs ~0."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.numel() == 0 or not p.is_floating_point():
+                continue
+            if p.ndim >= 2 and bool((p == 0).all()):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            elif "layer_scale" in name or "gamma" == name.rsplit(".", 1)[-1]:
+                p.fill_(1.0)
+    return model
+
+
+def random_plan(analysis, seed: int = 0, fraction: float = 0.5):
+    """Keep a random subset of units of every prunable group."""
+    import numpy as np
+
+    from passes.rewrite import PruningPlan
+
+    rng = np.random.default_rng(seed)
+    keep = {}
+    for g in analysis.channels.prunable_groups:
+        k = max(1, int(round(g.n_units * fraction)))
+        keep[g.index] = np.sort(rng.choice(g.n_units, k, replace=False))
+    return PruningPlan(keep=keep)
+
+
+def prune_and_check(model: nn.Module, x, seed: int = 0, fraction: float = 0.5, rtol: float = 1e-5, **kw):
+    """Random plan -> slim; asserts equivalence with the masked original, MACs and params fell."""
+    from passes.mask import masked_reference
+
+    analysis = fxprune.analyze(model, x, **kw)
+    plan = random_plan(analysis, seed, fraction)
+    assert plan.keep, "nothing prunable"
+    slim, _ = fxprune.prune_with_plan(analysis, plan, verify_output=False)
+    ref = masked_reference(analysis.channels, plan)
+    assert_close_outputs(ref, slim, x, rtol)
+    assert measured_macs(slim, x) < measured_macs(model, x)
+    assert n_params(slim) < n_params(model)
+    return analysis, slim
