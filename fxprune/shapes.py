@@ -80,18 +80,24 @@ class _Propagator(fx.Interpreter):
 
 @contextlib.contextmanager
 def standard_attention_path():
-    """nn.MultiheadAttention's inference fast path hides its projections from FlopCounterMode;
-    counting on the standard path keeps MACs the same whatever the grad mode."""
-    mha = getattr(torch.backends, "mha", None)
-    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+    """Attention on the path FlopCounterMode can count, whatever the device and grad mode.
+
+    nn.MultiheadAttention's inference fast path hides its projections, and the CPU flash kernel
+    of scaled_dot_product_attention has no flop formula; the math path of both is counted.
+    """
+    with contextlib.ExitStack() as stack:
+        mha = getattr(torch.backends, "mha", None)
+        if mha is not None and hasattr(mha, "set_fastpath_enabled"):
+            before = mha.get_fastpath_enabled()
+            mha.set_fastpath_enabled(False)
+            stack.callback(mha.set_fastpath_enabled, before)
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        except ImportError:  # older torch: nothing to pin
+            pass
         yield
-        return
-    before = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        mha.set_fastpath_enabled(before)
 
 
 def _run(gm: fx.GraphModule, inputs: ExampleInputs) -> None:

@@ -96,6 +96,19 @@ def _split_leaf_spec(leaf_modules: Iterable) -> tuple[tuple, set[str]]:
     return tuple(types), names
 
 
+def _default_to_concrete(graph: fx.Graph, concrete_args: dict[str, Any]) -> None:
+    """fx keeps a placeholder for each concrete argument (asserting its value) whose default is
+    the signature's; make the default the concrete value so the module runs without it."""
+    import re
+
+    for node in graph.find_nodes(op="placeholder"):
+        name = re.sub(r"_\d+$", "", node.target)
+        for key in (node.target, name):
+            if key in concrete_args and not isinstance(concrete_args[key], torch.Tensor):
+                node.args = (concrete_args[key],)
+                break
+
+
 def trace(
     model: nn.Module,
     leaf_modules: Iterable = (),
@@ -122,6 +135,7 @@ def trace(
                 raise TraceError(path, reason) from exc
             auto_leaves[path] = reason
             continue
+        _default_to_concrete(graph, concrete_args or {})
         gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
         gm.training = model.training  # the root only: submodules are shared with `model`
         return TracedModel(gm, auto_leaves, leaf_names)
