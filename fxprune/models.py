@@ -44,11 +44,11 @@ def default_input_shape(spec: str) -> tuple[int, ...]:
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
-    except ValueError as exc:
-        raise ConfigError(f"--input-shape {text!r} must be comma-separated integers, e.g. 1,3,224,224") from exc
-    if not shape or any(s <= 0 for s in shape):
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise ConfigError(f"--input-shape {text!r} must be comma-separated integers, e.g. 1,3,224,224")
+    shape = tuple(int(p) for p in parts)
+    if any(s <= 0 for s in shape):
         raise ConfigError(f"--input-shape {text!r} must be positive integers, e.g. 1,3,224,224")
     return shape
 

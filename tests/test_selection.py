@@ -1,0 +1,94 @@
+"""Selection: exact FLOPs targets, round_to, minimums, uniform ratios, method differences."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import fxprune
+from fxprune.importance import group_scores
+from fxprune.selection import select
+
+from .conftest import measured_macs
+
+
+@pytest.fixture(scope="module")
+def resnet_analysis():
+    torch.manual_seed(0)
+    return fxprune.analyze(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64))
+
+
+def _kept_channels(analysis, plan):
+    return {gi: len(kept) * analysis.groups[gi].unit_channels for gi, kept in plan.keep.items()}
+
+
+@pytest.mark.parametrize("flops", [0.9, 0.5, 0.3, 0.12])
+def test_target_met_tightly(resnet_analysis, flops):
+    a = resnet_analysis
+    plan = select(a.channels, a.cost, group_scores(a.channels, "l1"), flops)
+    macs = a.cost.macs(a.channels.keep_roots(plan.keep))
+    assert macs <= flops * a.cost.total_macs
+    # keeping one more unit of the cheapest kind would break the budget: the search is tight
+    assert macs >= flops * a.cost.total_macs * 0.99
+
+
+def test_round_to_keeps_multiples_per_group(resnet_analysis):
+    a = resnet_analysis
+    plan = select(a.channels, a.cost, group_scores(a.channels, "l1"), 0.5, round_to=8)
+    for gi, n in _kept_channels(a, plan).items():
+        assert n % 8 == 0 or n == a.groups[gi].size, (gi, n)
+    assert a.cost.macs(a.channels.keep_roots(plan.keep)) <= 0.5 * a.cost.total_macs
+    slim = fxprune.compress(torchvision.models.resnet18().eval(), "l1", torch.randn(1, 3, 64, 64), 0.5, round_to=8)
+    convs = [m for m in slim.modules() if isinstance(m, torch.nn.Conv2d)][1:]
+    assert all(c.out_channels % 8 == 0 for c in convs)
+
+
+def test_minimum_channels_and_ratio(resnet_analysis):
+    a = resnet_analysis
+    plan = select(a.channels, a.cost, group_scores(a.channels, "l1"), 0.3, min_channels=4, min_ratio=0.25)
+    for gi, n in _kept_channels(a, plan).items():
+        assert n >= max(4, 0.25 * a.groups[gi].size)
+
+
+def test_uniform_keeps_the_same_ratio_everywhere(resnet_analysis):
+    a = resnet_analysis
+    plan = select(a.channels, a.cost, group_scores(a.channels, "uniform"), 0.5, uniform=True)
+    ratios = {round(n / a.groups[gi].size, 2) for gi, n in _kept_channels(a, plan).items()}
+    assert max(ratios) - min(ratios) <= 0.05
+
+
+def test_methods_rank_differently(resnet_analysis):
+    a = resnet_analysis
+    plans = {m: select(a.channels, a.cost, group_scores(a.channels, m, seed=1), 0.5)
+             for m in ("l1", "random", "bn_scale")}
+    first = a.channels.prunable_groups[0].index
+    kept = {m: tuple(p.keep[first]) for m, p in plans.items()}
+    assert len(set(kept.values())) == 3
+
+
+def test_bn_scale_follows_gamma():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    with torch.no_grad():
+        model.bn1.weight.copy_(torch.arange(64, dtype=torch.float32) + 1)  # channel i has gamma i+1
+    a = fxprune.analyze(model, torch.randn(1, 3, 64, 64))
+    g = next(g for g in a.channels.prunable_groups if g.leading.target == "conv1.weight")
+    scores = group_scores(a.channels, "bn_scale")[g.index]
+    bn = next(m for m in g.members if m.target == "bn1.weight")
+    assert np.all(np.diff(scores[bn.unit_of_position]) > 0)
+
+
+def test_l1_keeps_the_largest_filters():
+    torch.manual_seed(0)
+    model = torchvision.models.vgg11().eval()
+    with torch.no_grad():
+        model.features[0].weight[:8].mul_(100)  # 8 dominant filters in the first conv
+    x = torch.randn(1, 3, 32, 32)
+    slim = fxprune.compress(model, "l1", x, 0.5)
+    first = slim.get_submodule("features.0")
+    assert first.out_channels < 64
+    big = model.features[0].weight[:8].flatten(1)
+    kept = first.weight.flatten(1)
+    assert all(any(torch.equal(b, k) for k in kept) for b in big)
+    assert measured_macs(slim, x) <= 0.5 * measured_macs(model, x)
