@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from passes.rewrite import _get_tensor
+from passes.tensors import get_tensor
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -29,7 +29,7 @@ def _slice_norms(t: torch.Tensor, dim: int, p: int) -> np.ndarray:
 def _norm_scores(analysis, group, p: int) -> np.ndarray:
     scores = np.zeros(group.n_units)
     for m in group.members:
-        t = _get_tensor(analysis.gm, m.target)
+        t = get_tensor(analysis.gm, m.target)
         if m.role == "channel" or t.ndim < 2:
             continue
         values = _slice_norms(t, m.dim, p)[m.positions]
@@ -44,7 +44,7 @@ def _bn_scores(analysis, group) -> np.ndarray | None:
         owner, _, attr = m.target.rpartition(".")
         if attr != "weight" or not owner or not isinstance(analysis.gm.get_submodule(owner), _NORMS):
             continue
-        t = _get_tensor(analysis.gm, m.target).detach().float().abs().cpu().numpy()
+        t = get_tensor(analysis.gm, m.target).detach().float().abs().cpu().numpy()
         np.add.at(scores, m.unit_of_position, t[m.positions])
         found = True
     return scores if found else None

@@ -71,6 +71,8 @@ def select(analysis, cost, scores: dict[int, np.ndarray], flops: float, *, min_c
     """A plan whose MACs are at most `flops` x the original's (see module docstring)."""
     budget = flops * cost.total_macs
     choices = _choices(analysis, scores, min_channels, min_ratio, round_to)
+    if not choices:
+        return PruningPlan()
     floor = [_kept_count(c, 0) for c in choices]
     minimum = cost.macs(_keep_array(analysis, choices, floor))
     if minimum > budget * (1 + 1e-9):
@@ -79,16 +81,16 @@ def select(analysis, cost, scores: dict[int, np.ndarray], flops: float, *, min_c
             f" ({len(choices)} prunable groups; the rest is fixed by boundaries)")
     if uniform:
         return _uniform(analysis, cost, choices, budget)
-    ranked = [(normalize(scores[c.index])[c.order[r]], ci, r)
-              for ci, c in enumerate(choices) for r in range(len(c.units) - c.minimum)]
-    ranked.sort(key=lambda t: t[0])
-    group_of = np.array([ci for _, ci, _ in ranked], dtype=np.int64)
+    # every removable unit of every group, least important first (ties: stable by group)
+    norm = [normalize(scores[c.index])[c.order[: len(c.units) - c.minimum]] for c in choices]
+    group_of = np.concatenate([np.full(len(n), ci, dtype=np.int64) for ci, n in enumerate(norm)])
+    group_of = group_of[np.argsort(np.concatenate(norm), kind="stable")]
 
     def counts(k: int) -> list[int]:
         removed = np.bincount(group_of[:k], minlength=len(choices))
         return [_kept_count(c, len(c.units) - int(r)) for c, r in zip(choices, removed)]
 
-    k = _search(lambda k: cost.macs(_keep_array(analysis, choices, counts(k))), 0, len(ranked), budget)
+    k = _search(lambda k: cost.macs(_keep_array(analysis, choices, counts(k))), 0, len(group_of), budget)
     return _plan(choices, counts(k))
 
 

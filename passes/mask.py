@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .rewrite import PruningPlan, _get_tensor, _set_tensor, copy_sharing, plan_keep_roots
+from .rewrite import PruningPlan, copy_sharing, plan_keep_roots
+from .tensors import get_tensor, set_tensor
 
 
 def masked_reference(analysis, plan: PruningPlan) -> fx.GraphModule:
@@ -26,9 +27,9 @@ def masked_reference(analysis, plan: PruningPlan) -> fx.GraphModule:
             kept = keep_root[analysis.root[member.ids]]
             if kept.all():
                 continue
-            tensor = _get_tensor(ref, target)
+            tensor = get_tensor(ref, target)
             index = torch.as_tensor(np.nonzero(~kept)[0], device=tensor.device)
-            _set_tensor(ref, target, tensor.detach().index_fill(dim, index, 0))
+            set_tensor(ref, target, tensor.detach().index_fill(dim, index, 0))
     nodes = {n.name: n for n in ref.graph.nodes}
     for add_name, operand in plan.remove_branches:
         add = nodes[add_name]

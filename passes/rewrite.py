@@ -24,8 +24,10 @@ from torch import nn
 
 from fxprune.shapes import VALUE
 
+from .fold import fold_channel_scales
 from .ops import handler_for
 from .structures import exclusive_branch
+from .tensors import get_tensor, has_tensor, set_tensor
 
 
 @dataclass
@@ -35,6 +37,7 @@ class PruningPlan:
     keep: dict[int, np.ndarray] = field(default_factory=dict)
     remove_branches: list[tuple[str, int]] = field(default_factory=list)  # (add node, operand)
     drop_concat_inputs: list[tuple[str, int]] = field(default_factory=list)  # (cat node, input)
+    fold_scales: list[str] = field(default_factory=list)  # gate/mask parameters folded into producers
 
 
 class RewriteContext:
@@ -62,32 +65,7 @@ class RewriteContext:
         return getattr(self.analysis.gm.get_submodule(target), attr)
 
     def original_shape(self, target: str) -> tuple:
-        return tuple(_get_tensor(self.analysis.gm, target).shape)
-
-
-def _get_tensor(gm: nn.Module, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
-
-
-def _set_tensor(gm: nn.Module, target: str, value: torch.Tensor) -> None:
-    owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    old = getattr(owner, name)
-    if isinstance(old, nn.Parameter):
-        setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
-    elif name in owner._buffers:
-        owner._buffers[name] = value
-    else:
-        setattr(owner, name, value)
-
-
-def _has_target(gm: nn.Module, target: str) -> bool:
-    try:
-        _get_tensor(gm, target)
-        return True
-    except AttributeError:
-        return False
+        return tuple(get_tensor(self.analysis.gm, target).shape)
 
 
 def copy_sharing(gm: fx.GraphModule, shared_targets) -> fx.GraphModule:
@@ -98,8 +76,8 @@ def copy_sharing(gm: fx.GraphModule, shared_targets) -> fx.GraphModule:
     """
     memo = {}
     for target in shared_targets:
-        if _has_target(gm, target):
-            t = _get_tensor(gm, target)
+        if has_tensor(gm, target):
+            t = get_tensor(gm, target)
             memo[id(t)] = t
     return copy.deepcopy(gm, memo)
 
@@ -140,14 +118,14 @@ def _remove_structures(slim: fx.GraphModule, plan: PruningPlan) -> None:
 def _slice_members(analysis, slim: fx.GraphModule, keep_root: np.ndarray) -> None:
     with torch.no_grad():
         for (target, dim), member in analysis.members.items():
-            if not _has_target(slim, target):
+            if not has_tensor(slim, target):
                 continue  # its module went with a removed branch
             kept = keep_root[analysis.root[member.ids]]
             if kept.all():
                 continue
-            tensor = _get_tensor(slim, target)
+            tensor = get_tensor(slim, target)
             index = torch.as_tensor(np.nonzero(kept)[0], device=tensor.device)
-            _set_tensor(slim, target, tensor.index_select(dim, index).clone())
+            set_tensor(slim, target, tensor.index_select(dim, index))
 
 
 def apply_plan(analysis, plan: PruningPlan) -> fx.GraphModule:
@@ -165,4 +143,6 @@ def apply_plan(analysis, plan: PruningPlan) -> fx.GraphModule:
             handler.rewrite(rctx, node)
     slim.graph.lint()
     slim.recompile()
+    if plan.fold_scales:
+        fold_channel_scales(slim, plan.fold_scales)
     return slim

@@ -66,3 +66,36 @@ def test_drop_inception_branch_of_googlenet():
     slim = _check(a, PruningPlan(drop_concat_inputs=[(branch.cat, branch.index)]), x)
     assert not hasattr(slim.inception3a, "branch4")
     assert measured_macs(slim, x) < measured_macs(model, x)
+
+
+class _Gated(torch.nn.Module):
+    """Conv -> BN -> gate, conv (no BN) -> gate, linear -> gate: what method passes insert."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.c2 = torch.nn.Conv2d(8, 6, 1)
+        self.fc1, self.fc2 = torch.nn.Linear(6, 10), torch.nn.Linear(10, 4)
+        self.g1 = torch.nn.Parameter(torch.rand(1, 8, 1, 1) + 0.5)
+        self.g2 = torch.nn.Parameter(torch.rand(6, 1, 1) + 0.5)
+        self.g3 = torch.nn.Parameter(torch.rand(10) + 0.5)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.c1(x)) * self.g1)
+        y = torch.relu(self.c2(y) * self.g2).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(y) * self.g3))
+
+
+def test_gates_are_sliced_and_folded_into_bn_conv_and_linear():
+    torch.manual_seed(0)
+    model = _Gated().eval()
+    x = torch.randn(2, 3, 8, 8)
+    a = fxprune.analyze(model, x)
+    g1 = next(g for g in a.channels.prunable_groups if any(m.target == "g1" for m in g.members))
+    keep = {g.index: np.arange(0, g.n_units, 2) for g in a.channels.prunable_groups}
+    plan = PruningPlan(keep=keep, fold_scales=["g1", "g2", "g3"])
+    slim = _check(a, plan, x)
+    assert g1.size == 8
+    assert not any(n in dict(slim.named_parameters()) for n in ("g1", "g2", "g3"))
+    assert not any(n.op == "get_attr" for n in slim.graph.nodes)
+    assert slim.bn1.num_features == 4 and slim.c2.out_channels == 3 and slim.fc1.out_features == 5

@@ -1,0 +1,69 @@
+"""Compiler speed on torchvision models: trace, shapes, analysis, method, rewrite (no verify).
+
+Run: ``python -m pytest benches/bench_compile.py --benchmark-only -p no:cacheprovider``.
+Goal (issue 2): trace + analysis + rewrite of resnet50 well under 1 s on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+import fxprune
+from fxprune.importance import group_scores
+from fxprune.selection import select
+from fxprune.shapes import propagate
+from passes.dependency import analyze_dependencies
+from passes.rewrite import apply_plan
+from passes.structures import find_structures
+
+MODELS = ["resnet50", "mobilenet_v2", "densenet121", "efficientnet_b0", "convnext_tiny"]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def prepared(request):
+    torch.set_num_threads(2)
+    model = torchvision.models.get_model(request.param, weights=None).eval()
+    x = fxprune.ExampleInputs.normalize(torch.randn(1, 3, 224, 224))
+    analysis = fxprune.analyze(model, x)
+    plan = select(analysis.channels, analysis.cost, group_scores(analysis.channels, "l1"), 0.5)
+    return request.param, model, x, analysis, plan
+
+
+def test_trace(benchmark, prepared):
+    _, model, *_ = prepared
+    benchmark(fxprune.trace, model)
+
+
+def test_shapes(benchmark, prepared):
+    _, model, x, *_ = prepared
+    gm = fxprune.trace(model).graph_module
+    benchmark(propagate, gm, x)
+
+
+def test_analysis(benchmark, prepared):
+    _, model, x, *_ = prepared
+    gm = fxprune.trace(model).graph_module
+    propagate(gm, x)
+
+    def run():
+        find_structures(analyze_dependencies(gm))
+
+    benchmark(run)
+
+
+def test_select_l1(benchmark, prepared):
+    *_, analysis, _ = prepared
+    benchmark(lambda: select(analysis.channels, analysis.cost, group_scores(analysis.channels, "l1"), 0.5))
+
+
+def test_rewrite(benchmark, prepared):
+    *_, analysis, plan = prepared
+    benchmark(apply_plan, analysis.channels, plan)
+
+
+def test_compile_end_to_end(benchmark, prepared):
+    """trace + shapes + analysis + l1 selection + rewrite: what `compress(verify=False)` costs."""
+    _, model, x, *_ = prepared
+    benchmark.pedantic(fxprune.compress, args=(model, "l1", x, 0.5), kwargs={"verify": False},
+                       rounds=5, warmup_rounds=1)
