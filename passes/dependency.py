@@ -127,8 +127,8 @@ def _run_handlers(ctx: AnalysisContext, gm: fx.GraphModule, auto_leaves: dict[st
                 layout = tuple(ctx.layout(a) for a in node.args)
             elif handler is not None:
                 layout = handler.analyze(ctx, node)
-            elif any(isinstance(ctx.layout(a), (Layout, tuple, list)) for a in node.all_input_nodes) or any(
-                    a.op == "get_attr" for a in node.all_input_nodes):
+            elif any(ctx.is_tensor(a) or isinstance(ctx.layout(a), (tuple, list)) or a.op == "get_attr"
+                     for a in node.all_input_nodes):
                 ctx.boundary(node, _unknown_reason(node, gm, auto_leaves))
         node.meta[LAYOUT] = layout
         layouts[node.name] = layout

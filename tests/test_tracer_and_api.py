@@ -162,3 +162,28 @@ def test_masked_original_matches_for_explicit_plan():
     slim, result = fxprune.prune_with_plan(a, plan)
     assert result.passed
     assert_close_outputs(masked_reference(a.channels, plan), slim, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models_keep_their_dtype(dtype):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().to(dtype).eval()
+    x = torch.randn(1, 3, 64, 64, dtype=dtype)
+    slim = fxprune.compress(model, "l1", x, 0.5)
+    assert {p.dtype for p in slim.parameters()} == {dtype}
+    assert slim.fxprune_report.max_rel_error <= (5e-2 if dtype is torch.bfloat16 else 2e-2)
+    assert slim(x).dtype == dtype
+
+
+def test_tensor_attribute_access_is_a_boundary():
+    class UsesT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.fc = nn.Linear(6, 8), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.a(x).T)  # (8, 4) -> features of a become rows
+
+    a = fxprune.analyze(UsesT(), torch.randn(4, 6))
+    assert [b.reason for b in a.boundaries] == ["tensor attribute .T"]
+    assert not any(g.leading.target == "a.weight" and g.prunable for g in a.groups)

@@ -168,6 +168,9 @@ class SizeRead(OpHandler):
             return lay[spec._fields.index(node.args[1])]  # a namedtuple field
         if not isinstance(lay, Layout):
             return None
+        if node.target is getattr and ctx.is_tensor(node):
+            ctx.boundary(node, f"tensor attribute .{node.args[1]}")
+            return None
         if node.target in ("dim", "ndimension") or (node.target is getattr and node.args[1] != "shape"):
             return None
         if node.target in ("numel", "nelement", torch.numel):
