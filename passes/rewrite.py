@@ -102,7 +102,7 @@ def _remove_structures(slim: fx.GraphModule, plan: PruningPlan) -> None:
     for add_name, operand in plan.remove_branches:
         add = nodes[add_name]
         branch_out, shortcut = add.args[operand], add.args[1 - operand]
-        dead = exclusive_branch(branch_out, add, [shortcut])
+        dead = exclusive_branch(branch_out, add)
         add.replace_all_uses_with(shortcut)
         slim.graph.erase_node(add)
         _erase_dead(slim.graph, dead)
@@ -110,7 +110,7 @@ def _remove_structures(slim: fx.GraphModule, plan: PruningPlan) -> None:
         cat = nodes[cat_name]
         inputs = list(cat.args[0])
         dropped = inputs.pop(index)
-        dead = exclusive_branch(dropped, cat, inputs)
+        dead = exclusive_branch(dropped, cat)
         cat.args = (inputs, *cat.args[1:])
         _erase_dead(slim.graph, dead)
 

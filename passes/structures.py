@@ -14,6 +14,7 @@ Example::
 """
 from __future__ import annotations
 
+import heapq
 import operator
 from dataclasses import dataclass, field
 
@@ -49,30 +50,31 @@ class Structures:
     concat_inputs: list[ConcatInput] = field(default_factory=list)
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
+def exclusive_branch(start: fx.Node, consumer: fx.Node, order: dict | None = None) -> list[fx.Node]:
+    """Nodes computing `start` that serve nothing but `consumer` (through them), in graph order.
+
+    Walks `start`'s ancestors latest-first, so every user of a node is decided before the node:
+    a node joins when all its users are in the branch. Whatever also feeds another input of the
+    consumer, or anything else, has a user outside and stays.
+    """
+    if start.op in ("placeholder", "get_attr") or any(u is not consumer for u in start.users):
+        return []
+    if order is None:
+        order = {n: i for i, n in enumerate(start.graph.nodes)}
+    branch = {start}
+    heap = [(-order[n], id(n), n) for n in start.all_input_nodes]
+    heapq.heapify(heap)
+    seen = set()
+    while heap:
+        _, _, n = heapq.heappop(heap)
+        if n in seen or n.op in ("placeholder", "get_attr"):
             continue
         seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
-
-
-def exclusive_branch(start: fx.Node, consumer: fx.Node, others: list[fx.Node]) -> list[fx.Node]:
-    """Nodes computing `start` that nothing but `consumer` (through them) needs, in graph order."""
-    shared: set[fx.Node] = set()
-    for o in others:
-        shared |= _ancestors(o)
-    candidates = _ancestors(start) - shared
-    branch: set[fx.Node] = set()
-    for n in reversed(start.graph.nodes):  # users are decided before the nodes they read
-        if n not in candidates or n.op in ("placeholder", "get_attr", "output"):
-            continue
-        if all(u in branch or u is consumer for u in n.users):
+        if all(u in branch for u in n.users):
             branch.add(n)
-    return [n for n in start.graph.nodes if n in branch]
+            for m in n.all_input_nodes:
+                heapq.heappush(heap, (-order[m], id(m), m))
+    return sorted(branch, key=order.__getitem__)
 
 
 def _macs(nodes) -> int:
@@ -81,17 +83,18 @@ def _macs(nodes) -> int:
 
 def find_structures(analysis) -> Structures:
     found = Structures()
+    order = {n: i for i, n in enumerate(analysis.gm.graph.nodes)}
     for node in analysis.gm.graph.nodes:
         lay = analysis.layouts.get(node.name)
         if node.target in _ADDS and isinstance(lay, Layout):
-            _residual(node, analysis, found)
+            _residual(node, analysis, found, order)
         if node.target in (torch.cat, torch.concat) and isinstance(lay, Layout):
-            _concat(node, lay, analysis, found)
+            _concat(node, lay, analysis, found, order)
     analysis.structures = found
     return found
 
 
-def _residual(node, analysis, found):
+def _residual(node, analysis, found, order):
     operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
     if len(operands) != 2 or node.kwargs:
         return
@@ -100,12 +103,12 @@ def _residual(node, analysis, found):
         other = operands[1 - i]
         if getattr(other.meta.get("fxprune_value"), "shape", None) != out_shape:
             continue  # removing the branch would change the result's shape
-        nodes = exclusive_branch(op, node, [other])
-        if any(n.op in ("call_module", "call_function", "call_method") for n in nodes) and op in nodes:
+        nodes = exclusive_branch(op, node, order)
+        if any(n.op in ("call_module", "call_function", "call_method") for n in nodes):
             found.residual_branches.append(ResidualBranch(node.name, i, [n.name for n in nodes], _macs(nodes)))
 
 
-def _concat(node, lay, analysis, found):
+def _concat(node, lay, analysis, found, order):
     inputs = list(get_arg(node, 0, "tensors"))
     if get_arg(node, 1, "dim", 0) % len(node.meta["fxprune_value"].shape) != lay.dim:
         return
@@ -113,6 +116,6 @@ def _concat(node, lay, analysis, found):
         x_lay = analysis.layouts.get(x.name)
         if not isinstance(x_lay, Layout) or inputs.count(x) > 1:
             continue
-        nodes = exclusive_branch(x, node, inputs[:i] + inputs[i + 1:])
-        if x in nodes:
+        nodes = exclusive_branch(x, node, order)
+        if nodes:
             found.concat_inputs.append(ConcatInput(node.name, i, len(x_lay.ids), [n.name for n in nodes], _macs(nodes)))

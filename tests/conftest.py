@@ -94,6 +94,30 @@ def prune_and_check(model: nn.Module, x, seed: int = 0, fraction: float = 0.5, r
     slim, _ = fxprune.prune_with_plan(analysis, plan, verify_output=False)
     ref = masked_reference(analysis.channels, plan)
     assert_close_outputs(ref, slim, x, rtol)
+    assert_module_attributes_consistent(slim)
     assert measured_macs(slim, x) < measured_macs(model, x)
     assert n_params(slim) < n_params(model)
     return analysis, slim
+
+
+def assert_module_attributes_consistent(model: nn.Module) -> None:
+    """Every resized module's attributes describe its tensors (what repr and re-use rely on)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            if m.transposed:
+                assert m.weight.shape[0] == m.in_channels and m.weight.shape[1] * m.groups == m.out_channels, name
+            else:
+                assert m.weight.shape[0] == m.out_channels and m.weight.shape[1] * m.groups == m.in_channels, name
+            assert m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0, name
+        elif isinstance(m, nn.Linear):
+            assert tuple(m.weight.shape) == (m.out_features, m.in_features), name
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            for t in (m.weight, m.running_mean):
+                assert t is None or t.shape[0] == m.num_features, name
+        elif isinstance(m, nn.GroupNorm):
+            assert m.num_channels % m.num_groups == 0, name
+            assert m.weight is None or m.weight.shape[0] == m.num_channels, name
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+            assert tuple(m.weight.shape) == tuple(m.normalized_shape), name
+        elif isinstance(m, nn.PReLU):
+            assert m.weight.shape[0] == m.num_parameters, name

@@ -8,7 +8,7 @@ import torchvision
 
 import fxprune
 
-from .conftest import make_verification_sensitive, measured_macs, n_params
+from .conftest import assert_module_attributes_consistent, make_verification_sensitive, measured_macs, n_params
 
 ALL = torchvision.models.list_models(module=torchvision.models)
 FAST = {"resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5",
@@ -35,3 +35,4 @@ def test_zoo_model_compresses_to_half_flops(name):
     assert measured_macs(slim, x) == report.macs_after  # the cost model's recount is exact
     assert n_params(slim) == report.params_after < report.params_before
     assert not slim.training
+    assert_module_attributes_consistent(slim)
