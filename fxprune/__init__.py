@@ -1,4 +1,8 @@
-"""fxprune: a torch.fx compiler that turns a trained CNN into a genuinely slimmer nn.Module."""
+"""fxprune: a torch.fx compiler that turns a trained CNN into a genuinely slimmer nn.Module.
+
+    >>> slim = fxprune.compress(model, method="l1", example_inputs=x, flops=0.5)
+"""
+from .api import METHODS, ModelAnalysis, analyze, compress, prune_with_plan
 from .errors import (
     ConfigError,
     FxpruneError,
@@ -9,8 +13,13 @@ from .errors import (
     VerificationError,
 )
 from .inputs import ExampleInputs
+from .report import CompressionReport
 from .tracer import TracedModel, register_leaf_module, trace
 
 __version__ = "0.1.0"
-from .api import METHODS, ModelAnalysis, analyze, compress, prune_with_plan
-from .report import CompressionReport
+
+__all__ = [
+    "METHODS", "CompressionReport", "ConfigError", "ExampleInputs", "FxpruneError", "InputError",
+    "ModelAnalysis", "NothingToPruneError", "TargetUnreachableError", "TraceError", "TracedModel",
+    "VerificationError", "analyze", "compress", "prune_with_plan", "register_leaf_module", "trace",
+]

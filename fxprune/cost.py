@@ -72,7 +72,3 @@ class CostModel:
         return sum(self._value(s, keep) for name, s in zip(self.param_owner, self.param_sizes)
                    if name not in removed_params)
 
-
-def count_macs(gm: fx.GraphModule) -> int:
-    """MACs of a shape-propagated graph."""
-    return int(sum(n.meta.get(MACS, 0) for n in gm.graph.nodes))

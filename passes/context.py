@@ -22,7 +22,6 @@ LAYOUT = "fxprune_layout"
 # Roles of a member slot: "out" rows a layer produces, "in" columns a layer reads (these are the
 # ones masked to zero to build the masked reference), "channel" per-channel vectors (norm affine,
 # running stats, biases) that follow their channel.
-ROLES = ("out", "in", "channel")
 
 
 @dataclass(frozen=True)

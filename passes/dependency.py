@@ -21,8 +21,7 @@ Example::
 from __future__ import annotations
 
 import fnmatch
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import networkx as nx
@@ -30,9 +29,9 @@ import numpy as np
 import torch.fx as fx
 from torch import nn
 
-from fxprune.shapes import VALUE, TensorSpec
+from fxprune.shapes import VALUE
 
-from .context import LAYOUT, AnalysisContext, Boundary, Layout, Member
+from .context import LAYOUT, AnalysisContext, Boundary, Member
 from .ops import handler_for
 
 
@@ -97,7 +96,6 @@ class ChannelAnalysis:
     root: np.ndarray  # element id -> unit root id
     layouts: dict[str, Any]  # node name -> Layout / tuple of Layouts / None
     structures: Any = None  # filled by passes.structures
-    extra: dict = field(default_factory=dict)
 
     @property
     def prunable_groups(self) -> list[ChannelGroup]:
@@ -260,10 +258,5 @@ def analyze_dependencies(gm: fx.GraphModule, ignore: Iterable = (),
     return ChannelAnalysis(gm, groups, ctx.boundaries, ctx.members, root, layouts)
 
 
-def boundary_summary(analysis: ChannelAnalysis) -> Counter:
-    """How many unprunable groups each reason explains."""
-    return Counter(g.reason for g in analysis.groups if not g.prunable)
 
-
-__all__ = ["ChannelAnalysis", "ChannelGroup", "GroupMember", "analyze_dependencies",
-           "boundary_summary", "TensorSpec"]
+__all__ = ["ChannelAnalysis", "ChannelGroup", "GroupMember", "analyze_dependencies"]

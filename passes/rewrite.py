@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.fx as fx
-from torch import nn
 
 from fxprune.shapes import VALUE
 

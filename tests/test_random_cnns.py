@@ -18,7 +18,8 @@ from passes.rewrite import PruningPlan
 
 from .conftest import assert_close_outputs, measured_macs
 
-OPS = ("conv", "depthwise", "grouped", "residual", "concat", "nested_concat", "split", "se", "transposed")
+OPS = ("conv", "depthwise", "grouped", "residual", "concat", "nested_concat", "split", "se", "transposed",
+       "groupnorm", "chunk", "channels_last")
 
 
 class RandomCNN(nn.Module):
@@ -63,6 +64,12 @@ class RandomCNN(nn.Module):
                 nn.ModuleList([nn.Conv2d(c, w, 1), nn.Conv2d(c, w, 1)]), w
         if op == "se":
             return nn.ModuleList([nn.Conv2d(c, max(c // 2, 1), 1), nn.Conv2d(max(c // 2, 1), c, 1)]), c
+        if op == "groupnorm":
+            return nn.Sequential(nn.Conv2d(c, 2 * w, 1), nn.GroupNorm(2, 2 * w), nn.GELU()), 2 * w
+        if op == "chunk":  # half the channels go through a conv, the other half pass; needs even c
+            return nn.Conv2d(c // 2, w, 3, padding=1) if c % 2 == 0 else nn.Identity(), (w + c // 2 if c % 2 == 0 else c)
+        if op == "channels_last":  # ConvNeXt-style MLP on the last dim
+            return nn.Sequential(nn.Linear(c, 2 * w), nn.GELU(), nn.Linear(2 * w, c)), c
         if op == "transposed":
             return nn.Sequential(nn.ConvTranspose2d(c, w, 2, stride=2), nn.BatchNorm2d(w), nn.MaxPool2d(2)), w
         raise ValueError(op)
@@ -81,6 +88,12 @@ class RandomCNN(nn.Module):
             elif op == "split":
                 p, q = torch.split(x, [c // 2, c - c // 2], 1) if c > 1 else (x, x)
                 x = block[0](p) + block[1](q)
+            elif op == "chunk":
+                if c % 2 == 0:
+                    p, q = x.chunk(2, dim=1)
+                    x = torch.cat([block(p), q], 1)
+            elif op == "channels_last":
+                x = x + block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
             elif op == "se":
                 s = torch.sigmoid(block[1](F.relu(block[0](F.adaptive_avg_pool2d(x, 1)))))
                 x = x * s

@@ -11,8 +11,9 @@ import fxprune
 from .conftest import assert_module_attributes_consistent, make_verification_sensitive, measured_macs, n_params
 
 ALL = torchvision.models.list_models(module=torchvision.models)
-FAST = {"resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5",
-        "regnet_x_400mf", "efficientnet_b0", "densenet121", "googlenet"}
+FAST = {"resnet18", "resnet50", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x0_5",
+        "squeezenet1_1", "mnasnet0_5", "regnet_x_400mf", "regnet_y_400mf", "efficientnet_b0", "densenet121",
+        "googlenet", "inception_v3", "convnext_tiny", "vit_b_32", "swin_t", "maxvit_t", "alexnet", "vgg11_bn"}
 INPUT_SIZE = {"inception_v3": 299}
 
 

@@ -92,14 +92,6 @@ def set_arg(node: fx.Node, index: int, name: str, value: Any) -> None:
         node.kwargs = kwargs
 
 
-def module_of(ctx_or_rctx, node: fx.Node) -> nn.Module:
-    return ctx_or_rctx.gm.get_submodule(node.target)
-
-
-def param_target(node: fx.Node, attr: str) -> str:
-    return f"{node.target}.{attr}"
-
-
 def get_attr_target(arg: Any) -> str | None:
     """The parameter name when `arg` is a get_attr node, else None."""
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
