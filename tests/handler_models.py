@@ -254,7 +254,40 @@ class NestedOutputs(nn.Module):
         return {"out": self.b(y), "extra": [Pair(self.c(y), self.c(y).sum((2, 3)))]}
 
 
+class SharedModule(nn.Module):
+    """One conv called twice: its input and output channels become one group."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.head(F.relu(self.shared(F.relu(self.shared(y)))))
+
+
+class TinyUNet(nn.Module):
+    """Encoder-decoder with a transposed-conv upsample and a skip concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc1, self.enc2 = cbr(3, 8), cbr(8, 12)
+        self.up = nn.ConvTranspose2d(12, 6, 2, stride=2)
+        self.dec = cbr(6 + 8, 8)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(F.max_pool2d(e1, 2))
+        d = self.dec(torch.cat([self.up(e2), e1], dim=1))
+        return self.out(d)
+
+
 HANDLER_MODELS = {
+    "shared_module": (SharedModule, (2, 3, 8, 8)),
+    "unet_upsample_skip": (TinyUNet, (2, 3, 8, 8)),
     "conv1d": (Conv1dNet, (2, 3, 16)),
     "conv3d": (Conv3dNet, (2, 3, 6, 6, 6)),
     "depthwise": (Depthwise, (2, 3, 8, 8)),
