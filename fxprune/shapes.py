@@ -118,10 +118,13 @@ def _run_on_meta(gm: fx.GraphModule, inputs: ExampleInputs) -> None:
 
 
 def _run_on_fake(gm: fx.GraphModule, inputs: ExampleInputs) -> None:
+    """Fake tensors everywhere (parameters too: a train-mode BN's in-place updates stay fake)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
+        fake = {name: mode.from_tensor(t) for name, t in [*gm.named_parameters(), *gm.named_buffers()]}
         fake_inputs = inputs.map_tensors(mode.from_tensor)
-        _run(gm, fake_inputs)
+        with _reparametrize_module(gm, fake):
+            _run(gm, fake_inputs)
 
 
 def _run_for_real(gm: fx.GraphModule, inputs: ExampleInputs) -> None:

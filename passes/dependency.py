@@ -194,7 +194,9 @@ def _reasons(n: int, root: np.ndarray, marks: list) -> tuple[np.ndarray, list[st
 
 
 def _build_groups(members: list[Member], root: np.ndarray, reason_of: np.ndarray,
-                  texts: list[str]) -> list[ChannelGroup]:
+                  texts: list[str], node_order: dict[str, int]) -> list[ChannelGroup]:
+    """Groups in graph order of the node that registered their leading member."""
+    first_node = {m.target: node_order[m.node] for m in members}
     rng = np.random.default_rng(0)
     weights = rng.integers(1, 2**63 - 1, size=len(members), dtype=np.int64).astype(np.uint64)
     member_roots = [root[m.ids] for m in members]
@@ -232,7 +234,7 @@ def _build_groups(members: list[Member], root: np.ndarray, reason_of: np.ndarray
         reason_k = reason_of[units[0]]
         groups.append(ChannelGroup(len(groups), units, group_members, bool(reason_k == -1),
                                    None if reason_k == -1 else texts[reason_k]))
-    groups.sort(key=lambda grp: (grp.leading.target, grp.leading.offset))
+    groups.sort(key=lambda grp: (first_node[grp.leading.target], grp.leading.offset))
     for i, grp in enumerate(groups):
         grp.index = i
     return groups
@@ -254,7 +256,8 @@ def analyze_dependencies(gm: fx.GraphModule, ignore: Iterable = (),
             ctx.mark(m.ids, "in a module the user asked to ignore")
     root = _components(ctx.n_elements, ctx.edges)
     reason_of, texts = _reasons(ctx.n_elements, root, ctx.marks)
-    groups = _build_groups(list(ctx.members.values()), root, reason_of, texts)
+    node_order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    groups = _build_groups(list(ctx.members.values()), root, reason_of, texts, node_order)
     return ChannelAnalysis(gm, groups, ctx.boundaries, ctx.members, root, layouts)
 
 

@@ -68,13 +68,14 @@ class FlattenLinear(nn.Module):
         super().__init__()
         self.a = cbr(3, 8)
         self.pool = nn.AdaptiveAvgPool2d(2)
+        self.flatten = nn.Flatten()
         self.fc1, self.fc2 = nn.Linear(32, 16), nn.Linear(16, 5)
         self.drop = nn.Dropout(0.5)
         self.literal = literal
 
     def forward(self, x):
         y = self.pool(self.a(x))
-        y = y.view(y.size(0), 32) if self.literal else torch.flatten(y, 1)
+        y = y.view(y.size(0), 32) if self.literal else self.flatten(y)
         return self.fc2(self.drop(F.gelu(self.fc1(y))))
 
 

@@ -187,3 +187,23 @@ def test_tensor_attribute_access_is_a_boundary():
     a = fxprune.analyze(UsesT(), torch.randn(4, 6))
     assert [b.reason for b in a.boundaries] == ["tensor attribute .T"]
     assert not any(g.leading.target == "a.weight" and g.prunable for g in a.groups)
+
+
+def test_shape_propagation_falls_back_to_real_tensors_for_data_dependent_ops():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = cbr(3, 8), cbr(8, 8), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.b(self.a(x))
+            scale = y.abs().amax((2, 3)).sum(0).max().item()  # meta/fake tensors cannot give a value
+            return self.head(y) / (1.0 + scale)
+
+    model = DataDependent().train()
+    before = copy.deepcopy(model.state_dict())
+    a = fxprune.analyze(model, torch.randn(2, 3, 8, 8))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN stats untouched
+    assert any(".item()" in b.reason for b in a.boundaries)
+    assert a.cost.total_macs > 0
+    assert [g.leading.target for g in a.channels.prunable_groups] == ["a.0.weight"]

@@ -14,9 +14,10 @@ import operator
 import numpy as np
 import torch
 import torch.fx as fx
+from torch import nn
 
 from ..context import Layout
-from .registry import OpHandler, register_function, register_method
+from .registry import OpHandler, register_function, register_method, register_module
 
 
 def merged_position(in_shape, out_shape, c: int):
@@ -81,6 +82,7 @@ class ViewReshape(OpHandler):
 
 @register_method("flatten", "unflatten", "squeeze", "unsqueeze", "squeeze_", "unsqueeze_")
 @register_function(torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten)
+@register_module(nn.Flatten, nn.Unflatten)
 class MergeOrSplitDims(OpHandler):
     """Shape ops without size literals on the channel dim (sizes come from the tensor)."""
 
