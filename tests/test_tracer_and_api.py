@@ -207,3 +207,32 @@ def test_shape_propagation_falls_back_to_real_tensors_for_data_dependent_ops():
     assert any(".item()" in b.reason for b in a.boundaries)
     assert a.cost.total_macs > 0
     assert [g.leading.target for g in a.channels.prunable_groups] == ["a.0.weight"]
+
+
+def test_registered_leaf_module_is_kept_whole():
+    from fxprune import tracer
+
+    class Opaque(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.op, self.b, self.head = cbr(3, 8), Opaque(), cbr(8, 6), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.b(self.op(self.a(x))))
+
+    fxprune.register_leaf_module(Opaque, "custom kernel")
+    try:
+        a = fxprune.analyze(Net(), torch.randn(1, 3, 8, 8))
+    finally:
+        del tracer._LEAF_REGISTRY[Opaque]
+    assert [b.node for b in a.boundaries] == ["op"]
+    assert [g.leading.target for g in a.channels.prunable_groups] == ["b.0.weight"]
+    assert "op.conv" in dict(a.traced.graph_module.named_modules())
