@@ -27,6 +27,8 @@ from .cost import CostModel
 from .errors import ConfigError, NothingToPruneError
 from .importance import group_scores
 from .inputs import ExampleInputs
+from .models import model_source
+from .recipe import make_recipe
 from .selection import select
 from .shapes import propagate
 from .tracer import TracedModel, trace
@@ -45,6 +47,9 @@ class ModelAnalysis:
     cost: CostModel
     structures: Structures
     timings: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # ignore / leaf_modules / concrete_args, for recipes
+    source: dict | None = None  # how the base model is built ({"spec": "torchvision:resnet50", ...})
+    model_class: str = ""
 
     @property
     def groups(self):
@@ -83,7 +88,9 @@ def analyze(model: nn.Module, example_inputs: Any, *, ignore: Iterable = (), lea
     cost = CostModel(channels)
     t3 = time.perf_counter()
     return ModelAnalysis(traced, inputs, channels, cost, structures,
-                         {"trace": t1 - t0, "shapes": t2 - t1, "analysis": t3 - t2})
+                         {"trace": t1 - t0, "shapes": t2 - t1, "analysis": t3 - t2},
+                         {"ignore": list(ignore), "leaf_modules": list(leaf_modules), "concrete_args": concrete_args},
+                         model_source(model), type(model).__name__)
 
 
 def _check_options(method: str, flops: float, round_to, min_channels, min_ratio) -> None:
@@ -105,6 +112,7 @@ def prune_with_plan(analysis: ModelAnalysis, plan: PruningPlan, *, verify_output
     """Rewrite with `plan` and (optionally) verify against the masked original."""
     slim = apply_plan(analysis.channels, plan)
     slim.training = analysis.traced.graph_module.training
+    slim.fxprune_recipe = make_recipe(analysis, plan)
     result = None
     if verify_output:
         result = verify_against(masked_reference(analysis.channels, plan), slim, analysis.inputs, tolerance)

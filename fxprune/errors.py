@@ -66,3 +66,7 @@ class VerificationError(FxpruneError):
             f"at output {where}. This is a bug in fxprune's rewrite; please report it with the model. "
             "Pass verify=False to get the model anyway."
         )
+
+
+class ArtifactError(FxpruneError):
+    """A saved artifact is missing, truncated, corrupted or does not match its base model."""

@@ -5,6 +5,7 @@ Models are always built with random weights (``weights=None``): fxprune never do
 from __future__ import annotations
 
 import importlib
+import weakref
 
 import torch
 from torch import nn
@@ -15,7 +16,22 @@ from .errors import ConfigError
 _INPUT_SIZES = {"inception_v3": 299}
 
 
-def build_model(spec: str) -> nn.Module:
+_SOURCES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def model_source(model: nn.Module) -> dict | None:
+    """How `model` was built, when `build_model` built it (recipes replay it)."""
+    return _SOURCES.get(model)
+
+
+def build_model(spec: str, **kwargs) -> nn.Module:
+    """Build `spec` with random weights; remembers the spec so artifacts can rebuild it."""
+    model = _build(spec, kwargs)
+    _SOURCES[model] = {"spec": spec, "kwargs": dict(kwargs)}
+    return model
+
+
+def _build(spec: str, kwargs: dict) -> nn.Module:
     source, sep, name = spec.partition(":")
     if not sep or not name:
         raise ConfigError(f"model spec {spec!r} must look like 'torchvision:resnet50' or 'package.module:factory'")
@@ -23,7 +39,7 @@ def build_model(spec: str) -> nn.Module:
         import torchvision
 
         try:
-            return torchvision.models.get_model(name, weights=None)
+            return torchvision.models.get_model(name, weights=None, **kwargs)
         except (ValueError, KeyError) as exc:
             raise ConfigError(f"torchvision has no model named {name!r}; see torchvision.models.list_models()") from exc
     try:
@@ -31,7 +47,7 @@ def build_model(spec: str) -> nn.Module:
         factory = getattr(module, name)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"cannot import {name!r} from {source!r}: {exc}") from exc
-    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    model = factory(**kwargs) if callable(factory) and not isinstance(factory, nn.Module) else factory
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{spec} did not give an nn.Module (got {type(model).__name__})")
     return model

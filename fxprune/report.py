@@ -81,5 +81,17 @@ class CompressionReport:
                 f"{self.prunable_groups}/{self.groups} groups prunable, {len(self.boundaries)} boundary ops\n"
                 f"max error vs masked original: {err}\ntime: {timing}")
 
+    def summary(self) -> dict:
+        """The numbers as plain JSON (for recipes and batch reports)."""
+        return {
+            "model": self.model, "method": self.method, "target_flops": self.target_flops,
+            "params_before": self.params_before, "params_after": self.params_after,
+            "macs_before": self.macs_before, "macs_after": self.macs_after,
+            "flops_before": self.flops_before, "flops_after": self.flops_after,
+            "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
+            "groups": self.groups, "prunable_groups": self.prunable_groups,
+            "boundaries": [[b.node, b.reason] for b in self.boundaries], "timings": dict(self.timings),
+        }
+
     def __str__(self) -> str:
         return self.table()
