@@ -133,7 +133,14 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None, device: s
             raise ArtifactError(f"the recipe does not say how to build its base model ({recipe['base'].get('cls')}): "
                                 "pass base_model=, or save with base_spec='package.module:factory'")
         base_model = build_model(spec, **recipe["base"].get("kwargs", {}))
-    slim = replay(recipe, copy.deepcopy(base_model))
+    slim = copy.deepcopy(base_model)
+    submodule = recipe["base"].get("submodule")
+    if submodule:  # only this part was pruned (a detector's backbone); the rest is kept whole
+        parent, _, attr = submodule.rpartition(".")
+        owner = slim.get_submodule(parent) if parent else slim
+        setattr(owner, attr, replay(recipe, getattr(owner, attr)))
+    else:
+        slim = replay(recipe, slim)
     expected = slim.state_dict()
     if set(expected) != set(tensors):
         extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))

@@ -42,15 +42,46 @@ def _build(spec: str, kwargs: dict) -> nn.Module:
             return torchvision.models.get_model(name, weights=None, **kwargs)
         except (ValueError, KeyError) as exc:
             raise ConfigError(f"torchvision has no model named {name!r}; see torchvision.models.list_models()") from exc
-    try:
-        module = importlib.import_module(source)
-        factory = getattr(module, name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot import {name!r} from {source!r}: {exc}") from exc
+    factory = resolve_attribute(source, name)
     model = factory(**kwargs) if callable(factory) and not isinstance(factory, nn.Module) else factory
+    if isinstance(model, tuple):  # a zoo listing entry: (builder, input_shape)
+        model = model[0](**kwargs)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{spec} did not give an nn.Module (got {type(model).__name__})")
     return model
+
+
+def _import_source(source: str):
+    """A module by import path, or a Python file by path (loaded under a private name)."""
+    if source.endswith(".py"):
+        import importlib.util
+        from pathlib import Path
+
+        path = Path(source).resolve()
+        if not path.exists():
+            raise ConfigError(f"model file {source} does not exist")
+        mod_spec = importlib.util.spec_from_file_location(f"fxprune_user_{abs(hash(str(path)))}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(source)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {source!r}: {exc}") from exc
+
+
+def resolve_attribute(source: str, attr: str):
+    """`attr` of `source`; `NAME[key]` indexes a dict attribute (zoo listings)."""
+    module = _import_source(source)
+    name, _, key = attr.partition("[")
+    try:
+        value = getattr(module, name)
+        if key:
+            value = value() if callable(value) and not isinstance(value, dict) else value
+            value = value[key.rstrip("]")]
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot find {attr!r} in {source!r}: {exc}") from exc
+    return value
 
 
 def default_input_shape(spec: str) -> tuple[int, ...]:

@@ -121,7 +121,8 @@ def plan_of(recipe: dict) -> PruningPlan:
 
 
 def replay(recipe: dict, base: nn.Module) -> fx.GraphModule:
-    """Rebuild the slim module's structure on `base` (weights are still the base's)."""
+    """Rebuild the slim structure on `base` (weights are still the base's). `base` is converted in
+    place to the recorded dtype and train/eval mode: pass a copy."""
     from .api import analyze  # the api module imports this one
 
     base = base.to(getattr(torch, recipe["dtype"]))

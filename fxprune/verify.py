@@ -81,3 +81,19 @@ def verify(reference: nn.Module, slim: nn.Module, inputs: ExampleInputs, toleran
     if not result.passed:
         raise VerificationError(result.max_rel_error, result.tolerance, result.worst_output)
     return result
+
+
+def randomize_degenerate_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+    """For randomly initialised models only: give zero-initialised weights (ViT heads) small random
+    values and tiny layer scales (ConvNeXt) the value 1, so an output comparison cannot pass merely
+    because a whole path outputs ~0. Modifies `model` in place and returns it."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.numel() == 0 or not p.is_floating_point():
+                continue
+            if p.ndim >= 2 and bool((p == 0).all()):
+                p.copy_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.02)
+            elif "layer_scale" in name or name.rsplit(".", 1)[-1] == "gamma":
+                p.fill_(1.0)
+    return model

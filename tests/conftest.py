@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxprune
 from fxprune.inputs import ExampleInputs, output_leaves
 from fxprune.shapes import standard_attention_path
+from fxprune.verify import randomize_degenerate_weights
 
 
 def measured_macs(model: nn.Module, inputs) -> int:
@@ -55,19 +56,7 @@ def assert_close_outputs(ref: nn.Module, slim: nn.Module, inputs, rtol: float = 
     return worst
 
 
-def make_verification_sensitive(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give zero-initialised weights (ViT heads) and tiny layer scales (ConvNeXt) real values,
-    so an output comparison cannot pass because a whole path outputs ~0."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.numel() == 0 or not p.is_floating_point():
-                continue
-            if p.ndim >= 2 and bool((p == 0).all()):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-            elif "layer_scale" in name or "gamma" == name.rsplit(".", 1)[-1]:
-                p.fill_(1.0)
-    return model
+make_verification_sensitive = randomize_degenerate_weights
 
 
 def random_plan(analysis, seed: int = 0, fraction: float = 0.5):
