@@ -5,7 +5,9 @@ Models are always built with random weights (``weights=None``): fxprune never do
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import weakref
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -54,9 +56,6 @@ def _build(spec: str, kwargs: dict) -> nn.Module:
 def _import_source(source: str):
     """A module by import path, or a Python file by path (loaded under a private name)."""
     if source.endswith(".py"):
-        import importlib.util
-        from pathlib import Path
-
         path = Path(source).resolve()
         if not path.exists():
             raise ConfigError(f"model file {source} does not exist")
