@@ -1,0 +1,136 @@
+"""`fxprune zoo`: isolation (crash, hang, memory), resume after a kill, artifacts, report numbers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxprune
+from fxprune.cli import main
+from fxprune.export import check_exports
+from fxprune.zoo import select
+from fxprune.zoo.worker import convert
+
+from .conftest import measured_macs
+
+DATA = Path(__file__).parent / "data" / "zoo_models.py"
+ROOT = Path(__file__).parent.parent
+
+
+def _rows(out: Path) -> dict:
+    return {r["model"]: r for r in json.loads((out / "report.json").read_text())}
+
+
+def test_one_failing_model_does_not_stop_the_batch(tmp_path, capsys):
+    out = tmp_path / "z"
+    assert main(["zoo", "--models-from", f"{DATA}:BROKEN", "--out", str(out), "--timeout", "20",
+                 "--max-memory", "1.5", "--jobs", "2", "--checks", "export", "--quiet"]) == 0
+    rows = _rows(out)
+    assert set(rows) == {"small", "crash", "hang", "hog", "untraceable"}
+    assert rows["small"]["status"] == "ok"
+    assert rows["crash"]["status"] == "failed" and "exit code 3" in rows["crash"]["error"]
+    assert rows["hang"]["status"] == "timeout" and "stage build" in rows["hang"]["error"]
+    assert rows["hog"]["status"] == "memory"
+    assert rows["untraceable"]["status"] == "failed" and rows["untraceable"]["error"].startswith("TraceError")
+    printed = capsys.readouterr().out
+    assert "| small" in printed and "1/5 converted" in printed
+    md = (out / "report.md").read_text()
+    assert "FLOPs (2×MACs)" in md and "TraceError" in md
+
+
+def test_report_numbers_agree_with_an_independent_count(tmp_path):
+    out = tmp_path / "z"
+    assert main(["zoo", "--models-from", str(DATA), "--models", "small*", "--out", str(out),
+                 "--checks", "export", "--quiet"]) == 0
+    for name, row in _rows(out).items():
+        assert row["status"] == "ok"
+        r = row["report"]
+        slim = fxprune.load(out / "artifacts" / name)
+        x = torch.randn(1, 3, 16, 16)
+        assert measured_macs(slim, x) == r["macs_after"] <= 0.5 * r["macs_before"]
+        assert r["flops_after"] == 2 * r["macs_after"]
+        assert sum(p.numel() for p in slim.parameters()) == r["params_after"]
+        assert row["exports"] == {"export": "ok"}
+        assert len(row["latency_ms"]) == 2 and min(row["latency_ms"]) > 0
+
+
+def test_resume_after_a_killed_run(tmp_path):
+    out = tmp_path / "z"
+    cmd = [sys.executable, "-m", "fxprune.cli", "zoo", "--models-from", str(DATA), "--out", str(out),
+           "--checks", "", "--no-latency", "--quiet"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FXPRUNE_TEST_SLOW_S="60")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "results").glob("*.json"))) < 2:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the parent and the worker busy with "slow"
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
+    assert set(done) == {"small.json", "small_wide.json"}
+    assert set(_rows(out)) <= {"small", "small_wide"}  # the killed run's report is whole JSON
+    env["FXPRUNE_TEST_SLOW_S"] = "0"
+    subprocess.run(cmd, env=env, check=True, timeout=300)
+    rows = json.loads((out / "report.json").read_text())
+    assert [r["model"] for r in rows] == ["small", "small_wide", "slow"]  # no duplicate, none lost
+    assert all(r["status"] == "ok" for r in rows)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json") if p.name in done} == done
+
+
+def test_detector_backbone_is_pruned_and_the_artifact_rebuilds_the_detector(tmp_path):
+    entry = select(["detection"], "fasterrcnn_mobilenet_v3_large_320_fpn")[0]
+    result = convert({"entry": entry.to_json(), "out": str(tmp_path),
+                      "options": {"method": "l1", "flops": 0.5, "checks": [], "latency": False}})
+    assert result["status"] == "ok", result.get("error")
+    assert result["report"]["macs_after"] <= 0.5 * result["report"]["macs_before"]
+    detector = fxprune.load(tmp_path / "artifacts" / entry.name)
+    assert type(detector).__name__ == "FasterRCNN"
+    assert isinstance(detector.backbone, torch.fx.GraphModule)
+    detector.eval()
+    with torch.no_grad():
+        detections = detector([torch.rand(3, 160, 160)])
+    assert set(detections[0]) == {"boxes", "labels", "scores"}
+
+
+def test_model_selection():
+    names = [e.name for e in select(["classification"], "resnet1*,mobilenet_v3*")]
+    assert names == ["mobilenet_v3_large", "mobilenet_v3_small", "resnet101", "resnet152", "resnet18"]
+    seg = select(["segmentation"])
+    assert len(seg) == 6 and all(e.build_kwargs == {"weights_backbone": None} for e in seg)
+    assert all(e.submodule == "backbone" for e in select(["detection"]))
+    with pytest.raises(fxprune.ConfigError, match="unknown task"):
+        select(["audio"])
+    with pytest.raises(fxprune.ConfigError, match="no model matches"):
+        select(["classification"], "nothing*")
+
+
+def test_export_checks_report_each_target():
+    from .handler_models import Residual
+
+    model = Residual().eval()
+    x = torch.randn(1, 3, 8, 8)
+    slim = fxprune.compress(model, "l1", x, 0.5)
+    results = check_exports(slim, fxprune.ExampleInputs.normalize(x), ("export", "onnx"))
+    assert results["export"] == "ok"
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+
+        assert results["onnx"] == "ok"
+    except ImportError:
+        assert results["onnx"].startswith("skipped: pip install")
+
+
+@pytest.mark.slow
+def test_torch_compile_check():
+    from .handler_models import Residual
+
+    slim = fxprune.compress(Residual().eval(), "l1", torch.randn(1, 3, 8, 8), 0.5)
+    assert check_exports(slim, fxprune.ExampleInputs.normalize(torch.randn(1, 3, 8, 8)), ("compile",)) == {
+        "compile": "ok"}
