@@ -59,12 +59,28 @@ def spec_of(value: Any) -> Any:
     return pytree.tree_map(one, value)
 
 
+def _mutable(value: Any) -> Any:
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_mutable(v) for v in value)
+    if isinstance(value, list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    return value
+
+
 class _Propagator(fx.Interpreter):
     """Records each node's output spec and the MACs FlopCounterMode saw while it ran."""
 
     def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode):
         super().__init__(gm)
         self.counter = counter
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node):
+        """Plain lists/dicts, as the generated code passes them: fx's immutable containers break
+        wrapped functions that edit their arguments (torchvision's 3-D Swin window sizes)."""
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _mutable(args), _mutable(kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()
