@@ -44,6 +44,12 @@ def _build(spec: str, kwargs: dict) -> nn.Module:
             return torchvision.models.get_model(name, weights=None, **kwargs)
         except (ValueError, KeyError) as exc:
             raise ConfigError(f"torchvision has no model named {name!r}; see torchvision.models.list_models()") from exc
+    if source == "fxprune":
+        from .nets import NETS
+
+        if name not in NETS:
+            raise ConfigError(f"fxprune has no built-in model {name!r}; choose from {', '.join(NETS)}")
+        return NETS[name](**kwargs)
     factory = resolve_attribute(source, name)
     model = factory(**kwargs) if callable(factory) and not isinstance(factory, nn.Module) else factory
     if isinstance(model, tuple):  # a zoo listing entry: (builder, input_shape)
@@ -84,7 +90,11 @@ def resolve_attribute(source: str, attr: str):
 
 
 def default_input_shape(spec: str) -> tuple[int, ...]:
-    name = spec.partition(":")[2]
+    source, _, name = spec.partition(":")
+    if source == "fxprune":
+        from .nets import INPUT_SHAPE
+
+        return INPUT_SHAPE
     size = _INPUT_SIZES.get(name, 224)
     return (1, 3, size, size)
 

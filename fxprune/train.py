@@ -1,0 +1,208 @@
+"""Training harness shared by the data-driven methods: train, evaluate, fine-tune, recalibrate BN.
+
+* schedules (per step): ``constant``, ``step`` (x gamma at the milestone fractions), ``cosine``
+  (to zero), ``triangular`` (linear up to the peak at `peak_at`, then down to zero — the Tock
+  schedule of Gate Decorator);
+* seeded determinism: the seed fixes initial RNG state and the data order;
+* checkpoint and resume: model, optimizer, scheduler, epoch and RNG state, saved at the end of
+  every epoch with ``torch.save`` and read back with ``torch.load(weights_only=True)``;
+* BN recalibration: reset running statistics, forward N batches in train mode without grad,
+  using a cumulative average (momentum None) so the result is the plain mean over those batches.
+
+Example::
+
+    >>> cfg = TrainConfig(epochs=2, lr=0.05, schedule="cosine")
+    >>> history = train(model, loader, cfg)
+    >>> evaluate(model, test_loader)["accuracy"]
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, FxpruneError
+
+SCHEDULES = ("constant", "step", "cosine", "triangular")
+
+
+class TrainingError(FxpruneError):
+    """Training cannot go on (no data, a non-finite loss)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "step"
+    milestones: tuple = (0.5, 0.75)  # fractions of the run (step schedule)
+    gamma: float = 0.1
+    peak_at: float = 0.3  # fraction of the run where the triangular schedule peaks
+    label_smoothing: float = 0.0
+    seed: int = 0
+    checkpoint: str | None = None  # file; resumed from when it exists
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}: choose from {', '.join(SCHEDULES)}")
+        if self.epochs < 1 or self.lr <= 0:
+            raise ConfigError("epochs must be >= 1 and lr > 0")
+
+
+def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
+    """The learning-rate multiplier at `step` of `total` steps."""
+    t = step / max(total, 1)
+    if cfg.schedule == "step":
+        return cfg.gamma ** sum(t >= m for m in cfg.milestones)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    if cfg.schedule == "triangular":
+        return t / cfg.peak_at if t < cfg.peak_at else max(0.0, (1 - t) / (1 - cfg.peak_at))
+    return 1.0
+
+
+@dataclass
+class History:
+    epochs: list = field(default_factory=list)  # dicts: epoch, loss, accuracy, lr, seconds
+
+
+def _batches(data: Iterable, epoch: int, seed: int):
+    sampler = getattr(data, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    generator = getattr(data, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(seed + epoch)
+    return iter(data)
+
+
+def train(model: nn.Module, data: Iterable, cfg: TrainConfig, *, loss_fn: Callable | None = None,
+          params: Iterable | None = None, extra_loss: Callable[[nn.Module], torch.Tensor] | None = None) -> History:
+    """Train `model` in place on `(inputs, targets)` batches; returns the per-epoch history.
+
+    `params` restricts what is optimised (e.g. only gates); `extra_loss(model)` is added to every
+    step's loss (e.g. an L1 penalty on gates).
+    """
+    torch.manual_seed(cfg.seed)
+    loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    try:
+        steps_per_epoch = len(data)
+    except TypeError:
+        steps_per_epoch = None
+    if steps_per_epoch == 0:
+        raise TrainingError("the training data is empty: pass an iterable of (inputs, targets) batches")
+    history, start_epoch, step = History(), 0, 0
+    if cfg.checkpoint and os.path.exists(cfg.checkpoint):
+        start_epoch, step, history = _resume(cfg.checkpoint, model, optimizer)
+    total = (steps_per_epoch or 1) * cfg.epochs
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
+        for inputs, targets in _batches(data, epoch, cfg.seed):
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(cfg, step, total)
+            out = model(inputs)
+            loss = loss_fn(out, targets)
+            if extra_loss is not None:
+                loss = loss + extra_loss(model)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"the loss became {loss.item()} at epoch {epoch}, step {step}: lower the "
+                                    "learning rate or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            seen += len(targets)
+            loss_sum += float(loss) * len(targets)
+            if out.ndim == 2 and targets.ndim == 1:
+                correct += int((out.argmax(1) == targets).sum())
+        if seen == 0:
+            raise TrainingError("the training data is empty: pass an iterable of (inputs, targets) batches")
+        row = {"epoch": epoch + 1, "loss": loss_sum / seen, "accuracy": correct / seen,
+               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        history.epochs.append(row)
+        if cfg.progress:
+            print(f"epoch {row['epoch']}/{cfg.epochs} loss {row['loss']:.4f} acc {row['accuracy']:.4f} "
+                  f"lr {row['lr']:.2e} {row['seconds']:.1f}s", file=sys.stderr)
+        if cfg.checkpoint:
+            _save(cfg.checkpoint, model, optimizer, epoch + 1, step, history)
+    return history
+
+
+def _save(path: str, model, optimizer, epoch: int, step: int, history: History) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+             "rng": torch.get_rng_state(), "history": [list(r.items()) for r in history.epochs]}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path: str, model, optimizer):
+    state = torch.load(path, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    history = History([dict(r) for r in state["history"]])
+    return state["epoch"], state["step"], history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Iterable, loss_fn: Callable | None = None) -> dict:
+    """Mean loss and top-1 accuracy in eval mode (the model's mode is restored)."""
+    from .verify import eval_mode
+
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    seen, correct, loss_sum = 0, 0, 0.0
+    with eval_mode(model):
+        for inputs, targets in data:
+            out = model(inputs)
+            loss_sum += float(loss_fn(out, targets)) * len(targets)
+            correct += int((out.argmax(1) == targets).sum())
+            seen += len(targets)
+    if seen == 0:
+        raise TrainingError("the evaluation data is empty")
+    return {"loss": loss_sum / seen, "accuracy": correct / seen, "samples": seen}
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: Iterable, batches: int = 50) -> int:
+    """Reset every BatchNorm's running statistics and re-estimate them on `batches` batches."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum, m.training) for m in norms]
+    modes = [(m, m.training) for m in model.modules()]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches seen
+    model.train()
+    used = 0
+    try:
+        for inputs, _ in data:
+            if used >= batches:
+                break
+            model(inputs)
+            used += 1
+    finally:
+        for m, momentum, _ in saved:
+            m.momentum = momentum
+        for m, flag in modes:
+            m.training = flag
+    if used == 0:
+        raise TrainingError("BN recalibration got no batches")
+    return used
+
+
+__all__ = ["History", "SCHEDULES", "TrainConfig", "TrainingError", "evaluate", "lr_factor", "recalibrate_bn",
+           "train"]
