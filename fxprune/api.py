@@ -10,6 +10,7 @@ Example::
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -25,6 +26,7 @@ from passes.structures import Structures, find_structures
 from . import report as _report
 from .cost import CostModel
 from .errors import ConfigError, NothingToPruneError
+from .gate_decorator import GateDecoratorOptions, gate_decorator
 from .importance import group_scores
 from .inputs import ExampleInputs
 from .models import model_source
@@ -34,7 +36,8 @@ from .shapes import propagate
 from .tracer import TracedModel, trace
 from .verify import verify as verify_against
 
-METHODS = ("l1", "l2", "bn_scale", "random", "uniform")
+DATA_FREE_METHODS = ("l1", "l2", "bn_scale", "random", "uniform")
+METHODS = (*DATA_FREE_METHODS, "gate_decorator")
 
 
 @dataclass
@@ -122,7 +125,8 @@ def prune_with_plan(analysis: ModelAnalysis, plan: PruningPlan, *, verify_output
 def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, flops: float = 0.5, *,
              round_to: int | None = None, ignore: Iterable = (), leaf_modules: Iterable = (),
              concrete_args: dict | None = None, min_channels: int = 1, min_ratio: float = 0.0,
-             verify: bool = True, tolerance: float | None = None, seed: int = 0) -> fx.GraphModule:
+             verify: bool = True, tolerance: float | None = None, seed: int = 0,
+             data: Any = None, options: dict | None = None) -> fx.GraphModule:
     """Return a slim copy of `model` keeping at most `flops` of its FLOPs.
 
     Args:
@@ -136,6 +140,9 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
         min_channels / min_ratio: each group keeps at least this many / this fraction of channels.
         verify: compare with the masked original on random inputs and raise if they differ.
         tolerance: relative tolerance of the verification (default by dtype: 1e-4 for fp32).
+        data: training batches for data-driven methods (``gate_decorator``): (inputs, targets) pairs,
+            or bare inputs, which the original model then labels.
+        options: method options (``gate_decorator``: see ``fxprune.gate_decorator.GateDecoratorOptions``).
 
     The returned GraphModule has the model's dtype, device and train/eval mode; its
     ``fxprune_report`` attribute holds the before/after numbers. The input model is not modified.
@@ -144,7 +151,9 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     t0 = time.perf_counter()
-    analysis = analyze(model, example_inputs, ignore=ignore, leaf_modules=leaf_modules,
+    data_driven = method not in DATA_FREE_METHODS
+    work = copy.deepcopy(model) if data_driven else model  # data-driven methods train their copy
+    analysis = analyze(work, example_inputs, ignore=ignore, leaf_modules=leaf_modules,
                        concrete_args=concrete_args)
     if not analysis.channels.prunable_groups:
         reason = _report.main_boundary_reason(analysis.channels)
@@ -153,9 +162,13 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
             f"main reason: {reason or 'no conv/linear layers found'}). Check ignore= and leaf_modules=, "
             "or run fxprune.analyze(model, x) to see every boundary.")
     t1 = time.perf_counter()
-    scores = group_scores(analysis.channels, method, seed)
-    plan = select(analysis.channels, analysis.cost, scores, flops, min_channels=min_channels,
-                  min_ratio=min_ratio, round_to=round_to, uniform=method == "uniform")
+    if data_driven:
+        opts = GateDecoratorOptions(seed=seed, **(options or {}))
+        plan = gate_decorator(analysis.channels, analysis.cost, data, flops, opts, targets_from=model)
+    else:
+        scores = group_scores(analysis.channels, method, seed)
+        plan = select(analysis.channels, analysis.cost, scores, flops, min_channels=min_channels,
+                      min_ratio=min_ratio, round_to=round_to, uniform=method == "uniform")
     t2 = time.perf_counter()
     slim, result = prune_with_plan(analysis, plan, verify_output=False)
     t3 = time.perf_counter()

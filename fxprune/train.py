@@ -47,6 +47,7 @@ class TrainConfig:
     milestones: tuple = (0.5, 0.75)  # fractions of the run (step schedule)
     gamma: float = 0.1
     peak_at: float = 0.3  # fraction of the run where the triangular schedule peaks
+    lr_min_ratio: float = 0.0  # triangular: starts and ends at lr * lr_min_ratio (Gate Decorator: 0.1)
     label_smoothing: float = 0.0
     seed: int = 0
     checkpoint: str | None = None  # file; resumed from when it exists
@@ -67,7 +68,8 @@ def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
     if cfg.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * t))
     if cfg.schedule == "triangular":
-        return t / cfg.peak_at if t < cfg.peak_at else max(0.0, (1 - t) / (1 - cfg.peak_at))
+        up = t / cfg.peak_at if t < cfg.peak_at else max(0.0, (1 - t) / (1 - cfg.peak_at))
+        return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * up
     return 1.0
 
 
@@ -87,11 +89,14 @@ def _batches(data: Iterable, epoch: int, seed: int):
 
 
 def train(model: nn.Module, data: Iterable, cfg: TrainConfig, *, loss_fn: Callable | None = None,
-          params: Iterable | None = None, extra_loss: Callable[[nn.Module], torch.Tensor] | None = None) -> History:
+          params: Iterable | None = None, extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+          after_backward: Callable[[], None] | None = None, targets_from: nn.Module | None = None) -> History:
     """Train `model` in place on `(inputs, targets)` batches; returns the per-epoch history.
 
     `params` restricts what is optimised (e.g. only gates); `extra_loss(model)` is added to every
-    step's loss (e.g. an L1 penalty on gates).
+    step's loss (e.g. an L1 penalty on gates); `after_backward()` runs after each backward pass
+    (e.g. to accumulate Taylor scores). Batches without targets (bare input tensors) are labelled
+    by `targets_from`'s predictions (the original model), or refused when it is None.
     """
     torch.manual_seed(cfg.seed)
     loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -110,7 +115,8 @@ def train(model: nn.Module, data: Iterable, cfg: TrainConfig, *, loss_fn: Callab
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
-        for inputs, targets in _batches(data, epoch, cfg.seed):
+        for batch in _batches(data, epoch, cfg.seed):
+            inputs, targets = _split_batch(batch, targets_from)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg, step, total)
             out = model(inputs)
@@ -122,10 +128,12 @@ def train(model: nn.Module, data: Iterable, cfg: TrainConfig, *, loss_fn: Callab
                                     "learning rate or check the data")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if after_backward is not None:
+                after_backward()
             optimizer.step()
             step += 1
             seen += len(targets)
-            loss_sum += float(loss) * len(targets)
+            loss_sum += float(loss.detach()) * len(targets)
             if out.ndim == 2 and targets.ndim == 1:
                 correct += int((out.argmax(1) == targets).sum())
         if seen == 0:
@@ -139,6 +147,21 @@ def train(model: nn.Module, data: Iterable, cfg: TrainConfig, *, loss_fn: Callab
         if cfg.checkpoint:
             _save(cfg.checkpoint, model, optimizer, epoch + 1, step, history)
     return history
+
+
+def _split_batch(batch, targets_from: nn.Module | None):
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 1 else batch
+    if targets_from is None:
+        raise TrainingError("batches carry no labels and no model was given to label them: pass "
+                            "(inputs, targets) batches")
+    with torch.no_grad():
+        was = targets_from.training
+        targets_from.eval()
+        targets = targets_from(inputs).argmax(1)
+        targets_from.train(was)
+    return inputs, targets
 
 
 def _save(path: str, model, optimizer, epoch: int, step: int, history: History) -> None:

@@ -1,0 +1,196 @@
+"""Gate Decorator (You et al., NeurIPS 2019) on fxprune's channel groups.
+
+Gates (`passes.gates`) sit after every BatchNorm of a prunable group. A channel's importance is
+the Taylor estimate |g * dL/dg| accumulated over a Tick; the units of a coupled group (residual
+adds) sum their sites' scores and are pruned together; units are ranked globally, each group
+counted once per site as in the authors' code; every group keeps its top 10% (at least 1).
+
+Schedules (`schedule=`):
+* ``tick_tock`` (default): Tock, then Ticks pruning a fraction `p` of the remaining units each, a
+  Tock every `T` Ticks (L1 penalty `sparse_lambda` on the gates, triangular LR), until the MACs
+  counted on the graph reach the target;
+* ``tick_only``: the same without Tocks;
+* ``one_shot``: one Tick of scores, then prune straight to the target.
+Then `finetune_epochs` of fine-tuning (triangular LR, momentum 0, as the authors), the gates are
+folded into the BatchNorms and the masked channels removed by the core rewrite.
+
+Authors' defaults (CIFAR ResNet-56): p=0.002, T=10, tock_epochs=10, tick lr 1e-3, Tock/fine-tune
+triangular 1e-3 -> 1e-2 -> 1e-3, sparse_lambda=1e-3, min keep 10%, fine-tune 40 epochs. They are
+the defaults here except p, tock_epochs and finetune_epochs, which small runs scale (see options).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from passes.gates import GatedModel, fold_gates, insert_gates
+from passes.rewrite import PruningPlan
+
+from .errors import ConfigError, TargetUnreachableError
+from .train import TrainConfig, TrainingError, train
+
+SCHEDULES = ("tick_tock", "tick_only", "one_shot")
+
+
+@dataclass
+class GateDecoratorOptions:
+    schedule: str = "tick_tock"
+    p: float = 0.002  # fraction of the remaining prunable units pruned per Tick
+    T: int = 10  # Ticks per Tock
+    tick_lr: float = 1e-3
+    tick_epochs: int = 1
+    tock_epochs: int = 10
+    tock_lr: float = 1e-2  # peak of the triangular schedule; it starts and ends at tock_lr / 10
+    sparse_lambda: float = 1e-3
+    finetune_epochs: int = 40
+    weight_decay: float = 5e-4
+    min_keep_ratio: float = 0.1
+    max_ticks: int = 100_000
+    seed: int = 0
+    tock_data: Iterable | None = None  # Tock / fine-tune batches (default: the same as the Ticks')
+    progress: bool = False
+    log: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown gate_decorator schedule {self.schedule!r}: choose from {', '.join(SCHEDULES)}")
+        if not 0 < self.p < 1:
+            raise ConfigError(f"p={self.p} must be in (0, 1)")
+
+
+class _Scores:
+    """Per-unit Taylor scores of every prunable group, accumulated after each backward pass."""
+
+    def __init__(self, analysis, gated: GatedModel):
+        self.gated = gated
+        self.per_group = {g.index: np.zeros(g.n_units) for g in analysis.prunable_groups}
+
+    def reset(self):
+        for v in self.per_group.values():
+            v[:] = 0
+
+    def accumulate(self):
+        for s in self.gated.sites:
+            gate = getattr(self.gated.module, s.gate)
+            if gate.grad is None:
+                continue
+            score = (gate.detach() * gate.grad.detach()).abs().reshape(-1).cpu().numpy().astype(np.float64)
+            np.add.at(self.per_group[s.group], s.unit_of_channel, score)
+
+
+def _mask_units(analysis, gated: GatedModel, keep: dict[int, np.ndarray]) -> None:
+    with torch.no_grad():
+        for s in gated.sites:
+            mask = getattr(gated.module, s.mask)
+            kept = np.zeros(analysis.groups[s.group].n_units, dtype=bool)
+            kept[keep[s.group]] = True
+            mask.copy_(torch.as_tensor(kept[s.unit_of_channel], dtype=mask.dtype).reshape(mask.shape))
+
+
+def _macs(analysis, cost, keep) -> float:
+    return cost.macs(analysis.keep_roots(keep))
+
+
+def _tick(gated, scores, data, opts, targets_from) -> None:
+    frozen = [m.weight for m in gated.module.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    flags = [w.requires_grad for w in frozen]
+    for w in frozen:
+        w.requires_grad_(False)
+    scores.reset()
+    try:
+        train(gated.module, data, TrainConfig(epochs=opts.tick_epochs, lr=opts.tick_lr, schedule="constant",
+                                              weight_decay=opts.weight_decay, seed=opts.seed, progress=opts.progress),
+              after_backward=scores.accumulate, targets_from=targets_from)
+    finally:
+        for w, f in zip(frozen, flags):
+            w.requires_grad_(f)
+
+
+def _tock(gated, data, opts, epochs, penalty, targets_from, momentum=0.9) -> None:
+    data = opts.tock_data if opts.tock_data is not None else data
+    gates = gated.gates()
+    extra = (lambda _m: penalty * sum(g.abs().sum() for g in gates)) if penalty else None
+    train(gated.module, data, TrainConfig(epochs=epochs, lr=opts.tock_lr, schedule="triangular", peak_at=0.5,
+                                          lr_min_ratio=0.1, momentum=momentum, weight_decay=opts.weight_decay,
+                                          seed=opts.seed, progress=opts.progress),
+          extra_loss=extra, targets_from=targets_from)
+
+
+def _prune_step(analysis, scores, keep, opts, repeats: dict[int, int]) -> dict[int, np.ndarray]:
+    """Drop floor(p * remaining) units by the authors' global threshold; returns the new keep.
+
+    Each group's candidates (all but its top `min_keep_ratio`, at least 1) enter the ranking once
+    per gate site of the group, as the authors count a shared channel once per member BN.
+    """
+    candidates, pool = [], []
+    for gi, kept in keep.items():
+        minimal = max(1, math.floor(opts.min_keep_ratio * analysis.groups[gi].n_units))
+        s = scores.per_group[gi][kept]
+        protected = set(kept[np.argsort(-s, kind="stable")[:minimal]].tolist())
+        candidates.append((gi, protected))
+        pool.extend(v for u, v in zip(kept, s) if u not in protected for _ in range(repeats.get(gi, 1)))
+    if not pool:
+        return keep
+    n = max(1, math.floor(opts.p * sum(len(k) for k in keep.values())))
+    thr = sorted(pool)[min(n, len(pool)) - 1]
+    new = {}
+    for gi, protected in candidates:
+        kept = keep[gi]
+        s = scores.per_group[gi][kept]
+        new[gi] = np.asarray([u for u, v in zip(kept, s) if v > thr or u in protected], dtype=np.int64)
+    return new
+
+
+def gate_decorator(analysis, cost, data: Iterable, flops: float, opts: GateDecoratorOptions,
+                   targets_from: nn.Module | None = None) -> PruningPlan:
+    """Run the method on `analysis.gm`'s modules (trained in place) and return the plan.
+
+    The caller passes an analysis of a private copy of the user's model: training changes its
+    weights, and the gates are folded into them at the end.
+    """
+    if data is None:
+        raise TrainingError("gate_decorator needs data=: an iterable of (inputs, targets) batches")
+    torch.manual_seed(opts.seed)
+    gated = insert_gates(analysis)
+    scores = _Scores(analysis, gated)
+    keep = {g.index: np.arange(g.n_units) for g in analysis.prunable_groups}
+    budget = flops * cost.total_macs
+    repeats: dict[int, int] = {}
+    for site in gated.sites:
+        repeats[site.group] = repeats.get(site.group, 0) + 1
+    if opts.schedule == "one_shot":
+        _tick(gated, scores, data, opts, targets_from)
+        from .selection import select
+
+        plan = select(analysis, cost, {gi: scores.per_group[gi] for gi in keep}, flops,
+                      min_ratio=opts.min_keep_ratio)
+        keep = plan.keep
+    else:
+        if opts.schedule == "tick_tock":
+            _tock(gated, data, opts, opts.tock_epochs, opts.sparse_lambda, targets_from)
+        ticks = 0
+        while _macs(analysis, cost, keep) > budget:
+            if ticks >= opts.max_ticks:
+                raise TargetUnreachableError(flops, _macs(analysis, cost, keep) / cost.total_macs,
+                                             f" after max_ticks={opts.max_ticks} Ticks")
+            _tick(gated, scores, data, opts, targets_from)
+            new = _prune_step(analysis, scores, keep, opts, repeats)
+            if all(len(new[g]) == len(keep[g]) for g in keep):
+                raise TargetUnreachableError(flops, _macs(analysis, cost, keep) / cost.total_macs,
+                                             " (every group is at its 10% minimum)")
+            keep = new
+            _mask_units(analysis, gated, keep)
+            ticks += 1
+            opts.log.append({"tick": ticks, "macs_ratio": _macs(analysis, cost, keep) / cost.total_macs})
+            if opts.schedule == "tick_tock" and ticks % opts.T == 0 and _macs(analysis, cost, keep) > budget:
+                _tock(gated, data, opts, opts.tock_epochs, opts.sparse_lambda, targets_from)
+    _mask_units(analysis, gated, keep)
+    if opts.finetune_epochs:
+        _tock(gated, data, opts, opts.finetune_epochs, 0.0, targets_from, momentum=0.0)
+    fold_gates(analysis, gated)
+    return PruningPlan(keep=keep)
