@@ -163,7 +163,7 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
             "or run fxprune.analyze(model, x) to see every boundary.")
     t1 = time.perf_counter()
     if data_driven:
-        opts = GateDecoratorOptions(seed=seed, **(options or {}))
+        opts = GateDecoratorOptions(**{"seed": seed, **(options or {})})
         plan = gate_decorator(analysis.channels, analysis.cost, data, flops, opts, targets_from=model)
     else:
         scores = group_scores(analysis.channels, method, seed)

@@ -32,7 +32,7 @@ from passes.gates import GatedModel, fold_gates, insert_gates
 from passes.rewrite import PruningPlan
 
 from .errors import ConfigError, TargetUnreachableError
-from .train import TrainConfig, TrainingError, train
+from .train import TrainConfig, TrainingError, sync_from_rank0, train
 
 SCHEDULES = ("tick_tock", "tick_only", "one_shot")
 
@@ -74,6 +74,17 @@ class _Scores:
         for v in self.per_group.values():
             v[:] = 0
 
+    def all_reduce(self):
+        """Average the scores over ranks (torchrun/DDP), so every rank ranks the same numbers."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        for gi, v in self.per_group.items():
+            t = torch.as_tensor(v, dtype=torch.float64)
+            dist.all_reduce(t)
+            self.per_group[gi] = (t / dist.get_world_size()).numpy()
+
     def accumulate(self):
         for s in self.gated.sites:
             gate = getattr(self.gated.module, s.gate)
@@ -109,6 +120,7 @@ def _tick(gated, scores, data, opts, targets_from) -> None:
     finally:
         for w, f in zip(frozen, flags):
             w.requires_grad_(f)
+    scores.all_reduce()
 
 
 def _tock(gated, data, opts, epochs, penalty, targets_from, momentum=0.9) -> None:
@@ -169,7 +181,7 @@ def gate_decorator(analysis, cost, data: Iterable, flops: float, opts: GateDecor
 
         plan = select(analysis, cost, {gi: scores.per_group[gi] for gi in keep}, flops,
                       min_ratio=opts.min_keep_ratio)
-        keep = plan.keep
+        keep = _broadcast(plan.keep)
     else:
         if opts.schedule == "tick_tock":
             _tock(gated, data, opts, opts.tock_epochs, opts.sparse_lambda, targets_from)
@@ -183,7 +195,7 @@ def gate_decorator(analysis, cost, data: Iterable, flops: float, opts: GateDecor
             if all(len(new[g]) == len(keep[g]) for g in keep):
                 raise TargetUnreachableError(flops, _macs(analysis, cost, keep) / cost.total_macs,
                                              " (every group is at its 10% minimum)")
-            keep = new
+            keep = _broadcast(new)
             _mask_units(analysis, gated, keep)
             ticks += 1
             opts.log.append({"tick": ticks, "macs_ratio": _macs(analysis, cost, keep) / cost.total_macs})
@@ -192,5 +204,17 @@ def gate_decorator(analysis, cost, data: Iterable, flops: float, opts: GateDecor
     _mask_units(analysis, gated, keep)
     if opts.finetune_epochs:
         _tock(gated, data, opts, opts.finetune_epochs, 0.0, targets_from, momentum=0.0)
+    sync_from_rank0(gated.module)  # BN statistics drift per rank after the last step
     fold_gates(analysis, gated)
     return PruningPlan(keep=keep)
+
+
+def _broadcast(keep: dict) -> dict:
+    """Rank 0's pruning decision, on every rank (no-op without torch.distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return keep
+    box = [keep if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -101,6 +101,7 @@ def train(model: nn.Module, data: Iterable, cfg: TrainConfig, *, loss_fn: Callab
     torch.manual_seed(cfg.seed)
     loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    forward = _distributed(model)
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     try:
         steps_per_epoch = len(data)
@@ -119,7 +120,7 @@ def train(model: nn.Module, data: Iterable, cfg: TrainConfig, *, loss_fn: Callab
             inputs, targets = _split_batch(batch, targets_from)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg, step, total)
-            out = model(inputs)
+            out = forward(inputs)
             loss = loss_fn(out, targets)
             if extra_loss is not None:
                 loss = loss + extra_loss(model)
@@ -147,6 +148,27 @@ def train(model: nn.Module, data: Iterable, cfg: TrainConfig, *, loss_fn: Callab
         if cfg.checkpoint:
             _save(cfg.checkpoint, model, optimizer, epoch + 1, step, history)
     return history
+
+
+def _distributed(model: nn.Module) -> nn.Module:
+    """Under torch.distributed (torchrun), a DDP wrapper: gradients are averaged across ranks and
+    buffers broadcast from rank 0 at every forward. Otherwise the model itself."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return model
+    return nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+
+
+def sync_from_rank0(model: nn.Module) -> None:
+    """Make every rank's parameters and buffers identical to rank 0's (no-op without distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
 
 
 def _split_batch(batch, targets_from: nn.Module | None):
