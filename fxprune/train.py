@@ -150,6 +150,18 @@ def train(model: nn.Module, data: Iterable, cfg: TrainConfig, *, loss_fn: Callab
     return history
 
 
+def init_distributed() -> tuple[int, int]:
+    """Join the process group torchrun describes (RANK/WORLD_SIZE/MASTER_ADDR in the environment):
+    gloo on CPU, nccl on GPU. Returns (rank, world size); (0, 1) when not launched by torchrun."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def _distributed(model: nn.Module) -> nn.Module:
     """Under torch.distributed (torchrun), a DDP wrapper: gradients are averaged across ranks and
     buffers broadcast from rank 0 at every forward. Otherwise the model itself."""
