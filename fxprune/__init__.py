@@ -2,7 +2,7 @@
 
     >>> slim = fxprune.compress(model, method="l1", example_inputs=x, flops=0.5)
 """
-from .api import METHODS, ModelAnalysis, analyze, compress, prune_with_plan
+from .api import DATA_FREE_METHODS, METHODS, ModelAnalysis, analyze, compress, prune_with_plan
 from .artifacts import load, save
 from .errors import (
     ArtifactError,
@@ -21,7 +21,7 @@ from .tracer import TracedModel, register_leaf_module, trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "ArtifactError", "CompressionReport", "ConfigError", "ExampleInputs", "FxpruneError", "InputError",
+    "DATA_FREE_METHODS", "METHODS", "ArtifactError", "CompressionReport", "ConfigError", "ExampleInputs", "FxpruneError", "InputError",
     "ModelAnalysis", "NothingToPruneError", "TargetUnreachableError", "TraceError", "TracedModel",
     "VerificationError", "analyze", "compress", "load", "prune_with_plan", "register_leaf_module", "save", "trace",
 ]

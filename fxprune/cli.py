@@ -6,7 +6,7 @@ import shlex
 import sys
 import time
 
-from .api import METHODS, analyze, compress
+from .api import DATA_FREE_METHODS, analyze, compress
 from .errors import ConfigError, FxpruneError
 from .models import build_model, default_input_shape, example_input, parse_shape
 
@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="prune to a FLOPs target and print the before/after table")
     common(p)
-    p.add_argument("--method", default="l1", choices=METHODS)
+    p.add_argument("--method", default="l1", choices=DATA_FREE_METHODS,
+                   help="data-free methods; gate_decorator needs training data: use the Python API")
     p.add_argument("--flops", type=float, default=0.5, help="fraction of the original FLOPs to keep")
     p.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of N")
     p.add_argument("--min-channels", type=int, default=1)
@@ -108,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="comma-separated name globs, e.g. 'resnet*,mobilenet*'")
     p.add_argument("--models-from", help="your own models: file.py or package.module holding MODELS = "
                    "{name: builder or (builder, input_shape)} (or SOURCE:ATTR)")
-    p.add_argument("--method", default="l1", choices=METHODS)
+    p.add_argument("--method", default="l1", choices=DATA_FREE_METHODS,
+                   help="data-free methods; gate_decorator needs training data: use the Python API")
     p.add_argument("--flops", type=float, default=0.5)
     p.add_argument("--round-to", type=int, default=None)
     p.add_argument("--min-channels", type=int, default=1)
