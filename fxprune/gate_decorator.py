@@ -32,7 +32,7 @@ from passes.gates import GatedModel, fold_gates, insert_gates
 from passes.rewrite import PruningPlan
 
 from .errors import ConfigError, TargetUnreachableError
-from .train import TrainConfig, TrainingError, sync_from_rank0, train
+from .train import TrainConfig, TrainingError, is_distributed, sync_from_rank0, train
 
 SCHEDULES = ("tick_tock", "tick_only", "one_shot")
 
@@ -78,7 +78,7 @@ class _Scores:
         """Average the scores over ranks (torchrun/DDP), so every rank ranks the same numbers."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not is_distributed():
             return
         for gi, v in self.per_group.items():
             t = torch.as_tensor(v, dtype=torch.float64)
@@ -213,7 +213,7 @@ def _broadcast(keep: dict) -> dict:
     """Rank 0's pruning decision, on every rank (no-op without torch.distributed)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_distributed():
         return keep
     box = [keep if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)

@@ -162,12 +162,17 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one rank."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _distributed(model: nn.Module) -> nn.Module:
     """Under torch.distributed (torchrun), a DDP wrapper: gradients are averaged across ranks and
     buffers broadcast from rank 0 at every forward. Otherwise the model itself."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_distributed():
         return model
     return nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 
@@ -176,7 +181,7 @@ def sync_from_rank0(model: nn.Module) -> None:
     """Make every rank's parameters and buffers identical to rank 0's (no-op without distributed)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_distributed():
         return
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
