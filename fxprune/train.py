@@ -135,6 +135,8 @@ def train(model: nn.Module, data: Iterable, cfg: TrainConfig, *, loss_fn: Callab
             step += 1
             seen += len(targets)
             loss_sum += float(loss.detach()) * len(targets)
+            if cfg.progress and sys.stderr.isatty():
+                _bar(epoch, cfg.epochs, step - epoch * (steps_per_epoch or 0), steps_per_epoch, loss_sum / seen)
             if out.ndim == 2 and targets.ndim == 1:
                 correct += int((out.argmax(1) == targets).sum())
         if seen == 0:
@@ -143,6 +145,8 @@ def train(model: nn.Module, data: Iterable, cfg: TrainConfig, *, loss_fn: Callab
                "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         history.epochs.append(row)
         if cfg.progress:
+            if sys.stderr.isatty():
+                sys.stderr.write("\r\033[K")
             print(f"epoch {row['epoch']}/{cfg.epochs} loss {row['loss']:.4f} acc {row['accuracy']:.4f} "
                   f"lr {row['lr']:.2e} {row['seconds']:.1f}s", file=sys.stderr)
         if cfg.checkpoint:
@@ -160,6 +164,17 @@ def init_distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def _bar(epoch: int, epochs: int, step: int, steps: int | None, loss: float) -> None:
+    """A one-line progress bar on a terminal: epoch, steps done, running loss."""
+    if steps:
+        done = int(30 * step / steps)
+        bar = f"[{'#' * done}{'.' * (30 - done)}] {step}/{steps}"
+    else:
+        bar = f"step {step}"
+    sys.stderr.write(f"\r\033[Kepoch {epoch + 1}/{epochs} {bar} loss {loss:.4f}")
+    sys.stderr.flush()
 
 
 def is_distributed() -> bool:
