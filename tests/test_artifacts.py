@@ -125,4 +125,5 @@ def test_load_never_unpickles(saved, monkeypatch):
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
-    fxprune.load(saved)
+    loaded = fxprune.load(saved)
+    assert isinstance(loaded, torch.fx.GraphModule) and loaded.fxprune_recipe["plan"]["keep"]
