@@ -26,9 +26,9 @@ from passes.structures import Structures, find_structures
 from . import report as _report
 from .cost import CostModel
 from .errors import ConfigError, NothingToPruneError
-from .gate_decorator import GateDecoratorOptions, gate_decorator
 from .importance import group_scores
 from .inputs import ExampleInputs
+from .methods import DATA_METHODS, make_options
 from .models import model_source
 from .recipe import make_recipe
 from .selection import select
@@ -37,7 +37,14 @@ from .tracer import TracedModel, trace
 from .verify import verify as verify_against
 
 DATA_FREE_METHODS = ("l1", "l2", "bn_scale", "random", "uniform")
-METHODS = (*DATA_FREE_METHODS, "gate_decorator")
+
+
+def all_methods() -> tuple[str, ...]:
+    """Data-free criteria, then every registered data-driven method (`fxprune.methods`)."""
+    return (*DATA_FREE_METHODS, *DATA_METHODS)
+
+
+METHODS = all_methods()  # at import time; registrations made later show in all_methods()
 
 
 @dataclass
@@ -97,8 +104,8 @@ def analyze(model: nn.Module, example_inputs: Any, *, ignore: Iterable = (), lea
 
 
 def _check_options(method: str, flops: float, round_to, min_channels, min_ratio) -> None:
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if method not in all_methods():
+        raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(all_methods())}")
     if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0 < flops <= 1:
         raise ConfigError(
             f"flops={flops!r} must be the fraction of the original FLOPs to keep, in (0, 1] (e.g. 0.5)")
@@ -142,7 +149,8 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
         tolerance: relative tolerance of the verification (default by dtype: 1e-4 for fp32).
         data: training batches for data-driven methods (``gate_decorator``): (inputs, targets) pairs,
             or bare inputs, which the original model then labels.
-        options: method options (``gate_decorator``: see ``fxprune.gate_decorator.GateDecoratorOptions``).
+        options: method options, a dict or the method's options object (``gate_decorator``:
+            ``fxprune.gate_decorator.GateDecoratorOptions``; ``gal``: ``fxprune.gal.GALOptions``).
 
     The returned GraphModule has the model's dtype, device and train/eval mode; its
     ``fxprune_report`` attribute holds the before/after numbers. The input model is not modified.
@@ -162,9 +170,13 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
             f"main reason: {reason or 'no conv/linear layers found'}). Check ignore= and leaf_modules=, "
             "or run fxprune.analyze(model, x) to see every boundary.")
     t1 = time.perf_counter()
+    details = {}
     if data_driven:
-        opts = GateDecoratorOptions(**{"seed": seed, **(options or {})})
-        plan = gate_decorator(analysis.channels, analysis.cost, data, flops, opts, targets_from=model)
+        spec = DATA_METHODS[method]
+        opts = make_options(spec, options, seed)
+        outcome = spec.run(analysis, data, flops, opts, targets_from=model,
+                           selection={"round_to": round_to, "min_channels": min_channels, "min_ratio": min_ratio})
+        plan, details = outcome.plan, outcome.details
     else:
         scores = group_scores(analysis.channels, method, seed)
         plan = select(analysis.channels, analysis.cost, scores, flops, min_channels=min_channels,
@@ -185,6 +197,7 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
         groups=len(analysis.groups), prunable_groups=len(analysis.channels.prunable_groups),
         boundaries=list(analysis.boundaries),
         timings={**analysis.timings, "method": t2 - t1, "rewrite": t3 - t2, "verify": t4 - t3, "total": t4 - t0},
+        details=details,
     )
     return slim
 

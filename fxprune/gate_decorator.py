@@ -218,3 +218,12 @@ def _broadcast(keep: dict) -> dict:
     box = [keep if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def run_gate_decorator(analysis, data, flops: float, opts: GateDecoratorOptions, *, targets_from=None,
+                       selection: dict | None = None):
+    """The registry's runner (`fxprune.methods`): the plan plus the Tick log."""
+    from .methods import MethodResult
+
+    plan = gate_decorator(analysis.channels, analysis.cost, data, flops, opts, targets_from=targets_from)
+    return MethodResult(plan, {"schedule": opts.schedule, "ticks": list(opts.log)})

@@ -54,6 +54,7 @@ class CompressionReport:
     prunable_groups: int
     boundaries: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)  # method-specific: removed blocks, search history...
 
     @property
     def flops_before(self) -> int:
@@ -91,6 +92,7 @@ class CompressionReport:
             "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
             "groups": self.groups, "prunable_groups": self.prunable_groups,
             "boundaries": [[b.node, b.reason] for b in self.boundaries], "timings": dict(self.timings),
+            "details": self.details,  # methods keep it JSON-plain (numbers, strings, lists, dicts)
         }
 
     def __str__(self) -> str:
