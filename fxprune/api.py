@@ -133,7 +133,7 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
              round_to: int | None = None, ignore: Iterable = (), leaf_modules: Iterable = (),
              concrete_args: dict | None = None, min_channels: int = 1, min_ratio: float = 0.0,
              verify: bool = True, tolerance: float | None = None, seed: int = 0,
-             data: Any = None, options: dict | None = None) -> fx.GraphModule:
+             data: Any = None, options: dict | None = None, latency: float | None = None) -> fx.GraphModule:
     """Return a slim copy of `model` keeping at most `flops` of its FLOPs.
 
     Args:
@@ -149,6 +149,8 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
         tolerance: relative tolerance of the verification (default by dtype: 1e-4 for fp32).
         data: training batches for data-driven methods (``gate_decorator``): (inputs, targets) pairs,
             or bare inputs, which the original model then labels.
+        latency: a latency limit in seconds on the current device, for methods that search under one
+            (``metapruning``); the FLOPs target applies as well (pass ``flops=1.0`` for latency only).
         options: method options, a dict or the method's options object (``gate_decorator``:
             ``fxprune.gate_decorator.GateDecoratorOptions``; ``gal``: ``fxprune.gal.GALOptions``).
 
@@ -158,8 +160,13 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
     _check_options(method, flops, round_to, min_channels, min_ratio)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    t0 = time.perf_counter()
     data_driven = method not in DATA_FREE_METHODS
+    if latency is not None and not (data_driven and DATA_METHODS[method].supports_latency):
+        able = [n for n, m in DATA_METHODS.items() if m.supports_latency]
+        raise ConfigError(f"method {method!r} has no latency constraint: use flops=, or one of {able or 'none'}")
+    if latency is not None and (isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency <= 0):
+        raise ConfigError(f"latency={latency!r} must be a positive number of seconds")
+    t0 = time.perf_counter()
     work = copy.deepcopy(model) if data_driven else model  # data-driven methods train their copy
     analysis = analyze(work, example_inputs, ignore=ignore, leaf_modules=leaf_modules,
                        concrete_args=concrete_args)
@@ -175,7 +182,8 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
         spec = DATA_METHODS[method]
         opts = make_options(spec, options, seed)
         outcome = spec.run(analysis, data, flops, opts, targets_from=model,
-                           selection={"round_to": round_to, "min_channels": min_channels, "min_ratio": min_ratio})
+                           selection={"round_to": round_to, "min_channels": min_channels, "min_ratio": min_ratio,
+                                      "latency": latency})
         plan, details = outcome.plan, outcome.details
     else:
         scores = group_scores(analysis.channels, method, seed)

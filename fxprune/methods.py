@@ -33,13 +33,15 @@ class MethodSpec:
     name: str
     options: type  # a dataclass; unknown keys are a ConfigError
     run: Callable[..., MethodResult]  # run(analysis, data, flops, opts, *, targets_from, selection) -> MethodResult
+    supports_latency: bool = False  # selection["latency"] (seconds) is honoured
 
 
 DATA_METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, options: type, run: Callable[..., MethodResult]) -> None:
-    DATA_METHODS[name] = MethodSpec(name, options, run)
+def register_method(name: str, options: type, run: Callable[..., MethodResult], *,
+                    supports_latency: bool = False) -> None:
+    DATA_METHODS[name] = MethodSpec(name, options, run, supports_latency)
 
 
 def make_options(spec: MethodSpec, options: dict | Any | None, seed: int):
