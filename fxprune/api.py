@@ -20,7 +20,7 @@ from torch import nn
 
 from passes.dependency import ChannelAnalysis, analyze_dependencies
 from passes.mask import masked_reference
-from passes.rewrite import PruningPlan, apply_plan
+from passes.rewrite import PruningPlan, apply_plan, plan_keep_roots, plan_removed_nodes
 from passes.structures import Structures, find_structures
 
 from . import report as _report
@@ -195,11 +195,12 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
     if verify:
         result = verify_against(masked_reference(analysis.channels, plan), slim, analysis.inputs, tolerance)
     t4 = time.perf_counter()
-    keep = analysis.channels.keep_roots(plan.keep)
+    keep = plan_keep_roots(analysis.channels, plan)
+    removed = plan_removed_nodes(analysis.channels, plan)
     slim.fxprune_report = _report.CompressionReport(
         model=type(model).__name__, method=method, target_flops=flops,
         params_before=int(analysis.cost.total_params), params_after=sum(p.numel() for p in slim.parameters()),
-        macs_before=int(analysis.cost.total_macs), macs_after=int(round(analysis.cost.macs(keep))),
+        macs_before=int(analysis.cost.total_macs), macs_after=int(round(analysis.cost.macs(keep, removed))),
         max_abs_error=None if result is None else result.max_abs_error,
         max_rel_error=None if result is None else result.max_rel_error,
         groups=len(analysis.groups), prunable_groups=len(analysis.channels.prunable_groups),

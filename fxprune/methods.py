@@ -63,6 +63,9 @@ def _register_builtin() -> None:
     from .gate_decorator import GateDecoratorOptions, run_gate_decorator
 
     register_method("gate_decorator", GateDecoratorOptions, run_gate_decorator)
+    from .gal import GALOptions, run_gal
+
+    register_method("gal", GALOptions, run_gal)
 
 
 _register_builtin()

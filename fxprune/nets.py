@@ -5,11 +5,14 @@
   Downsampling shortcuts are 1x1 conv + BN ("option B"): the zero-padding shortcut ("option A")
   pads the channel dim, which makes every stage a boundary for structured pruning.
 * ``vgg_bn``: a small VGG with BatchNorm.
+* ``inception_mini``: a stem and two Inception modules (1x1 | 1x1-3x3 | 1x1-3x3-3x3 | pool-1x1,
+  concatenated), the small branch-pruning test bed of GAL's GoogLeNet experiment.
 
 All take ``in_channels`` (1 for MNIST) and ``num_classes``.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -84,6 +87,37 @@ class VGGBN(nn.Module):
         return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
 
 
+def _conv_bn(cin: int, cout: int, k: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Inception(nn.Module):
+    def __init__(self, cin: int, c1: int, c3: tuple, c5: tuple, cp: int):
+        super().__init__()
+        self.b1 = _conv_bn(cin, c1, 1)
+        self.b3 = nn.Sequential(_conv_bn(cin, c3[0], 1), _conv_bn(c3[0], c3[1], 3))
+        self.b5 = nn.Sequential(_conv_bn(cin, c5[0], 1), _conv_bn(c5[0], c5[1], 3), _conv_bn(c5[1], c5[1], 3))
+        self.pool = nn.Sequential(nn.MaxPool2d(3, 1, 1), _conv_bn(cin, cp, 1))
+        self.out_channels = c1 + c3[1] + c5[1] + cp
+
+    def forward(self, x):
+        return torch.cat([self.b1(x), self.b3(x), self.b5(x), self.pool(x)], 1)
+
+
+class InceptionMini(nn.Module):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.stem = _conv_bn(in_channels, 32, 3)
+        self.a = Inception(32, 16, (16, 32), (8, 16), 16)
+        self.b = Inception(self.a.out_channels, 32, (32, 48), (8, 24), 24)
+        self.fc = nn.Linear(self.b.out_channels, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.stem(x), 2)
+        x = F.max_pool2d(self.a(x), 2)
+        return self.fc(F.adaptive_avg_pool2d(self.b(x), 1).flatten(1))
+
+
 def lenet5(**kw) -> nn.Module:
     return LeNet5(**kw)
 
@@ -100,5 +134,10 @@ def vgg_bn(**kw) -> nn.Module:
     return VGGBN(**kw)
 
 
-NETS = {"lenet5": lenet5, "resnet20": resnet20, "resnet56": resnet56, "vgg_bn": vgg_bn}
+def inception_mini(**kw) -> nn.Module:
+    return InceptionMini(**kw)
+
+
+NETS = {"lenet5": lenet5, "resnet20": resnet20, "resnet56": resnet56, "vgg_bn": vgg_bn,
+        "inception_mini": inception_mini}
 INPUT_SHAPE = (1, 1, 28, 28)

@@ -90,6 +90,19 @@ def plan_keep_roots(analysis, plan: PruningPlan) -> np.ndarray:
     return keep
 
 
+def plan_removed_nodes(analysis, plan: PruningPlan) -> frozenset:
+    """Names of the nodes the plan's removed branches and dropped concat inputs take with them."""
+    nodes = {n.name: n for n in analysis.gm.graph.nodes}
+    order = {n: i for i, n in enumerate(analysis.gm.graph.nodes)}
+    removed: set[str] = set()
+    for add, operand in plan.remove_branches:
+        removed.update(n.name for n in exclusive_branch(nodes[add].args[operand], nodes[add], order))
+        removed.add(add)  # the add itself goes (the shortcut takes its place)
+    for cat, index in plan.drop_concat_inputs:
+        removed.update(n.name for n in exclusive_branch(nodes[cat].args[0][index], nodes[cat], order))
+    return frozenset(removed)
+
+
 def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
     for n in reversed(candidates):
         if not n.users:

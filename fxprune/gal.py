@@ -1,0 +1,389 @@
+"""GAL (Lin et al., CVPR 2019): label-free pruning of channels, branches and blocks at once.
+
+The *generator* is the model with soft masks inserted as graph nodes (`passes.gal_masks`); the
+*baseline* is a frozen copy of the original; a *discriminator* (`fxprune.discriminator`) tells
+their outputs apart. Per mini-batch (authors' `main.py`):
+
+1. discriminator step: BCE(D(baseline), 1) + BCE(D(generator), 0) + BCE(D(generator), 1), the last
+   term being the adversarial regulariser that stops D from dominating (`d_regularizer`);
+2. generator step (SGD, masks excluded): mu * MSE(baseline, generator) + BCE(D(generator), 1)
+   (+ lam * ||m||_1 as a sub-gradient into the masks' gradient, `l1_in_gradient`) + weight decay;
+3. every `mask_step` iterations, a FISTA step on the masks (`fxprune.fista`): soft-threshold to
+   exact zeros, clamp at 0.
+All three learning rates decay by `lr_gamma` at the `lr_milestones` (fractions of the run; the
+authors' 30/60/90 of 100 epochs). Labels are never used for training (only the optional
+fine-tune uses them, when the batches carry them).
+
+Removal (`passes.gal_plan`): masks at exactly zero remove their channels, concat inputs (with
+the whole producing branch) and residual blocks; the rest is folded into the adjacent BN or layer.
+
+FLOPs: `lam` sets the sparsity. With ``flops < 1`` (compress's target) GAL also steers: while the
+exactly counted MACs of the zero-mask structure lag a linear path to the target (reached at
+`target_at` of the run), lam grows by `lam_growth` per FISTA step; the step that crosses the target
+revives the newly zeroed masks with the largest previous values while the MACs stay at or under
+the target, and from then on the masks are frozen (the rest of the run trains the weights). If the
+run ends above the target, the smallest masks are zeroed (binary search on exact MACs).
+
+Deliberate differences from the authors' code (each one an option):
+* the baseline runs in eval mode (theirs stays in train mode, so its BN statistics drift):
+  ``teacher_mode="train"`` restores that;
+* masks start at 1, so the generator starts equal to the baseline (theirs: N(0,1), half of them
+  negative until the first FISTA step): ``mask_init="normal"``;
+* the discriminator is an MLP with ReLUs returning a logit (theirs: affine + a doubled sigmoid):
+  ``discriminator="authors"``;
+* the result is the final state, never a checkpoint picked by test accuracy (their model_best).
+
+Example::
+
+    >>> slim = fxprune.compress(model, "gal", x, flops=0.25, data=loader,
+    ...                         options={"structures": ("channel",), "epochs": 3, "mask_step": 20})
+    >>> slim.fxprune_report.details["removed_blocks"]
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from passes.gal_masks import INITS, STRUCTURES, SoftMaskedModel, insert_soft_masks
+from passes.gal_plan import MaskState, fold_masks, mask_state, state_macs
+
+from .discriminator import DISCRIMINATORS, make_discriminator, output_features
+from .errors import ConfigError, TargetUnreachableError
+from .fista import FISTA
+from .train import TrainingError, _batches, _bar
+from .verify import eval_mode
+
+
+@dataclass
+class GALOptions:
+    structures: tuple = STRUCTURES  # any subset of ("channel", "branch", "block")
+    epochs: int = 100
+    lr: float = 0.01  # generator and discriminator SGD
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    lr_milestones: tuple = (0.3, 0.6, 0.9)  # fractions of the run (authors: epochs 30, 60, 90 of 100)
+    lr_gamma: float = 0.1
+    mu: float = 1.0  # weight of MSE(baseline, generator); authors: 1 for ResNet, 0.1 for VGG/GoogLeNet
+    lam: float = 0.6  # L1 weight on the masks (authors' --lambda; ResNet-56: 0.6)
+    adversarial_weight: float = 1.0
+    mask_step: int = 200  # iterations between FISTA steps
+    mask_lr: float | None = None  # FISTA step size (default: lr, decayed with it)
+    l1_in_gradient: bool = True  # authors apply L1 twice: as a sub-gradient and through the prox
+    mask_gradient: str = "batch"  # "batch": the last batch's gradient (authors); "mean": since last step
+    fista_restart: bool = False  # reset FISTA momentum at every LR decay (authors: never)
+    mask_init: str = "ones"
+    discriminator: str = "mlp"
+    d_regularizer: bool = True
+    teacher_mode: str = "eval"
+    lam_growth: float = 1.25  # lam multiplier per FISTA step while behind the FLOPs path
+    target_at: float = 0.5  # fraction of the run by which the FLOPs target should be met
+    finetune_epochs: int = 0  # after GAL, masks frozen: CE on labels if batches have them, else MSE
+    finetune_lr: float = 1e-3
+    max_steps_per_epoch: int | None = None
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self):
+        self.structures = tuple(self.structures)
+        bad = [s for s in self.structures if s not in STRUCTURES]
+        if bad or not self.structures:
+            raise ConfigError(f"GAL structures={self.structures!r}: choose a non-empty subset of {STRUCTURES}")
+        for name, value, choices in (("mask_init", self.mask_init, INITS),
+                                     ("discriminator", self.discriminator, DISCRIMINATORS),
+                                     ("mask_gradient", self.mask_gradient, ("batch", "mean")),
+                                     ("teacher_mode", self.teacher_mode, ("eval", "train"))):
+            if value not in choices:
+                raise ConfigError(f"GAL {name}={value!r}: choose one of {', '.join(choices)}")
+        if self.epochs < 1 or self.mask_step < 1 or self.lr <= 0 or self.lam < 0 or self.lam_growth < 1:
+            raise ConfigError("GAL needs epochs >= 1, mask_step >= 1, lr > 0, lam >= 0 and lam_growth >= 1")
+
+
+def _split(batch):
+    """(inputs as call args, targets or None) from a batch: (inputs, targets) or bare inputs."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and torch.is_tensor(batch[1]):
+        inputs, targets = batch
+    else:
+        inputs, targets = (batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 1 else batch), None
+    return inputs, targets
+
+
+def _call(model, inputs, device):
+    if isinstance(inputs, dict):
+        return model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()})
+    if isinstance(inputs, (tuple, list)):
+        return model(*[v.to(device) if torch.is_tensor(v) else v for v in inputs])
+    return model(inputs.to(device))
+
+
+def _mse(a, b) -> torch.Tensor:
+    return F.mse_loss(output_features_full(a), output_features_full(b))
+
+
+def output_features_full(out) -> torch.Tensor:
+    """Every output element, flattened per sample (the data loss compares all of them)."""
+    if isinstance(out, dict):
+        out = [out[k] for k in sorted(out)]
+    if isinstance(out, (tuple, list)):
+        return torch.cat([output_features_full(o) for o in out], dim=1)
+    return out.reshape(out.shape[0], -1)
+
+
+@dataclass
+class _Run:
+    """The state one GAL run carries between iterations."""
+
+    masked: SoftMaskedModel
+    teacher: nn.Module
+    disc: nn.Module | None
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer | None
+    fista: FISTA | None
+    lam: float
+    budget: float | None
+    frozen: bool = False
+    since_step: int = 0
+    history: list = field(default_factory=list)
+
+
+def _bce(logits, value: float) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, value))
+
+
+def _lr_factor(opts: GALOptions, progress: float) -> float:
+    return opts.lr_gamma ** sum(progress >= m for m in opts.lr_milestones)
+
+
+def _iteration(run: _Run, opts: GALOptions, inputs, targets, device, adversarial: bool, loss_kind: str):
+    gen = run.masked.module
+    with torch.no_grad():
+        t = _call(run.teacher, inputs, device)
+    s = _call(gen, inputs, device)
+    loss_d = torch.zeros(())
+    if adversarial:
+        ft, fs = output_features(t), output_features(s)
+        d_s = run.disc(fs.detach())
+        loss_d = _bce(run.disc(ft), 1.0) + _bce(d_s, 0.0) + (_bce(d_s, 1.0) if opts.d_regularizer else 0.0)
+        run.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        run.opt_d.step()
+    if loss_kind == "ce":
+        data_loss = F.cross_entropy(s, targets.to(device))
+    else:
+        data_loss = opts.mu * _mse(t, s)
+    loss_g = data_loss
+    if adversarial:
+        loss_g = loss_g + opts.adversarial_weight * _bce(run.disc(output_features(s)), 1.0)
+    masks = run.masked.params()
+    if not run.frozen and opts.l1_in_gradient and run.lam:
+        loss_g = loss_g + run.lam * sum(m.abs().sum() for m in masks)
+    if not torch.isfinite(loss_g) or not torch.isfinite(loss_d):
+        raise TrainingError(f"GAL loss became non-finite (generator {float(loss_g)}, discriminator "
+                            f"{float(loss_d)}): lower lr / mu or check the data")
+    run.opt_g.zero_grad(set_to_none=True)
+    if run.frozen or opts.mask_gradient == "batch":
+        for m in masks:
+            m.grad = None
+    loss_g.backward()
+    run.opt_g.step()
+    return float(loss_d.detach()), float(loss_g.detach()), float(data_loss.detach())
+
+
+def _revive(analysis, cost, masked: SoftMaskedModel, before: list[torch.Tensor], budget: float) -> None:
+    """After a step that crossed the budget: give back the newly zeroed masks with the largest
+    previous values, as many as fit under the budget (binary search on exact MACs)."""
+    params = masked.params()
+    newly = [(float(b.reshape(-1)[j]), i, j) for i, (p, b) in enumerate(zip(params, before))
+             for j in np.nonzero(((p.detach().reshape(-1) == 0) & (b.reshape(-1) != 0)).cpu().numpy())[0]]
+    newly.sort(reverse=True)
+    after = [p.detach().clone() for p in params]
+
+    def apply(k: int) -> float:
+        with torch.no_grad():
+            for p, a in zip(params, after):
+                p.copy_(a)
+            for value, i, j in newly[:k]:
+                params[i].view(-1)[j] = value
+        return state_macs(cost, mask_state(analysis, masked))
+
+    lo, hi = 0, len(newly)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if apply(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    apply(lo)
+
+
+def _mask_step(run: _Run, opts: GALOptions, analysis, cost, progress: float, it: int) -> None:
+    masks = run.masked.params()
+    if opts.mask_gradient == "mean" and run.since_step:
+        for m in masks:
+            if m.grad is not None:
+                m.grad /= run.since_step
+    before = [m.detach().clone() for m in masks]
+    for g in run.fista.param_groups:
+        g["lam"] = run.lam
+    run.fista.step()
+    for m in masks:
+        m.grad = None
+    run.since_step = 0
+    ratio = state_macs(cost, mask_state(analysis, run.masked)) / cost.total_macs
+    if run.budget is not None:
+        if ratio * cost.total_macs <= run.budget:
+            _revive(analysis, cost, run.masked, before, run.budget)
+            ratio = state_macs(cost, mask_state(analysis, run.masked)) / cost.total_macs
+            run.frozen = True
+        else:
+            target = run.budget / cost.total_macs
+            path = 1 - (1 - target) * min(1.0, progress / opts.target_at)
+            if ratio > path:
+                run.lam *= opts.lam_growth
+    run.history.append({"iteration": it, "progress": round(progress, 4), "macs_ratio": ratio, "lam": run.lam,
+                        "frozen": run.frozen})
+
+
+def _loop(run: _Run, opts: GALOptions, analysis, cost, data, epochs: int, lr: float, *, adversarial: bool,
+          loss_kind: str, device) -> list[dict]:
+    try:
+        per_epoch = len(data)
+    except TypeError:
+        per_epoch = None
+    if per_epoch == 0:
+        raise TrainingError("the GAL data is empty: pass an iterable of input batches or (inputs, targets)")
+    if opts.max_steps_per_epoch:
+        per_epoch = min(per_epoch or opts.max_steps_per_epoch, opts.max_steps_per_epoch)
+    total = (per_epoch or 1) * epochs
+    mask_lr = opts.mask_lr or opts.lr
+    it, rows, last_factor = 0, [], 1.0
+    run.masked.module.train()
+    for epoch in range(epochs):
+        sums, seen = np.zeros(3), 0
+        for k, batch in enumerate(_batches(data, epoch, opts.seed)):
+            if opts.max_steps_per_epoch and k >= opts.max_steps_per_epoch:
+                break
+            inputs, targets = _split(batch)
+            if loss_kind == "ce" and targets is None:
+                raise TrainingError("fine-tuning with cross-entropy needs (inputs, targets) batches")
+            progress = (epoch + k / per_epoch) / epochs if per_epoch else epoch / epochs
+            factor = _lr_factor(opts, progress)
+            for opt, base in ((run.opt_g, lr), (run.opt_d, lr), (run.fista, mask_lr)):
+                for g in (opt.param_groups if opt is not None else []):
+                    g["lr"] = base * factor
+            if factor != last_factor and opts.fista_restart and run.fista is not None:
+                run.fista.restart()
+            last_factor = factor
+            sums += _iteration(run, opts, inputs, targets, device, adversarial, loss_kind)
+            seen += 1
+            it += 1
+            run.since_step += 1
+            if run.fista is not None and not run.frozen and it % opts.mask_step == 0:
+                _mask_step(run, opts, analysis, cost, progress, it)
+            if opts.progress and sys.stderr.isatty():
+                _bar(epoch, epochs, k + 1, per_epoch, sums[1] / seen)
+        if seen == 0:
+            raise TrainingError("the GAL data is empty: pass an iterable of input batches or (inputs, targets)")
+        if per_epoch is None:
+            per_epoch = seen
+        ratio = state_macs(cost, mask_state(analysis, run.masked)) / cost.total_macs
+        rows.append({"epoch": epoch + 1, "loss_d": sums[0] / seen, "loss_g": sums[1] / seen,
+                     "data_loss": sums[2] / seen, "macs_ratio": ratio, "lam": run.lam})
+        if opts.progress:
+            print(f"GAL epoch {epoch + 1}/{epochs}: D {rows[-1]['loss_d']:.4f} G {rows[-1]['loss_g']:.4f} "
+                  f"data {rows[-1]['data_loss']:.4f} MACs {ratio:.3f} lam {run.lam:.3g}", file=sys.stderr)
+    return rows
+
+
+def _threshold_to(analysis, cost, masked: SoftMaskedModel, budget: float, flops: float) -> None:
+    """Zero the smallest masks until the exact MACs are at or under `budget`."""
+    values = np.unique(np.concatenate([p.detach().reshape(-1).abs().cpu().numpy() for p in masked.params()]))
+    values = values[values > 0]
+    lo, hi = 0, len(values) - 1
+    if state_macs(cost, mask_state(analysis, masked, zeroed=float(values[hi]))) > budget:
+        minimum = state_macs(cost, mask_state(analysis, masked, zeroed=float(values[hi])))
+        raise TargetUnreachableError(flops, minimum / cost.total_macs, " (every GAL mask at zero)")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if state_macs(cost, mask_state(analysis, masked, zeroed=float(values[mid]))) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    with torch.no_grad():
+        for p in masked.params():
+            p.masked_fill_(p.abs() <= float(values[lo]), 0.0)
+
+
+def gal(analysis, data: Iterable, flops: float, opts: GALOptions, teacher_source: nn.Module):
+    """Run GAL on `analysis`'s private model (trained and folded in place); returns (state, details)."""
+    if data is None:
+        raise TrainingError("gal needs data=: an iterable of input batches (labels optional)")
+    torch.manual_seed(opts.seed)
+    channels, cost = analysis.channels, analysis.cost
+    masked = insert_soft_masks(channels, opts.structures, opts.mask_init, opts.seed)
+    if not masked.params():
+        raise ConfigError(f"GAL found nothing to mask for structures={opts.structures}: "
+                          f"{len(channels.prunable_groups)} prunable groups, "
+                          f"{len(analysis.structures.residual_branches)} residual branches, "
+                          f"{len(analysis.structures.concat_inputs)} droppable concat inputs; "
+                          f"choose structures the model has (run fxprune.analyze to see them)")
+    param = next(iter(channels.gm.parameters()))
+    device, dtype = param.device, param.dtype
+    teacher = copy.deepcopy(teacher_source).train(opts.teacher_mode == "train")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    mask_ids = {id(p) for p in masked.params()}
+    weights = [p for p in masked.module.parameters() if p.requires_grad and id(p) not in mask_ids]
+    opt_g = torch.optim.SGD(weights, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
+    with torch.no_grad(), eval_mode(teacher):
+        features = output_features(_call(teacher, _split(next(iter(data)))[0], device)).shape[1]
+    disc = make_discriminator(opts.discriminator, features, dtype, device)
+    opt_d = torch.optim.SGD(disc.parameters(), lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
+    budget = flops * cost.total_macs if flops < 1 else None
+    run = _Run(masked, teacher, disc, opt_g, opt_d, FISTA(masked.params(), opts.mask_lr or opts.lr, opts.lam),
+               opts.lam, budget)
+    was_training = channels.gm.training
+    rows = _loop(run, opts, channels, cost, data, opts.epochs, opts.lr, adversarial=True, loss_kind="mse",
+                 device=device)
+    reached_by = "frozen at target" if run.frozen else "lam"
+    if budget is not None and state_macs(cost, mask_state(channels, masked)) > budget:
+        _threshold_to(channels, cost, masked, budget, flops)
+        reached_by = "threshold at the end"
+    if opts.finetune_epochs:
+        run.frozen = True
+        has_labels = _split(next(iter(data)))[1] is not None
+        run.opt_g = torch.optim.SGD(weights, lr=opts.finetune_lr, momentum=opts.momentum,
+                                    weight_decay=opts.weight_decay)
+        rows += _loop(run, opts, channels, cost, data, opts.finetune_epochs, opts.finetune_lr, adversarial=False,
+                      loss_kind="ce" if has_labels else "mse", device=device)
+    state = mask_state(channels, masked)
+    unfolded = fold_masks(channels, masked, state)
+    channels.gm.train(was_training)
+    details = {
+        "structures": list(opts.structures), "discriminator": opts.discriminator,
+        "lam_initial": opts.lam, "lam_final": run.lam, "reached_by": reached_by,
+        "macs_ratio": state_macs(cost, state) / cost.total_macs,
+        "masks": {"channel_groups": len(masked.channel), "blocks": len(masked.blocks),
+                  "branches": len(masked.branches)},
+        "removed_blocks": state.removed_blocks, "removed_branches": state.removed_branches,
+        "widths": {str(g): list(w) for g, w in state.widths.items()},
+        "unmasked": dict(masked.skipped), "scales_left_in_graph": unfolded,
+        "epochs": rows, "mask_steps": run.history,
+    }
+    return state, details
+
+
+def run_gal(analysis, data, flops: float, opts: GALOptions, *, targets_from=None, selection: dict | None = None):
+    """The registry's runner (`fxprune.methods`)."""
+    from .methods import MethodResult
+
+    if targets_from is None:
+        raise ConfigError("gal needs the original model as its baseline")
+    state, details = gal(analysis, data, flops, opts, targets_from)
+    return MethodResult(state.plan, details)

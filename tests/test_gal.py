@@ -1,0 +1,347 @@
+"""GAL: soft-mask insertion, FISTA, removal of channels/branches/blocks, the adversarial steps.
+
+Structural tests compare the slim model with the *masked generator* itself (the network GAL
+trained, masks included) on random inputs: relative tolerance 1e-5 (float32), eval mode.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxprune
+from fxprune import nets
+from fxprune.discriminator import make_discriminator
+from fxprune.fista import FISTA, soft_threshold
+from passes.gal_masks import insert_soft_masks
+from passes.gal_plan import fold_masks, mask_state, state_macs
+from passes.rewrite import apply_plan
+
+from .conftest import assert_close_outputs, measured_macs, n_params
+
+X28 = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+class NestedCat(nn.Module):
+    """cat([a, cat([b, c]), d]) -> conv: branches inside a branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.a, self.b = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 5, 3, padding=1)
+        self.c = nn.Sequential(nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.d = nn.Conv2d(8, 3, 1)
+        self.head = nn.Conv2d(18, 7, 3, padding=1)
+        self.fc = nn.Linear(7, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        inner = torch.cat([self.b(x), self.c(x)], 1)
+        y = torch.cat([self.a(x), F.relu(inner), self.d(x)], 1)
+        return self.fc(self.head(y).mean((2, 3)))
+
+
+class TanhBlock(nn.Module):
+    """A residual branch ending in tanh: its mask cannot be folded into a layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.inner = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = x + torch.tanh(self.inner(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _analysis(model, x=X28):
+    return fxprune.analyze(model.eval(), x)
+
+
+def _randomize(model):
+    """Non-trivial BN statistics and affine parameters, so zeroed channels really matter."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
+def _set_masks(masked, seed=0, zero_fraction=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in masked.params():
+            v = torch.rand(p.shape, generator=g) + 0.5
+            v[torch.rand(p.shape, generator=g) < zero_fraction] = 0
+            p.copy_(v)
+
+
+def _slim_vs_generator(model, structures, setter, x=X28):
+    """Masks set by `setter`, generator output recorded, plan + fold + rewrite, slim compared."""
+    an = _analysis(_randomize(model), x)
+    masked = insert_soft_masks(an.channels, structures)
+    setter(masked)
+    masked.module.eval()
+    with torch.no_grad():
+        expected = masked.module(x)
+    state = mask_state(an.channels, masked)
+    fold_masks(an.channels, masked, state)
+    slim = apply_plan(an.channels, state.plan).eval()
+    with torch.no_grad():
+        got = slim(x)
+    err = ((got - expected).abs().max() / expected.abs().max()).item()
+    assert err <= 1e-5, err
+    predicted = state_macs(an.cost, state)
+    assert measured_macs(slim, x) == pytest.approx(predicted, rel=1e-6)
+    return an, masked, state, slim
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet20", "inception_mini"])
+def test_all_ones_masks_are_the_identity(name):
+    model = _randomize(nets.NETS[name]()).eval()
+    an = _analysis(model)
+    masked = insert_soft_masks(an.channels)
+    assert masked.params(), "something must be masked"
+    with torch.no_grad():
+        assert torch.equal(masked.module(X28), an.traced.graph_module(X28))
+
+
+def test_mask_counts_follow_the_structures():
+    an = _analysis(nets.resnet20())
+    masked = insert_soft_masks(an.channels, ("channel", "block"))
+    assert len(masked.blocks) == 9  # one per basic block
+    assert not masked.branches
+    # the stage streams are coupled groups: one mask vector shared by all their producers
+    shared = [m for m in masked.channel if len(m.sites) > 1]
+    assert [len(m.sites) for m in shared] == [4, 4, 4]  # stem BN or shortcut BN + the 3 blocks' bn2
+    an2 = _analysis(nets.inception_mini())
+    assert len(insert_soft_masks(an2.channels, ("branch",)).branches) == 8
+
+
+def test_fista_matches_its_closed_form():
+    p = nn.Parameter(torch.tensor([1.0, 0.3, 0.05, -0.2, 0.0]))
+    opt = FISTA([p], lr=0.1, lam=0.5)
+    g1 = torch.tensor([0.5, -1.0, 0.2, 0.1, -0.3])
+    p.grad = g1.clone()
+    opt.step()
+    z = torch.tensor([1.0, 0.3, 0.05, -0.2, 0.0]) - 0.1 * g1
+    first = torch.clamp(torch.sign(z) * torch.clamp(z.abs() - 0.05, min=0), min=0)
+    assert torch.allclose(p.detach(), first)
+    assert (p.detach()[2:] == 0).all()  # exact zeros, negatives clamped
+    # second step: momentum (alpha 1 -> (1+sqrt 5)/2 gives coefficient 0), gradient taken at p
+    g2 = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.1])
+    p.grad = g2.clone()
+    opt.step()
+    second = torch.clamp(soft_threshold(first - 0.1 * g2, 0.05), min=0)
+    assert torch.allclose(p.detach(), second)
+    # third step: coefficient (alpha2 - 1) / alpha3 on the last move
+    a2 = (1 + 5 ** 0.5) / 2
+    a3 = (1 + (1 + 4 * a2 * a2) ** 0.5) / 2
+    p.grad = g2.clone()
+    opt.step()
+    y = second + (a2 - 1) / a3 * (second - first)
+    assert torch.allclose(p.detach(), torch.clamp(soft_threshold(y - 0.1 * g2, 0.05), min=0))
+
+
+def test_zero_block_mask_removes_the_block():
+    def setter(masked):
+        _set_masks(masked, seed=1, zero_fraction=0.0)
+        with torch.no_grad():
+            for b in masked.blocks[:9:4]:  # layer1.0, layer2.1 and layer3.2 (node order)
+                getattr(masked.module, b.param).zero_()
+
+    an, masked, state, slim = _slim_vs_generator(nets.resnet20(), ("block",), setter)
+    assert len(state.removed_blocks) == 3
+    names = {n.name for n in slim.graph.nodes}
+    removed = [n for b in masked.blocks[:9:4] for n in b.nodes]
+    assert removed and not names & set(removed)
+    assert not any(t.startswith("layer2.1.") for t, _ in slim.named_modules() if t)
+    assert n_params(slim) < n_params(an.traced.graph_module)
+
+
+def test_zero_downsampling_block_keeps_its_shortcut():
+    def setter(masked):
+        _set_masks(masked, seed=2, zero_fraction=0.0)
+        with torch.no_grad():
+            first = next(b for b in masked.blocks if b.anchor == "add_3")  # layer2.0: conv shortcut
+            getattr(masked.module, first.param).zero_()
+
+    _, _, state, slim = _slim_vs_generator(nets.resnet20(), ("block",), setter)
+    assert state.removed_blocks == ["add_3"]
+    mods = dict(slim.named_modules())
+    assert "layer2.0.shortcut.0" in mods and "layer2.0.conv1" not in mods
+
+
+def test_channels_and_blocks_jointly():
+    _, _, state, slim = _slim_vs_generator(nets.resnet20(), ("channel", "block"), lambda m: _set_masks(m, 5, 0.3))
+    assert state.removed_blocks and any(k < t for k, t in state.widths.values())
+
+
+def test_branch_removal_slices_the_consumer_in_nested_concats():
+    def setter(masked):
+        _set_masks(masked, seed=4, zero_fraction=0.0)
+        with torch.no_grad():
+            for b in masked.branches:
+                if (b.anchor, b.operand) in (("cat", 1), ("cat_1", 2)):  # inner c, outer d
+                    getattr(masked.module, b.param).zero_()
+
+    _, _, state, slim = _slim_vs_generator(NestedCat(), ("branch",), setter)
+    assert sorted(state.removed_branches) == ["cat[1]", "cat_1[2]"]
+    assert slim.head.in_channels == 18 - 6 - 3 and slim.head.weight.shape[1] == 9
+    assert not hasattr(slim, "c") and not hasattr(slim, "d")
+
+
+def test_a_zeroed_outer_branch_takes_its_nested_branches_along():
+    def setter(masked):
+        _set_masks(masked, seed=4, zero_fraction=0.0)
+        with torch.no_grad():
+            for b in masked.branches:
+                if (b.anchor, b.operand) in (("cat", 0), ("cat_1", 1)):  # b inside the dropped inner cat
+                    getattr(masked.module, b.param).zero_()
+
+    _, _, state, slim = _slim_vs_generator(NestedCat(), ("branch",), setter)
+    assert state.removed_branches == ["cat_1[1]"]
+    assert slim.head.in_channels == 18 - 11
+
+
+def test_every_mask_zero_keeps_one_channel_and_one_input():
+    def setter(masked):
+        with torch.no_grad():
+            for p in masked.params():
+                p.zero_()
+
+    _, _, state, _ = _slim_vs_generator(NestedCat(), ("channel", "branch"), setter)
+    assert all(k == 1 for k, _ in state.widths.values())
+
+
+def test_unfoldable_block_mask_stays_as_a_constant():
+    an, masked, state, slim = _slim_vs_generator(TanhBlock(), ("block",), lambda m: _set_masks(m, 0, 0.0))
+    muls = [n for n in slim.graph.nodes if n.op == "call_function" and isinstance(n.args[-1], float)]
+    assert len(muls) == 1
+
+
+def _toy_batches(n=64, labels=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    ds = TensorDataset(x, y) if labels else TensorDataset(x)
+    return DataLoader(ds, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "authors"])
+def test_discriminator_step_decreases_its_loss(kind):
+    torch.manual_seed(0)
+    d = make_discriminator(kind, 10)
+    opt = torch.optim.SGD(d.parameters(), lr=0.05 if kind == "mlp" else 5.0, momentum=0.9)
+    real, fake = torch.randn(64, 10) + 1.0, torch.randn(64, 10) - 1.0
+
+    def loss():
+        bce = F.binary_cross_entropy_with_logits
+        r, f = d(real), d(fake)
+        return bce(r, torch.ones_like(r)) + bce(f, torch.zeros_like(f))
+
+    before = loss().item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert loss().item() < before - (0.05 if kind == "mlp" else 1e-3)
+
+
+def test_generator_step_decreases_its_loss():
+    torch.manual_seed(0)
+    teacher = nets.lenet5().eval()
+    an = _analysis(copy.deepcopy(teacher))
+    masked = insert_soft_masks(an.channels, ("channel",))
+    with torch.no_grad():
+        for p in masked.module.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the generator starts away from the baseline
+    d = make_discriminator("mlp", 10)
+    x = torch.randn(32, 1, 28, 28)
+    with torch.no_grad():
+        t = teacher(x)
+    params = [p for n, p in masked.module.named_parameters() if "fxprune_gal" not in n]
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+    def loss():
+        s = masked.module(x)
+        adv = d(s)
+        return F.mse_loss(s, t) + F.binary_cross_entropy_with_logits(adv, torch.ones_like(adv))
+
+    before = loss().item()
+    for _ in range(20):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert loss().item() < before * 0.9
+
+
+def test_compress_gal_lenet_meets_the_target_label_free():
+    model = nets.lenet5().eval()
+    state = copy.deepcopy(model.state_dict())
+    slim = fxprune.compress(model, "gal", X28, flops=0.5, data=_toy_batches(labels=False),
+                            options=dict(structures=("channel",), epochs=2, mask_step=2, lam=2.0))
+    r = slim.fxprune_report
+    assert r.macs_ratio <= 0.5 and r.max_rel_error <= 1e-4
+    assert measured_macs(slim, X28) == r.macs_after
+    assert not slim.training  # the model's mode
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # never mutated
+    d = r.details
+    assert d["reached_by"] in ("frozen at target", "threshold at the end")
+    assert [k for k, _ in d["widths"].values()] == [slim.conv1.out_channels, slim.conv2.out_channels,
+                                                   slim.fc1.out_features]
+
+
+def test_compress_gal_freezes_when_the_target_is_reached():
+    slim = fxprune.compress(nets.resnet20().eval(), "gal", X28, flops=0.7, data=_toy_batches(),
+                            options=dict(structures=("block", "channel"), epochs=3, mask_step=1, lam=30.0,
+                                         finetune_epochs=1))
+    d = slim.fxprune_report.details
+    assert d["reached_by"] == "frozen at target"
+    assert slim.fxprune_report.macs_ratio <= 0.7
+    frozen = [s for s in d["mask_steps"] if s["frozen"]]
+    assert frozen and frozen[0]["macs_ratio"] <= 0.7
+    assert len(d["epochs"]) == 4  # 3 GAL + 1 fine-tune (with labels: cross-entropy)
+
+
+def test_compress_gal_branches_inception():
+    slim = fxprune.compress(nets.inception_mini().eval(), "gal", X28, flops=0.6, data=_toy_batches(),
+                            options=dict(structures=("branch",), epochs=1, mask_step=1, lam=5.0))
+    r = slim.fxprune_report
+    assert r.details["removed_branches"] and r.macs_ratio <= 0.6
+    assert measured_macs(slim, X28) == r.macs_after
+
+
+def test_gal_bad_input_is_refused():
+    with pytest.raises(fxprune.ConfigError, match="structures"):
+        fxprune.compress(nets.lenet5(), "gal", X28, data=_toy_batches(), options=dict(structures=("filters",)))
+    with pytest.raises(fxprune.ConfigError, match="nothing to mask"):
+        fxprune.compress(nets.lenet5(), "gal", X28, data=_toy_batches(), options=dict(structures=("block",)))
+    with pytest.raises(fxprune.FxpruneError, match="needs data"):
+        fxprune.compress(nets.lenet5(), "gal", X28)
+    with pytest.raises(fxprune.ConfigError, match="unknown gal option"):
+        fxprune.compress(nets.lenet5(), "gal", X28, data=_toy_batches(), options=dict(lamda=1))
+    with pytest.raises(fxprune.ConfigError, match="discriminator"):
+        fxprune.compress(nets.lenet5(), "gal", X28, data=_toy_batches(), options=dict(discriminator="cnn"))
+
+
+def test_mask_state_counts_exact_macs_for_removed_structures():
+    an = _analysis(nets.inception_mini())
+    masked = insert_soft_masks(an.channels, ("branch", "channel"))
+    _set_masks(masked, seed=7, zero_fraction=0.4)
+    state = mask_state(an.channels, masked)
+    fold_masks(an.channels, masked, state)
+    slim = apply_plan(an.channels, state.plan)
+    assert measured_macs(slim, X28) == pytest.approx(state_macs(an.cost, state), rel=1e-6)
+    assert np.isclose(state_macs(an.cost, state), measured_macs(slim, X28))
