@@ -1,0 +1,206 @@
+"""Masked conv by gather / compute / scatter with stock PyTorch ops (the CPU path; any device).
+
+Forward: gather the filters of the active output channels (scaled by their mask), convolve, and
+scatter the result into an output whose other channels are filled with exact zeros. The mask and
+the bias are folded into the gathered filters (``conv(x, W*m) + b*m``), so the epilogue costs no
+extra pass over the output. An input-channel mask gathers the live input channels as well.
+
+Grouped convs gather whole groups: a group with at least one active output channel is computed
+(its masked channels get zero filters), a group without any is skipped. For depthwise convs
+(one output channel per group) that is exactly the active channels.
+
+Backward (`backward`): one ``aten.convolution_backward`` over the gathered tensors gives the
+input gradient and dL/dW' for the effective filters W' = W*m; then dW = m * dL/dW',
+dm = <W, dL/dW'> + b * sum(dL/dy) (the mask gradient falls out of the weight gradient, so no
+forward activations are saved) and db = m * sum(dL/dy). In soft mode the mask gradient of the
+skipped channels is computed by a second, weight-gradient-only call over them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def conv_output_size(h: int, w: int, kh: int, kw: int, stride, padding, dilation) -> tuple[int, int]:
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return oh, ow
+
+
+@dataclass
+class Selection:
+    """What the gathered conv computes for a set of output channels.
+
+    out_idx / in_idx: gathered output / input channels (None: all of them, nothing gathered);
+    groups: the gathered conv's groups; col_flag: [n_out, in/groups] 0/1 multipliers of the
+    gathered filters' input columns (grouped convs with an input mask), or None.
+    """
+
+    out_idx: Tensor | None
+    in_idx: Tensor | None
+    groups: int
+    col_flag: Tensor | None
+    n_out: int
+
+
+def _nonzero(flags: Tensor) -> Tensor:
+    return flags.nonzero().reshape(-1)
+
+
+def select(chans: Tensor, in_active: Tensor | None, groups: int, cin: int, cout: int) -> Selection:
+    """The gathered conv that computes the output channels flagged in `chans` (bool, [cout])."""
+    if groups == 1:
+        out_idx = _nonzero(chans)
+        n = out_idx.numel()
+        out_idx = None if n == cout else out_idx
+        in_idx = None
+        if in_active is not None:
+            in_idx = _nonzero(in_active)
+            in_idx = None if in_idx.numel() == cin else in_idx
+        return Selection(out_idx, in_idx, 1, None, n)
+    opg, ipg = cout // groups, cin // groups
+    live = _nonzero(chans.reshape(groups, opg).any(1))
+    n_groups = live.numel()
+    col_flag = None
+    if in_active is not None and not bool(in_active.all()):
+        col_flag = in_active.reshape(groups, ipg)[live].repeat_interleave(opg, 0)
+    if n_groups == groups:
+        return Selection(None, None, groups, col_flag, cout)
+    out_idx = (live[:, None] * opg + torch.arange(opg, device=live.device)).reshape(-1)
+    in_idx = (live[:, None] * ipg + torch.arange(ipg, device=live.device)).reshape(-1)
+    return Selection(out_idx, in_idx, n_groups, col_flag, n_groups * opg)
+
+
+def _gathered(sel: Selection, x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor):
+    """Gathered input, effective filters W' (gathered, input-masked), bias and mask."""
+    w = weight if sel.out_idx is None else weight.index_select(0, sel.out_idx)
+    m = mask if sel.out_idx is None else mask.index_select(0, sel.out_idx)
+    b = None if bias is None else (bias if sel.out_idx is None else bias.index_select(0, sel.out_idx))
+    xs = x if sel.in_idx is None else x.index_select(1, sel.in_idx)
+    if sel.in_idx is not None and sel.groups == 1:
+        w = w.index_select(1, sel.in_idx)
+    if sel.col_flag is not None:
+        w = w * sel.col_flag[:, :, None, None].to(w.dtype)
+    return xs, w, b, m
+
+
+def _active(mask: Tensor | None) -> Tensor | None:
+    return None if mask is None else mask != 0
+
+
+def forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor, in_mask: Tensor | None,
+            stride, padding, dilation, groups: int) -> Tensor:
+    n, cin, h, w_ = x.shape
+    cout, _, kh, kw = weight.shape
+    oh, ow = conv_output_size(h, w_, kh, kw, stride, padding, dilation)
+    out_active = out_mask != 0
+    sel = select(out_active, _active(in_mask), groups, cin, cout)
+    if sel.n_out == 0:
+        return x.new_zeros((n, cout, oh, ow))
+    xs, ws, bs, ms = _gathered(sel, x, weight, bias, out_mask)
+    ws = ws * ms.reshape(-1, 1, 1, 1)
+    bs = None if bs is None else bs * ms
+    if xs.shape[1] == 0:  # every input channel masked: only the bias is left
+        z = torch.zeros((n, ws.shape[0], oh, ow), dtype=x.dtype, device=x.device)
+        z = z if bs is None else z + bs.reshape(1, -1, 1, 1)
+    else:
+        z = F.conv2d(xs, ws, bs, stride, padding, dilation, sel.groups)
+    if sel.out_idx is None:
+        return z.contiguous()
+    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device)
+    y.index_copy_(1, sel.out_idx, z)
+    rest = torch.ones(cout, dtype=torch.bool, device=x.device)
+    rest[sel.out_idx] = False
+    y.index_fill_(1, _nonzero(rest), 0)
+    return y
+
+
+def _scatter_rows(full: Tensor, sel: Selection, part: Tensor) -> None:
+    """full[out_idx][:, in_idx] = part (weights; groups == 1 gathers columns as well)."""
+    if sel.in_idx is not None and sel.groups == 1:
+        rows = part.new_zeros((part.shape[0], full.shape[1], *part.shape[2:]))
+        rows.index_copy_(1, sel.in_idx, part)
+        part = rows
+    if sel.out_idx is None:
+        full.copy_(part)
+    else:
+        full.index_copy_(0, sel.out_idx, part)
+
+
+def _put(full: Tensor, idx: Tensor | None, part: Tensor, dim: int = 0) -> None:
+    if idx is None:
+        full.copy_(part)
+    else:
+        full.index_copy_(dim, idx, part)
+
+
+def _mask_grad(ws: Tensor, dws: Tensor, bs: Tensor | None, gsum: Tensor) -> Tensor:
+    """dL/dm = <W', dL/dW'> + b * sum(dL/dy), reduced in float32 (float64 stays float64)."""
+    acc = torch.promote_types(ws.dtype, torch.float32)
+    gm = (ws.to(acc) * dws.to(acc)).sum((1, 2, 3))
+    if bs is not None:
+        gm = gm + bs.to(acc) * gsum
+    return gm
+
+
+def backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor,
+             in_mask: Tensor | None, stride, padding, dilation, groups: int, hard: bool,
+             needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for (x, weight, bias, out_mask); an empty tensor where `needs` is False."""
+    need_x, need_w, need_b, need_m = needs
+    cin, cout = x.shape[1], weight.shape[0]
+    empty = x.new_empty(0)
+    gx = torch.zeros_like(x, memory_format=torch.contiguous_format) if need_x else empty
+    gw = torch.zeros_like(weight) if need_w else empty
+    gb = torch.zeros_like(bias) if need_b and bias is not None else empty
+    gm = torch.zeros_like(out_mask) if need_m else empty
+    out_active = out_mask != 0
+    in_active = _active(in_mask)
+    sel = select(out_active, in_active, groups, cin, cout)
+    acc = torch.promote_types(grad.dtype, torch.float32)
+    if sel.n_out:
+        gs = grad if sel.out_idx is None else grad.index_select(1, sel.out_idx)
+        xs, ws, bs, ms = _gathered(sel, x, weight, bias, out_mask)
+        gsum = gs.to(acc).sum((0, 2, 3))
+        if (need_x or need_w or need_m) and xs.shape[1]:
+            gxs, dws, _ = torch.ops.aten.convolution_backward(
+                gs, xs, ws * ms.reshape(-1, 1, 1, 1), None, stride, padding, dilation, False, [0, 0],
+                sel.groups, [need_x, need_w or need_m, False])
+            if need_x:
+                _put(gx, sel.in_idx, gxs, dim=1)
+            if need_w:
+                gws = dws * ms.reshape(-1, 1, 1, 1)
+                if sel.col_flag is not None:
+                    gws = gws * sel.col_flag[:, :, None, None].to(gws.dtype)
+                _scatter_rows(gw, sel, gws)
+            if need_m:
+                gms = _mask_grad(ws, dws, bs, gsum)
+                _put(gm, sel.out_idx, gms.to(gm.dtype))
+        elif need_m and bs is not None:
+            _put(gm, sel.out_idx, (bs.to(acc) * gsum).to(gm.dtype))
+        if need_b and bias is not None:
+            _put(gb, sel.out_idx, (ms.to(acc) * gsum).to(gb.dtype))
+    if need_m and hard:
+        gm = torch.where(out_active, gm, torch.zeros_like(gm))
+    elif need_m and sel.n_out < cout:
+        covered = torch.zeros(cout, dtype=torch.bool, device=x.device)
+        if sel.out_idx is None:
+            covered[:] = True
+        else:
+            covered[sel.out_idx] = True
+        rest = select(~covered, in_active, groups, cin, cout)
+        gr = grad if rest.out_idx is None else grad.index_select(1, rest.out_idx)
+        xr, wr, br, _ = _gathered(rest, x, weight, bias, out_mask)
+        gsum = gr.to(acc).sum((0, 2, 3))
+        if xr.shape[1]:
+            _, dwr, _ = torch.ops.aten.convolution_backward(
+                gr, xr, wr, None, stride, padding, dilation, False, [0, 0], rest.groups, [False, True, False])
+            gmr = _mask_grad(wr, dwr, br, gsum)
+        else:
+            gmr = torch.zeros(rest.n_out, dtype=acc, device=x.device)
+            gmr = gmr if br is None else gmr + br.to(acc) * gsum
+        _put(gm, rest.out_idx, gmr.to(gm.dtype))
+    return gx, gw, gb, gm
