@@ -195,31 +195,56 @@ def _iteration(run: _Run, opts: GALOptions, inputs, targets, device, adversarial
     return float(loss_d.detach()), float(loss_g.detach()), float(data_loss.detach())
 
 
+def _entries(masked: SoftMaskedModel, where) -> list[tuple[float, int, int]]:
+    """(value, param index, flat index) of the mask entries selected by `where(param) -> bool array`."""
+    return [(float(p.detach().reshape(-1)[j]), i, int(j)) for i, p in enumerate(masked.params())
+            for j in np.nonzero(where(i, p.detach().reshape(-1)).cpu().numpy())[0]]
+
+
+def _largest_fitting(analysis, cost, masked: SoftMaskedModel, base: list[torch.Tensor], entries, fill,
+                     budget: float, more_is_cheaper: bool) -> int:
+    """Set the masks to `base`, then `fill(k)` values into the first k `entries`; binary search the
+    k that keeps the most (fewest zeroed / most revived) with exact MACs at or under `budget`."""
+    params = masked.params()
+
+    def macs(k: int) -> float:
+        with torch.no_grad():
+            for p, b in zip(params, base):
+                p.copy_(b)
+            for value, i, j in entries[:k]:
+                params[i].view(-1)[j] = fill(value)
+        return state_macs(cost, mask_state(analysis, masked))
+
+    lo, hi = 0, len(entries)
+    while lo < hi:  # more_is_cheaper: smallest k under budget; else: largest k under budget
+        mid = (lo + hi) // 2 if more_is_cheaper else (lo + hi + 1) // 2
+        fits = macs(mid) <= budget
+        if more_is_cheaper:
+            lo, hi = (lo, mid) if fits else (mid + 1, hi)
+        else:
+            lo, hi = (mid, hi) if fits else (lo, mid - 1)
+    macs(lo)
+    return lo
+
+
 def _revive(analysis, cost, masked: SoftMaskedModel, before: list[torch.Tensor], budget: float) -> None:
     """After a step that crossed the budget: give back the newly zeroed masks with the largest
     previous values, as many as fit under the budget (binary search on exact MACs)."""
-    params = masked.params()
-    newly = [(float(b.reshape(-1)[j]), i, j) for i, (p, b) in enumerate(zip(params, before))
-             for j in np.nonzero(((p.detach().reshape(-1) == 0) & (b.reshape(-1) != 0)).cpu().numpy())[0]]
-    newly.sort(reverse=True)
-    after = [p.detach().clone() for p in params]
+    newly = _entries(masked, lambda i, p: (p == 0) & (before[i].reshape(-1) != 0))
+    newly = sorted(((float(before[i].reshape(-1)[j]), i, j) for _, i, j in newly), reverse=True)
+    after = [p.detach().clone() for p in masked.params()]
+    _largest_fitting(analysis, cost, masked, after, newly, lambda v: v, budget, more_is_cheaper=False)
 
-    def apply(k: int) -> float:
-        with torch.no_grad():
-            for p, a in zip(params, after):
-                p.copy_(a)
-            for value, i, j in newly[:k]:
-                params[i].view(-1)[j] = value
-        return state_macs(cost, mask_state(analysis, masked))
 
-    lo, hi = 0, len(newly)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if apply(mid) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    apply(lo)
+def _threshold_to(analysis, cost, masked: SoftMaskedModel, budget: float, flops: float) -> None:
+    """Zero the smallest masks (one entry at a time, ties in mask order) until the exact MACs are at
+    or under `budget`."""
+    alive = sorted(_entries(masked, lambda i, p: p != 0), key=lambda e: abs(e[0]))
+    current = [p.detach().clone() for p in masked.params()]
+    k = _largest_fitting(analysis, cost, masked, current, alive, lambda v: 0.0, budget, more_is_cheaper=True)
+    if k == len(alive) and state_macs(cost, mask_state(analysis, masked)) > budget:
+        minimum = state_macs(cost, mask_state(analysis, masked))
+        raise TargetUnreachableError(flops, minimum / cost.total_macs, " (every GAL mask at zero)")
 
 
 def _mask_step(run: _Run, opts: GALOptions, analysis, cost, progress: float, it: int) -> None:
@@ -299,25 +324,6 @@ def _loop(run: _Run, opts: GALOptions, analysis, cost, data, epochs: int, lr: fl
             print(f"GAL epoch {epoch + 1}/{epochs}: D {rows[-1]['loss_d']:.4f} G {rows[-1]['loss_g']:.4f} "
                   f"data {rows[-1]['data_loss']:.4f} MACs {ratio:.3f} lam {run.lam:.3g}", file=sys.stderr)
     return rows
-
-
-def _threshold_to(analysis, cost, masked: SoftMaskedModel, budget: float, flops: float) -> None:
-    """Zero the smallest masks until the exact MACs are at or under `budget`."""
-    values = np.unique(np.concatenate([p.detach().reshape(-1).abs().cpu().numpy() for p in masked.params()]))
-    values = values[values > 0]
-    lo, hi = 0, len(values) - 1
-    if state_macs(cost, mask_state(analysis, masked, zeroed=float(values[hi]))) > budget:
-        minimum = state_macs(cost, mask_state(analysis, masked, zeroed=float(values[hi])))
-        raise TargetUnreachableError(flops, minimum / cost.total_macs, " (every GAL mask at zero)")
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if state_macs(cost, mask_state(analysis, masked, zeroed=float(values[mid]))) <= budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    with torch.no_grad():
-        for p in masked.params():
-            p.masked_fill_(p.abs() <= float(values[lo]), 0.0)
 
 
 def gal(analysis, data: Iterable, flops: float, opts: GALOptions, teacher_source: nn.Module):
