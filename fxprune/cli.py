@@ -1,4 +1,5 @@
-"""Command line: ``fxprune inspect MODEL`` and ``fxprune compress MODEL --method l1 --flops 0.5``."""
+"""Command line: ``fxprune inspect MODEL``, ``fxprune compress MODEL --method l1 --flops 0.5``,
+``fxprune zoo`` (many models, one process each) and ``fxprune bench`` (the benchmark suite)."""
 from __future__ import annotations
 
 import argparse
@@ -72,6 +73,71 @@ def cmd_zoo(args) -> int:
     return 0
 
 
+def _csv(text: str, convert, what: str) -> tuple:
+    try:
+        return tuple(convert(t.strip()) for t in text.split(",") if t.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{what} {text!r}: {exc}") from exc
+
+
+def _round_to(text: str):
+    return None if text.lower() in ("none", "0", "off") else int(text)
+
+
+def _on_off(text: str) -> bool:
+    if text.lower() not in ("on", "off"):
+        raise ValueError("use on and/or off")
+    return text.lower() == "on"
+
+
+def cmd_bench(args) -> int:
+    import os
+    from pathlib import Path
+
+    from .bench import BenchConfig, render, run_suite, write_doc, write_json
+    from .bench.kernels import run_kernel_benchmarks
+    from .bench.machine import wait_until_quiet
+    from .bench.plots import write_plots
+    from .bench.report import command_line, goals_table
+
+    shapes = {}
+    for item in args.input_shape or []:
+        name, sep, shape = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--input-shape {item!r} must look like NAME=1,3,224,224")
+        shapes[name] = parse_shape(shape)
+    cfg = BenchConfig(
+        models=list(_csv(args.models, str, "--models")) if args.models else BenchConfig().models,
+        flops=_csv(args.flops, float, "--flops"), round_to=_csv(args.round_to, _round_to, "--round-to"),
+        batches=_csv(args.batch, int, "--batch"), threads=args.threads,
+        devices=_csv(args.devices, str, "--devices"), dtypes=_csv(args.dtypes or "", str, "--dtypes"),
+        torch_compile=_csv(args.torch_compile or "", _on_off, "--torch-compile"),
+        compile_repeats=args.compile_repeats, method_repeats=args.method_repeats, latency_repeats=args.repeats,
+        heavy_latency_repeats=args.heavy_repeats, cuda_latency_repeats=args.cuda_repeats, warmup=args.warmup,
+        compare=not args.no_compare, kernels=args.kernels, plots=not args.no_plots, input_shapes=shapes,
+    ).validate()
+    doc = Path(args.doc)
+    json_path, plots_dir = doc.with_suffix(".json"), doc.parent / f"{doc.stem}-plots"
+    wait = wait_until_quiet(args.wait_quiet, args.load_threshold) if args.wait_quiet > 0 else None
+    results = run_suite(cfg, on_progress=lambda r: write_json(json_path, r))
+    results["command"] = command_line(args.argv)
+    results["wait"] = wait
+    results["json"] = os.path.relpath(json_path, doc.parent)
+    results["kernels"] = (run_kernel_benchmarks(threads=cfg.threads) if cfg.kernels else
+                          {"status": "skipped", "message": "not requested (`fxprune bench --kernels`)"})
+    if cfg.kernels:
+        print(f"kernel benchmarks: {results['kernels']['status']} {results['kernels'].get('message', '')}")
+    if cfg.plots:
+        paths, results["plots_message"] = write_plots(results, plots_dir)
+        results["plots"] = [os.path.relpath(p, doc.parent) for p in paths]
+        print(results["plots_message"])
+    write_json(json_path, results)
+    write_doc(doc, render(results))
+    print(goals_table(results))
+    print(f"\nwritten: {doc}, {json_path}" + (f", {plots_dir}/" if results.get("plots") else ""))
+    return 0
+
+
 def _check_compress_options(args) -> None:
     from .api import _check_options
 
@@ -126,11 +192,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default=None, help="write report.md with this title and the machine it ran on")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_zoo)
+
+    p = sub.add_parser("bench", help="compile speed, realized speedup and Torch-Pruning side by side; "
+                       "writes docs/benchmarks.md, .json and plots")
+    p.add_argument("--models", help="comma-separated torchvision names or specs (default: the 12 of issue 8)")
+    p.add_argument("--flops", default="0.5,0.3", help="FLOPs targets (fractions kept)")
+    p.add_argument("--round-to", default="none,8", help="round_to values, 'none' for no rounding")
+    p.add_argument("--batch", default="1,32", help="batch sizes for the latency")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the whole run")
+    p.add_argument("--devices", default="cpu,cuda", help="cpu and/or cuda (cuda is skipped where there is none)")
+    p.add_argument("--dtypes", default=None, help="e.g. float32,bfloat16 (default: float32 on CPU, both on CUDA)")
+    p.add_argument("--torch-compile", default=None, help="on and/or off (default: off on CPU, both on CUDA)")
+    p.add_argument("--compile-repeats", type=int, default=5, help="fxprune/Torch-Pruning compile repeats")
+    p.add_argument("--method-repeats", type=int, default=3, help="repeats of each data-free method pass")
+    p.add_argument("--repeats", type=int, default=7, help="CPU latency repeats (median)")
+    p.add_argument("--heavy-repeats", type=int, default=3, help="CPU latency repeats of inception_v3, "
+                   "densenet121, convnext_tiny")
+    p.add_argument("--cuda-repeats", type=int, default=30, help="CUDA latency repeats")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up calls per model before timing")
+    p.add_argument("--input-shape", action="append", help="NAME=1,3,H,W for a model (repeatable)")
+    p.add_argument("--no-compare", action="store_true", help="skip Torch-Pruning")
+    p.add_argument("--kernels", action="store_true", help="also run benches/bench_kernels.py when present")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    p.add_argument("--doc", default="docs/benchmarks.md", help="Markdown report; the JSON goes next to it "
+                   "(.json) and the plots into <name>-plots/")
+    p.add_argument("--wait-quiet", type=float, default=0, help="wait up to this many seconds for the load "
+                   "average to fall below --load-threshold before starting")
+    p.add_argument("--load-threshold", type=float, default=1.0)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[2:] if argv is None else argv[1:])
     try:
         return args.func(args)
     except FxpruneError as exc:

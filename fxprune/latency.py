@@ -1,8 +1,28 @@
-"""Wall-clock latency of a forward pass: median of repeats after warm-up, in milliseconds."""
+"""Wall-clock latency of a forward pass: median of repeats after warm-up, in milliseconds.
+
+`median_latency_ms` times one model within a time budget (the zoo runner's quick number).
+`interleaved_latency_ms` times several models on the same inputs round-robin (model A, B, C, A,
+B, C, ...), so a burst of load from another process hits every model alike instead of whichever
+happened to be timed at that moment; the benchmark suite compares original and slim models
+with it. On CUDA the time of each call is taken with CUDA events (the GPU's own clock), on the
+CPU with `time.perf_counter`.
+
+Example::
+
+    >>> import torch, torchvision
+    >>> from fxprune.inputs import ExampleInputs
+    >>> from fxprune.latency import interleaved_latency_ms
+    >>> x = ExampleInputs.normalize(torch.randn(1, 3, 64, 64))
+    >>> models = {"r18": torchvision.models.resnet18(), "r34": torchvision.models.resnet34()}
+    >>> ms = interleaved_latency_ms(models, x, repeats=3, warmup=1)
+    >>> sorted(ms) == ["r18", "r34"] and all(v["median_ms"] > 0 for v in ms.values())
+    True
+"""
 from __future__ import annotations
 
 import statistics
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -26,3 +46,43 @@ def median_latency_ms(model: nn.Module, inputs: ExampleInputs, *, budget_s: floa
             inputs.call(model)
             times.append(time.perf_counter() - t)
     return 1000 * statistics.median(times)
+
+
+def _on_cuda(inputs: ExampleInputs) -> bool:
+    return any(t.is_cuda for t in inputs.tensors())
+
+
+def time_call_ms(fn: Callable[[], object], cuda: bool) -> float:
+    """Milliseconds one call of `fn` takes: CUDA events around it on the GPU, perf_counter on the CPU."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t = time.perf_counter()
+    fn()
+    return 1000 * (time.perf_counter() - t)
+
+
+def interleaved_latency_ms(models: dict[str, nn.Module], inputs: ExampleInputs, *, repeats: int = 5,
+                           warmup: int = 2) -> dict[str, dict]:
+    """Per model: median, min and every repeat's milliseconds, timed round-robin after `warmup` calls each.
+
+    Models run in eval mode under `torch.inference_mode`; their own train/eval flags come back after.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+    cuda = _on_cuda(inputs)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode(), eval_mode(*models.values()):
+        for model in models.values():
+            for _ in range(warmup):
+                inputs.call(model)
+        if cuda:
+            torch.cuda.synchronize()
+        for _ in range(repeats):
+            for name, model in models.items():
+                times[name].append(time_call_ms(lambda m=model: inputs.call(m), cuda))
+    return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "repeats_ms": t} for name, t in times.items()}

@@ -1,0 +1,229 @@
+"""One benchmark run: compile speed, fxprune's and Torch-Pruning's slim models, latency, goals.
+
+`run_suite(BenchConfig(...))` returns every number as plain JSON (see `docs/benchmarks.md` for what
+each means); `fxprune.bench.report` turns it into tables and plots. Per model it
+
+1. counts the original (MACs with FlopCounterMode, params, output shapes);
+2. times fxprune's compile stage by stage (`compile_speed`) and the method pass of each
+   data-free method;
+3. builds a slim model for every FLOPs target x round_to with fxprune (``l1``, verified against
+   the masked original) and, when installed, with Torch-Pruning at the same MACs (`peer`); MACs of
+   both are counted by the same counter, and both outputs must keep the original's shapes;
+4. times the original and all slim models round-robin at each batch size, on every device, dtype
+   and torch.compile setting asked for (`fxprune.latency.interleaved_latency_ms`).
+
+Example::
+
+    >>> from fxprune.bench import BenchConfig, run_suite
+    >>> res = run_suite(BenchConfig(models=["fxprune:resnet20"], flops=(0.5,), round_to=(None,),
+    ...                             batches=(1,), threads=1, compile_repeats=1, method_repeats=1,
+    ...                             latency_repeats=2, compare=False))
+    >>> res["models"]["resnet20"]["variants"][0]["macs_fraction"] <= 0.5
+    True
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..api import compress
+from ..inputs import ExampleInputs
+from ..latency import interleaved_latency_ms
+from ..models import build_model, example_input
+from .compile_speed import time_compile, time_methods
+from .config import DTYPES, BenchConfig, short_name
+from .goals import coverage, evaluate_goals
+from .machine import load_average, machine_info
+from .metrics import count_macs, count_params, output_shapes
+from .peer import prune_to_macs, time_prune, torch_pruning_status
+
+ORIGINAL = "original"
+
+
+def variant_key(tool: str, flops: float, round_to: int | None) -> str:
+    """``fxprune 0.5``, ``torch_pruning 0.3 r8``: the name of a slim model in tables and JSON."""
+    return f"{tool} {flops:g}" + (f" r{round_to}" if round_to else "")
+
+
+def _error(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def cuda_status(devices) -> dict:
+    """Whether the CUDA measurements run here, and why not when they do not."""
+    if "cuda" not in devices:
+        return {"measured": False, "message": "not requested (--devices cpu)"}
+    if not torch.cuda.is_available():
+        return {"measured": False, "message": "no CUDA device on this machine: the GPU numbers (fp32 and bf16, "
+                                              "CUDA events, torch.compile on and off) are still to be measured; "
+                                              "run `fxprune bench` on a GPU machine"}
+    return {"measured": True, "message": torch.cuda.get_device_name(0)}
+
+
+def run_suite(config: BenchConfig, *, log: Callable[[str], None] = print,
+              on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Every number of one run (see module docstring); `on_progress(results)` after each model."""
+    cfg = config.validate()
+    tp, tp_message = torch_pruning_status() if cfg.compare else (None, "comparison not requested (--no-compare)")
+    if cfg.compare and tp is None:
+        log(tp_message)
+    cuda = cuda_status(cfg.devices)
+    if "cuda" in cfg.devices and not cuda["measured"]:
+        log(f"CUDA skipped: {cuda['message']}")
+    devices = [d for d in cfg.devices if d == "cpu" or cuda["measured"]]
+    results = {
+        "config": cfg.to_json(), "machine": machine_info(), "threads": cfg.threads,
+        "torch_pruning": {"available": tp is not None, "message": tp_message},
+        "devices": {"cpu": {"measured": "cpu" in devices, "message": "CPU"}, "cuda": cuda},
+        "models": {},
+    }
+    start = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        for spec in cfg.specs:
+            log(f"[{short_name(spec)}] start (load {load_average():.2f})")
+            results["models"][short_name(spec)] = run_model(spec, cfg, tp is not None, devices, log)
+            if on_progress is not None:
+                on_progress(results)
+    finally:
+        torch.set_num_threads(threads_before)
+    results["duration_s"] = round(time.perf_counter() - start, 1)
+    results["coverage"] = coverage(results)
+    results["goals"] = evaluate_goals(results)
+    return results
+
+
+def run_model(spec: str, cfg: BenchConfig, compare: bool, devices, log) -> dict:
+    name = short_name(spec)
+    shape = cfg.input_shape(spec)
+    entry = {"spec": spec, "input_shape": list(shape)}
+    try:
+        model = build_model(spec).eval()
+        x = ExampleInputs.normalize(example_input(shape))
+        entry.update(macs=count_macs(model, x), params=count_params(model), output_shapes=output_shapes(model, x))
+    except Exception as exc:  # noqa: BLE001 - the model cannot even run: say so, go on with the next
+        entry["error"] = _error(exc)
+        log(f"[{name}] cannot build or run: {entry['error']}")
+        return entry
+    entry["compile"] = _compile_speed(model, x, cfg, name, log)
+    slim: dict[str, nn.Module] = {}
+    entry["variants"] = []
+    for flops in cfg.flops:
+        guess = None
+        for round_to in cfg.round_to:
+            row, module = _fxprune_variant(model, x, flops, round_to, entry)
+            entry["variants"].append(row)
+            if module is not None:
+                slim[row["key"]] = module
+            log(f"[{name}] {row['key']}: " + (f"MACs {row['macs_fraction']:.3f}" if row["ok"] else row["error"]))
+            if compare:
+                row, module = _peer_variant(model, x, flops, round_to, entry, guess)
+                entry["variants"].append(row)
+                if module is not None:
+                    slim[row["key"]] = module
+                    guess = row["ratio"]
+                log(f"[{name}] {row['key']}: " + (f"MACs {row['macs_fraction']:.3f} (ratio {row['ratio']:.4f}, "
+                                                  f"{row['tries']} tries)" if row["ok"] else row["error"]))
+    if compare:
+        entry["compile"]["torch_pruning"] = _peer_compile_speed(model, x, cfg, entry)
+    entry["latency"] = []
+    for device in devices:
+        for dtype in cfg.dtype_names(device):
+            for compiled in cfg.compile_modes(device):
+                for batch in cfg.batches:
+                    entry["latency"].append(_latency(model, slim, entry, shape, device, dtype, compiled, batch, cfg))
+                    last = entry["latency"][-1]
+                    log(f"[{name}] latency {device} {dtype} compile={compiled} batch {batch}: "
+                        + (f"original {last['original_ms']:.1f} ms" if "error" not in last else last["error"]))
+    return entry
+
+
+def _compile_speed(model, x, cfg, name, log) -> dict:
+    load = load_average()
+    try:
+        out = time_compile(model, x, cfg.flops[0], repeats=cfg.compile_repeats)
+        out["methods_s"] = time_methods(model, x, cfg.flops[0], repeats=cfg.method_repeats)
+    except Exception as exc:  # noqa: BLE001 - recorded; the model counts as not converted
+        return {"error": _error(exc), "load_before": load, "load_after": load_average()}
+    log(f"[{name}] compile {1000 * out['compile_s']:.0f} ms (+ method {1000 * out['stages_s']['method']:.0f} ms)")
+    return {**out, "flops": cfg.flops[0], "load_before": load, "load_after": load_average()}
+
+
+def _fxprune_variant(model, x, flops, round_to, entry) -> tuple[dict, nn.Module | None]:
+    row = {"tool": "fxprune", "key": variant_key("fxprune", flops, round_to), "flops": flops, "round_to": round_to}
+    try:
+        slim = compress(model, "l1", x, flops, round_to=round_to)
+        report = slim.fxprune_report
+        macs, shapes = count_macs(slim, x), output_shapes(slim, x)
+    except Exception as exc:  # noqa: BLE001 - a model fxprune cannot convert is a result
+        return {**row, "ok": False, "error": _error(exc)}, None
+    row.update(ok=shapes == entry["output_shapes"], macs=macs, macs_report=report.macs_after,
+               macs_fraction=macs / entry["macs"], params=count_params(slim), output_shapes_match=shapes ==
+               entry["output_shapes"], max_rel_error=report.max_rel_error,
+               compile_s=report.timings["total"] - report.timings["verify"])
+    if not row["ok"]:
+        row["error"] = f"output shapes changed: {entry['output_shapes']} -> {shapes}"
+    return row, slim if row["ok"] else None
+
+
+def _peer_variant(model, x, flops, round_to, entry, guess) -> tuple[dict, nn.Module | None]:
+    row = {"tool": "torch_pruning", "key": variant_key("torch_pruning", flops, round_to), "flops": flops,
+           "round_to": round_to}
+    res = prune_to_macs(model, x, flops, round_to, macs_before=entry["macs"], first_guess=guess)
+    row.update(ok=res.ok, tries=len(res.tries), search=res.tries)
+    if not res.ok:
+        return {**row, "error": res.error}, None
+    row.update(macs=res.macs, macs_fraction=res.macs_fraction, ratio=res.ratio, params=count_params(res.model),
+               output_shapes_match=True, compile_s=res.seconds["total"], seconds=res.seconds)
+    return row, res.model
+
+
+def _peer_compile_speed(model, x, cfg, entry) -> dict:
+    primary = next((v for v in entry["variants"] if v["tool"] == "torch_pruning" and v["flops"] == cfg.flops[0]
+                    and v["round_to"] is None and v["ok"]), None)
+    if primary is None:
+        return {"error": "Torch-Pruning did not convert this model at the first target"}
+    load = load_average()
+    out = time_prune(model, x, primary["ratio"], None, cfg.compile_repeats)
+    return {**out, "ratio": primary["ratio"], "flops": cfg.flops[0], "load_before": load, "load_after": load_average()}
+
+
+def _prepare(module: nn.Module, device: str, dtype: str, compiled: bool) -> nn.Module:
+    if device == "cpu" and dtype == "float32" and not compiled:
+        return module
+    module = copy.deepcopy(module).to(device=device, dtype=DTYPES[dtype])
+    return torch.compile(module) if compiled else module
+
+
+def _latency(model, slim, entry, shape, device, dtype, compiled, batch, cfg) -> dict:
+    out = {"device": device, "dtype": dtype, "torch_compile": compiled, "batch": batch,
+           "repeats": cfg.latency_repeats_for(entry["spec"], device), "warmup": cfg.warmup, "threads": cfg.threads}
+    x = ExampleInputs.normalize(example_input((batch, *shape[1:])))
+    x = x.map_tensors(lambda t: t.to(device=device, dtype=DTYPES[dtype]) if t.is_floating_point() else t.to(device))
+    out["load_before"] = load_average()
+    try:
+        models = {ORIGINAL: _prepare(model, device, dtype, compiled)}
+        models.update({k: _prepare(m, device, dtype, compiled) for k, m in slim.items()})
+        times = interleaved_latency_ms(models, x, repeats=out["repeats"], warmup=cfg.warmup)
+    except Exception as exc:  # noqa: BLE001 - e.g. torch.compile or bf16 unsupported here
+        return {**out, "error": _error(exc), "load_after": load_average()}
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    out["load_after"] = load_average()
+    out["original_ms"] = times[ORIGINAL]["median_ms"]
+    macs = {v["key"]: v["macs"] for v in entry["variants"] if v["ok"]}
+    out["slim"] = {}
+    for key in slim:
+        ms = times[key]["median_ms"]
+        speedup, reduction = out["original_ms"] / ms, entry["macs"] / macs[key]
+        out["slim"][key] = {"ms": ms, "min_ms": times[key]["min_ms"], "speedup": speedup, "macs_reduction": reduction,
+                            "efficiency": speedup / reduction}
+    out["original_min_ms"] = times[ORIGINAL]["min_ms"]
+    return out

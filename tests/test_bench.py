@@ -1,0 +1,280 @@
+"""The benchmark suite (`fxprune bench`) on a tiny model: the tables are produced, the numbers are
+positive and consistent with each other and with an independent MAC count, the goals are judged
+right, and the Torch-Pruning comparison is skipped with a clear message when it is not installed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fxprune
+from fxprune.bench import BenchConfig, render, run_suite, write_doc, write_json
+from fxprune.bench.goals import evaluate_goals
+from fxprune.bench.kernels import run_kernel_benchmarks
+from fxprune.bench.memory import PeakMemory
+from fxprune.bench.metrics import count_macs, count_params
+from fxprune.bench.plots import write_plots
+from fxprune.bench.report import BEGIN, END
+from fxprune.bench.suite import cuda_status
+from fxprune.cli import main
+from fxprune.inputs import ExampleInputs
+from fxprune.latency import interleaved_latency_ms
+from fxprune.models import build_model, example_input
+
+from .conftest import measured_macs
+
+SPEC, NAME, SHAPE = "fxprune:resnet20", "resnet20", (1, 1, 16, 16)
+
+
+def tiny_config(**kw) -> BenchConfig:
+    base = dict(models=[SPEC], flops=(0.5,), round_to=(None, 8), batches=(1, 2), threads=1, devices=("cpu",),
+                compile_repeats=1, method_repeats=1, latency_repeats=3, warmup=1, input_shapes={NAME: SHAPE})
+    return BenchConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def results():
+    """One run on ResNet-20 at 16x16: Torch-Pruning included where it is installed."""
+    return run_suite(tiny_config(), log=lambda _: None)
+
+
+def _hide(monkeypatch, module: str) -> None:
+    """Make `import module` fail as if it were not installed."""
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)
+
+
+def test_original_model_counts_match_independent_counter(results):
+    entry = results["models"][NAME]
+    model = build_model(SPEC).eval()
+    x = example_input(SHAPE)
+    assert entry["macs"] == measured_macs(model, x) > 0
+    assert entry["params"] == sum(p.numel() for p in model.parameters())
+    assert entry["output_shapes"] == [(1, 10)]
+
+
+def test_compile_speed_numbers_are_positive_and_add_up(results):
+    c = results["models"][NAME]["compile"]
+    stages = c["stages_s"]
+    assert all(stages[k] > 0 for k in ("trace", "shapes", "analysis", "method", "rewrite", "verify", "total"))
+    # one counted repeat: the medians are that run's numbers, so the sums are exact
+    assert c["compile_s"] == pytest.approx(stages["trace"] + stages["shapes"] + stages["analysis"] + stages["rewrite"])
+    assert c["compile_with_method_s"] == pytest.approx(c["compile_s"] + stages["method"])
+    assert stages["total"] >= c["compile_with_method_s"] + stages["verify"] - 1e-6
+    assert c["peak_mib"] >= 0 and c["peak_method"]
+    assert set(c["methods_s"]) == set(fxprune.DATA_FREE_METHODS)
+    assert all(v > 0 for v in c["methods_s"].values())
+
+
+def test_fxprune_slim_models_meet_target_and_are_counted_alike(results):
+    entry = results["models"][NAME]
+    fx = [v for v in entry["variants"] if v["tool"] == "fxprune"]
+    assert [(v["flops"], v["round_to"]) for v in fx] == [(0.5, None), (0.5, 8)]
+    for v in fx:
+        assert v["ok"] and v["output_shapes_match"]
+        assert v["macs"] == v["macs_report"], "the cost model and FlopCounterMode disagree"
+        assert 0 < v["macs_fraction"] <= 0.5
+        assert v["macs_fraction"] == pytest.approx(v["macs"] / entry["macs"])
+        assert v["params"] < entry["params"]
+        assert v["max_rel_error"] <= 1e-4
+        assert v["compile_s"] > 0
+
+
+def test_latency_numbers_are_consistent(results):
+    entry = results["models"][NAME]
+    lat = entry["latency"]
+    assert [(x["device"], x["dtype"], x["torch_compile"], x["batch"]) for x in lat] == [
+        ("cpu", "float32", False, 1), ("cpu", "float32", False, 2)]
+    macs = {v["key"]: v["macs"] for v in entry["variants"] if v["ok"]}
+    for x in lat:
+        assert x["repeats"] == 3 and x["threads"] == 1 and x["load_before"] >= 0
+        assert 0 < x["original_min_ms"] <= x["original_ms"]
+        assert set(x["slim"]) == set(macs)
+        for key, s in x["slim"].items():
+            assert 0 < s["min_ms"] <= s["ms"]
+            assert s["speedup"] == pytest.approx(x["original_ms"] / s["ms"])
+            assert s["macs_reduction"] == pytest.approx(entry["macs"] / macs[key]) and s["macs_reduction"] >= 2
+            assert s["efficiency"] == pytest.approx(s["speedup"] / s["macs_reduction"])
+
+
+def test_tables_and_json(results, tmp_path):
+    md = render(results)
+    for heading in ("## Goals", "## Compile speed", "### Method pass", "## Realized speedup: cpu, float32, "
+                    "torch.compile off, batch 1", "batch 2", "## GPU", "## Kernel benchmarks"):
+        assert heading in md
+    assert "| GMACs" in md and "| GFLOPs" in md  # MACs and FLOPs in separate columns
+    assert md.count("| resnet20") >= 4  # compile, methods and one latency table per batch
+    entry = results["models"][NAME]
+    assert f"{entry['macs'] / 1e9:.3f}" in md and f"{2 * entry['macs'] / 1e9:.3f}" in md
+    assert "## GPU\n\nNot measured: not requested (--devices cpu)" in md
+    path = tmp_path / "bench.json"
+    write_json(path, results)
+    back = json.loads(path.read_text())
+    assert back["models"][NAME]["macs"] == entry["macs"]
+    assert back["models"][NAME]["latency"][0]["original_ms"] == pytest.approx(entry["latency"][0]["original_ms"])
+
+
+def test_doc_keeps_hand_written_text(results, tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    write_doc(doc, "first body")
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks") and BEGIN in text and END in text and "first body" in text
+    doc.write_text(text.replace(END, END + "\n\n## Analysis\n\nwritten by hand\n").replace(
+        "# Benchmarks", "# Benchmarks\n\nintro by hand"))
+    write_doc(doc, render(results))
+    text = doc.read_text()
+    assert "first body" not in text and "intro by hand" in text and "written by hand" in text
+    assert text.count(BEGIN) == 1 and "## Goals" in text
+
+
+def test_torch_pruning_side_by_side(results):
+    pytest.importorskip("torch_pruning", reason="Torch-Pruning is not installed: pip install 'fxprune[compare]'")
+    entry = results["models"][NAME]
+    assert results["torch_pruning"]["available"]
+    tp = {(v["flops"], v["round_to"]): v for v in entry["variants"] if v["tool"] == "torch_pruning"}
+    assert set(tp) == {(0.5, None), (0.5, 8)}
+    for v in tp.values():
+        assert v["ok"] and v["output_shapes_match"] and 0 < v["ratio"] < 1 and v["tries"] >= 1
+        assert 0 < v["macs_fraction"] <= 0.5
+        assert v["params"] < entry["params"]
+    assert tp[(0.5, None)]["macs_fraction"] >= 0.5 - 0.005  # the ratio search converged
+    # Torch-Pruning's model is counted by the same counter, independently of the suite
+    assert tp[(0.5, None)]["macs"] == pytest.approx(0.5 * entry["macs"], rel=0.02)
+    peer = entry["compile"]["torch_pruning"]
+    assert peer["total"] == pytest.approx(peer["dependency_graph"] + peer["step"])
+    assert peer["ratio"] == tp[(0.5, None)]["ratio"]
+    for x in entry["latency"]:
+        assert "torch_pruning 0.5" in x["slim"] and "torch_pruning 0.5 r8" in x["slim"]
+    md = render(results)
+    assert "### Side by side" in md and "### Coverage" in md
+    cov = next(g for g in results["goals"] if g["goal"].startswith("fxprune converts every model"))
+    assert cov["met"] is True and "Torch-Pruning converts 1/1, fxprune 1/1" in cov["detail"]
+
+
+def test_comparison_skipped_when_torch_pruning_missing(monkeypatch, tmp_path, capsys):
+    _hide(monkeypatch, "torch_pruning")
+    doc = tmp_path / "benchmarks.md"
+    rc = main(["bench", "--models", SPEC, "--input-shape", f"{NAME}=1,1,16,16", "--flops", "0.5", "--round-to",
+               "none", "--batch", "1", "--threads", "1", "--devices", "cpu", "--compile-repeats", "1",
+               "--method-repeats", "1", "--repeats", "1", "--warmup", "0", "--no-plots", "--doc", str(doc)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "Torch-Pruning is not installed" in out and "pip install" in out
+    res = json.loads(doc.with_suffix(".json").read_text())
+    assert res["torch_pruning"]["available"] is False
+    assert all(v["tool"] == "fxprune" for v in res["models"][NAME]["variants"])
+    assert "torch_pruning" not in res["models"][NAME]["compile"]
+    text = doc.read_text()
+    assert "## fxprune vs Torch-Pruning\n\nSkipped: Torch-Pruning is not installed" in text
+    assert "## Realized speedup" in text  # the rest of the tables are still there
+    assert res["command"].startswith("fxprune bench --models fxprune:resnet20")
+    peer_goals = [g for g in res["goals"] if "Torch-Pruning" in g["goal"]]
+    assert peer_goals and all(g["met"] is None for g in peer_goals)
+
+
+def test_goals_judged_from_numbers():
+    def lat(fx_eff, tp_eff):
+        slim = {"fxprune 0.5": {"speedup": 2 * fx_eff, "macs_reduction": 2.0, "efficiency": fx_eff}}
+        if tp_eff is not None:
+            slim["torch_pruning 0.5"] = {"speedup": 2 * tp_eff, "macs_reduction": 2.0, "efficiency": tp_eff}
+        return [{"device": "cpu", "dtype": "float32", "torch_compile": False, "batch": 32, "slim": slim}]
+
+    def variants(fx_ok, tp_ok):
+        return [{"tool": "fxprune", "ok": fx_ok, "error": None if fx_ok else "boom"},
+                {"tool": "torch_pruning", "ok": tp_ok, "error": None if tp_ok else "ZeroDivisionError"}]
+
+    res = {"models": {
+        "resnet50": {"compile": {"compile_s": 0.2, "compile_with_method_s": 0.25, "torch_pruning": {"total": 0.7}},
+                     "latency": lat(0.9, 0.88), "variants": variants(True, True)},
+        "shufflenet": {"variants": variants(True, False)}}}
+    met = [g["met"] for g in evaluate_goals(res)]
+    assert met == [True, True, True, True, True]
+    res["models"]["resnet50"]["compile"]["compile_s"] = 1.2  # too slow, and only 0.58x Torch-Pruning
+    res["models"]["resnet50"]["latency"] = lat(0.8, 0.95)
+    res["models"]["shufflenet"]["variants"] = variants(False, True)
+    goals = evaluate_goals(res)
+    assert [g["met"] for g in goals] == [False, False, False, False, False]
+    assert "fxprune misses shufflenet" in goals[4]["detail"]
+    assert [g["met"] for g in evaluate_goals({"models": {}})] == [None] * 5
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with PeakMemory() as peak:
+        x = torch.ones(16, 1024, 1024)  # 64 MiB
+        del x
+    assert peak.mib >= 60 and peak.method
+
+
+def test_interleaved_latency():
+    x = ExampleInputs.normalize(torch.randn(2, 8))
+    small, big = nn.Linear(8, 4), nn.Sequential(*[nn.Linear(8, 8) for _ in range(20)])
+    big.train()
+    ms = interleaved_latency_ms({"small": small, "big": big}, x, repeats=4, warmup=1)
+    assert set(ms) == {"small", "big"}
+    for v in ms.values():
+        assert len(v["repeats_ms"]) == 4 and 0 < v["min_ms"] <= v["median_ms"]
+    assert big.training  # the mode comes back
+    with pytest.raises(ValueError):
+        interleaved_latency_ms({"small": small}, x, repeats=0)
+
+
+def test_bad_options_raise_config_errors():
+    for bad in (dict(flops=(1.5,)), dict(round_to=(0,)), dict(batches=(0,)), dict(devices=("tpu",)),
+                dict(dtypes=("int8",)), dict(latency_repeats=0), dict(models=[])):
+        with pytest.raises(fxprune.ConfigError):
+            tiny_config(**bad).validate()
+    assert main(["bench", "--round-to", "eight", "--doc", "/nonexistent/x.md"]) == 2
+    assert main(["bench", "--torch-compile", "maybe", "--doc", "/nonexistent/x.md"]) == 2
+
+
+def test_cuda_skipped_with_message_without_gpu():
+    status = cuda_status(("cpu", "cuda"))
+    if torch.cuda.is_available():
+        assert status["measured"]
+    else:
+        assert not status["measured"] and "still to be measured" in status["message"]
+    assert cuda_status(("cpu",))["measured"] is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: CUDA events, bf16 and torch.compile")
+def test_cuda_latency_bf16_and_compile():
+    res = run_suite(tiny_config(round_to=(None,), batches=(2,), devices=("cuda",), compare=False,
+                                dtypes=("float32", "bfloat16"), torch_compile=(False, True), cuda_latency_repeats=3),
+                    log=lambda _: None)
+    lat = res["models"][NAME]["latency"]
+    assert {(x["dtype"], x["torch_compile"]) for x in lat} == {("float32", False), ("float32", True),
+                                                               ("bfloat16", False), ("bfloat16", True)}
+    for x in lat:
+        assert "error" not in x, x.get("error")
+        assert x["original_ms"] > 0 and all(s["ms"] > 0 for s in x["slim"].values())
+
+
+def test_kernel_benchmarks_skip_with_message(tmp_path):
+    res = run_kernel_benchmarks(bench_file=tmp_path / "bench_kernels.py")
+    assert res["status"] == "skipped" and res["message"]
+
+
+def test_plots_optional(results, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed: pip install 'fxprune[plots]'")
+    paths, message = write_plots(results, tmp_path)
+    assert paths and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+    assert any("latency_vs_macs" in p.name for p in paths)
+    _hide(monkeypatch, "matplotlib")
+    paths, message = write_plots(results, tmp_path / "none")
+    assert paths == [] and "matplotlib is not installed" in message
+    assert "## Realized speedup" in render(results)  # the tables need no matplotlib
+
+
+def test_metrics_count_slim_models():
+    model = build_model(SPEC).eval()
+    x = example_input(SHAPE)
+    slim = fxprune.compress(model, "l1", x, 0.5)
+    assert count_macs(slim, x) == slim.fxprune_report.macs_after
+    assert count_params(slim) == slim.fxprune_report.params_after
+    assert math.isclose(count_macs(model, x), slim.fxprune_report.macs_before)
