@@ -2,6 +2,8 @@
 
 Run: ``python -m pytest benches/bench_compile.py --benchmark-only -p no:cacheprovider``.
 Goal (issue 2): trace + analysis + rewrite of resnet50 well under 1 s on a 2-core CPU.
+The models are those of issue 8's suite (`fxprune.bench.config.DEFAULT_MODELS`); ``fxprune bench``
+reports the same stages next to Torch-Pruning's time (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -10,21 +12,25 @@ import torch
 import torchvision
 
 import fxprune
+from fxprune.bench.config import DEFAULT_MODELS
 from fxprune.importance import group_scores
+from fxprune.models import default_input_shape
 from fxprune.selection import select
 from fxprune.shapes import propagate
+from fxprune.verify import verify
 from passes.dependency import analyze_dependencies
+from passes.mask import masked_reference
 from passes.rewrite import apply_plan
 from passes.structures import find_structures
 
-MODELS = ["resnet50", "mobilenet_v2", "densenet121", "efficientnet_b0", "convnext_tiny"]
+MODELS = list(DEFAULT_MODELS)
 
 
 @pytest.fixture(scope="module", params=MODELS)
 def prepared(request):
     torch.set_num_threads(2)
     model = torchvision.models.get_model(request.param, weights=None).eval()
-    x = fxprune.ExampleInputs.normalize(torch.randn(1, 3, 224, 224))
+    x = fxprune.ExampleInputs.normalize(torch.randn(default_input_shape(f"torchvision:{request.param}")))
     analysis = fxprune.analyze(model, x)
     plan = select(analysis.channels, analysis.cost, group_scores(analysis.channels, "l1"), 0.5)
     return request.param, model, x, analysis, plan
@@ -60,6 +66,13 @@ def test_select_l1(benchmark, prepared):
 def test_rewrite(benchmark, prepared):
     *_, analysis, plan = prepared
     benchmark(apply_plan, analysis.channels, plan)
+
+
+def test_verify(benchmark, prepared):
+    *_, analysis, plan = prepared
+    slim = apply_plan(analysis.channels, plan)
+    reference = masked_reference(analysis.channels, plan)
+    benchmark(verify, reference, slim, analysis.inputs)
 
 
 def test_compile_end_to_end(benchmark, prepared):
