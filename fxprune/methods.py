@@ -66,6 +66,9 @@ def _register_builtin() -> None:
     from .gal import GALOptions, run_gal
 
     register_method("gal", GALOptions, run_gal)
+    from .metapruning import MetaPruningOptions, run_metapruning
+
+    register_method("metapruning", MetaPruningOptions, run_metapruning, supports_latency=True)
 
 
 _register_builtin()

@@ -1,0 +1,188 @@
+"""Per-layer latency lookup table on the current device, for latency-constrained width search.
+
+MetaPruning constrains latency with a table of per-layer latencies measured on the target device.
+Here a "layer" is every op node of the fx graph: its latency depends only on the widths of the
+genes (channel groups) in its input and output layouts, so the table maps
+``(node, kept units of those genes)`` to seconds. A genome's predicted latency is the sum over its
+nodes plus one constant `offset` (the framework's per-call overhead), calibrated against end-to-end
+measurements of a few genomes.
+
+Entries are measured lazily: predicting a genome with unknown entries builds its slim network
+(the core rewrite), runs it once and times each node whose entry is missing with the node's real
+inputs (the fastest of several rounds, each round as many calls as fill `min_time`). Timing uses
+`time.perf_counter`, with a CUDA synchronize around each round when the inputs live on a GPU. The
+number of CPU threads is whatever `torch.get_num_threads()` says when the table is measured.
+
+Example::
+
+    >>> table = LatencyTable(analysis.channels, encoding, analysis.inputs)
+    >>> table.calibrate([encoding.full(), encoding.smallest()])
+    >>> table.predict(genome)                      # seconds, from the table
+    >>> table.measure(slim)                        # seconds, end to end
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from passes.context import Layout
+from passes.rewrite import PruningPlan, apply_plan
+
+from .errors import ConfigError
+from .inputs import ExampleInputs
+from .shapes import _flat_placeholder_args
+from .verify import eval_mode
+
+
+def _sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], cuda: bool = False, rounds: int = 5, min_time: float = 2e-4) -> float:
+    """Seconds per call of `fn`: the fastest of `rounds` rounds of repeated calls (each >= `min_time`).
+
+    The minimum, not the median: on a machine shared with other jobs, slow rounds measure the
+    other jobs; the fastest round is the op's own cost, and the same statistic is used for the
+    table's entries and for end-to-end measurements, so the two stay comparable."""
+    fn()
+    _sync(cuda)
+    t = time.perf_counter()
+    fn()
+    _sync(cuda)
+    inner = max(1, int(min_time / max(time.perf_counter() - t, 1e-7)))
+    samples = []
+    for _ in range(rounds):
+        _sync(cuda)
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        _sync(cuda)
+        samples.append((time.perf_counter() - t) / inner)
+    return min(samples)
+
+
+def _layout_ids(lay) -> list:
+    if isinstance(lay, Layout):
+        return [lay.ids]
+    if isinstance(lay, (tuple, list)):
+        return [ids for item in lay for ids in _layout_ids(item)]
+    return []
+
+
+def node_genes(analysis, encoding) -> dict:
+    """{op node name: genes in the layouts of its inputs and output} (the table's key dims)."""
+    out = {}
+    for node in analysis.gm.graph.nodes:
+        if not node.op.startswith("call"):
+            continue
+        ids = _layout_ids(analysis.layouts.get(node.name))
+        for arg in node.all_input_nodes:
+            ids += _layout_ids(analysis.layouts.get(arg.name))
+        genes = encoding.genes_of_ids(np.concatenate(ids)) if ids else []
+        out[node.name] = tuple(genes)
+    return out
+
+
+class _NodeTimer(fx.Interpreter):
+    """Runs the graph once; times the wanted nodes on their actual inputs."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: set, cuda: bool, rounds: int, min_time: float):
+        super().__init__(gm)
+        self.wanted, self.cuda, self.rounds, self.min_time = wanted, cuda, rounds, min_time
+        self.times: dict[str, float] = {}
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if n.name in self.wanted:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            if n.op == "call_module":
+                mod = self.fetch_attr(n.target)
+                fn = lambda: mod(*args, **kwargs)  # noqa: E731
+            elif n.op == "call_function":
+                fn = lambda: n.target(*args, **kwargs)  # noqa: E731
+            else:
+                fn = lambda: getattr(args[0], n.target)(*args[1:], **kwargs)  # noqa: E731
+            self.times[n.name] = time_fn(fn, self.cuda, self.rounds, self.min_time)
+        return result
+
+
+class LatencyTable:
+    """Lazily measured per-node latencies of one analysed model (see module docstring)."""
+
+    def __init__(self, analysis, encoding, inputs: ExampleInputs, *, rounds: int = 5, min_time: float = 2e-4):
+        if rounds < 1 or min_time <= 0:
+            raise ConfigError(f"latency table needs rounds >= 1 and min_time > 0 (got {rounds}, {min_time})")
+        self.analysis, self.encoding, self.inputs = analysis, encoding, inputs
+        self.rounds, self.min_time = rounds, min_time
+        self.genes = node_genes(analysis, encoding)
+        self.entries: dict[tuple, float] = {}  # (node, kept counts of its genes) -> seconds
+        self.offset = 0.0
+        self.profiles = 0  # how many networks were built to fill entries
+        self.cuda = any(t.is_cuda for t in inputs.tensors())
+
+    def keys(self, genome) -> dict:
+        counts = self.encoding.counts(genome)
+        return {name: (name, tuple(counts[g] for g in genes)) for name, genes in self.genes.items()}
+
+    def missing(self, genome) -> list:
+        return [k for k in self.keys(genome).values() if k not in self.entries]
+
+    def profile(self, genome) -> None:
+        """Measure every entry of `genome` the table does not have yet."""
+        keys = self.keys(genome)
+        wanted = {name for name, k in keys.items() if k not in self.entries}
+        if not wanted:
+            return
+        slim = apply_plan(self.analysis, PruningPlan(keep=self.encoding.keep(genome)))
+        timer = _NodeTimer(slim, wanted, self.cuda, self.rounds, self.min_time)
+        with torch.inference_mode(), eval_mode(slim):
+            timer.run(*_flat_placeholder_args(slim, self.inputs))
+        for name in wanted:
+            self.entries[keys[name]] = timer.times[name]
+        self.profiles += 1
+
+    def layer_sum(self, genome) -> float:
+        self.profile(genome)
+        return float(sum(self.entries[k] for k in self.keys(genome).values()))
+
+    def predict(self, genome) -> float:
+        """Predicted seconds of one forward pass on the example inputs."""
+        return self.layer_sum(genome) + self.offset
+
+    def measure(self, model: torch.nn.Module, rounds: int = 9, min_time: float = 5e-3) -> float:
+        """End-to-end seconds of one forward pass of `model` on the example inputs (eval mode)."""
+        with torch.inference_mode(), eval_mode(model):
+            return time_fn(lambda: self.inputs.call(model), self.cuda, rounds, min_time)
+
+    def measure_genome(self, genome) -> float:
+        slim = apply_plan(self.analysis, PruningPlan(keep=self.encoding.keep(genome)))
+        return self.measure(slim)
+
+    def calibrate(self, genomes) -> dict:
+        """Set `offset` to the median of (measured - sum of layers) over `genomes`; returns the fit."""
+        rows = []
+        for g in genomes:
+            total = self.layer_sum(g)
+            rows.append((total, self.measure_genome(g)))
+        self.offset = float(statistics.median(m - s for s, m in rows))
+        return {"offset_s": self.offset, "points": [{"layers_s": s, "measured_s": m} for s, m in rows]}
+
+    def to_dict(self) -> dict:
+        """JSON-plain contents (entries, offset), to reuse a table measured on the same device."""
+        return {"offset": self.offset, "entries": [[n, list(k), v] for (n, k), v in self.entries.items()]}
+
+    def load_dict(self, data: dict) -> None:
+        self.offset = float(data["offset"])
+        for n, k, v in data["entries"]:
+            if n not in self.genes or len(k) != len(self.genes[n]):
+                raise ConfigError(f"latency table entry for node {n!r} does not fit this model")
+            self.entries[(n, tuple(int(c) for c in k))] = float(v)
+
+
+__all__ = ["LatencyTable", "node_genes", "time_fn"]

@@ -1,0 +1,345 @@
+"""MetaPruning (Liu et al., ICCV 2019) on fxprune's channel groups: PruningNet + evolutionary search.
+
+1. **Encoding** (`passes.width_encoding`): one width variable per prunable channel group (residual
+   adds already make a stage's outputs one group), choices = ratios 0.10 ... 1.00 step 0.03.
+2. **PruningNet** (`passes.pruningnet`): an MLP per conv/linear weight from the ratios of its
+   groups to the full-size weight, cropped; per-width BatchNorm banks; trained with the harness on
+   a new random structure per mini-batch (label smoothing 0.1, SGD momentum 0.9, LR decayed
+   linearly to 0 — the authors' ResNet-50 defaults: lr 0.1, weight decay 1e-4, 32 epochs).
+3. **Search** (`fxprune.evolution`): population 50, 20 generations, top-10 parents, 25 mutations
+   (p = 0.1 per gene), 25 crossovers, random fill; a hard constraint by rejection on MACs (exact
+   recount of the graph), optionally params and latency (`fxprune.latency_table`, measured on the
+   current device). Each candidate gets its weights from the PruningNet, BatchNorm statistics
+   recalibrated on `calib_batches` training batches, and is scored by accuracy (ties: loss) on a
+   held-out split of the *training* data (`holdout` of it, or `search_data=`), never a test set.
+4. **Output**: the best structure's PruningNet weights (recalibrated) are written into the
+   private model copy at the kept positions (the first k channels of each group) and the plan
+   keeps those; the core rewrite then builds the slim module. `final="finetune"` trains the slim
+   network further, `final="scratch"` re-initialises and trains it (the authors' final step),
+   both with the harness before the write-back. The details hold the widths, the search history
+   (per generation best/mean accuracy and MACs ratio) and, with a latency limit, predicted vs
+   measured latency of the final model.
+
+Example::
+
+    >>> slim = fxprune.compress(model, "metapruning", x, flops=0.5, data=loader,
+    ...                         options=dict(epochs=4, population=16, generations=8, calib_batches=8))
+    >>> slim.fxprune_report.details["search"]["history"][-1]["pool_best_accuracy"]
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Subset
+
+from passes.pruningnet import PruningNet, reinitialize, write_back
+from passes.rewrite import PruningPlan
+from passes.width_encoding import DEFAULT_RATIOS, build_encoding
+
+from .errors import ConfigError, TargetUnreachableError
+from .evolution import EvolutionConfig, evolve
+from .latency_table import LatencyTable
+from .train import TrainConfig, TrainingError, _split_batch, evaluate, recalibrate_bn, train
+
+FINAL = ("none", "finetune", "scratch")
+
+
+class LatencyUnreachableError(TargetUnreachableError):
+    """The latency limit is below the predicted latency of the smallest structure."""
+
+    def __init__(self, limit: float, minimum: float):
+        self.target, self.minimum = limit, minimum
+        Exception.__init__(self, f"latency={limit:.6f} s is unreachable: the smallest widths are predicted at "
+                                 f"{minimum:.6f} s on this device. Ask for latency >= {minimum:.6f}, or lower "
+                                 "min_channels / the smallest width ratio.")
+
+
+@dataclass
+class MetaPruningOptions:
+    # width space
+    ratios: tuple = DEFAULT_RATIOS
+    # PruningNet and its training (authors' ResNet-50 defaults)
+    hidden: int = 32
+    bn_banks: bool = True
+    epochs: int = 32
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    pruningnet: Any = None  # a trained PruningNet to reuse (see `pretrain`): skips training
+    # evolutionary search (authors' defaults)
+    population: int = 50
+    generations: int = 20
+    parents: int = 10
+    mutations: int = 25
+    crossovers: int = 25
+    mutation_prob: float = 0.1
+    init_ratio_range: tuple | None = None  # e.g. (0.46, 0.79), the authors' ResNet initial range
+    # candidate scoring
+    holdout: float = 0.1  # fraction of the training data held out for scoring
+    search_data: Iterable | None = None  # explicit held-out batches (then all of `data` trains)
+    calib_batches: int = 100  # training batches to recalibrate BatchNorm statistics (authors: 100)
+    eval_batches: int | None = None  # held-out batches scored per candidate (None: all)
+    # constraints besides compress(flops=, latency=)
+    params: float | None = None  # at most this fraction of the original parameters
+    min_flops: float | None = None  # at least this fraction of the original MACs (authors' ResNet band)
+    latency_table: Any = None  # a LatencyTable to reuse (same model, same device)
+    latency_rounds: int = 5
+    # the found structure
+    final: str = "none"  # "none" (PruningNet weights), "finetune", "scratch"
+    final_epochs: int | None = None  # default: 128 (scratch, authors) / 16 (finetune)
+    final_lr: float | None = None  # default: 0.1 (scratch) / 0.01 (finetune); decayed linearly
+    final_data: Iterable | None = None  # default: the training split
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self):
+        if self.final not in FINAL:
+            raise ConfigError(f"unknown metapruning final={self.final!r}: choose from {', '.join(FINAL)}")
+        if not 0 < self.holdout < 1:
+            raise ConfigError(f"holdout={self.holdout} must be a fraction in (0, 1)")
+        if self.calib_batches < 1 or (self.eval_batches is not None and self.eval_batches < 1):
+            raise ConfigError("calib_batches and eval_batches must be >= 1")
+        if self.epochs < 1 or self.lr <= 0:
+            raise ConfigError("epochs must be >= 1 and lr > 0")
+        for name in ("params", "min_flops"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v <= 1:
+                raise ConfigError(f"{name}={v} must be a fraction in (0, 1]")
+        self.evolution()  # validates the search settings
+
+    def evolution(self) -> EvolutionConfig:
+        return EvolutionConfig(self.population, self.generations, self.parents, self.mutations, self.crossovers,
+                               self.mutation_prob, self.init_ratio_range, seed=self.seed)
+
+
+# -- data -----------------------------------------------------------------------------------------
+def split_data(data: Iterable, holdout: float, seed: int) -> tuple:
+    """(training batches, held-out batches): a seeded split of a DataLoader's dataset, else of the
+    batches themselves (the last `holdout` of them)."""
+    if isinstance(data, DataLoader) and data.batch_size is not None and not isinstance(data.dataset, IterableDataset):
+        n = len(data.dataset)
+        n_hold = max(1, int(round(holdout * n)))
+        if n - n_hold < 1:
+            raise TrainingError(f"the training data has {n} samples: too few to hold out {holdout:.0%} for scoring")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        shuffle = isinstance(data.sampler, RandomSampler)
+        kw = dict(batch_size=data.batch_size, collate_fn=data.collate_fn, num_workers=data.num_workers,
+                  pin_memory=data.pin_memory, drop_last=data.drop_last)
+        train_loader = DataLoader(Subset(data.dataset, perm[n_hold:]), shuffle=shuffle,
+                                  generator=torch.Generator().manual_seed(seed) if shuffle else None, **kw)
+        return train_loader, DataLoader(Subset(data.dataset, perm[:n_hold]), shuffle=False, **kw)
+    batches = list(data)
+    if len(batches) < 2:
+        raise TrainingError(f"metapruning needs at least 2 training batches (one is held out for scoring), got "
+                            f"{len(batches)}: pass more data or search_data=")
+    n_hold = min(len(batches) - 1, max(1, int(round(holdout * len(batches)))))
+    return batches[:-n_hold], batches[-n_hold:]
+
+
+def _first(data: Iterable, n: int | None, seed: int):
+    """The first `n` batches, in the same order every time (a shuffling loader is re-seeded)."""
+    generator = getattr(data, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(seed)
+    for i, batch in enumerate(data):
+        if n is not None and i >= n:
+            return
+        yield batch
+
+
+def _labelled(data, n, seed, targets_from):
+    for batch in _first(data, n, seed):
+        yield _split_batch(batch, targets_from)
+
+
+def _inputs_only(data, n, seed):
+    for batch in _first(data, n, seed):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        yield x, None
+
+
+# -- PruningNet -----------------------------------------------------------------------------------
+def _encoding(channels, opts: MetaPruningOptions, selection: dict):
+    return build_encoding(channels, opts.ratios, round_to=selection.get("round_to"),
+                          min_channels=selection.get("min_channels", 1), min_ratio=selection.get("min_ratio", 0.0))
+
+
+def train_pruningnet(net: PruningNet, data: Iterable, opts: MetaPruningOptions, targets_from=None):
+    """Train `net` in place with the harness, a random structure per mini-batch; returns the History."""
+    net.rng = np.random.default_rng(opts.seed)
+    cfg = TrainConfig(epochs=opts.epochs, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay,
+                      schedule="triangular", peak_at=0.0, label_smoothing=opts.label_smoothing, seed=opts.seed,
+                      progress=opts.progress)
+    history = train(net, data, cfg, targets_from=targets_from)
+    net.eval()
+    return history
+
+
+def pretrain(model: torch.nn.Module, example_inputs, data: Iterable, options: dict | MetaPruningOptions | None = None,
+             *, round_to: int | None = None, min_channels: int = 1, min_ratio: float = 0.0) -> PruningNet:
+    """Train a PruningNet for `model` once, to reuse in several searches (``options={"pruningnet": net}``).
+
+    It trains on the same split `compress` would make (same `holdout` and `seed`), so the held-out
+    batches stay unseen.
+    """
+    from .api import analyze
+
+    opts = options if isinstance(options, MetaPruningOptions) else MetaPruningOptions(**(options or {}))
+    analysis = analyze(copy.deepcopy(model), example_inputs)
+    encoding = _encoding(analysis.channels, opts, {"round_to": round_to, "min_channels": min_channels,
+                                                   "min_ratio": min_ratio})
+    train_data = data if opts.search_data is not None else split_data(data, opts.holdout, opts.seed)[0]
+    net = PruningNet(analysis.channels, encoding, opts.hidden, opts.bn_banks, opts.seed)
+    net.history = train_pruningnet(net, train_data, opts, targets_from=model)
+    return net
+
+
+# -- constraints and scoring ----------------------------------------------------------------------
+class _Constraints:
+    """MACs (and params, latency) of a genome against the limits; cheap checks first."""
+
+    def __init__(self, encoding, cost, flops: float, opts: MetaPruningOptions, table: LatencyTable | None,
+                 latency: float | None):
+        self.encoding, self.cost, self.table, self.latency = encoding, cost, table, latency
+        self.max_macs = flops * cost.total_macs * (1 + 1e-9)
+        self.min_macs = None if opts.min_flops is None else opts.min_flops * cost.total_macs
+        self.max_params = None if opts.params is None else opts.params * cost.total_params * (1 + 1e-9)
+
+    def __call__(self, genome) -> bool:
+        macs = self.encoding.macs(self.cost, genome)
+        if macs > self.max_macs or (self.min_macs is not None and macs < self.min_macs):
+            return False
+        if self.max_params is not None and self.encoding.params(self.cost, genome) > self.max_params:
+            return False
+        return self.latency is None or self.table.predict(genome) <= self.latency
+
+    def check_reachable(self, flops: float) -> None:
+        small = self.encoding.smallest()
+        macs = self.encoding.macs(self.cost, small)
+        if macs > self.max_macs:
+            raise TargetUnreachableError(flops, macs / self.cost.total_macs,
+                                         f" ({len(self.encoding)} width variables at their smallest ratio)")
+        if self.max_params is not None and self.encoding.params(self.cost, small) > self.max_params:
+            raise ConfigError(f"params={self.max_params / self.cost.total_params:.4f} is unreachable: the smallest "
+                              f"widths keep {self.encoding.params(self.cost, small) / self.cost.total_params:.4f} "
+                              "of the parameters")
+        if self.latency is not None and self.table.predict(small) > self.latency:
+            raise LatencyUnreachableError(self.latency, self.table.predict(small))
+        if self.min_macs is not None and self.encoding.macs(self.cost, self.encoding.full()) < self.min_macs:
+            raise ConfigError(f"min_flops={self.min_macs / self.cost.total_macs:.4f} is above what the full model has")
+
+
+class _Scorer:
+    """Accuracy and loss of a genome: PruningNet weights, BN recalibrated, held-out batches."""
+
+    def __init__(self, net, calib, heldout, opts: MetaPruningOptions, targets_from):
+        self.net, self.calib, self.heldout, self.opts, self.targets_from = net, calib, heldout, opts, targets_from
+
+    def network(self, genome):
+        slim = self.net.materialize(genome)
+        recalibrate_bn(slim, _inputs_only(self.calib, self.opts.calib_batches, self.opts.seed),
+                       batches=self.opts.calib_batches)
+        return slim
+
+    def __call__(self, genome) -> dict:
+        res = evaluate(self.network(genome),
+                       _labelled(self.heldout, self.opts.eval_batches, self.opts.seed, self.targets_from))
+        return {"accuracy": res["accuracy"], "loss": res["loss"], "score": (res["accuracy"], -res["loss"])}
+
+
+def _final_training(slim, data, opts: MetaPruningOptions, targets_from) -> list:
+    scratch = opts.final == "scratch"
+    if scratch:
+        reinitialize(slim, opts.seed)
+    epochs = opts.final_epochs or (128 if scratch else 16)
+    lr = opts.final_lr or (0.1 if scratch else 0.01)
+    cfg = TrainConfig(epochs=epochs, lr=lr, momentum=opts.momentum, weight_decay=opts.weight_decay,
+                      schedule="triangular", peak_at=0.0, label_smoothing=opts.label_smoothing,
+                      seed=opts.seed, progress=opts.progress)
+    was = [(m, m.training) for m in slim.modules()]
+    history = train(slim, data, cfg, targets_from=targets_from)
+    for m, flag in was:
+        m.training = flag
+    return history.epochs
+
+
+# -- the registry's runner ------------------------------------------------------------------------
+def run_metapruning(analysis, data, flops: float, opts: MetaPruningOptions, *, targets_from=None,
+                    selection: dict | None = None):
+    """Train (or reuse) a PruningNet, search under the limits, return the plan and the details."""
+    from .methods import MethodResult
+
+    if data is None:
+        raise TrainingError("metapruning needs data=: an iterable of (inputs, targets) training batches")
+    selection = selection or {}
+    latency = selection.get("latency")
+    t0 = time.perf_counter()
+    channels, cost = analysis.channels, analysis.cost
+    encoding = _encoding(channels, opts, selection)
+    if opts.search_data is not None:
+        train_data, heldout = data, opts.search_data
+    else:
+        train_data, heldout = split_data(data, opts.holdout, opts.seed)
+    details: dict = {"genes": len(encoding), "choices": list(encoding.space)}
+    net = opts.pruningnet
+    if net is None:
+        net = PruningNet(channels, encoding, opts.hidden, opts.bn_banks, opts.seed)
+        details["pruningnet_training"] = train_pruningnet(net, train_data, opts, targets_from).epochs
+    else:
+        net.check_compatible(channels, encoding)
+        details["pruningnet_training"] = "reused"
+    t1 = time.perf_counter()
+    table = None
+    if latency is not None:
+        table = opts.latency_table or LatencyTable(channels, encoding, analysis.inputs, rounds=opts.latency_rounds)
+        if opts.latency_table is None:
+            details["latency_calibration"] = table.calibrate([encoding.full(), encoding.smallest()])
+    constraint = _Constraints(encoding, cost, flops, opts, table, latency)
+    constraint.check_reachable(flops)
+    scorer = _Scorer(net, train_data, heldout, opts, targets_from)
+
+    def evaluate_genome(genome):
+        info = scorer(genome)
+        info["macs_ratio"] = encoding.macs(cost, genome) / cost.total_macs
+        return info
+
+    sampler = None
+    if opts.init_ratio_range is not None:
+        sampler = lambda rng: encoding.random(rng, opts.init_ratio_range)  # noqa: E731
+    result = evolve(encoding.space, evaluate_genome, constraint, opts.evolution(),
+                    summarize=("accuracy", "macs_ratio"), ratio_sampler=sampler)
+    t2 = time.perf_counter()
+    best = result.best
+    if not constraint(best):  # the search only ever scores feasible genomes; this guards that contract
+        raise AssertionError(f"the search returned an infeasible genome {best}")
+    slim = scorer.network(best)
+    final_history = None
+    if opts.final != "none":
+        final_data = opts.final_data if opts.final_data is not None else train_data
+        final_history = _final_training(slim, final_data, opts, targets_from)
+    write_back(channels, slim, encoding.keep_roots(best))
+    macs = encoding.macs(cost, best)
+    details.update({
+        "genome": list(best), "widths": encoding.describe(best),
+        "macs": macs, "flops": 2 * macs, "macs_ratio": macs / cost.total_macs,
+        "params_ratio": encoding.params(cost, best) / cost.total_params,
+        "search": {"best": {"accuracy": result.best_info["accuracy"], "loss": result.best_info["loss"]},
+                   "evaluated": len(result.cache), "rejected": dict(result.rejected), "history": result.history},
+        "final": opts.final, "final_training": final_history,
+        "seconds": {"pruningnet": t1 - t0, "search": t2 - t1, "total": time.perf_counter() - t0},
+    })
+    if table is not None:
+        details["latency"] = {"limit_s": latency, "predicted_s": table.predict(best), "measured_s": table.measure(slim),
+                              "offset_s": table.offset, "table_entries": len(table.entries),
+                              "profiles": table.profiles}
+    return MethodResult(PruningPlan(keep=encoding.keep(best)), details)
+
+
+__all__ = ["LatencyUnreachableError", "MetaPruningOptions", "pretrain", "run_metapruning", "split_data",
+           "train_pruningnet"]

@@ -1,0 +1,291 @@
+"""MetaPruning: the PruningNet's cropped networks have exactly the sampled widths, coupled groups
+share one width, genome MACs equal the rewritten model's, the search stays under its limits, the
+latency table predicts measurements, and the result is the verified slim model of the best genome."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxprune
+from fxprune.latency_table import LatencyTable
+from fxprune.metapruning import LatencyUnreachableError, MetaPruningOptions, pretrain, split_data
+from fxprune.nets import resnet20
+from fxprune.train import TrainingError, evaluate
+from passes.pruningnet import PruningNet, write_back
+from passes.rewrite import PruningPlan, apply_plan
+from passes.tensors import get_tensor
+from passes.width_encoding import DEFAULT_RATIOS, build_encoding, ratio_grid
+
+from .conftest import assert_close_outputs, measured_macs, n_params, outputs
+from .handler_models import HANDLER_MODELS, Residual
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Single-threaded: the CPU is shared, and tiny ops on two busy cores mostly wait for each other
+    (latency timings above all: multi-threaded timings on an oversubscribed CPU are meaningless)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+SMALL = dict(epochs=1, population=6, generations=2, parents=3, mutations=3, crossovers=3, calib_batches=2)
+
+
+def _setup(model, shape, seed=0):
+    torch.manual_seed(seed)
+    model = model.eval()
+    x = torch.randn(shape)
+    a = fxprune.analyze(model, x)
+    enc = build_encoding(a.channels)
+    return model, x, a, enc, PruningNet(a.channels, enc, hidden=8, seed=seed)
+
+
+def _randomize_generators(net, seed=0):
+    """Non-zero second layers, so generated weights really depend on the widths."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gen in net.generators.values():
+            gen.fc2.weight.copy_(torch.randn(gen.fc2.weight.shape, generator=g) * 0.01)
+
+
+def test_default_ratios_are_the_authors_grid():
+    assert DEFAULT_RATIOS[0] == 0.10 and DEFAULT_RATIOS[-1] == 1.00 and len(DEFAULT_RATIOS) == 31
+    assert np.allclose(np.diff(DEFAULT_RATIOS), 0.03)
+    assert ratio_grid(0.25, 0.25) == (0.25, 0.5, 0.75, 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(HANDLER_MODELS))
+def test_every_handler_model_gets_a_pruningnet_whose_networks_have_the_sampled_widths(name):
+    build, shape = HANDLER_MODELS[name]
+    model, x, a, enc, net = _setup(build(), shape)
+    _randomize_generators(net)
+    rng = np.random.default_rng(1)
+    for genome in (enc.full(), enc.smallest(), enc.random(rng)):
+        slim = net.materialize(genome)
+        reference = apply_plan(a.channels, net.plan(genome))  # the core rewrite of the same keep-set
+        for (pname, p), (rname, r) in zip(slim.named_parameters(), reference.named_parameters()):
+            assert pname == rname and p.shape == r.shape, pname
+        # MACs of the genome == what FlopCounterMode counts on the built model
+        assert enc.macs(a.cost, genome) == pytest.approx(measured_macs(slim, x), rel=1e-9)
+        assert enc.params(a.cost, genome) == pytest.approx(n_params(slim), rel=1e-9)
+        # the PruningNet's own forward (functional, differentiable) computes the same network
+        net.eval()
+        with torch.no_grad():
+            ours = net(x, genome=genome)
+        for (_, want), got in zip(outputs(slim, x), torch.utils._pytree.tree_leaves(ours)):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cropping_takes_the_first_channels_of_the_generated_weight():
+    model, x, a, enc, net = _setup(resnet20(), (1, 1, 16, 16))
+    _randomize_generators(net)
+    genome = enc.random(np.random.default_rng(3))
+    kept = dict(zip(enc.groups, enc.counts(genome)))
+    slim = net.materialize(genome)
+    gen = net.generators["layer2__1__conv1__weight"]
+    full = gen(torch.as_tensor(enc.ratios(genome), dtype=torch.float32)[gen.genes]).detach()
+    group_out = next(g for g in a.channels.groups if g.leading.target == "layer2.1.conv1.weight").index
+    group_in = next(g for g in a.channels.groups
+                    if any(m.target == "layer2.1.conv1.weight" and m.role == "in" for m in g.members)).index
+    k_out, k_in = kept[group_out], kept[group_in]
+    conv = slim.get_submodule("layer2.1.conv1")
+    assert conv.weight.shape == (k_out, k_in, 3, 3)
+    assert torch.equal(conv.weight, full[:k_out, :k_in])
+    assert conv.out_channels == k_out and conv.in_channels == k_in
+    # the generator's input is the kept fraction of exactly its input and output groups
+    assert sorted(enc.groups[i] for i in gen.genes) == sorted({group_out, group_in})
+
+
+def test_coupled_groups_share_one_width_variable():
+    model, x, a, enc, net = _setup(resnet20(), (1, 1, 16, 16))
+    # one gene per stage stream (residual adds couple every block's output and the shortcut)
+    # plus one per block's inner conv: 3 + 9
+    assert len(enc) == 12
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        slim = net.materialize(enc.random(rng))
+        for stage in ("layer1", "layer2", "layer3"):
+            blocks = [slim.get_submodule(f"{stage}.{i}") for i in range(3)]
+            widths = {b.bn2.num_features for b in blocks} | {b.conv2.out_channels for b in blocks}
+            widths |= {b.conv1.in_channels for b in blocks[1:]}
+            widths |= {m.out_channels for b in blocks for m in b.modules() if isinstance(m, nn.Conv2d)
+                       and m.kernel_size == (1, 1)}  # the projection shortcut
+            assert len(widths) == 1, widths
+        first = slim.get_submodule("layer1.0.conv1")
+        assert first.in_channels == slim.conv1.out_channels == slim.get_submodule("layer1.2.bn2").num_features
+
+
+def test_generators_start_at_the_model_and_learn_per_structure():
+    model, x, a, enc, net = _setup(Residual(), (4, 3, 8, 8))
+    assert_close_outputs(model, net.materialize(enc.full()), x, rtol=1e-6)
+    net.train()
+    out = net(x)  # a random structure
+    out.sum().backward()
+    grads = [g.fc2.weight.grad for g in net.generators.values()]
+    assert all(gr is not None and gr.abs().sum() > 0 for gr in grads)
+    assert all(b.grad is not None for b in net.banks.values())
+    with pytest.raises(fxprune.ConfigError, match="genome="):
+        net.eval()(x)
+
+
+def test_write_back_makes_the_rewrite_rebuild_the_same_network():
+    model, x, a, enc, net = _setup(Residual(), (4, 3, 8, 8))
+    _randomize_generators(net)
+    genome = enc.random(np.random.default_rng(2))
+    slim = net.materialize(genome)
+    with torch.no_grad():
+        for b in slim.buffers():
+            if b.is_floating_point():
+                b.add_(torch.rand(b.shape))  # as if recalibrated
+    write_back(a.channels, slim, enc.keep_roots(genome))
+    rebuilt, check = fxprune.prune_with_plan(a, PruningPlan(keep=enc.keep(genome)))
+    assert check.passed
+    assert_close_outputs(slim, rebuilt, x, rtol=1e-6)
+
+
+def _loader(n=96, shape=(3, 8, 8), classes=4, bs=16, seed=0, labels=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    ds = TensorDataset(x, y) if labels else TensorDataset(x)
+    return DataLoader(ds, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+class _Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.fc = Residual(), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean((2, 3)))
+
+
+def test_split_holds_out_disjoint_data():
+    dl = _loader(100)
+    train, held = split_data(dl, 0.2, seed=0)
+    a = {tuple(x.flatten()[:4].tolist()) for xb, _ in train for x in xb}
+    b = {tuple(x.flatten()[:4].tolist()) for xb, _ in held for x in xb}
+    assert len(a) == 80 and len(b) == 20 and not a & b
+    batches = list(_loader(64, bs=16))
+    train, held = split_data(batches, 0.25, seed=0)
+    assert len(train) == 3 and len(held) == 1
+    with pytest.raises(TrainingError, match="at least 2"):
+        split_data(batches[:1], 0.1, 0)
+
+
+@pytest.mark.parametrize("flops", [0.6, 0.3])
+def test_compress_meets_the_target_with_the_search_history(flops):
+    torch.manual_seed(0)
+    model = _Head().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    slim = fxprune.compress(model, "metapruning", torch.randn(2, 3, 8, 8), flops, data=_loader(), options=SMALL)
+    r = slim.fxprune_report
+    assert r.macs_after <= flops * r.macs_before and r.max_rel_error <= 1e-4
+    assert measured_macs(slim, torch.randn(2, 3, 8, 8)) == r.macs_after
+    d = r.details
+    assert d["macs_ratio"] == pytest.approx(r.macs_ratio) and d["flops"] == 2 * d["macs"]
+    hist = d["search"]["history"]
+    assert len(hist) == 2 and {"best_accuracy", "mean_accuracy", "best_macs_ratio", "mean_macs_ratio"} <= set(hist[0])
+    assert all(row["best_macs_ratio"] <= flops + 1e-9 for row in hist)
+    for w in d["widths"]:  # the reported widths are the slim model's (leading members are conv rows here)
+        assert get_tensor(slim, w["leading"]).shape[0] == w["kept_channels"]
+    # the returned model is the scored one: same held-out split, same accuracy and loss
+    held = split_data(_loader(), MetaPruningOptions().holdout, seed=0)[1]
+    scored = evaluate(slim, held)
+    assert scored["accuracy"] == d["search"]["best"]["accuracy"]
+    assert scored["loss"] == pytest.approx(d["search"]["best"]["loss"], rel=1e-5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model is untouched
+    assert not model.training and not slim.training
+
+
+def test_params_and_min_flops_limits_hold():
+    torch.manual_seed(0)
+    model = _Head().eval()
+    slim = fxprune.compress(model, "metapruning", torch.randn(2, 3, 8, 8), 0.8, data=_loader(),
+                            options=dict(SMALL, params=0.5, min_flops=0.3))
+    r = slim.fxprune_report
+    assert r.params_after <= 0.5 * r.params_before
+    assert 0.3 * r.macs_before <= r.macs_after <= 0.8 * r.macs_before
+
+
+def test_reused_pruningnet_and_final_training():
+    torch.manual_seed(0)
+    model, x = _Head().eval(), torch.randn(2, 3, 8, 8)
+    net = pretrain(model, x, _loader(), dict(epochs=1))
+    assert len(net.history.epochs) == 1
+    for final in ("finetune", "scratch"):
+        slim = fxprune.compress(model, "metapruning", x, 0.5, data=_loader(),
+                                options=dict(SMALL, pruningnet=net, final=final, final_epochs=1))
+        d = slim.fxprune_report.details
+        assert d["pruningnet_training"] == "reused" and len(d["final_training"]) == 1
+        assert slim.fxprune_report.macs_ratio <= 0.5 and slim.fxprune_report.max_rel_error <= 1e-4
+    other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    with pytest.raises(fxprune.ConfigError, match="another model"):
+        fxprune.compress(other, "metapruning", x, 0.5, data=_loader(), options=dict(SMALL, pruningnet=net))
+
+
+def test_unlabelled_batches_are_labelled_by_the_original_model():
+    torch.manual_seed(0)
+    slim = fxprune.compress(_Head().eval(), "metapruning", torch.randn(2, 3, 8, 8), 0.6,
+                            data=_loader(labels=False), options=SMALL)
+    assert slim.fxprune_report.macs_ratio <= 0.6
+
+
+def test_latency_table_predicts_measured_latency():
+    torch.manual_seed(0)
+    model, x = resnet20().eval(), torch.randn(1, 1, 28, 28)
+    a = fxprune.analyze(model, x)
+    enc = build_encoding(a.channels)
+    table = LatencyTable(a.channels, enc, a.inputs, rounds=5)
+    table.calibrate([enc.full(), enc.smallest()])
+    rng = np.random.default_rng(0)
+    errors = []
+    for genome in [enc.uniform(0.5), enc.random(rng), enc.random(rng)]:
+        predicted, measured = table.predict(genome), table.measure_genome(genome)
+        errors.append(abs(predicted - measured) / measured)
+    # stated tolerance: 25% (fastest-of-rounds timings on a CPU shared with other jobs)
+    assert min(errors) <= 0.25, errors
+    assert sorted(errors)[1] <= 0.4, errors
+    assert table.predict(enc.full()) > table.predict(enc.smallest())
+    restored = LatencyTable(a.channels, enc, a.inputs)
+    restored.load_dict(table.to_dict())
+    assert restored.predict(enc.full()) == table.predict(enc.full()) and restored.profiles == 0
+
+
+def test_latency_limit_is_met_by_prediction_and_reported():
+    torch.manual_seed(0)
+    model, x = _Head().eval(), torch.randn(1, 3, 8, 8)
+    a = fxprune.analyze(model, x)
+    enc = build_encoding(a.channels)
+    table = LatencyTable(a.channels, enc, a.inputs)
+    table.calibrate([enc.full(), enc.smallest()])
+    limit = (table.predict(enc.full()) + table.predict(enc.smallest())) / 2
+    slim = fxprune.compress(model, "metapruning", x, 1.0, data=_loader(), latency=limit,
+                            options=dict(SMALL, latency_table=table))
+    lat = slim.fxprune_report.details["latency"]
+    assert lat["predicted_s"] <= limit and lat["measured_s"] > 0 and lat["limit_s"] == limit
+    with pytest.raises(LatencyUnreachableError, match="latency="):
+        fxprune.compress(model, "metapruning", x, 1.0, data=_loader(), latency=1e-9,
+                         options=dict(SMALL, latency_table=table))
+
+
+def test_bad_input():
+    model, x = _Head().eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(TrainingError, match="needs data="):
+        fxprune.compress(model, "metapruning", x, 0.5)
+    with pytest.raises(fxprune.ConfigError, match="unknown metapruning option"):
+        fxprune.compress(model, "metapruning", x, 0.5, data=_loader(), options={"epoch": 3})
+    with pytest.raises(fxprune.ConfigError, match="final"):
+        MetaPruningOptions(final="sometimes")
+    with pytest.raises(fxprune.ConfigError, match="holdout"):
+        MetaPruningOptions(holdout=1.5)
+    with pytest.raises(fxprune.ConfigError, match="ratios"):
+        fxprune.compress(model, "metapruning", x, 0.5, data=_loader(), options=dict(SMALL, ratios=(0.0, 1.5)))
+    with pytest.raises(fxprune.TargetUnreachableError, match="flops=0.0010"):
+        fxprune.compress(model, "metapruning", x, 0.001, data=_loader(), options=SMALL)
+    with pytest.raises(fxprune.ConfigError, match="latency"):
+        fxprune.compress(model, "gate_decorator", x, 0.5, data=_loader(), latency=0.01)
