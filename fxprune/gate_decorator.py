@@ -14,6 +14,12 @@ Schedules (`schedule=`):
 Then `finetune_epochs` of fine-tuning (triangular LR, momentum 0, as the authors), the gates are
 folded into the BatchNorms and the masked channels removed by the core rewrite.
 
+``fused_kernels=True`` trains the gated graph through `passes.fuse_masked_conv` in hard mode: each
+conv whose BN output is gated hands its pruned channels (mask 0) to ``masked_conv2d`` and skips
+them, and so does the next conv for its zero input channels. Training is unchanged (only the
+pruned channels' BN running statistics differ, and those channels are removed); whether it is
+faster depends on the layer sizes and the device (`docs/kernels.md`).
+
 Authors' defaults (CIFAR ResNet-56): p=0.002, T=10, tock_epochs=10, tick lr 1e-3, Tock/fine-tune
 triangular 1e-3 -> 1e-2 -> 1e-3, sparse_lambda=1e-3, min keep 10%, fine-tune 40 epochs. They are
 the defaults here except p, tock_epochs and finetune_epochs, which small runs scale (see options).
@@ -28,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from passes.fuse_masked_conv import fuse_masked_convs
 from passes.gates import GatedModel, fold_gates, insert_gates
 from passes.rewrite import PruningPlan
 
@@ -53,6 +60,7 @@ class GateDecoratorOptions:
     max_ticks: int = 100_000
     seed: int = 0
     tock_data: Iterable | None = None  # Tock / fine-tune batches (default: the same as the Ticks')
+    fused_kernels: bool = False  # train through torch.ops.fxprune.masked_conv2d (docs/kernels.md)
     progress: bool = False
     log: list = field(default_factory=list)
 
@@ -169,6 +177,8 @@ def gate_decorator(analysis, cost, data: Iterable, flops: float, opts: GateDecor
         raise TrainingError("gate_decorator needs data=: an iterable of (inputs, targets) batches")
     torch.manual_seed(opts.seed)
     gated = insert_gates(analysis)
+    if opts.fused_kernels:  # same parameters and mask buffers; masked convs skip their pruned channels
+        gated = GatedModel(fuse_masked_convs(gated.module, mode="hard"), gated.sites)
     scores = _Scores(analysis, gated)
     keep = {g.index: np.arange(g.n_units) for g in analysis.prunable_groups}
     budget = flops * cost.total_macs

@@ -118,23 +118,20 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor, in
     return y
 
 
-def _scatter_rows(full: Tensor, sel: Selection, part: Tensor) -> None:
-    """full[out_idx][:, in_idx] = part (weights; groups == 1 gathers columns as well)."""
-    if sel.in_idx is not None and sel.groups == 1:
-        rows = part.new_zeros((part.shape[0], full.shape[1], *part.shape[2:]))
-        rows.index_copy_(1, sel.in_idx, part)
-        part = rows
-    if sel.out_idx is None:
-        full.copy_(part)
-    else:
-        full.index_copy_(0, sel.out_idx, part)
-
-
-def _put(full: Tensor, idx: Tensor | None, part: Tensor, dim: int = 0) -> None:
+def _scatter(full_shape, like: Tensor, idx: Tensor | None, part: Tensor, dim: int) -> Tensor:
+    """`part` placed at `idx` along `dim` of a zero tensor of `full_shape` (no copy when idx is None)."""
     if idx is None:
-        full.copy_(part)
-    else:
-        full.index_copy_(dim, idx, part)
+        return part
+    full = like.new_zeros(full_shape)
+    full.index_copy_(dim, idx, part)
+    return full
+
+
+def _weight_grad(weight: Tensor, sel: Selection, part: Tensor) -> Tensor:
+    """dL/dW: rows `out_idx` (and, for groups == 1, columns `in_idx`) from `part`, zero elsewhere."""
+    if sel.in_idx is not None and sel.groups == 1:
+        part = _scatter((part.shape[0], weight.shape[1], *part.shape[2:]), part, sel.in_idx, part, 1)
+    return _scatter(weight.shape, weight, sel.out_idx, part, 0)
 
 
 def _mask_grad(ws: Tensor, dws: Tensor, bs: Tensor | None, gsum: Tensor) -> Tensor:
@@ -146,21 +143,36 @@ def _mask_grad(ws: Tensor, dws: Tensor, bs: Tensor | None, gsum: Tensor) -> Tens
     return gm
 
 
+def _skipped_mask_grad(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor,
+                       in_active: Tensor | None, sel: Selection, stride, padding, dilation, groups: int):
+    """Soft mode: dL/dm of the channels the forward skipped (one weight-gradient pass over them)."""
+    cin, cout = x.shape[1], weight.shape[0]
+    covered = torch.zeros(cout, dtype=torch.bool, device=x.device)
+    covered[sel.out_idx] = True
+    rest = select(~covered, in_active, groups, cin, cout)
+    gr = grad if rest.out_idx is None else grad.index_select(1, rest.out_idx)
+    xr, wr, br, _ = _gathered(rest, x, weight, bias, out_mask)
+    gsum = gr.to(torch.promote_types(grad.dtype, torch.float32)).sum((0, 2, 3))
+    if xr.shape[1]:
+        _, dwr, _ = torch.ops.aten.convolution_backward(
+            gr, xr, wr, None, stride, padding, dilation, False, [0, 0], rest.groups, [False, True, False])
+        return rest.out_idx, _mask_grad(wr, dwr, br, gsum)
+    gmr = torch.zeros_like(gsum)
+    return rest.out_idx, gmr if br is None else gmr + br.to(gmr.dtype) * gsum
+
+
 def backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor,
              in_mask: Tensor | None, stride, padding, dilation, groups: int, hard: bool,
              needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients for (x, weight, bias, out_mask); an empty tensor where `needs` is False."""
     need_x, need_w, need_b, need_m = needs
+    need_b = need_b and bias is not None
     cin, cout = x.shape[1], weight.shape[0]
-    empty = x.new_empty(0)
-    gx = torch.zeros_like(x, memory_format=torch.contiguous_format) if need_x else empty
-    gw = torch.zeros_like(weight) if need_w else empty
-    gb = torch.zeros_like(bias) if need_b and bias is not None else empty
-    gm = torch.zeros_like(out_mask) if need_m else empty
     out_active = out_mask != 0
     in_active = _active(in_mask)
     sel = select(out_active, in_active, groups, cin, cout)
     acc = torch.promote_types(grad.dtype, torch.float32)
+    gx = gw = gb = gm = None
     if sel.n_out:
         gs = grad if sel.out_idx is None else grad.index_select(1, sel.out_idx)
         xs, ws, bs, ms = _gathered(sel, x, weight, bias, out_mask)
@@ -170,37 +182,27 @@ def backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, out_m
                 gs, xs, ws * ms.reshape(-1, 1, 1, 1), None, stride, padding, dilation, False, [0, 0],
                 sel.groups, [need_x, need_w or need_m, False])
             if need_x:
-                _put(gx, sel.in_idx, gxs, dim=1)
+                gx = _scatter(x.shape, x, sel.in_idx, gxs.contiguous(), 1)
             if need_w:
                 gws = dws * ms.reshape(-1, 1, 1, 1)
                 if sel.col_flag is not None:
                     gws = gws * sel.col_flag[:, :, None, None].to(gws.dtype)
-                _scatter_rows(gw, sel, gws)
+                gw = _weight_grad(weight, sel, gws)
             if need_m:
-                gms = _mask_grad(ws, dws, bs, gsum)
-                _put(gm, sel.out_idx, gms.to(gm.dtype))
+                gm = _scatter(out_mask.shape, out_mask, sel.out_idx, _mask_grad(ws, dws, bs, gsum).to(out_mask.dtype), 0)
         elif need_m and bs is not None:
-            _put(gm, sel.out_idx, (bs.to(acc) * gsum).to(gm.dtype))
-        if need_b and bias is not None:
-            _put(gb, sel.out_idx, (ms.to(acc) * gsum).to(gb.dtype))
+            gm = _scatter(out_mask.shape, out_mask, sel.out_idx, (bs.to(acc) * gsum).to(out_mask.dtype), 0)
+        if need_b:
+            gb = _scatter(bias.shape, bias, sel.out_idx, (ms.to(acc) * gsum).to(bias.dtype), 0)
+    if need_m and gm is None:
+        gm = torch.zeros_like(out_mask)
     if need_m and hard:
         gm = torch.where(out_active, gm, torch.zeros_like(gm))
     elif need_m and sel.n_out < cout:
-        covered = torch.zeros(cout, dtype=torch.bool, device=x.device)
-        if sel.out_idx is None:
-            covered[:] = True
-        else:
-            covered[sel.out_idx] = True
-        rest = select(~covered, in_active, groups, cin, cout)
-        gr = grad if rest.out_idx is None else grad.index_select(1, rest.out_idx)
-        xr, wr, br, _ = _gathered(rest, x, weight, bias, out_mask)
-        gsum = gr.to(acc).sum((0, 2, 3))
-        if xr.shape[1]:
-            _, dwr, _ = torch.ops.aten.convolution_backward(
-                gr, xr, wr, None, stride, padding, dilation, False, [0, 0], rest.groups, [False, True, False])
-            gmr = _mask_grad(wr, dwr, br, gsum)
-        else:
-            gmr = torch.zeros(rest.n_out, dtype=acc, device=x.device)
-            gmr = gmr if br is None else gmr + br.to(acc) * gsum
-        _put(gm, rest.out_idx, gmr.to(gm.dtype))
-    return gx, gw, gb, gm
+        idx, gmr = _skipped_mask_grad(grad, x, weight, bias, out_mask, in_active, sel, stride, padding, dilation,
+                                      groups)
+        gm = gm.index_copy(0, idx, gmr.to(gm.dtype)) if idx is not None else gmr.to(gm.dtype)
+    gx = gx if gx is not None else torch.zeros_like(x, memory_format=torch.contiguous_format) if need_x else None
+    gw = gw if gw is not None else torch.zeros_like(weight) if need_w else None
+    gb = gb if gb is not None else torch.zeros_like(bias) if need_b else None
+    return tuple(t if t is not None else x.new_empty(0) for t in (gx, gw, gb, gm))

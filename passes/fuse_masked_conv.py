@@ -1,0 +1,489 @@
+"""Fuse mask multiplications into their convs: ``torch.ops.fxprune.masked_conv2d`` (`fxprune.kernels`).
+
+`fuse_masked_convs(gm, mode=...)` returns a copy of `gm` (sharing its modules, parameters and
+buffers, so training it trains them and in-place mask updates are seen) in which masked convs
+cost what their live channels cost. A *channel scale* below is an expression built only from
+`get_attr` tensors (parameters, buffers) with `mul`/`reshape`/`view`/`index_select`... that
+broadcasts per channel against the conv output: shape [1, C, 1, 1], [C, 1, 1] or a scalar, or a
+product of such (``gate * mask``, GAL's ``reshape(index_select(mask, 0, index), [1, C, 1, 1])``).
+A *constant factor* of a scale is a factor of its product built from buffers only (no parameter):
+its zeros are structural, nothing trains them.
+
+Fused patterns:
+
+1. ``conv2d(x) * s`` (either operand order, ``torch.mul``/``*``/``.mul``), `s` a channel scale:
+   the conv and the mul become one ``masked_conv2d(x, W, b, s, hard=mode == "hard")``; `s` is the
+   op's out_mask, its gradient follows the mode (see `fxprune.kernels`).
+2. ``conv2d -> (BatchNorm2d | ReLU-like)* -> mul(s)`` where `s` has constant factors (Gate
+   Decorator's ``BN -> * (gate * mask)``): only the conv becomes masked, with out_mask =
+   ``(product of the constant factors != 0)``; the BN and the mul stay. Exact: a channel whose
+   constant factor is zero is multiplied by zero after the BN anyway; the BN sees an all-zero
+   channel, whose batch statistics are finite (mean 0, var 0, eps > 0), and no gradient reaches
+   the channel either way (it is multiplied by zero). Only that channel's BN running statistics
+   differ, and it is pruned.
+3. Input masks: the input of a masked conv (or of any other eligible conv, which then becomes a
+   masked conv with out_mask = 1: pattern ``input_only``) that comes from such a mul (or, in hard mode, from a
+   pattern-1 masked conv) through zero-preserving channelwise ops (ReLU, pooling, dropout...) and
+   residual adds (zero where every operand is zero) has exact zeros in the channels the masks
+   zero, so the op skips them (``in_mask``). The upstream gradient into those channels would have
+   been multiplied by that zero, so training is unchanged.
+
+Not fused, and why:
+
+* a mask that is trainable (a parameter factor) and sits after a BatchNorm or another op: in
+  train mode the BN renormalises, so the scale cannot move into the conv; handing its zeros to the
+  conv would change the parameter's gradient at zero entries (BN(0) instead of BN(conv));
+* a conv whose output has other users than the chain (a skipped channel would leak to them);
+* scales that depend on the input (squeeze-excitation gates), or whose dtype differs from the
+  conv's (the mul would promote), or that do not broadcast per channel;
+* `F.conv2d` calls, Conv1d/Conv3d, transposed convs, padding modes other than zeros,
+  ``padding="same"`` with an even dilated kernel, Conv2d subclasses that override `forward`.
+
+Example::
+
+    >>> fused = fuse_masked_convs(gated.module, mode="hard")
+    >>> fused.meta["fxprune_masked_convs"]      # what was fused, and how
+    [{'conv': 'layer1_0_conv1', 'pattern': 'after_norm', 'in_mask': False}, ...]
+    >>> torch.allclose(fused(x), gated.module(x))
+    True
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxprune.errors import ConfigError, InputError
+
+MODES = ("hard", "soft")
+META = "fxprune_masked_convs"
+
+_MUL_FUNCS = (torch.mul, operator.mul, torch.Tensor.mul)
+_RESHAPE_FUNCS = (torch.reshape,)
+_RESHAPE_METHODS = ("reshape", "view")
+# f(0) is finite, applied per channel (pattern 2 may pass through them between conv and mul)
+_FINITE_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.SiLU, nn.GELU,
+                   nn.ELU, nn.Tanh, nn.Sigmoid, nn.Hardsigmoid, nn.Identity, nn.Dropout, nn.Mish, nn.PReLU)
+# f(0) == 0, per channel (input masks may look through them)
+_ZERO_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.SiLU, nn.GELU, nn.ELU, nn.Tanh,
+                 nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+                 nn.AdaptiveMaxPool2d, nn.Mish)
+_ZERO_FUNCS = (torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.hardtanh,
+               torch.nn.functional.hardswish, torch.nn.functional.silu, torch.nn.functional.gelu,
+               torch.nn.functional.elu, torch.nn.functional.leaky_relu, torch.tanh, torch.nn.functional.dropout,
+               torch.nn.functional.max_pool2d, torch.nn.functional.avg_pool2d,
+               torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.adaptive_max_pool2d)
+_ZERO_METHODS = ("relu", "tanh", "contiguous")
+_FINITE_FUNCS = _ZERO_FUNCS + (torch.sigmoid, torch.nn.functional.hardsigmoid)
+_FINITE_METHODS = _ZERO_METHODS + ("sigmoid",)
+
+
+@dataclass
+class _Factor:
+    node: fx.Node  # a constant expression (get_attr leaves only)
+    reshapes: tuple  # reshape targets applied to it, innermost first
+    constant: bool  # built from buffers only
+
+
+class _Scales:
+    """Recognises channel scales: constant expressions, evaluated once for their shapes and dtypes."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.values: dict[fx.Node, object] = {}
+        self.const: dict[fx.Node, bool] = {}
+        self.params: dict[fx.Node, bool] = {}
+
+    def is_const(self, node) -> bool:
+        if not isinstance(node, fx.Node):
+            return True
+        if node not in self.const:
+            ok = node.op == "get_attr" or (node.op in ("call_function", "call_method")
+                                           and all(self.is_const(a) for a in node.all_input_nodes))
+            self.const[node] = ok
+        return self.const[node]
+
+    def has_param(self, node: fx.Node) -> bool:
+        if node not in self.params:
+            if node.op == "get_attr":
+                self.params[node] = isinstance(self.value(node), nn.Parameter)
+            else:
+                self.params[node] = any(self.has_param(a) for a in node.all_input_nodes)
+        return self.params[node]
+
+    def value(self, node):
+        if not isinstance(node, fx.Node):
+            return node
+        if node not in self.values:
+            if node.op == "get_attr":
+                v = self.gm
+                for part in node.target.split("."):
+                    v = getattr(v, part)
+            else:
+                args = fx.node.map_arg(node.args, self.value)
+                kwargs = fx.node.map_arg(node.kwargs, self.value)
+                with torch.no_grad():
+                    if node.op == "call_function":
+                        v = node.target(*args, **kwargs)
+                    else:
+                        v = getattr(args[0], node.target)(*args[1:], **kwargs)
+            self.values[node] = v
+        return self.values[node]
+
+    def tensor(self, node) -> torch.Tensor | None:
+        if not (isinstance(node, fx.Node) and self.is_const(node)):
+            return None
+        try:
+            v = self.value(node)
+        except Exception:  # an expression we cannot evaluate is not a scale we recognise
+            return None
+        return v if isinstance(v, torch.Tensor) else None
+
+    def factors(self, node: fx.Node, reshapes: tuple = ()) -> list[_Factor]:
+        """Leaves of the product tree under `node` (reshapes pushed through same-shape products)."""
+        if _is_mul(node) and all(isinstance(a, fx.Node) for a in node.args[:2]):
+            return self.factors(node.args[0], reshapes) + self.factors(node.args[1], reshapes)
+        inner = _reshape_input(node)
+        if inner is not None and _is_mul(inner) and all(isinstance(a, fx.Node) for a in inner.args[:2]):
+            a, b = (self.tensor(x) for x in inner.args[:2])
+            if a is not None and b is not None and a.shape == b.shape:
+                return self.factors(inner, (_reshape_target(node),) + reshapes)
+        return [_Factor(node, reshapes, not self.has_param(node))]
+
+    def channel_scale(self, node, channels: int, like: torch.Tensor) -> list[_Factor] | None:
+        """The factors of `node` if it is a channel scale for `channels` channels (else None)."""
+        s = self.tensor(node)
+        if s is None or s.dtype != like.dtype or s.device != like.device or not _per_channel(s.shape, channels):
+            return None
+        factors = self.factors(node)
+        for f in factors:
+            v = self.tensor(f.node)
+            if v is None:
+                return None
+            for shape in f.reshapes:
+                v = v.reshape(shape)
+            if not _per_channel(v.shape, channels):
+                return None
+        return factors
+
+
+def _is_mul(node) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function" and node.target in _MUL_FUNCS and len(node.args) == 2 and not node.kwargs:
+        return True
+    return node.op == "call_method" and node.target == "mul" and len(node.args) == 2 and not node.kwargs
+
+
+def _is_add(node) -> bool:
+    if node.op == "call_function" and node.target in (torch.add, operator.add, operator.iadd):
+        return len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args)
+    return (node.op == "call_method" and node.target == "add" and len(node.args) == 2 and not node.kwargs
+            and all(isinstance(a, fx.Node) for a in node.args))
+
+
+def _reshape_target(node: fx.Node):
+    rest = node.args[1:]
+    return tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else tuple(rest)
+
+
+def _reshape_input(node: fx.Node) -> fx.Node | None:
+    is_fn = node.op == "call_function" and node.target in _RESHAPE_FUNCS
+    is_method = node.op == "call_method" and node.target in _RESHAPE_METHODS
+    if (is_fn or is_method) and not node.kwargs and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return None
+
+
+def _per_channel(shape, channels: int) -> bool:
+    """Broadcasts against [N, C, H, W] as one value per channel (or one value for all)."""
+    if len(shape) > 4:
+        return False
+    full = (1,) * (4 - len(shape)) + tuple(shape)
+    return full[0] == 1 and full[2] == 1 and full[3] == 1 and full[1] in (1, channels)
+
+
+def _conv_geometry(mod: nn.Module) -> tuple | None:
+    """(stride, padding, dilation, groups) of a Conv2d the op can replace, else None."""
+    if not isinstance(mod, nn.Conv2d) or type(mod).forward is not nn.Conv2d.forward:
+        return None
+    if mod.padding_mode != "zeros" or not mod.weight.dtype.is_floating_point:
+        return None
+    padding = mod.padding
+    if padding == "valid":
+        padding = (0, 0)
+    elif padding == "same":
+        total = [d * (k - 1) for d, k in zip(mod.dilation, mod.kernel_size)]
+        if any(t % 2 for t in total):
+            return None
+        padding = tuple(t // 2 for t in total)
+    return list(mod.stride), list(padding), list(mod.dilation), mod.groups
+
+
+def _single_user(node: fx.Node) -> bool:
+    return len(node.users) == 1
+
+
+class _Fuser:
+    def __init__(self, gm: fx.GraphModule, mode: str):
+        self.gm, self.graph, self.mode = gm, gm.graph, mode
+        self.scales = _Scales(gm)
+        self.fused: dict[fx.Node, dict] = {}  # op node -> record
+        self.out_vec: dict[fx.Node, fx.Node] = {}  # pattern-1 op node -> its out_mask vector node
+        self.stale: set[fx.Node] = set()
+
+    # ---- recognition -------------------------------------------------------------------------
+    def conv(self, node) -> tuple[nn.Conv2d, tuple] | None:
+        if not (isinstance(node, fx.Node) and node.op == "call_module" and len(node.args) == 1 and not node.kwargs):
+            return None
+        mod = self.gm.get_submodule(node.target)
+        geometry = _conv_geometry(mod)
+        return None if geometry is None else (mod, geometry)
+
+    def finite_step(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            mod = self.gm.get_submodule(node.target)
+            if isinstance(mod, nn.BatchNorm2d):
+                return mod.eps > 0
+            return isinstance(mod, _FINITE_MODULES)
+        if node.op == "call_function":
+            return node.target in _FINITE_FUNCS
+        return node.op == "call_method" and node.target in _FINITE_METHODS
+
+    def zero_step(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return isinstance(self.gm.get_submodule(node.target), _ZERO_MODULES)
+        if node.op == "call_function":
+            return node.target in _ZERO_FUNCS
+        return node.op == "call_method" and node.target in _ZERO_METHODS
+
+    # ---- emission ------------------------------------------------------------------------------
+    def copy_const(self, node: fx.Node, env: dict) -> fx.Node:
+        """Copy a constant expression at the current insertion point (so it precedes its user)."""
+        if node not in env:
+            for a in node.all_input_nodes:
+                self.copy_const(a, env)
+            env[node] = self.graph.node_copy(node, lambda a: env[a])
+            self.stale.add(node)
+        return env[node]
+
+    def vector(self, factors: list[_Factor], channels: int, env: dict) -> fx.Node:
+        """[C] vector of the product of `factors` (emitted at the insertion point)."""
+        out = None
+        for f in factors:
+            n = self.copy_const(f.node, env)
+            for shape in f.reshapes:
+                n = self.graph.call_function(torch.reshape, (n, shape))
+            out = n if out is None else self.graph.call_function(torch.mul, (out, n))
+        out = self.graph.call_function(torch.broadcast_to, (out, (1, channels, 1, 1)))
+        return self.graph.call_function(torch.reshape, (out, (channels,)))
+
+    def binary(self, vec: fx.Node, like: fx.Node) -> fx.Node:
+        ne = self.graph.call_function(torch.ne, (vec, 0))
+        return self.graph.call_method("type_as", (ne, like))
+
+    def emit_op(self, conv_node: fx.Node, mod: nn.Conv2d, geometry, mask_of) -> fx.Node:
+        stride, padding, dilation, groups = geometry
+        w = self.graph.get_attr(f"{conv_node.target}.weight")
+        b = self.graph.get_attr(f"{conv_node.target}.bias") if mod.bias is not None else None
+        mask = mask_of(w)
+        return self.graph.call_function(torch.ops.fxprune.masked_conv2d.default,
+                                        (conv_node.args[0], w, b, mask, stride, padding, dilation, groups),
+                                        {"in_mask": None, "hard": self.mode == "hard"})
+
+    # ---- patterns ------------------------------------------------------------------------------
+    def try_scale(self, mul: fx.Node) -> bool:
+        """Pattern 1: conv(x) * s -> masked_conv2d(x, W, b, s)."""
+        for i in (0, 1):
+            conv_node, s_node = mul.args[i], mul.args[1 - i]
+            found = self.conv(conv_node)
+            if found is None or not _single_user(conv_node):
+                continue
+            mod, geometry = found
+            factors = self.scales.channel_scale(s_node, mod.out_channels, mod.weight)
+            if factors is None:
+                continue
+            with self.graph.inserting_before(mul):
+                vec = self.vector([_Factor(s_node, (), False)], mod.out_channels, {})
+                op = self.emit_op(conv_node, mod, geometry, lambda w: vec)
+            mul.replace_all_uses_with(op)
+            self.graph.erase_node(mul)
+            self.graph.erase_node(conv_node)
+            self.stale.add(s_node)
+            self.fused[op] = {"conv": conv_node.name, "pattern": "scale", "in_mask": False}
+            self.out_vec[op] = vec
+            return True
+        return False
+
+    def try_after_norm(self, mul: fx.Node) -> bool:
+        """Pattern 2: conv -> BN/activations -> * s with constant factors: the conv gets out_mask."""
+        for i in (0, 1):
+            node, s_node = mul.args[i], mul.args[1 - i]
+            chain = []
+            while isinstance(node, fx.Node) and self.conv(node) is None:
+                if node.op not in ("call_module", "call_function", "call_method") or not self.finite_step(node):
+                    break
+                if not _single_user(node) or not node.args or not isinstance(node.args[0], fx.Node):
+                    break
+                chain.append(node)
+                node = node.args[0]
+            found = self.conv(node)
+            if not chain or found is None or not _single_user(node):
+                continue
+            mod, geometry = found
+            if any(not self.channelwise(n, mod.out_channels) for n in chain):
+                continue
+            factors = self.scales.channel_scale(s_node, mod.out_channels, mod.weight)
+            const = [f for f in factors or [] if f.constant]
+            if not const:
+                continue
+            with self.graph.inserting_before(node):
+                vec = self.vector(const, mod.out_channels, {})
+                op = self.emit_op(node, mod, geometry, lambda w: self.binary(vec, w))
+            node.replace_all_uses_with(op)
+            self.graph.erase_node(node)
+            self.fused[op] = {"conv": node.name, "pattern": "after_norm", "in_mask": False}
+            return True
+        return False
+
+    def channelwise(self, node: fx.Node, channels: int) -> bool:
+        """The step takes its tensor as the only tensor input (BN: of the right width)."""
+        if any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
+            return False
+        if node.op == "call_module":
+            mod = self.gm.get_submodule(node.target)
+            if isinstance(mod, nn.BatchNorm2d):
+                return mod.num_features == channels
+            if isinstance(mod, nn.PReLU):
+                return mod.num_parameters in (1, channels)
+        return True
+
+    def zero_sources(self, node, channels: int, like: torch.Tensor, seen: dict) -> list | None:
+        """Vectors v_1..v_k such that channel c of `node` is exactly zero wherever every v_i[c] == 0.
+
+        Each v is ("vec", node) (an existing [C] vector) or ("const", factors) (constant factors of
+        a mask, still to be emitted). None: no such guarantee.
+        """
+        if not isinstance(node, fx.Node) or node.op == "placeholder":
+            return None
+        if node in seen:
+            return seen[node]
+        seen[node] = None  # cycles cannot happen in a DAG; this also caches failures
+        found = None
+        if node in self.out_vec and self.mode == "hard":
+            found = [("vec", self.out_vec[node])]
+        elif _is_mul(node):
+            for i in (0, 1):
+                data, scale = node.args[i], node.args[1 - i]
+                if not isinstance(data, fx.Node) or self.scales.is_const(data):
+                    continue
+                const = [f for f in self.scales.channel_scale(scale, channels, like) or [] if f.constant]
+                if const:
+                    found = [("const", const)]
+                    break
+        elif _is_add(node):
+            a = self.zero_sources(node.args[0], channels, like, seen)
+            b = self.zero_sources(node.args[1], channels, like, seen) if a is not None else None
+            found = None if b is None else a + b
+        elif self.zero_step(node) and node.args and isinstance(node.args[0], fx.Node) and not any(
+                isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
+            found = self.zero_sources(node.args[0], channels, like, seen)
+        seen[node] = found
+        return found
+
+    def try_in_mask(self, op: fx.Node, seen: dict) -> None:
+        """Pattern 3: skip the input channels that upstream masks zero."""
+        w = op.args[1]  # weight get_attr
+        weight = self.scales.value(w)
+        channels = weight.shape[1] * op.args[7]
+        sources = self.zero_sources(op.args[0], channels, weight, seen)
+        if not sources:
+            return
+        with self.graph.inserting_before(op):
+            vecs = [v if kind == "vec" else self.vector(v, channels, {}) for kind, v in sources]
+            total = vecs[0]
+            for v in vecs[1:]:
+                total = self.graph.call_function(torch.add, (self.graph.call_function(torch.abs, (total,)),
+                                                             self.graph.call_function(torch.abs, (v,))))
+            op.update_kwarg("in_mask", self.binary(total, w))
+        self.fused[op]["in_mask"] = True
+
+    def try_input_only(self, node: fx.Node) -> None:
+        """Pattern 4 (candidate): any other conv becomes a masked conv with out_mask = 1, kept only
+        if pattern 3 finds zero input channels for it (`restore` undoes it otherwise)."""
+        found = self.conv(node)
+        if found is None:
+            return
+        mod, geometry = found
+        with self.graph.inserting_before(node):
+            op = self.emit_op(node, mod, geometry,
+                              lambda w: self.graph.call_method("new_ones", (w, (mod.out_channels,))))
+        op.meta["fxprune_conv"] = node
+        node.replace_all_uses_with(op)
+        self.fused[op] = {"conv": node.name, "pattern": "input_only", "in_mask": False}
+
+    def restore(self, op: fx.Node) -> None:
+        conv = op.meta.pop("fxprune_conv")
+        op.replace_all_uses_with(conv)
+        w, b, ones = op.args[1], op.args[2], op.args[3]
+        self.graph.erase_node(op)
+        for n in (ones, w, b):
+            if isinstance(n, fx.Node) and not n.users:
+                self.graph.erase_node(n)
+        del self.fused[op]
+
+    def drop_stale(self) -> None:
+        """Erase the scale expressions the rewrite left without users."""
+        pending, erased = list(self.stale), set()
+        while pending:
+            node = pending.pop()
+            if node in erased or node.users or node.op not in ("get_attr", "call_function", "call_method"):
+                continue
+            inputs = node.all_input_nodes
+            self.graph.erase_node(node)
+            erased.add(node)
+            pending.extend(inputs)
+
+    def run(self) -> list[dict]:
+        for node in list(self.graph.nodes):
+            if _is_mul(node) and not self.try_scale(node):
+                self.try_after_norm(node)
+        for node in list(self.graph.nodes):
+            self.try_input_only(node)
+        seen: dict = {}
+        for op in list(self.fused):
+            self.try_in_mask(op, seen)
+        for op in [op for op, r in self.fused.items() if r["pattern"] == "input_only"]:
+            if self.fused[op]["in_mask"]:
+                self.graph.erase_node(op.meta.pop("fxprune_conv"))
+            else:
+                self.restore(op)
+        self.drop_stale()
+        return [self.fused[op] | {"node": op.name} for op in self.graph.nodes if op in self.fused]
+
+
+def fuse_masked_convs(gm: fx.GraphModule, *, mode: str) -> fx.GraphModule:
+    """A copy of `gm` with mask multiplications fused into ``masked_conv2d`` (see module docstring).
+
+    `mode` is the gradient semantics of zero-mask channels in pattern 1: ``"hard"`` (zero means
+    pruned, no gradient; Gate Decorator) or ``"soft"`` (mask gradient everywhere; GAL's FISTA).
+    """
+    if mode not in MODES:
+        raise ConfigError(f"fuse_masked_convs: unknown mode {mode!r}: choose 'hard' (zero means pruned, "
+                          "Gate Decorator) or 'soft' (mask gradient everywhere, GAL)")
+    if not isinstance(gm, fx.GraphModule):
+        raise InputError(f"fuse_masked_convs takes a torch.fx.GraphModule, got {type(gm).__name__}; "
+                         "trace the model first (fxprune.trace(model).graph_module)")
+    import fxprune.kernels  # noqa: F401  (registers torch.ops.fxprune.masked_conv2d)
+
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
+    new.training = gm.training
+    records = _Fuser(new, mode).run()
+    new.graph.lint()
+    new.recompile()
+    new.meta[META] = records
+    return new
