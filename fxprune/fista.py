@@ -32,10 +32,19 @@ def soft_threshold(z: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 class FISTA(torch.optim.Optimizer):
-    def __init__(self, params, lr: float = 0.01, lam: float = 0.6, nonnegative: bool = True):
+    def __init__(self, params, lr: float = 0.01, lam: float = 0.6, nonnegative: bool = True, weights=None):
+        """`weights`: optional per-entry L1 weights, one tensor per parameter (threshold lr*lam*w)."""
         if lr <= 0 or lam < 0:
             raise ValueError(f"FISTA needs lr > 0 and lam >= 0 (got lr={lr}, lam={lam})")
-        super().__init__(params, {"lr": lr, "lam": lam, "nonnegative": nonnegative})
+        params = list(params)
+        if weights is not None:
+            weights = list(weights)
+            if len(weights) != len(params):
+                raise ValueError("FISTA weights: one tensor per parameter")
+            for p, w in zip(params, weights):
+                if w.shape != p.shape:
+                    raise ValueError(f"FISTA weight of shape {tuple(w.shape)} for a parameter of {tuple(p.shape)}")
+        super().__init__(params, {"lr": lr, "lam": lam, "nonnegative": nonnegative, "weights": weights})
 
     def restart(self) -> None:
         for state in self.state.values():
@@ -45,8 +54,8 @@ class FISTA(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            lr, lam = group["lr"], group["lam"]
-            for p in group["params"]:
+            lr, lam, weights = group["lr"], group["lam"], group["weights"]
+            for k, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 state = self.state[p]
@@ -61,7 +70,7 @@ class FISTA(torch.optim.Optimizer):
                     state["prev"] = p.detach().clone()
                     state["alpha"] = alpha_new
                 z = y - lr * p.grad
-                new = soft_threshold(z, lr * lam)
+                new = soft_threshold(z, lr * lam * (weights[k] if weights is not None else 1.0))
                 if group["nonnegative"]:
                     new.clamp_(min=0)
                 p.copy_(new)

@@ -23,6 +23,9 @@ exactly counted MACs of the zero-mask structure lag a linear path to the target 
 revives the newly zeroed masks with the largest previous values while the MACs stay at or under
 the target, and from then on the masks are frozen (the rest of the run trains the weights). If the
 run ends above the target, the smallest masks are zeroed (binary search on exact MACs).
+``flops_weighted=True`` (ours, off by default) weighs each mask's L1 term by the MACs it saves
+(relative to the mean), so cheap structures (a LeNet fc1 neuron: 0.8K MACs) are not pruned as
+eagerly as expensive ones (a conv1 filter: 94K) when the goal is FLOPs rather than parameters.
 
 Deliberate differences from the authors' code (each one an option):
 * the baseline runs in eval mode (theirs stays in train mode, so its BN statistics drift):
@@ -52,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from passes.gal_masks import INITS, STRUCTURES, SoftMaskedModel, insert_soft_masks
-from passes.gal_plan import MaskState, fold_masks, mask_state, state_macs
+from passes.gal_plan import fold_masks, mask_costs, mask_state, state_macs
 
 from .discriminator import DISCRIMINATORS, make_discriminator, output_features
 from .errors import ConfigError, TargetUnreachableError
@@ -82,6 +85,7 @@ class GALOptions:
     discriminator: str = "mlp"
     d_regularizer: bool = True
     teacher_mode: str = "eval"
+    flops_weighted: bool = False  # L1 weight of each mask entry = the MACs it saves / their mean
     lam_growth: float = 1.25  # lam multiplier per FISTA step while behind the FLOPs path
     target_at: float = 0.5  # fraction of the run by which the FLOPs target should be met
     finetune_epochs: int = 0  # after GAL, masks frozen: CE on labels if batches have them, else MSE
@@ -147,6 +151,7 @@ class _Run:
     fista: FISTA | None
     lam: float
     budget: float | None
+    l1_weights: list | None = None  # per mask parameter (flops_weighted), else None = all 1
     frozen: bool = False
     since_step: int = 0
     history: list = field(default_factory=list)
@@ -182,7 +187,8 @@ def _iteration(run: _Run, opts: GALOptions, inputs, targets, device, adversarial
         loss_g = loss_g + opts.adversarial_weight * _bce(run.disc(output_features(s)), 1.0)
     masks = run.masked.params()
     if not run.frozen and opts.l1_in_gradient and run.lam:
-        loss_g = loss_g + run.lam * sum(m.abs().sum() for m in masks)
+        weights = run.l1_weights or [1.0] * len(masks)
+        loss_g = loss_g + run.lam * sum((w * m.abs()).sum() for m, w in zip(masks, weights))
     if not torch.isfinite(loss_g) or not torch.isfinite(loss_d):
         raise TrainingError(f"GAL loss became non-finite (generator {float(loss_g)}, discriminator "
                             f"{float(loss_d)}): lower lr / mu or check the data")
@@ -352,8 +358,13 @@ def gal(analysis, data: Iterable, flops: float, opts: GALOptions, teacher_source
     disc = make_discriminator(opts.discriminator, features, dtype, device)
     opt_d = torch.optim.SGD(disc.parameters(), lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
     budget = flops * cost.total_macs if flops < 1 else None
-    run = _Run(masked, teacher, disc, opt_g, opt_d, FISTA(masked.params(), opts.mask_lr or opts.lr, opts.lam),
-               opts.lam, budget)
+    l1_weights = None
+    if opts.flops_weighted:
+        costs = mask_costs(channels, cost, masked)
+        mean = float(torch.cat([c.reshape(-1) for c in costs]).mean()) or 1.0
+        l1_weights = [(c / mean).to(dtype=dtype, device=device) for c in costs]
+    fista = FISTA(masked.params(), opts.mask_lr or opts.lr, opts.lam, weights=l1_weights)
+    run = _Run(masked, teacher, disc, opt_g, opt_d, fista, opts.lam, budget, l1_weights)
     was_training = channels.gm.training
     rows = _loop(run, opts, channels, cost, data, opts.epochs, opts.lr, adversarial=True, loss_kind="mse",
                  device=device)
@@ -374,6 +385,7 @@ def gal(analysis, data: Iterable, flops: float, opts: GALOptions, teacher_source
     details = {
         "structures": list(opts.structures), "discriminator": opts.discriminator,
         "lam_initial": opts.lam, "lam_final": run.lam, "reached_by": reached_by,
+        "flops_weighted": opts.flops_weighted,
         "macs_ratio": state_macs(cost, state) / cost.total_macs,
         "masks": {"channel_groups": len(masked.channel), "blocks": len(masked.blocks),
                   "branches": len(masked.branches)},

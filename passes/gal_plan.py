@@ -101,6 +101,20 @@ def state_macs(cost, state: MaskState) -> float:
     return cost.macs(state.keep_roots, state.removed_nodes)
 
 
+def mask_costs(analysis, cost, masked: SoftMaskedModel) -> list[torch.Tensor]:
+    """MACs each mask entry saves when it alone goes to zero (from the full model), one tensor per
+    mask parameter: a channel unit its group's per-unit share, a block/branch its branch's MACs."""
+    total = cost.total_macs
+    out = []
+    for m in masked.channel:
+        group = analysis.groups[m.group]
+        saved = total - cost.macs(analysis.keep_roots({m.group: range(1, group.n_units)}))
+        out.append(torch.full((group.n_units,), float(saved)))
+    for s in masked.scalar:
+        out.append(torch.tensor(float(s.macs)))
+    return out
+
+
 def _single_call(gm: fx.GraphModule, target: str) -> bool:
     return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target) == 1
 
