@@ -12,12 +12,15 @@ GAL itself never sees a label (the generator learns from the baseline's logits a
 discriminator); the labels are used for the baseline's training, the optional fine-tune after
 pruning and the test accuracy.
 
-Scaled schedule (authors' CIFAR-10 settings in brackets): GAL runs `epochs` passes over a
-training subset [100 epochs on all 50k], batch 128 [128], lr 0.01 for generator, discriminator
+Scaled schedule (authors' CIFAR-10 settings in brackets). Baselines: LeNet 6 epochs on the 50k
+training split, ResNet-20 / Inception-mini 2 epochs on 10k, SGD cosine from 0.05. GAL: LeNet 3
+epochs on 50k, ResNet-20 / Inception-mini 3 epochs on 5k [100 epochs on all 50k], batch 128 [128], lr 0.01 for generator, discriminator
 and FISTA with x0.1 at 30/60/90% of the run [epochs 30/60/90], FISTA every 20 iterations [200],
 lam starting at the authors' value and steered towards the FLOPs target (see `fxprune/gal.py`)
 [fixed lam, no FLOPs target], mu 1 [1 for ResNet, 0.1 for VGG/GoogLeNet]; fine-tune 1-2 epochs of
-cross-entropy, SGD lr 1e-2 cosine [100 epochs at 1e-4 / 1e-5].
+cross-entropy, SGD lr 1e-2 cosine: LeNet 3 epochs on 50k, the others 1 epoch on 10k [100 epochs
+at 1e-4 / 1e-5]. LeNet is run three times: FLOPs-weighted L1 with our MLP discriminator, the same
+with the authors' linear discriminator, and the authors' plain L1 with the MLP.
 """
 from __future__ import annotations
 
@@ -67,7 +70,9 @@ def run_gal(base, target, data, ft_data, test, ft_epochs, **options):
     r = slim.fxprune_report
     d = r.details
     widths = "-".join(str(k) for k, _ in d["widths"].values()) if d["widths"] else "-"
-    return {"structures": "+".join(options["structures"]), "target": target, "acc_gal": before, "acc_ft": after,
+    label = "+".join(options["structures"]) + (", FLOPs-weighted L1" if options.get("flops_weighted") else "")
+    label += f", {options.get('discriminator', 'mlp')} D"
+    return {"structures": label, "target": target, "acc_gal": before, "acc_ft": after,
             "macs": r.macs_after, "macs_ratio": r.macs_ratio, "params": r.params_after,
             "params_ratio": r.params_after / r.params_before, "blocks_removed": len(d["removed_blocks"]),
             "blocks": d["masks"]["blocks"], "branches_removed": len(d["removed_branches"]),
@@ -131,13 +136,15 @@ def main() -> None:
     q = args.quick
     plan = {
         "lenet": ("LeNet-5 (20-50-500)", "fxprune:lenet5",
-                  (2000, 1, 0.05, 1000, 1, 1) if q else (50000, 4, 0.05, 50000, 4, 2),
-                  [(0.25, {"structures": ("channel",), "mu": 1.0})]),
+                  (2000, 1, 0.05, 1000, 1, 1) if q else (50000, 6, 0.05, 50000, 3, 3),
+                  [(0.25, {"structures": ("channel",), "flops_weighted": True}),
+                   (0.25, {"structures": ("channel",), "flops_weighted": True, "discriminator": "authors"}),
+                   (0.25, {"structures": ("channel",)})]),
         "resnet": ("ResNet-20 (option B)", "fxprune:resnet20",
-                   (2000, 1, 0.05, 1000, 1, 1) if q else (20000, 2, 0.05, 10000, 3, 1),
+                   (2000, 1, 0.05, 1000, 1, 1) if q else (10000, 2, 0.05, 5000, 3, 1),
                    [(0.6, {"structures": ("block",)}), (0.4, {"structures": ("block", "channel")})]),
         "inception": ("Inception-mini (2 modules x 4 branches)", "fxprune:inception_mini",
-                      (2000, 1, 0.05, 1000, 1, 1) if q else (20000, 2, 0.05, 10000, 3, 1),
+                      (2000, 1, 0.05, 1000, 1, 1) if q else (10000, 2, 0.05, 5000, 3, 1),
                       [(0.6, {"structures": ("branch",), "mu": 0.1})]),
     }
     start = time.time()

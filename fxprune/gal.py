@@ -85,6 +85,7 @@ class GALOptions:
     discriminator: str = "mlp"
     d_regularizer: bool = True
     teacher_mode: str = "eval"
+    fused_kernels: bool = False  # generator through torch.ops.fxprune.masked_conv2d (soft, hard once frozen)
     flops_weighted: bool = False  # L1 weight of each mask entry = the MACs it saves / their mean
     lam_growth: float = 1.25  # lam multiplier per FISTA step while behind the FLOPs path
     target_at: float = 0.5  # fraction of the run by which the FLOPs target should be met
@@ -152,6 +153,8 @@ class _Run:
     lam: float
     budget: float | None
     l1_weights: list | None = None  # per mask parameter (flops_weighted), else None = all 1
+    fused: bool = False
+    forward: nn.Module | None = None  # what runs the generator: masked.module or its fused copy
     frozen: bool = False
     since_step: int = 0
     history: list = field(default_factory=list)
@@ -166,10 +169,9 @@ def _lr_factor(opts: GALOptions, progress: float) -> float:
 
 
 def _iteration(run: _Run, opts: GALOptions, inputs, targets, device, adversarial: bool, loss_kind: str):
-    gen = run.masked.module
     with torch.no_grad():
         t = _call(run.teacher, inputs, device)
-    s = _call(gen, inputs, device)
+    s = _call(run.forward, inputs, device)
     loss_d = torch.zeros(())
     if adversarial:
         ft, fs = output_features(t), output_features(s)
@@ -271,7 +273,7 @@ def _mask_step(run: _Run, opts: GALOptions, analysis, cost, progress: float, it:
         if ratio * cost.total_macs <= run.budget:
             _revive(analysis, cost, run.masked, before, run.budget)
             ratio = state_macs(cost, mask_state(analysis, run.masked)) / cost.total_macs
-            run.frozen = True
+            _freeze(run)
         else:
             target = run.budget / cost.total_macs
             path = 1 - (1 - target) * min(1.0, progress / opts.target_at)
@@ -279,6 +281,24 @@ def _mask_step(run: _Run, opts: GALOptions, analysis, cost, progress: float, it:
                 run.lam *= opts.lam_growth
     run.history.append({"iteration": it, "progress": round(progress, 4), "macs_ratio": ratio, "lam": run.lam,
                         "frozen": run.frozen})
+
+
+def _generator(run: _Run) -> nn.Module:
+    """The module the generator runs: the masked graph, or its copy with masked convs fused (soft
+    gradients while the masks learn; hard once they are frozen, so zero channels cost nothing)."""
+    if not run.fused:
+        return run.masked.module
+    from passes.fuse_masked_conv import fuse_masked_convs
+
+    return fuse_masked_convs(run.masked.module, mode="hard" if run.frozen else "soft")
+
+
+def _freeze(run: _Run) -> None:
+    run.frozen = True
+    for m in run.masked.params():
+        m.requires_grad_(False)
+        m.grad = None
+    run.forward = _generator(run)
 
 
 def _loop(run: _Run, opts: GALOptions, analysis, cost, data, epochs: int, lr: float, *, adversarial: bool,
@@ -295,6 +315,7 @@ def _loop(run: _Run, opts: GALOptions, analysis, cost, data, epochs: int, lr: fl
     mask_lr = opts.mask_lr or opts.lr
     it, rows, last_factor = 0, [], 1.0
     run.masked.module.train()
+    run.forward.train()
     for epoch in range(epochs):
         sums, seen = np.zeros(3), 0
         for k, batch in enumerate(_batches(data, epoch, opts.seed)):
@@ -364,7 +385,8 @@ def gal(analysis, data: Iterable, flops: float, opts: GALOptions, teacher_source
         mean = float(torch.cat([c.reshape(-1) for c in costs]).mean()) or 1.0
         l1_weights = [(c / mean).to(dtype=dtype, device=device) for c in costs]
     fista = FISTA(masked.params(), opts.mask_lr or opts.lr, opts.lam, weights=l1_weights)
-    run = _Run(masked, teacher, disc, opt_g, opt_d, fista, opts.lam, budget, l1_weights)
+    run = _Run(masked, teacher, disc, opt_g, opt_d, fista, opts.lam, budget, l1_weights, opts.fused_kernels)
+    run.forward = _generator(run)
     was_training = channels.gm.training
     rows = _loop(run, opts, channels, cost, data, opts.epochs, opts.lr, adversarial=True, loss_kind="mse",
                  device=device)
@@ -373,7 +395,7 @@ def gal(analysis, data: Iterable, flops: float, opts: GALOptions, teacher_source
         _threshold_to(channels, cost, masked, budget, flops)
         reached_by = "threshold at the end"
     if opts.finetune_epochs:
-        run.frozen = True
+        _freeze(run)
         has_labels = _split(next(iter(data)))[1] is not None
         run.opt_g = torch.optim.SGD(weights, lr=opts.finetune_lr, momentum=opts.momentum,
                                     weight_decay=opts.weight_decay)
