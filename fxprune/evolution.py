@@ -9,7 +9,8 @@ either with probability 1/2), then random genomes up to `population`. Every gene
 rejected if it is a duplicate (seen before or already in the generation) or infeasible (the hard
 constraint, by rejection). When rejection sampling cannot find random feasible genomes (a tight
 constraint), random genomes are *repaired*: random genes are stepped down until feasible, which
-works for any constraint that shrinking a width never breaks (FLOPs, params, latency).
+suits upper limits (FLOPs, params, latency: shrinking a width never breaks them); a walk that
+steps past a lower limit (`min_flops`) is dropped and another one tried.
 
 Example::
 
@@ -118,9 +119,8 @@ def _random_fill(gen: _Generation, space, cfg, rng, target: int, ratio_sampler: 
         repairs += 1
         g = ratio_sampler(rng) if ratio_sampler else tuple(int(rng.integers(n)) for n in space)
         fixed = repair(g, gen.feasible, rng)
-        if fixed is None:
-            return
-        gen.offer(fixed)
+        if fixed is not None:  # None: this walk stepped past a lower limit (or nothing is feasible)
+            gen.offer(fixed)
 
 
 def _summary(generation: int, new: list, cache: dict, key: Callable, summarize: tuple, population: int,

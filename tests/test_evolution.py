@@ -101,6 +101,17 @@ def test_tight_constraint_is_filled_by_repair():
     assert sum(result.best) <= 2
 
 
+def test_a_band_constraint_is_kept():
+    # the authors' ResNet search keeps FLOPs in a band [min, max]: repair walks that overshoot the
+    # lower limit are dropped, the others fill the population
+    space = (31,) * 10
+    evaluate, _, calls = _problem(space, 0)
+    band = lambda g: 40 <= sum(g) <= 44  # noqa: E731
+    result = evolve(space, evaluate, band, EvolutionConfig(population=12, generations=3, parents=4, mutations=4,
+                                                           crossovers=4))
+    assert len(calls) >= 12 and all(band(g) for g in calls) and band(result.best)
+
+
 def test_ratio_sampler_limits_the_initial_population():
     space = (31,) * 4
     seen = []

@@ -243,13 +243,12 @@ def test_latency_table_predicts_measured_latency():
     table = LatencyTable(a.channels, enc, a.inputs, rounds=5)
     table.calibrate([enc.full(), enc.smallest()])
     rng = np.random.default_rng(0)
-    errors = []
-    for genome in [enc.uniform(0.5), enc.random(rng), enc.random(rng)]:
-        predicted, measured = table.predict(genome), table.measure_genome(genome)
-        errors.append(abs(predicted - measured) / measured)
-    # stated tolerance: 25% (fastest-of-rounds timings on a CPU shared with other jobs)
-    assert min(errors) <= 0.25, errors
-    assert sorted(errors)[1] <= 0.4, errors
+    genomes = [enc.uniform(0.5), enc.random(rng), enc.random(rng)]
+    measured = table.measure_many([apply_plan(a.channels, PruningPlan(keep=enc.keep(g))) for g in genomes])
+    errors = [abs(table.predict(g) - m) / m for g, m in zip(genomes, measured)]
+    # stated tolerance: 25% (fastest-of-rounds timings, one thread, on a CPU shared with other jobs;
+    # quiet or loaded, this machine gives 0-8%)
+    assert max(errors) <= 0.25, errors
     assert table.predict(enc.full()) > table.predict(enc.smallest())
     restored = LatencyTable(a.channels, enc, a.inputs)
     restored.load_dict(table.to_dict())
