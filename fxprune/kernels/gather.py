@@ -36,7 +36,8 @@ class Selection:
 
     out_idx / in_idx: gathered output / input channels (None: all of them, nothing gathered);
     groups: the gathered conv's groups; col_flag: [n_out, in/groups] 0/1 multipliers of the
-    gathered filters' input columns (grouped convs with an input mask), or None.
+    gathered filters' input columns (grouped convs with an input mask), or None; gather_cols:
+    in_idx also selects the filters' input columns (ungrouped convs).
     """
 
     out_idx: Tensor | None
@@ -44,6 +45,7 @@ class Selection:
     groups: int
     col_flag: Tensor | None
     n_out: int
+    gather_cols: bool = False
 
 
 def _nonzero(flags: Tensor) -> Tensor:
@@ -60,7 +62,7 @@ def select(chans: Tensor, in_active: Tensor | None, groups: int, cin: int, cout:
         if in_active is not None:
             in_idx = _nonzero(in_active)
             in_idx = None if in_idx.numel() == cin else in_idx
-        return Selection(out_idx, in_idx, 1, None, n)
+        return Selection(out_idx, in_idx, 1, None, n, gather_cols=in_idx is not None)
     opg, ipg = cout // groups, cin // groups
     live = _nonzero(chans.reshape(groups, opg).any(1))
     n_groups = live.numel()
@@ -80,7 +82,7 @@ def _gathered(sel: Selection, x: Tensor, weight: Tensor, bias: Tensor | None, ma
     m = mask if sel.out_idx is None else mask.index_select(0, sel.out_idx)
     b = None if bias is None else (bias if sel.out_idx is None else bias.index_select(0, sel.out_idx))
     xs = x if sel.in_idx is None else x.index_select(1, sel.in_idx)
-    if sel.in_idx is not None and sel.groups == 1:
+    if sel.gather_cols:
         w = w.index_select(1, sel.in_idx)
     if sel.col_flag is not None:
         w = w * sel.col_flag[:, :, None, None].to(w.dtype)
@@ -129,7 +131,7 @@ def _scatter(full_shape, like: Tensor, idx: Tensor | None, part: Tensor, dim: in
 
 def _weight_grad(weight: Tensor, sel: Selection, part: Tensor) -> Tensor:
     """dL/dW: rows `out_idx` (and, for groups == 1, columns `in_idx`) from `part`, zero elsewhere."""
-    if sel.in_idx is not None and sel.groups == 1:
+    if sel.gather_cols:
         part = _scatter((part.shape[0], weight.shape[1], *part.shape[2:]), part, sel.in_idx, part, 1)
     return _scatter(weight.shape, weight, sel.out_idx, part, 0)
 
