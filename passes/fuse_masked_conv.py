@@ -57,6 +57,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+import fxprune.kernels  # noqa: F401  (registers torch.ops.fxprune.masked_conv2d)
 from fxprune.errors import ConfigError, InputError
 
 MODES = ("hard", "soft")
@@ -478,8 +479,6 @@ def fuse_masked_convs(gm: fx.GraphModule, *, mode: str) -> fx.GraphModule:
     if not isinstance(gm, fx.GraphModule):
         raise InputError(f"fuse_masked_convs takes a torch.fx.GraphModule, got {type(gm).__name__}; "
                          "trace the model first (fxprune.trace(model).graph_module)")
-    import fxprune.kernels  # noqa: F401  (registers torch.ops.fxprune.masked_conv2d)
-
     new = fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
     new.training = gm.training
     records = _Fuser(new, mode).run()
