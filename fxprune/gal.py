@@ -23,9 +23,10 @@ exactly counted MACs of the zero-mask structure lag a linear path to the target 
 revives the newly zeroed masks with the largest previous values while the MACs stay at or under
 the target, and from then on the masks are frozen (the rest of the run trains the weights). If the
 run ends above the target, the smallest masks are zeroed (binary search on exact MACs).
-``flops_weighted=True`` (ours, off by default) weighs each mask's L1 term by the MACs it saves
-(relative to the mean), so cheap structures (a LeNet fc1 neuron: 0.8K MACs) are not pruned as
-eagerly as expensive ones (a conv1 filter: 94K) when the goal is FLOPs rather than parameters.
+``flops_weighted=p`` (ours, 0 = off by default) weighs each mask's L1 term by (the MACs it saves /
+their mean) ** p, so cheap structures (a LeNet fc1 neuron: 0.8K MACs) are not pruned as eagerly
+as expensive ones (a conv1 filter: 94K) when the goal is FLOPs rather than parameters; p = 1 is
+the linear cost weighting, p = 0.5 a softer one.
 
 Deliberate differences from the authors' code (each one an option):
 * the baseline runs in eval mode (theirs stays in train mode, so its BN statistics drift):
@@ -86,7 +87,7 @@ class GALOptions:
     d_regularizer: bool = True
     teacher_mode: str = "eval"
     fused_kernels: bool = False  # generator through torch.ops.fxprune.masked_conv2d (soft, hard once frozen)
-    flops_weighted: bool = False  # L1 weight of each mask entry = the MACs it saves / their mean
+    flops_weighted: float = 0.0  # L1 weight of a mask entry = (MACs it saves / their mean) ** this; 0: all 1
     lam_growth: float = 1.25  # lam multiplier per FISTA step while behind the FLOPs path
     target_at: float = 0.5  # fraction of the run by which the FLOPs target should be met
     finetune_epochs: int = 0  # after GAL, masks frozen: CE on labels if batches have them, else MSE
@@ -106,6 +107,10 @@ class GALOptions:
                                      ("teacher_mode", self.teacher_mode, ("eval", "train"))):
             if value not in choices:
                 raise ConfigError(f"GAL {name}={value!r}: choose one of {', '.join(choices)}")
+        if isinstance(self.flops_weighted, bool):
+            self.flops_weighted = float(self.flops_weighted)
+        if self.flops_weighted < 0:
+            raise ConfigError(f"GAL flops_weighted={self.flops_weighted}: an exponent >= 0 (0 = plain L1)")
         if self.epochs < 1 or self.mask_step < 1 or self.lr <= 0 or self.lam < 0 or self.lam_growth < 1:
             raise ConfigError("GAL needs epochs >= 1, mask_step >= 1, lr > 0, lam >= 0 and lam_growth >= 1")
 
@@ -383,7 +388,7 @@ def gal(analysis, data: Iterable, flops: float, opts: GALOptions, teacher_source
     if opts.flops_weighted:
         costs = mask_costs(channels, cost, masked)
         mean = float(torch.cat([c.reshape(-1) for c in costs]).mean()) or 1.0
-        l1_weights = [(c / mean).to(dtype=dtype, device=device) for c in costs]
+        l1_weights = [((c / mean) ** float(opts.flops_weighted)).to(dtype=dtype, device=device) for c in costs]
     fista = FISTA(masked.params(), opts.mask_lr or opts.lr, opts.lam, weights=l1_weights)
     run = _Run(masked, teacher, disc, opt_g, opt_d, fista, opts.lam, budget, l1_weights, opts.fused_kernels)
     run.forward = _generator(run)
