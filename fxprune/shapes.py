@@ -29,6 +29,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.utils.stateless import _reparametrize_module
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import InputError
@@ -69,12 +70,58 @@ def _mutable(value: Any) -> Any:
     return value
 
 
+# Modules whose output is a tensor shaped, typed and laid out like their single input, and in which
+# FlopCounterMode counts no MACs. On meta tensors their kernels are Python decompositions and
+# reference implementations (a BatchNorm costs ~1 ms, a third of resnet50's shape propagation), so
+# `_Propagator` writes the output spec directly: `torch.empty_like(input)`. Exact types only (a
+# subclass may override forward), no hooks, and the checks their own forward would make first.
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.GELU,
+    nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+)
+_NORM_NDIM = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+
+
+def _same_shape_module(mod: nn.Module, x: Any) -> bool:
+    """`mod(x)` is known to be `empty_like(x)` on the meta device (see `_ELEMENTWISE_MODULES`)."""
+    if not isinstance(x, torch.Tensor) or x.device.type != "meta" or mod._forward_hooks or mod._forward_pre_hooks:
+        return False
+    cls = type(mod)
+    if cls in _ELEMENTWISE_MODULES:
+        return True
+    if cls in _NORM_NDIM:
+        return x.ndim in _NORM_NDIM[cls] and x.shape[1] == mod.num_features and x.is_floating_point()
+    if cls is nn.LayerNorm:
+        n = len(mod.normalized_shape)
+        return x.is_floating_point() and tuple(x.shape[x.ndim - n:]) == tuple(mod.normalized_shape)
+    if cls is nn.GroupNorm:
+        return x.is_floating_point() and x.ndim >= 2 and x.shape[1] == mod.num_channels
+    return False
+
+
+def _module_hooks_installed() -> bool:
+    """Global module hooks (a profiler's, a user's) must see every call: then no shortcut."""
+    from torch.nn.modules import module as _m
+
+    return any(getattr(_m, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+        "_global_forward_hooks_always_called"))
+
+
 class _Propagator(fx.Interpreter):
     """Records each node's output spec and the MACs FlopCounterMode saw while it ran."""
 
-    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode):
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode, shortcuts: bool = False):
         super().__init__(gm)
         self.counter = counter
+        self.shortcuts = shortcuts
+
+    def call_module(self, target, args, kwargs):
+        if self.shortcuts and len(args) == 1 and not kwargs:
+            mod = self.submodules[target] if target in self.submodules else self.module.get_submodule(target)
+            if _same_shape_module(mod, args[0]):
+                return torch.empty_like(args[0])
+        return super().call_module(target, args, kwargs)
 
     def fetch_args_kwargs_from_env(self, n: fx.Node):
         """Plain lists/dicts, as the generated code passes them: fx's immutable containers break
@@ -118,9 +165,10 @@ def standard_attention_path():
 
 def _run(gm: fx.GraphModule, inputs: ExampleInputs) -> None:
     flat_args = _flat_placeholder_args(gm, inputs)
+    shortcuts = not _module_hooks_installed()  # before the counter installs its own module hooks
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), standard_attention_path(), counter:
-        _Propagator(gm, counter).run(*flat_args)
+        _Propagator(gm, counter, shortcuts).run(*flat_args)
 
 
 def _run_on_meta(gm: fx.GraphModule, inputs: ExampleInputs) -> None:

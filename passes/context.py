@@ -5,7 +5,7 @@ Every channel slot the analysis sees gets an integer *element id*. A tensor's ch
 where one channel becomes H*W features). Handlers *couple* elements that must be pruned together
 (a residual add couples its operands elementwise), *mark* elements that must stay (a boundary),
 and record *members*: parameter/buffer slices `(target, dim)` whose index j belongs to `ids[j]`.
-The connected components of the coupling graph (networkx) are the prunable units.
+The connected components of the coupling graph (union-find) are the prunable units.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Dependency analysis: which channel slots must be pruned together.
 
 `analyze_dependencies(gm)` walks a shape-propagated GraphModule once, calling the handler of each
-node (see `passes.ops`). The couplings form a graph whose connected components (networkx) are the
+node (see `passes.ops`). The couplings form a graph whose connected components (union-find) are the
 *units* — the smallest things that can be pruned. Units touching exactly the same parameter slots
 form a *channel group*: e.g. in a ResNet stage every block's output conv, its BN, the shortcut and
 the next blocks' input convs share one group. A group with any unit behind a boundary (model
@@ -24,7 +24,6 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-import networkx as nx
 import numpy as np
 import torch.fx as fx
 from torch import nn
@@ -165,17 +164,30 @@ def _ignored(target: str, gm: fx.GraphModule, ignore: list) -> bool:
 
 
 def _components(n: int, edges: list) -> np.ndarray:
-    root = np.arange(n, dtype=np.int64)
+    """Root (smallest id) of each element's connected component under the couplings.
+
+    Union-find in whole-array steps: hook the larger root of every unresolved edge onto the
+    smaller (so parent[i] <= i always: no cycles), then jump pointers until every element points
+    at its root; repeat with the edges whose ends still have different roots. A few rounds, each
+    a handful of numpy operations over the edges (resnet50: 16k edges, about 1 ms).
+    """
+    parent = np.arange(n, dtype=np.int64)
     if not edges:
-        return root
+        return parent
     a = np.concatenate([e[0] for e in edges])
     b = np.concatenate([e[1] for e in edges])
-    graph = nx.Graph()
-    graph.add_edges_from(zip(a.tolist(), b.tolist()))
-    for comp in nx.connected_components(graph):
-        ids = np.fromiter(comp, dtype=np.int64, count=len(comp))
-        root[ids] = ids.min()
-    return root
+    while True:
+        ra, rb = parent[a], parent[b]
+        unresolved = ra != rb
+        if not unresolved.any():
+            return parent
+        a, b, ra, rb = a[unresolved], b[unresolved], ra[unresolved], rb[unresolved]
+        np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
+        while True:
+            jumped = parent[parent]
+            if np.array_equal(jumped, parent):
+                break
+            parent = jumped
 
 
 def _reasons(n: int, root: np.ndarray, marks: list) -> tuple[np.ndarray, list[str]]:
@@ -195,17 +207,29 @@ def _reasons(n: int, root: np.ndarray, marks: list) -> tuple[np.ndarray, list[st
 
 def _build_groups(members: list[Member], root: np.ndarray, reason_of: np.ndarray,
                   texts: list[str], node_order: dict[str, int]) -> list[ChannelGroup]:
-    """Groups in graph order of the node that registered their leading member."""
+    """Groups in graph order of the node that registered their leading member.
+
+    Units (roots) fall in one group when exactly the same members touch them and they share a
+    reason: each root gets a signature, the sum of random 64-bit weights of its members (each
+    member once), and groups are the distinct (signature, reason) pairs. A member's distinct roots
+    are found without sorting: after ``last[roots] = arange(len(roots))`` exactly one position of
+    each root still reads back its own index.
+    """
+    if not members:
+        return []
     first_node = {m.target: node_order[m.node] for m in members}
     rng = np.random.default_rng(0)
     weights = rng.integers(1, 2**63 - 1, size=len(members), dtype=np.int64).astype(np.uint64)
     member_roots = [root[m.ids] for m in members]
     signature = np.zeros(len(root), dtype=np.uint64)
     present = np.zeros(len(root), dtype=bool)
+    last = np.empty(len(root), dtype=np.int64)
     for k, roots in enumerate(member_roots):
-        uniq = np.unique(roots)
-        signature[uniq] += weights[k]
-        present[uniq] = True
+        idx = np.arange(len(roots))
+        last[roots] = idx
+        distinct = roots[last[roots] == idx]
+        signature[distinct] += weights[k]
+        present[distinct] = True
     unit_roots = np.nonzero(present)[0]
     keys = np.stack([signature[unit_roots], reason_of[unit_roots].astype(np.uint64)], axis=1)
     _, group_of_unit = np.unique(keys, axis=0, return_inverse=True)
@@ -217,20 +241,22 @@ def _build_groups(members: list[Member], root: np.ndarray, reason_of: np.ndarray
     raw: list[list] = [[] for _ in range(n_groups)]
     for m, roots in zip(members, member_roots):
         g_of_pos = gid[roots]
+        if len(roots) and (g_of_pos == g_of_pos[0]).all():  # the common case: one group
+            raw[int(g_of_pos[0])].append((m, np.arange(len(roots)), roots))
+            continue
         order = np.argsort(g_of_pos, kind="stable")
-        bounds = np.searchsorted(g_of_pos[order], np.arange(n_groups + 1))
-        for g in np.unique(g_of_pos):
-            pos = order[bounds[g]:bounds[g + 1]]
-            raw[g].append((m, pos, roots[pos]))
+        cuts = np.flatnonzero(np.diff(g_of_pos[order])) + 1
+        for pos in np.split(order, cuts):
+            raw[int(g_of_pos[pos[0]])].append((m, pos, roots[pos]))
 
+    unit_pos = np.full(len(root), -1, dtype=np.int64)
     groups = []
-    for g, entries in enumerate(raw):
+    for entries in raw:
         lead = next((e for e in entries if e[0].role == "out"), entries[0])
         _, first = np.unique(lead[2], return_index=True)
         units = lead[2][np.sort(first)]
-        unit_index = {int(u): i for i, u in enumerate(units)}
-        lookup = np.vectorize(unit_index.__getitem__, otypes=[np.int64])
-        group_members = [GroupMember(m.target, m.dim, m.role, pos, lookup(r)) for m, pos, r in entries]
+        unit_pos[units] = np.arange(len(units))
+        group_members = [GroupMember(m.target, m.dim, m.role, pos, unit_pos[r]) for m, pos, r in entries]
         reason_k = reason_of[units[0]]
         groups.append(ChannelGroup(len(groups), units, group_members, bool(reason_k == -1),
                                    None if reason_k == -1 else texts[reason_k]))

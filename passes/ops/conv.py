@@ -15,9 +15,11 @@ from .registry import OpHandler, get_arg, get_attr_target, register_function, re
 
 
 def _couple_groups(ctx, in_ids: np.ndarray, out_ids: np.ndarray, groups: int) -> None:
-    ipg, opg = len(in_ids) // groups, len(out_ids) // groups
-    for g in range(groups):
-        ctx.couple_all(np.concatenate([in_ids[g * ipg:(g + 1) * ipg], out_ids[g * opg:(g + 1) * opg]]))
+    """Each group's input and output elements form one unit: all coupled to the group's first
+    element, for all groups in one call (a depthwise conv has as many groups as channels)."""
+    rows = np.concatenate([in_ids.reshape(groups, -1), out_ids.reshape(groups, -1)], axis=1)
+    if rows.shape[1] > 1:
+        ctx.couple(np.repeat(rows[:, 0], rows.shape[1] - 1), rows[:, 1:].reshape(-1))
 
 
 def analyze_conv(ctx, node, x, weight, bias, groups: int, spatial: int, transposed: bool):

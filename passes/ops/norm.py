@@ -4,6 +4,8 @@ so those channels stay (pruning one would change every other channel's output).
 """
 from __future__ import annotations
 
+import numpy as np
+
 import torch.nn.functional as F
 from torch import nn
 
@@ -55,9 +57,9 @@ class PerChannelNormFunction(OpHandler):
 
 def _group_norm(ctx, node, x, num_groups: int, targets: list[str]) -> Layout:
     ids = ctx.ids_on(x, 1, node)
-    per = len(ids) // num_groups
-    for g in range(num_groups):
-        ctx.couple_all(ids[g * per:(g + 1) * per])
+    rows = ids.reshape(num_groups, -1)  # one unit per group, all groups coupled in one call
+    if rows.shape[1] > 1:
+        ctx.couple(np.repeat(rows[:, 0], rows.shape[1] - 1), rows[:, 1:].reshape(-1))
     for t in targets:
         ctx.member(t, 0, ids, "channel", node)
     return Layout(1, ids)
