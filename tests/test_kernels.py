@@ -76,6 +76,24 @@ def test_forward_equals_conv_times_mask_with_exact_zeros(name, density):
 
 
 @pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_forward_scatter_by_plane_copies(name, monkeypatch):
+    """Large channel planes are gathered and scattered by slice copies instead of index_select /
+    index_copy_: same values and gradients."""
+    from fxprune.kernels import gather
+
+    monkeypatch.setattr(gather, "_PLANE_COPY_MIN", 0)
+    x, w, b, m, im, conf = make(name, 0.5, torch.float32)
+    m[0], m[-1] = 0.0, 1.0  # a leading zero run and a trailing live run
+    y = op(x, w, b, m, im, conf)
+    ref = reference(x, w, b, m, im, conf)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert torch.equal(y[:, m == 0], torch.zeros_like(y[:, m == 0]))
+    b64, im64 = (None if t is None else t.double() for t in (b, im))
+    assert torch.autograd.gradcheck(lambda x, w, m: op(x, w, b64, m, im64, conf, hard=False),
+                                    tuple(t.double().requires_grad_() for t in (x, w, m)), fast_mode=True)
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
 def test_gradcheck_float64(name):
     x, w, b, m, im, conf = make(name)
     inputs = [t.requires_grad_() for t in (x, w, b) if t is not None]

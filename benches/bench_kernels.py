@@ -1,0 +1,264 @@
+"""Masked conv speed: eager conv2d-then-multiply vs the fused op vs conv2d on physically sliced weights.
+
+Run the whole sweep (markdown tables for docs/kernels.md; picks CUDA when present)::
+
+    python benches/bench_kernels.py                 # every layer, densities, fp32/bf16, fwd and fwd+bwd
+    python benches/bench_kernels.py --batch 8 --threads 2 --gd   # this 2-core CPU; + Gate Decorator steps
+
+or a small subset through pytest-benchmark: ``python -m pytest benches/bench_kernels.py --benchmark-only``.
+
+Goals (issue 7): on the GPU the fused op within 1.15x of the sliced conv at every density and never
+slower than eager conv-then-multiply; on the CPU, time at density d <= (d + 0.1) x the dense conv.
+Layers are ResNet-50 and MobileNetV2 convs at 224x224 input. The masked channels are a random
+subset (seeded); the mask is a buffer (no mask gradient, as in Gate Decorator). ``io`` rows mask
+the input channels at the same density too (what a chain of masked layers sees) and compare with
+a conv sliced on both sides.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fxprune.kernels import masked_conv2d  # noqa: E402
+
+# name: (cin, cout, hw, k, stride, groups)
+LAYERS = {
+    "r50.conv1": (3, 64, 224, 7, 2, 1),
+    "r50.l1.1x1a": (64, 64, 56, 1, 1, 1),
+    "r50.l1.3x3": (64, 64, 56, 3, 1, 1),
+    "r50.l1.1x1b": (64, 256, 56, 1, 1, 1),
+    "r50.l2.3x3": (128, 128, 28, 3, 1, 1),
+    "r50.l3.3x3": (256, 256, 14, 3, 1, 1),
+    "r50.l3.1x1b": (256, 1024, 14, 1, 1, 1),
+    "r50.l4.3x3": (512, 512, 7, 3, 1, 1),
+    "mv2.expand": (24, 144, 56, 1, 1, 1),
+    "mv2.dw": (144, 144, 56, 3, 1, 144),
+    "mv2.dw_s2": (144, 144, 56, 3, 2, 144),
+    "mv2.expand14": (96, 576, 14, 1, 1, 1),
+    "mv2.project": (576, 96, 14, 1, 1, 1),
+    "mv2.last": (320, 1280, 7, 1, 1, 1),
+}
+DENSITIES = (1.0, 0.75, 0.5, 0.25)
+METHODS = ("dense", "eager", "fused", "sliced")
+
+
+def setup(layer: str, density: float, dtype: torch.dtype, device: str, batch: int, io: bool = False, seed: int = 0):
+    cin, cout, hw, k, stride, groups = LAYERS[layer]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cin, hw, hw, generator=gen).to(device, dtype)
+    w = (torch.randn(cout, cin // groups, k, k, generator=gen) * 0.05).to(device, dtype)
+    b = torch.randn(cout, generator=gen).to(device, dtype)
+    live = torch.randperm(cout, generator=gen)[:max(1, round(density * cout))].sort().values
+    mask = torch.zeros(cout)
+    mask[live] = 1.0
+    in_mask = None
+    in_live = torch.arange(cin)
+    if io and groups == 1 and cin > 3:
+        in_live = torch.randperm(cin, generator=gen)[:max(1, round(density * cin))].sort().values
+        in_mask = torch.zeros(cin)
+        in_mask[in_live] = 1.0
+        x[:, (in_mask == 0).to(device)] = 0  # what the masked producer hands over
+        in_mask = in_mask.to(device, dtype)
+    return dict(x=x, w=w, b=b, mask=mask.to(device, dtype), in_mask=in_mask, live=live.to(device),
+                in_live=in_live.to(device), stride=stride, pad=k // 2, groups=groups)
+
+
+def runner(method: str, s: dict, backward: bool):
+    """A zero-argument callable doing one forward (and backward) of `method`."""
+    x, w, b, mask, stride, pad, groups = s["x"], s["w"], s["b"], s["mask"], s["stride"], s["pad"], s["groups"]
+    if method == "sliced":
+        w = w[s["live"]]
+        b = b[s["live"]]
+        if groups > 1:  # depthwise: the slim layer also reads only its live input channels
+            x, groups = x[:, s["live"]].contiguous(), len(s["live"])
+        elif s["in_mask"] is not None:
+            x, w = x[:, s["in_live"]].contiguous(), w[:, s["in_live"]]
+        w = w.contiguous()
+    x = x.detach().requires_grad_(backward)
+    w = w.detach().requires_grad_(backward)
+    b = b.detach().requires_grad_(backward)
+    m4 = mask.reshape(1, -1, 1, 1)
+
+    def forward():
+        if method == "eager":
+            return F.conv2d(x, w, b, stride, pad, 1, groups) * m4
+        if method == "fused":
+            return masked_conv2d(x, w, b, mask, stride, pad, 1, groups, in_mask=s["in_mask"])
+        return F.conv2d(x, w, b, stride, pad, 1, groups)  # dense, sliced
+
+    if not backward:
+        return forward
+    grad = torch.ones_like(forward())
+
+    def step():
+        x.grad = w.grad = b.grad = None
+        forward().backward(grad)
+
+    return step
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(fns: dict, device: str, threads: int, round_time: float, rounds: int) -> dict:
+    """Seconds per call of each callable: the minimum over `rounds` interleaved rounds.
+
+    Interleaving the methods and keeping the minimum makes the comparison robust against other
+    jobs on a shared machine (interference only ever adds time).
+    """
+    torch.set_num_threads(threads)
+    number = {}
+    for k, fn in fns.items():  # warm up, then calibrate calls per round
+        fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        number[k] = max(1, int(round_time / max(time.perf_counter() - t0, 1e-6)))
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(number[k]):
+                fn()
+            _sync(device)
+            best[k] = min(best[k], (time.perf_counter() - t0) / number[k])
+    return best
+
+
+def sweep(args) -> list[dict]:
+    rows = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        for io in ([False, True] if args.io and dtype_name == "float32" else [False]):
+            for layer in args.layers.split(","):
+                if io and (LAYERS[layer][5] > 1 or LAYERS[layer][0] <= 3):
+                    continue
+                for backward in (False, True):
+                    dense_setup = setup(layer, 1.0, dtype, args.device, args.batch)
+                    dense = float("inf")
+                    for d in DENSITIES:
+                        s = setup(layer, d, dtype, args.device, args.batch, io=io)
+                        fns = {m: runner(m, dense_setup if m == "dense" else s, backward) for m in METHODS}
+                        t = measure(fns, args.device, args.threads, args.round_time, args.rounds)
+                        dense = min(dense, t.pop("dense"))
+                        rows.append(dict(layer=layer, io=io, dtype=dtype_name, pass_="fwd+bwd" if backward else "fwd",
+                                         density=d, dense=dense, **t))
+                    for r in rows[-len(DENSITIES):]:
+                        r["dense"] = dense  # the best dense time seen for this layer
+                        print(_row(r), flush=True)
+    return rows
+
+
+def _row(r: dict) -> str:
+    ms = 1e3
+    goal_cpu = r["fused"] <= (r["density"] + 0.1) * r["dense"]
+    goal_gpu = r["fused"] <= 1.15 * r["sliced"] and r["fused"] <= r["eager"]
+    return (f"| {r['layer']}{' io' if r['io'] else ''} | {r['dtype']} | {r['pass_']} | {r['density']:.2f} | "
+            f"{r['dense'] * ms:.2f} | {r['eager'] * ms:.2f} | {r['fused'] * ms:.2f} | {r['sliced'] * ms:.2f} | "
+            f"{r['fused'] / r['dense']:.2f} | {r['fused'] / r['sliced']:.2f} | {r['fused'] / r['eager']:.2f} | "
+            f"{'yes' if goal_cpu else 'no'} | {'yes' if goal_gpu else 'no'} |")
+
+
+HEADER = ("| layer | dtype | pass | density | dense conv ms | eager conv*mask ms | fused ms | sliced ms | "
+          "fused/dense | fused/sliced | fused/eager | CPU goal (<= d+0.1) | GPU goal (<= 1.15 sliced, <= eager) |\n"
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+
+
+def gd_steps(args) -> None:
+    """Gate Decorator training steps (forward, backward, SGD) through the gated graph, plain vs fused."""
+    import numpy as np
+
+    import fxprune
+    from fxprune.gate_decorator import _mask_units
+    from fxprune.nets import resnet56, vgg_bn
+    from passes.fuse_masked_conv import fuse_masked_convs
+    from passes.gates import insert_gates
+
+    print("\n| model | batch | density | gated graph ms/step | fused ms/step | fused/gated |\n|---|---:|---:|---:|---:|---:|")
+    for name, build in (("resnet56 (MNIST)", resnet56), ("vgg_bn (MNIST)", vgg_bn)):
+        torch.manual_seed(0)
+        model = build().to(args.device).train()
+        x = torch.randn(args.gd_batch, 1, 28, 28, device=args.device)
+        y = torch.randint(0, 10, (args.gd_batch,), device=args.device)
+        analysis = fxprune.analyze(model, x[:2]).channels
+        gated = insert_gates(analysis)
+        fused = fuse_masked_convs(gated.module, mode="hard")
+        rng = np.random.default_rng(0)
+        for d in DENSITIES:
+            keep = {g.index: np.sort(rng.choice(g.n_units, max(1, round(d * g.n_units)), replace=False))
+                    for g in analysis.prunable_groups}
+            _mask_units(analysis, gated, keep)
+            times = []
+            for module in (gated.module, fused):
+                opt = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
+
+                def step(module=module, opt=opt):
+                    opt.zero_grad()
+                    F.cross_entropy(module(x), y).backward()
+                    opt.step()
+
+                times.append(step)
+            times = list(measure(dict(enumerate(times)), args.device, args.threads, args.round_time,
+                                 args.rounds).values())
+            print(f"| {name} | {args.gd_batch} | {d:.2f} | {times[0] * 1e3:.1f} | {times[1] * 1e3:.1f} | "
+                  f"{times[1] / times[0]:.2f} |", flush=True)
+
+
+def main(argv=None) -> None:
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--batch", type=int, default=32 if cuda else 8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--layers", default=",".join(LAYERS))
+    ap.add_argument("--round-time", type=float, default=0.1, help="seconds per method per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--io", action="store_true", help="also mask the input channels (fp32 rows only)")
+    ap.add_argument("--gd", action="store_true", help="also time Gate Decorator training steps")
+    ap.add_argument("--gd-batch", type=int, default=64)
+    args = ap.parse_args(argv)
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU"
+    print(f"device: {dev}; torch {torch.__version__}; batch {args.batch}; threads {args.threads}\n")
+    print(HEADER)
+    sweep(args)
+    if args.gd:
+        gd_steps(args)
+
+
+# ---- pytest-benchmark entry points (a small subset; the sweep above is what docs/kernels.md shows) ----
+_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_BATCH = 32 if _DEVICE == "cuda" else 4
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("method", METHODS[1:])
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.25])
+@pytest.mark.parametrize("layer", ["r50.l3.3x3", "mv2.dw"])
+def test_masked_conv(benchmark, layer, density, method, backward):
+    torch.set_num_threads(1)
+    fn = runner(method, setup(layer, density, torch.float32, _DEVICE, _BATCH), backward)
+    if _DEVICE == "cuda":
+        def run():
+            fn()
+            torch.cuda.synchronize()
+        benchmark(run)
+    else:
+        benchmark(fn)
+
+
+if __name__ == "__main__":
+    main()
