@@ -224,7 +224,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=32 if cuda else 8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--layers", default=",".join(LAYERS))
+    ap.add_argument("--layers", default=",".join(LAYERS), help="comma-separated; empty: no per-layer sweep")
     ap.add_argument("--round-time", type=float, default=0.1, help="seconds per method per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--io", action="store_true", help="also mask the input channels (fp32 rows only)")
@@ -233,8 +233,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU"
     print(f"device: {dev}; torch {torch.__version__}; batch {args.batch}; threads {args.threads}\n")
-    print(HEADER)
-    sweep(args)
+    if args.layers:
+        print(HEADER)
+        sweep(args)
     if args.gd:
         gd_steps(args)
 
@@ -251,6 +252,8 @@ _BATCH = 32 if _DEVICE == "cuda" else 4
 def test_masked_conv(benchmark, layer, density, method, backward):
     torch.set_num_threads(1)
     fn = runner(method, setup(layer, density, torch.float32, _DEVICE, _BATCH), backward)
+    benchmark.extra_info.update(layer=layer, density=density, method=method, device=_DEVICE, batch=_BATCH,
+                                pass_="fwd+bwd" if backward else "fwd")
     if _DEVICE == "cuda":
         def run():
             fn()
