@@ -187,7 +187,8 @@ def gd_steps(args) -> None:
     from passes.fuse_masked_conv import fuse_masked_convs
     from passes.gates import insert_gates
 
-    print("\n| model | batch | density | gated graph ms/step | fused ms/step | fused/gated |\n|---|---:|---:|---:|---:|---:|")
+    print("\n| model | batch | density | gated graph ms/step | fused ms/step | fused/gated |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for name, build in (("resnet56 (MNIST)", resnet56), ("vgg_bn (MNIST)", vgg_bn)):
         torch.manual_seed(0)
         model = build().to(args.device).train()

@@ -239,13 +239,15 @@ def test_bad_arguments_and_the_input_is_untouched():
     assert not fused.training and fused.conv is gm.conv and fused.gate is gm.gate  # shared, not copied
 
 
-def test_compiled_and_exported_fused_graph_agree():
+def _fused_residual():
     torch.manual_seed(0)
-    model = Residual().eval()
     x = torch.randn(2, 3, 8, 8)
-    _, gated, _ = _gated(model, x)
-    fused = fuse_masked_convs(gated.module, mode="hard")
-    expected = gated.module(x)
+    _, gated, _ = _gated(Residual().eval(), x)
+    return fuse_masked_convs(gated.module, mode="hard"), gated.module(x), x
+
+
+def test_compiled_and_exported_fused_graph_agree():
+    fused, expected, x = _fused_residual()
     compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
     assert torch.allclose(compiled(x), expected, atol=1e-6)
     exported = torch.export.export(fused, (x,))
@@ -255,12 +257,8 @@ def test_compiled_and_exported_fused_graph_agree():
 
 @pytest.mark.slow
 def test_inductor_compiled_fused_graph_agrees():
-    torch.manual_seed(0)
-    model = Residual().eval()
-    x = torch.randn(2, 3, 8, 8)
-    _, gated, _ = _gated(model, x)
-    fused = fuse_masked_convs(gated.module, mode="hard")
-    assert torch.allclose(torch.compile(fused)(x), gated.module(x), atol=1e-5)
+    fused, expected, x = _fused_residual()
+    assert torch.allclose(torch.compile(fused)(x), expected, atol=1e-5)
 
 
 class _Head(nn.Module):

@@ -57,7 +57,8 @@ def make(name, density=0.5, dtype=torch.float64, seed=0, n=2):
 
 def reference(x, w, b, m, im, conf):
     xr = x if im is None else x * (im != 0).to(x.dtype)[None, :, None, None]
-    return F.conv2d(xr, w, b, conf["stride"], conf["padding"], conf["dilation"], conf["groups"]) * m[None, :, None, None]
+    y = F.conv2d(xr, w, b, conf["stride"], conf["padding"], conf["dilation"], conf["groups"])
+    return y * m[None, :, None, None]
 
 
 def op(x, w, b, m, im, conf, hard=True):

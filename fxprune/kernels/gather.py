@@ -220,7 +220,7 @@ def backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, out_m
     if sel.n_out:
         gs = gather_channels(grad, sel.out_idx)
         xs, ws, bs, ms = _gathered(sel, x, weight, bias, out_mask)
-        gsum = gs.to(acc).sum((0, 2, 3))
+        gsum = gs.to(acc).sum((0, 2, 3)) if need_b or (need_m and bs is not None) else None
         if (need_x or need_w or need_m) and xs.shape[1]:
             gxs, dws, _ = torch.ops.aten.convolution_backward(
                 gs, xs, ws * ms.reshape(-1, 1, 1, 1), None, stride, padding, dilation, False, [0, 0],
@@ -233,7 +233,8 @@ def backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, out_m
                     gws = gws * sel.col_flag[:, :, None, None].to(gws.dtype)
                 gw = _weight_grad(weight, sel, gws)
             if need_m:
-                gm = _scatter(out_mask.shape, out_mask, sel.out_idx, _mask_grad(ws, dws, bs, gsum).to(out_mask.dtype), 0)
+                gms = _mask_grad(ws, dws, bs, gsum).to(out_mask.dtype)
+                gm = _scatter(out_mask.shape, out_mask, sel.out_idx, gms, 0)
         elif need_m and bs is not None:
             gm = _scatter(out_mask.shape, out_mask, sel.out_idx, (bs.to(acc) * gsum).to(out_mask.dtype), 0)
         if need_b:

@@ -36,6 +36,25 @@ from .gather import conv_output_size
 
 
 @triton.jit
+def _pixels(pid_m, N, OH, OW, BLOCK_M: tl.constexpr):
+    """The tile's output pixels: in-range flag, image (int64), row and column."""
+    P = OH * OW
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pix = offs_m % P
+    return offs_m < N * P, (offs_m // P).to(tl.int64), pix // OW, pix % OW
+
+
+@triton.jit
+def _epilogue(acc, y_ptr, y_off, out_ok, m_ptr, b_ptr, ch, n_ok, live, HAS_BIAS: tl.constexpr):
+    """(acc + bias) * mask, exact zeros outside the live channels, stored in the output dtype."""
+    scale = tl.load(m_ptr + ch, mask=n_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc = acc + tl.load(b_ptr + ch, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc = tl.where(live[None, :], acc * scale[None, :], 0.0)
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
 def _gemm_kernel(x_ptr, w_ptr, b_ptr, m_ptr, perm_ptr, cnt_ptr, iperm_ptr, icnt_ptr, y_ptr,
                  N, H, W, OH, OW, IPG, OPG, K_FULL,
                  sxn, sxc, sxh, sxw, syn, syc, syh, syw,
@@ -48,16 +67,10 @@ def _gemm_kernel(x_ptr, w_ptr, b_ptr, m_ptr, perm_ptr, cnt_ptr, iperm_ptr, icnt_
     g = tl.program_id(2)
     n_start = pid_n * BLOCK_N
     cnt = tl.load(cnt_ptr + g)
-    P = OH * OW
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok, img, oh, ow = _pixels(pid_m, N, OH, OW, BLOCK_M)
     offs_n = n_start + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < N * P
     n_ok = offs_n < OPG
     ch = tl.load(perm_ptr + g * OPG + offs_n, mask=n_ok, other=0)
-    img = (offs_m // P).to(tl.int64)
-    pix = offs_m % P
-    oh = pix // OW
-    ow = pix % OW
     y_off = img[:, None] * syn + ch[None, :].to(tl.int64) * syc + (oh * syh + ow * syw)[:, None]
     out_ok = m_ok[:, None] & n_ok[None, :]
     if n_start < cnt:
@@ -94,12 +107,7 @@ def _gemm_kernel(x_ptr, w_ptr, b_ptr, m_ptr, perm_ptr, cnt_ptr, iperm_ptr, icnt_
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        scale = tl.load(m_ptr + ch, mask=n_ok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            acc = acc + tl.load(b_ptr + ch, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        acc = acc * scale[None, :]
-        acc = tl.where((offs_n < cnt)[None, :], acc, 0.0)
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+        _epilogue(acc, y_ptr, y_off, out_ok, m_ptr, b_ptr, ch, n_ok, offs_n < cnt, HAS_BIAS)
     else:
         tl.store(y_ptr + y_off, tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty), mask=out_ok)
 
@@ -115,16 +123,10 @@ def _direct_kernel(x_ptr, w_ptr, b_ptr, m_ptr, perm_ptr, cnt_ptr, ia_ptr, y_ptr,
     pid_n = tl.program_id(1)
     n_start = pid_n * BLOCK_N
     cnt = tl.load(cnt_ptr)
-    P = OH * OW
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok, img, oh, ow = _pixels(pid_m, N, OH, OW, BLOCK_M)
     offs_n = n_start + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < N * P
     n_ok = offs_n < C_OUT
     ch = tl.load(perm_ptr + offs_n, mask=n_ok, other=0)
-    img = (offs_m // P).to(tl.int64)
-    pix = offs_m % P
-    oh = pix // OW
-    ow = pix % OW
     y_off = img[:, None] * syn + ch[None, :].to(tl.int64) * syc + (oh * syh + ow * syw)[:, None]
     out_ok = m_ok[:, None] & n_ok[None, :]
     if n_start < cnt:
@@ -149,12 +151,7 @@ def _direct_kernel(x_ptr, w_ptr, b_ptr, m_ptr, perm_ptr, cnt_ptr, ia_ptr, y_ptr,
                     wv = tl.load(w_ptr + ch.to(tl.int64) * K_FULL + (ci * KH + kh) * KW + kw,
                                  mask=col_ok, other=0.0)
                     acc += a.to(tl.float32) * wv.to(tl.float32)[None, :]
-        scale = tl.load(m_ptr + ch, mask=n_ok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            acc = acc + tl.load(b_ptr + ch, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        acc = acc * scale[None, :]
-        acc = tl.where((offs_n < cnt)[None, :], acc, 0.0)
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+        _epilogue(acc, y_ptr, y_off, out_ok, m_ptr, b_ptr, ch, n_ok, offs_n < cnt, HAS_BIAS)
     else:
         tl.store(y_ptr + y_off, tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty), mask=out_ok)
 
