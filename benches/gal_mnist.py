@@ -15,7 +15,8 @@ pruning and the test accuracy.
 Scaled schedule (authors' CIFAR-10 settings in brackets). Baselines: LeNet 6 epochs on the 50k
 training split, ResNet-20 / Inception-mini 2 epochs on 10k, SGD cosine from 0.05. GAL: LeNet 3
 epochs on 50k, ResNet-20 / Inception-mini 3 epochs on 5k [100 epochs on all 50k], batch 128 [128], lr 0.01 for generator, discriminator
-and FISTA with x0.1 at 30/60/90% of the run [epochs 30/60/90], FISTA every 20 iterations [200],
+and FISTA with x0.1 at 30/60/90% of the run [epochs 30/60/90], FISTA every 20 iterations for
+LeNet (~60 steps), every 4 for the others (~30 steps) [every 200: ~2000 steps],
 lam starting at the authors' value and steered towards the FLOPs target (see `fxprune/gal.py`)
 [fixed lam, no FLOPs target], mu 1 [1 for ResNet, 0.1 for VGG/GoogLeNet]; fine-tune 1-2 epochs of
 cross-entropy, SGD lr 1e-2 cosine: LeNet 3 epochs on 50k, the others 1 epoch on 10k [100 epochs
@@ -82,7 +83,7 @@ def run_gal(base, target, data, ft_data, test, ft_epochs, **options):
 
 
 def experiment(name, spec, train_set, test, sizes, runs, quick):
-    n_base, base_epochs, base_lr, n_gal, gal_epochs, ft_epochs = sizes
+    n_base, base_epochs, base_lr, n_gal, gal_epochs, ft_epochs, mask_step = sizes
     t0 = time.time()
     base = baseline(spec, loader(train_set, n_base), base_epochs, base_lr)
     acc = evaluate(base, test)["accuracy"]
@@ -91,7 +92,7 @@ def experiment(name, spec, train_set, test, sizes, runs, quick):
            "baseline_params": an.cost.total_params, "baseline_seconds": time.time() - t0, "runs": []}
     print(f"{name} baseline {acc:.4f} ({time.time() - t0:.0f}s)", file=sys.stderr)
     for target, options in runs:
-        options = {"epochs": gal_epochs, "mask_step": 5 if quick else 20, **options}
+        options = {"epochs": gal_epochs, "mask_step": mask_step, **options}
         row = run_gal(base, target, loader(train_set, n_gal, seed=1), loader(train_set, n_base, seed=2), test,
                       ft_epochs, **options)
         out["runs"].append(row)
@@ -136,15 +137,15 @@ def main() -> None:
     q = args.quick
     plan = {
         "lenet": ("LeNet-5 (20-50-500)", "fxprune:lenet5",
-                  (2000, 1, 0.05, 1000, 1, 1) if q else (50000, 6, 0.05, 50000, 3, 3),
+                  (2000, 1, 0.05, 1000, 1, 1, 2) if q else (50000, 6, 0.05, 50000, 3, 3, 20),
                   [(0.25, {"structures": ("channel",), "flops_weighted": True}),
                    (0.25, {"structures": ("channel",), "flops_weighted": True, "discriminator": "authors"}),
                    (0.25, {"structures": ("channel",)})]),
         "resnet": ("ResNet-20 (option B)", "fxprune:resnet20",
-                   (2000, 1, 0.05, 1000, 1, 1) if q else (10000, 2, 0.05, 5000, 3, 1),
+                   (2000, 1, 0.05, 1000, 1, 1, 2) if q else (10000, 2, 0.05, 5000, 3, 1, 4),
                    [(0.6, {"structures": ("block",)}), (0.4, {"structures": ("block", "channel")})]),
         "inception": ("Inception-mini (2 modules x 4 branches)", "fxprune:inception_mini",
-                      (2000, 1, 0.05, 1000, 1, 1) if q else (10000, 2, 0.05, 5000, 3, 1),
+                      (2000, 1, 0.05, 1000, 1, 1, 2) if q else (10000, 2, 0.05, 5000, 3, 1, 4),
                       [(0.6, {"structures": ("branch",), "mu": 0.1})]),
     }
     start = time.time()
