@@ -57,7 +57,8 @@ def _reset_peak() -> bool:
 
 
 class PeakMemory:
-    """Context manager; after the block, ``mib`` is the peak above the starting level and ``method`` how it was taken."""
+    """Context manager; after the block, ``mib`` is the peak above the starting level, ``method`` how
+    it was taken."""
 
     def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
