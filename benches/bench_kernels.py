@@ -177,6 +177,46 @@ HEADER = ("| layer | dtype | pass | density | dense conv ms | eager conv*mask ms
           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
 
 
+def parse_rows(text: str) -> list[dict]:
+    """Rows back from the sweep's markdown table (for --summarize)."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 13 or not cells[3].replace(".", "").isdigit():
+            continue
+        layer, io = (cells[0][:-3], True) if cells[0].endswith(" io") else (cells[0], False)
+        rows.append(dict(layer=layer, io=io, dtype=cells[1], pass_=cells[2], density=float(cells[3]),
+                         **{k: float(cells[i]) / 1e3 for k, i in (("dense", 4), ("eager", 5), ("fused", 6),
+                                                                    ("sliced", 7))}))
+    return rows
+
+
+def summarize(rows: list[dict]) -> str:
+    """Per dtype / pass / io: fused time / dense conv time (sliced / dense in brackets) per density;
+    a tick where the CPU goal (fused <= (d + 0.1) x dense) holds."""
+    out = []
+    keys = sorted({(r["dtype"], r["pass_"], r["io"]) for r in rows}, key=lambda k: (k[2], k[0] != "float32", k[1]))
+    for dtype, pass_, io in keys:
+        sel = [r for r in rows if (r["dtype"], r["pass_"], r["io"]) == (dtype, pass_, io)]
+        met = sum(r["fused"] <= (r["density"] + 0.1) * r["dense"] for r in sel if r["density"] < 1)
+        total = sum(r["density"] < 1 for r in sel)
+        out.append(f"\n**{dtype}, {pass_}{', input channels masked too (io)' if io else ''}**: CPU goal met in "
+                   f"{met} of {total} (layer, density < 1) cells.\n")
+        out.append("| layer | " + " | ".join(f"d = {d}" for d in DENSITIES) + " |")
+        out.append("|---|" + "---:|" * len(DENSITIES))
+        for layer in dict.fromkeys(r["layer"] for r in sel):
+            cells = []
+            for d in DENSITIES:
+                r = next((r for r in sel if r["layer"] == layer and r["density"] == d), None)
+                if r is None:
+                    cells.append("")
+                    continue
+                tick = " ✓" if d < 1 and r["fused"] <= (d + 0.1) * r["dense"] else ""
+                cells.append(f"{r['fused'] / r['dense']:.2f} ({r['sliced'] / r['dense']:.2f}){tick}")
+            out.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def gd_steps(args) -> None:
     """Gate Decorator training steps (forward, backward, SGD) through the gated graph, plain vs fused."""
     import numpy as np
@@ -231,12 +271,17 @@ def main(argv=None) -> None:
     ap.add_argument("--io", action="store_true", help="also mask the input channels (fp32 rows only)")
     ap.add_argument("--gd", action="store_true", help="also time Gate Decorator training steps")
     ap.add_argument("--gd-batch", type=int, default=64)
+    ap.add_argument("--summarize", metavar="FILE", help="print the summary tables of a saved sweep and exit")
     args = ap.parse_args(argv)
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU"
     print(f"device: {dev}; torch {torch.__version__}; batch {args.batch}; threads {args.threads}\n")
+    if args.summarize:
+        print(summarize(parse_rows(Path(args.summarize).read_text())))
+        return
     if args.layers:
         print(HEADER)
-        sweep(args)
+        rows = sweep(args)
+        print(summarize(rows))
     if args.gd:
         gd_steps(args)
 

@@ -103,8 +103,9 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor, in
     if sel.n_out == 0:
         return x.new_zeros((n, cout, oh, ow))
     xs, ws, bs, ms = _gathered(sel, x, weight, bias, out_mask)
-    ws = ws * ms.reshape(-1, 1, 1, 1)
-    bs = None if bs is None else bs * ms
+    if not bool((ms == 1).all()):  # a 0/1 mask (Gate Decorator) needs no scaling of the live filters
+        ws = ws * ms.reshape(-1, 1, 1, 1)
+        bs = None if bs is None else bs * ms
     if xs.shape[1] == 0:  # every input channel masked: only the bias is left
         z = torch.zeros((n, ws.shape[0], oh, ow), dtype=x.dtype, device=x.device)
         z = z if bs is None else z + bs.reshape(1, -1, 1, 1)
