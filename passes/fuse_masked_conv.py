@@ -6,8 +6,9 @@ cost what their live channels cost. A *channel scale* below is an expression bui
 `get_attr` tensors (parameters, buffers) with `mul`/`reshape`/`view`/`index_select`... that
 broadcasts per channel against the conv output: shape [1, C, 1, 1], [C, 1, 1] or a scalar, or a
 product of such (``gate * mask``, GAL's ``reshape(index_select(mask, 0, index), [1, C, 1, 1])``).
-A *constant factor* of a scale is a factor of its product built from buffers only (no parameter):
-its zeros are structural, nothing trains them.
+A *constant factor* of a scale is a factor of its product built from buffers and from parameters
+that do not require grad (GAL's frozen masks) only: its zeros are structural, nothing trains them.
+Which parameters require grad is read when the pass runs: re-run it after changing that.
 
 Fused patterns:
 
@@ -30,7 +31,7 @@ Fused patterns:
 
 Not fused, and why:
 
-* a mask that is trainable (a parameter factor) and sits after a BatchNorm or another op: in
+* a mask that is trainable (a parameter that requires grad) and sits after a BatchNorm or another op: in
   train mode the BN renormalises, so the scale cannot move into the conv; handing its zeros to the
   conv would change the parameter's gradient at zero entries (BN(0) instead of BN(conv));
 * a conv whose output has other users than the chain (a skipped channel would leak to them);
@@ -87,7 +88,7 @@ _FINITE_METHODS = _ZERO_METHODS + ("sigmoid",)
 class _Factor:
     node: fx.Node  # a constant expression (get_attr leaves only)
     reshapes: tuple  # reshape targets applied to it, innermost first
-    constant: bool  # built from buffers only
+    constant: bool  # built from buffers and frozen parameters only
 
 
 class _Scales:
@@ -97,7 +98,7 @@ class _Scales:
         self.gm = gm
         self.values: dict[fx.Node, object] = {}
         self.const: dict[fx.Node, bool] = {}
-        self.params: dict[fx.Node, bool] = {}
+        self.trainable: dict[fx.Node, bool] = {}
 
     def is_const(self, node) -> bool:
         if not isinstance(node, fx.Node):
@@ -108,13 +109,15 @@ class _Scales:
             self.const[node] = ok
         return self.const[node]
 
-    def has_param(self, node: fx.Node) -> bool:
-        if node not in self.params:
+    def has_trainable(self, node: fx.Node) -> bool:
+        """The expression reads a parameter that requires grad."""
+        if node not in self.trainable:
             if node.op == "get_attr":
-                self.params[node] = isinstance(self.value(node), nn.Parameter)
+                v = self.value(node)
+                self.trainable[node] = isinstance(v, nn.Parameter) and v.requires_grad
             else:
-                self.params[node] = any(self.has_param(a) for a in node.all_input_nodes)
-        return self.params[node]
+                self.trainable[node] = any(self.has_trainable(a) for a in node.all_input_nodes)
+        return self.trainable[node]
 
     def value(self, node):
         if not isinstance(node, fx.Node):
@@ -153,7 +156,7 @@ class _Scales:
             a, b = (self.tensor(x) for x in inner.args[:2])
             if a is not None and b is not None and a.shape == b.shape:
                 return self.factors(inner, (_reshape_target(node),) + reshapes)
-        return [_Factor(node, reshapes, not self.has_param(node))]
+        return [_Factor(node, reshapes, not self.has_trainable(node))]
 
     def channel_scale(self, node, channels: int, like: torch.Tensor) -> list[_Factor] | None:
         """The factors of `node` if it is a channel scale for `channels` channels (else None)."""

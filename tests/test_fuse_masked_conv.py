@@ -226,6 +226,23 @@ def test_patterns_that_must_not_be_fused(case):
     assert torch.equal(fused(x), gm(x))
 
 
+def test_a_frozen_mask_after_batchnorm_is_a_constant_factor():
+    """GAL freezes its masks (requires_grad False) for fine-tuning: then they fuse like buffers."""
+    torch.manual_seed(0)
+    model = _Cases("trainable_after_bn").double()
+    model.gate.requires_grad_(False)
+    gm = fx.symbolic_trace(model)
+    fused = fuse_masked_convs(gm, mode="soft")
+    assert [r["pattern"] for r in fused.meta[META]] == ["after_norm"]
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    y0, g0 = _run(copy.deepcopy(gm), x)
+    y1, g1 = _run(fused, x)
+    assert torch.allclose(y0, y1, rtol=1e-12, atol=1e-12)
+    for k in g0:
+        assert torch.allclose(g0[k], g1[k], rtol=1e-10, atol=1e-12), k
+    assert torch.equal(g1["conv.weight"][1], torch.zeros_like(g1["conv.weight"][1]))
+
+
 def test_bad_arguments_and_the_input_is_untouched():
     gm = fx.symbolic_trace(ConvScale("param"))
     code, training = gm.code, gm.training
