@@ -3,9 +3,11 @@
 MetaPruning constrains latency with a table of per-layer latencies measured on the target device.
 Here a "layer" is every op node of the fx graph: its latency depends only on the widths of the
 genes (channel groups) in its input and output layouts, so the table maps
-``(node, kept units of those genes)`` to seconds. A genome's predicted latency is the sum over its
-nodes plus one constant `offset` (the framework's per-call overhead), calibrated against end-to-end
-measurements of a few genomes.
+``(node, kept units of those genes)`` to seconds. A genome's predicted latency is
+``offset + scale * (sum over its nodes)``: `offset` is the framework's per-call overhead and
+`scale` what isolated timings miss (an op timed alone finds its inputs and weights in cache, inside
+the network it does not); both are fitted by least squares to end-to-end measurements of a few
+genomes (`calibrate`; with fewer than 3 genomes only the offset, the median difference).
 
 Entries are measured lazily: predicting a genome with unknown entries builds its slim network
 (the core rewrite), runs it once and times each node whose entry is missing with the node's real
@@ -17,7 +19,7 @@ number of CPU threads is whatever `torch.get_num_threads()` says when the table 
 Example::
 
     >>> table = LatencyTable(analysis.channels, encoding, analysis.inputs)
-    >>> table.calibrate([encoding.full(), encoding.smallest()])
+    >>> table.calibrate([encoding.full(), encoding.smallest(), encoding.uniform(0.5)])
     >>> table.predict(genome)                      # seconds, from the table
     >>> table.measure(slim)                        # seconds, end to end
 """
@@ -125,7 +127,7 @@ class LatencyTable:
         self.rounds, self.min_time, self.passes = rounds, min_time, passes
         self.genes = node_genes(analysis, encoding)
         self.entries: dict[tuple, float] = {}  # (node, kept counts of its genes) -> seconds
-        self.offset = 0.0
+        self.offset, self.scale = 0.0, 1.0
         self.profiles = 0  # how many networks were built to fill entries
         self.cuda = any(t.is_cuda for t in inputs.tensors())
 
@@ -159,7 +161,7 @@ class LatencyTable:
 
     def predict(self, genome) -> float:
         """Predicted seconds of one forward pass on the example inputs."""
-        return self.layer_sum(genome) + self.offset
+        return self.offset + self.scale * self.layer_sum(genome)
 
     def measure(self, model: torch.nn.Module, rounds: int = 30, min_time: float = 0.0) -> float:
         """End-to-end seconds of one forward pass of `model` on the example inputs (eval mode): the
@@ -181,19 +183,28 @@ class LatencyTable:
         return self.measure(slim)
 
     def calibrate(self, genomes) -> dict:
-        """Set `offset` to the median of (measured - sum of layers) over `genomes`; returns the fit."""
+        """Fit `offset` and `scale` to end-to-end measurements of `genomes`; returns the fit."""
         sums = [self.layer_sum(g) for g in genomes]
         slims = [apply_plan(self.analysis, PruningPlan(keep=self.encoding.keep(g))) for g in genomes]
         rows = list(zip(sums, self.measure_many(slims)))
-        self.offset = float(statistics.median(m - s for s, m in rows))
-        return {"offset_s": self.offset, "points": [{"layers_s": s, "measured_s": m} for s, m in rows]}
+        s, m = np.asarray(sums), np.asarray([r[1] for r in rows])
+        scale = 0.0
+        if len(rows) >= 3 and np.ptp(s) > 0:
+            scale, offset = np.polyfit(s, m, 1)
+        if scale > 0:
+            self.scale, self.offset = float(scale), float(offset)
+        else:  # too few or degenerate points: keep scale 1, median overhead
+            self.scale, self.offset = 1.0, float(statistics.median(m - s))
+        return {"offset_s": self.offset, "scale": self.scale,
+                "points": [{"layers_s": a, "measured_s": b} for a, b in rows]}
 
     def to_dict(self) -> dict:
-        """JSON-plain contents (entries, offset), to reuse a table measured on the same device."""
-        return {"offset": self.offset, "entries": [[n, list(k), v] for (n, k), v in self.entries.items()]}
+        """JSON-plain contents (entries, fit), to reuse a table measured on the same device."""
+        return {"offset": self.offset, "scale": self.scale,
+                "entries": [[n, list(k), v] for (n, k), v in self.entries.items()]}
 
     def load_dict(self, data: dict) -> None:
-        self.offset = float(data["offset"])
+        self.offset, self.scale = float(data["offset"]), float(data.get("scale", 1.0))
         for n, k, v in data["entries"]:
             if n not in self.genes or len(k) != len(self.genes[n]):
                 raise ConfigError(f"latency table entry for node {n!r} does not fit this model")

@@ -299,7 +299,9 @@ def run_metapruning(analysis, data, flops: float, opts: MetaPruningOptions, *, t
     if latency is not None:
         table = opts.latency_table or LatencyTable(channels, encoding, analysis.inputs, rounds=opts.latency_rounds)
         if opts.latency_table is None:
-            details["latency_calibration"] = table.calibrate([encoding.full(), encoding.smallest()])
+            rng = np.random.default_rng(opts.seed)
+            details["latency_calibration"] = table.calibrate(
+                [encoding.full(), encoding.smallest(), *(encoding.random(rng) for _ in range(4))])
     constraint = _Constraints(encoding, cost, flops, opts, table, latency)
     constraint.check_reachable(flops)
     scorer = _Scorer(net, train_data, heldout, opts, targets_from)
@@ -335,9 +337,11 @@ def run_metapruning(analysis, data, flops: float, opts: MetaPruningOptions, *, t
         "seconds": {"pruningnet": t1 - t0, "search": t2 - t1, "total": time.perf_counter() - t0},
     })
     if table is not None:
-        details["latency"] = {"limit_s": latency, "predicted_s": table.predict(best), "measured_s": table.measure(slim),
-                              "offset_s": table.offset, "table_entries": len(table.entries),
-                              "profiles": table.profiles}
+        measured = table.measure(slim)
+        details["latency"] = {"limit_s": latency, "predicted_s": table.predict(best), "measured_s": measured,
+                              "measured_within_limit": measured <= latency, "offset_s": table.offset,
+                              "scale": table.scale,
+                              "table_entries": len(table.entries), "profiles": table.profiles}
     return MethodResult(PruningPlan(keep=encoding.keep(best)), details)
 
 

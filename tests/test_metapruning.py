@@ -206,7 +206,7 @@ def test_params_and_min_flops_limits_hold():
     torch.manual_seed(0)
     model = _Head().eval()
     slim = fxprune.compress(model, "metapruning", torch.randn(2, 3, 8, 8), 0.8, data=_loader(),
-                            options=dict(SMALL, params=0.5, min_flops=0.3))
+                            options=dict(SMALL, params=0.5, min_flops=0.3, init_ratio_range=(0.46, 0.79)))
     r = slim.fxprune_report
     assert r.params_after <= 0.5 * r.params_before
     assert 0.3 * r.macs_before <= r.macs_after <= 0.8 * r.macs_before
@@ -241,8 +241,9 @@ def test_latency_table_predicts_measured_latency():
     a = fxprune.analyze(model, x)
     enc = build_encoding(a.channels)
     table = LatencyTable(a.channels, enc, a.inputs, rounds=5)
-    table.calibrate([enc.full(), enc.smallest()])
     rng = np.random.default_rng(0)
+    fit = table.calibrate([enc.full(), enc.smallest(), enc.uniform(0.3), enc.random(rng)])
+    assert fit["scale"] == table.scale > 0 and len(fit["points"]) == 4
     genomes = [enc.uniform(0.5), enc.random(rng), enc.random(rng)]
     measured = table.measure_many([apply_plan(a.channels, PruningPlan(keep=enc.keep(g))) for g in genomes])
     errors = [abs(table.predict(g) - m) / m for g, m in zip(genomes, measured)]
@@ -253,6 +254,10 @@ def test_latency_table_predicts_measured_latency():
     restored = LatencyTable(a.channels, enc, a.inputs)
     restored.load_dict(table.to_dict())
     assert restored.predict(enc.full()) == table.predict(enc.full()) and restored.profiles == 0
+    offset_only = LatencyTable(a.channels, enc, a.inputs)
+    offset_only.load_dict(table.to_dict())
+    offset_only.calibrate([enc.full(), enc.smallest()])  # two points: scale 1, median overhead
+    assert offset_only.scale == 1.0
 
 
 def test_latency_limit_is_met_by_prediction_and_reported():
@@ -267,6 +272,7 @@ def test_latency_limit_is_met_by_prediction_and_reported():
                             options=dict(SMALL, latency_table=table))
     lat = slim.fxprune_report.details["latency"]
     assert lat["predicted_s"] <= limit and lat["measured_s"] > 0 and lat["limit_s"] == limit
+    assert lat["measured_within_limit"] == (lat["measured_s"] <= limit)
     with pytest.raises(LatencyUnreachableError, match="latency="):
         fxprune.compress(model, "metapruning", x, 1.0, data=_loader(), latency=1e-9,
                          options=dict(SMALL, latency_table=table))
