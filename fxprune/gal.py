@@ -18,8 +18,10 @@ Removal (`passes.gal_plan`): masks at exactly zero remove their channels, concat
 the whole producing branch) and residual blocks; the rest is folded into the adjacent BN or layer.
 
 FLOPs: `lam` sets the sparsity. With ``flops < 1`` (compress's target) GAL also steers: while the
-exactly counted MACs of the zero-mask structure lag a linear path to the target (reached at
-`target_at` of the run), lam grows by `lam_growth` per FISTA step; the step that crosses the target
+exactly counted MACs of the structure without the masks already below `steer_threshold` (on
+their way out: counting only exact zeros would let lam grow until every mask collapses at once)
+lag a linear path to the target (reached at `target_at` of the run), lam grows by `lam_growth`
+per FISTA step; the step that crosses the target
 revives the newly zeroed masks with the largest previous values while the MACs stay at or under
 the target, and from then on the masks are frozen (the rest of the run trains the weights). If the
 run ends above the target, the smallest masks are zeroed (binary search on exact MACs).
@@ -90,6 +92,7 @@ class GALOptions:
     flops_weighted: float = 0.0  # L1 weight of a mask entry = (MACs it saves / their mean) ** this; 0: all 1
     lam_growth: float = 1.25  # lam multiplier per FISTA step while behind the FLOPs path
     target_at: float = 0.5  # fraction of the run by which the FLOPs target should be met
+    steer_threshold: float = 0.1  # steering counts masks below this as on their way out (see docstring)
     finetune_epochs: int = 0  # after GAL, masks frozen: CE on labels if batches have them, else MSE
     finetune_lr: float = 1e-3
     max_steps_per_epoch: int | None = None
@@ -282,7 +285,8 @@ def _mask_step(run: _Run, opts: GALOptions, analysis, cost, progress: float, it:
         else:
             target = run.budget / cost.total_macs
             path = 1 - (1 - target) * min(1.0, progress / opts.target_at)
-            if ratio > path:
+            fading = state_macs(cost, mask_state(analysis, run.masked, zeroed=opts.steer_threshold))
+            if fading / cost.total_macs > path:
                 run.lam *= opts.lam_growth
     run.history.append({"iteration": it, "progress": round(progress, 4), "macs_ratio": ratio, "lam": run.lam,
                         "frozen": run.frozen})

@@ -14,7 +14,7 @@ def _x():
     return torch.randn(1, 3, 8, 8)
 
 
-@pytest.mark.parametrize("method", ["L1", "gal", "", None])
+@pytest.mark.parametrize("method", ["L1", "GAL", "magnitude", "", None])
 def test_unknown_method(method):
     with pytest.raises(fxprune.ConfigError, match="unknown method .* choose one of l1, l2"):
         fxprune.compress(Residual(), method, _x(), 0.5)
