@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -46,6 +47,20 @@ def _autowrap_modules() -> tuple:
     return tuple(mods)
 
 
+class _InPlaceAddProxy(fx.Proxy):
+    """A Proxy that records ``a += b`` as ``operator.iadd``, as the model's code does it.
+
+    `fx.Proxy` has no ``__iadd__``, so Python falls back to ``__add__`` and the traced graph
+    allocates a new tensor where the model reused one: torchvision's ``out += identity`` in every
+    residual block. On a 2-core CPU at batch 32 that costs resnet50 about 7% (traced vs eager) and
+    its slim model about 9%. fx prints iadd nodes as ``a += b``; the analysis and structure passes
+    treat them as adds.
+    """
+
+    def __iadd__(self, other):
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+
 class _LeafAwareTracer(fx.Tracer):
     """A Tracer that knows user/registered/automatic leaves and remembers where tracing failed."""
 
@@ -54,6 +69,9 @@ class _LeafAwareTracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.auto_leaves = auto_leaves
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InPlaceAddProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or qualname in self.auto_leaves:
