@@ -119,12 +119,19 @@ def cmd_bench(args) -> int:
     doc = Path(args.doc)
     json_path, plots_dir = doc.with_suffix(".json"), doc.parent / f"{doc.stem}-plots"
     wait = wait_until_quiet(args.wait_quiet, args.load_threshold) if args.wait_quiet > 0 else None
-    results = run_suite(cfg, on_progress=lambda r: write_json(json_path, r))
+    partial = json_path.with_name(json_path.stem + ".partial.json") if args.merge else json_path
+    results = run_suite(cfg, on_progress=lambda r: write_json(partial, r))
     results["command"] = command_line(args.argv)
     results["wait"] = wait
     results["json"] = os.path.relpath(json_path, doc.parent)
     results["kernels"] = (run_kernel_benchmarks(threads=cfg.threads) if cfg.kernels else
                           {"status": "skipped", "message": "not requested (`fxprune bench --kernels`)"})
+    if args.merge and json_path.exists():
+        import json
+
+        from .bench.suite import merge_results
+
+        results = merge_results(json.loads(json_path.read_text()), results)
     if cfg.kernels:
         print(f"kernel benchmarks: {results['kernels']['status']} {results['kernels'].get('message', '')}")
     if cfg.plots:
@@ -132,6 +139,8 @@ def cmd_bench(args) -> int:
         results["plots"] = [os.path.relpath(p, doc.parent) for p in paths]
         print(results["plots_message"])
     write_json(json_path, results)
+    if partial != json_path:
+        partial.unlink(missing_ok=True)
     write_doc(doc, render(results))
     print(goals_table(results))
     print(f"\nwritten: {doc}, {json_path}" + (f", {plots_dir}/" if results.get("plots") else ""))
@@ -214,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compare", action="store_true", help="skip Torch-Pruning")
     p.add_argument("--kernels", action="store_true", help="also run benches/bench_kernels.py when present")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    p.add_argument("--merge", action="store_true", help="keep the other models of the existing JSON: "
+                   "re-measure a few models of an earlier run")
     p.add_argument("--doc", default="docs/benchmarks.md", help="Markdown report; the JSON goes next to it "
                    "(.json) and the plots into <name>-plots/")
     p.add_argument("--wait-quiet", type=float, default=0, help="wait up to this many seconds for the load "

@@ -280,3 +280,19 @@ def test_metrics_count_slim_models():
     assert count_macs(slim, x) == slim.fxprune_report.macs_after
     assert count_params(slim) == slim.fxprune_report.params_after
     assert math.isclose(count_macs(model, x), slim.fxprune_report.macs_before)
+
+
+def test_merge_keeps_models_of_the_earlier_run(results):
+    from fxprune.bench.suite import merge_results
+
+    old = json.loads(json.dumps(results, default=str))
+    old["models"]["other"] = dict(old["models"][NAME], spec="torchvision:other")
+    new = json.loads(json.dumps(results, default=str))
+    new["models"][NAME]["macs"] += 1  # re-measured
+    new["command"] = "fxprune bench --models fxprune:resnet20 --merge"
+    merged = merge_results(old, new)
+    assert list(merged["models"]) == [NAME, "other"]
+    assert merged["models"][NAME]["macs"] == results["models"][NAME]["macs"] + 1
+    assert [r["models"] for r in merged["runs"]] == [[NAME, "other"], [NAME]]
+    assert set(merged["coverage"]) == {NAME, "other"}
+    assert "each model's numbers are from the last run" in render(merged)

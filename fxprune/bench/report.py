@@ -63,6 +63,12 @@ def header(results: dict) -> str:
         "models timed round-robin. MACs are counted by `torch.utils.flop_counter.FlopCounterMode` (its FLOPs / 2) "
         "on every model alike; FLOPs = 2 x MACs.",
     ]
+    runs = results.get("runs") or []
+    if len(runs) > 1:
+        lines += ["", "The numbers come from several runs (`--merge`); each model's numbers are from the last run "
+                  "that measured it:", ""]
+        lines += [f"- `{r.get('command')}` on {r.get('date')} ({(r.get('duration_s') or 0) / 60:.1f} min, load "
+                  f"{r.get('load_average')} at the start): {', '.join(r.get('models', []))}" for r in runs]
     if results.get("json"):
         lines += ["", f"Every number: [`{results['json']}`]({results['json']})."]
     return "\n".join(lines)

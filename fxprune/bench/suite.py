@@ -227,3 +227,25 @@ def _latency(model, slim, entry, shape, device, dtype, compiled, batch, cfg) -> 
                             "efficiency": speedup / reduction}
     out["original_min_ms"] = times[ORIGINAL]["min_ms"]
     return out
+
+
+def merge_results(old: dict, new: dict) -> dict:
+    """`new` with the models of `old` it did not measure kept (re-measure a few models of a run).
+
+    Models keep `old`'s order, new ones go last; ``runs`` lists every run the numbers come from
+    (command, date, duration, load at the start, models); coverage and goals are judged again.
+    """
+    def run_of(r: dict) -> list:
+        return r.get("runs") or [{"command": r.get("command"), "date": r.get("machine", {}).get("date"),
+                                  "duration_s": r.get("duration_s"), "load_average": r.get("machine", {}).get(
+                                      "load_average"), "models": list(r.get("models", {}))}]
+
+    merged = dict(new)
+    merged["models"] = {**old.get("models", {}), **new.get("models", {})}
+    merged["runs"] = run_of(old) + run_of(new)
+    if new.get("kernels", {}).get("status") != "ok" and old.get("kernels", {}).get("status") == "ok":
+        merged["kernels"] = old["kernels"]
+    merged["coverage"] = coverage(merged)
+    merged["goals"] = evaluate_goals(merged)
+    return merged
+
