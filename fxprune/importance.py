@@ -20,21 +20,44 @@ from passes.tensors import get_tensor
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-def _slice_norms(t: torch.Tensor, dim: int, p: int) -> np.ndarray:
-    t = t.detach().float().movedim(dim, 0).reshape(t.shape[dim], -1)
-    v = t.abs().sum(1) if p == 1 else t.pow(2).sum(1)
-    return v.cpu().numpy().astype(np.float64)
+class _SliceNorms:
+    """Sum of |x|^p of each slice of each member tensor along each dim a group prunes it on.
+
+    A conv weight is a member of two groups (its filters and its input channels): both dims are
+    reduced from one |x|^p pass over the tensor, without moving the dim first (the moved copy and
+    the second pass were two thirds of the l1 method's time on resnet50).
+    """
+
+    def __init__(self, analysis, p: int):
+        self.gm, self.p = analysis.gm, p
+        self.dims: dict[str, set[int]] = {}
+        for g in analysis.prunable_groups:
+            for m in g.members:
+                if m.role != "channel":
+                    self.dims.setdefault(m.target, set()).add(m.dim)
+        self.cache: dict[tuple[str, int], np.ndarray | None] = {}
+
+    def __call__(self, target: str, dim: int) -> np.ndarray | None:
+        """The per-slice sums, or None for a tensor of fewer than 2 dims (biases carry no norm)."""
+        if (target, dim) not in self.cache:
+            t = get_tensor(self.gm, target).detach()
+            if t.dtype not in (torch.float32, torch.float64):
+                t = t.float()
+            power = None if t.ndim < 2 else (t.abs() if self.p == 1 else t.square())
+            for d in self.dims.get(target, {dim}) | {dim}:
+                other = [i for i in range(t.ndim) if i != d % t.ndim]
+                self.cache[(target, d)] = None if power is None else (
+                    power.sum(other).cpu().numpy().astype(np.float64))
+        return self.cache[(target, dim)]
 
 
-def _norm_scores(analysis, group, p: int) -> np.ndarray:
+def _norm_scores(norms: _SliceNorms, group) -> np.ndarray:
     scores = np.zeros(group.n_units)
     for m in group.members:
-        t = get_tensor(analysis.gm, m.target)
-        if m.role == "channel" or t.ndim < 2:
-            continue
-        values = _slice_norms(t, m.dim, p)[m.positions]
-        np.add.at(scores, m.unit_of_position, values)
-    return np.sqrt(scores) if p == 2 else scores
+        values = None if m.role == "channel" else norms(m.target, m.dim)
+        if values is not None:
+            np.add.at(scores, m.unit_of_position, values[m.positions])
+    return np.sqrt(scores) if norms.p == 2 else scores
 
 
 def _bn_scores(analysis, group) -> np.ndarray | None:
@@ -53,17 +76,18 @@ def _bn_scores(analysis, group) -> np.ndarray | None:
 def group_scores(analysis, method: str, seed: int = 0) -> dict[int, np.ndarray]:
     """{group index: score per unit} for every prunable group."""
     rng = np.random.default_rng(seed)
+    l1, l2 = _SliceNorms(analysis, 1), _SliceNorms(analysis, 2)
     out = {}
     for g in analysis.prunable_groups:
         if method == "random":
             out[g.index] = rng.random(g.n_units)
         elif method == "l2":
-            out[g.index] = _norm_scores(analysis, g, 2)
+            out[g.index] = _norm_scores(l2, g)
         elif method == "bn_scale":
             s = _bn_scores(analysis, g)
-            out[g.index] = s if s is not None else _norm_scores(analysis, g, 1)
+            out[g.index] = s if s is not None else _norm_scores(l1, g)
         else:  # l1, uniform
-            out[g.index] = _norm_scores(analysis, g, 1)
+            out[g.index] = _norm_scores(l1, g)
     return out
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .rewrite import PruningPlan, copy_sharing, plan_keep_roots
+from .module_copy import copy_sharing
+from .rewrite import PruningPlan, plan_keep_roots
 from .tensors import get_tensor, set_tensor
 
 

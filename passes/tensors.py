@@ -21,7 +21,11 @@ def has_tensor(gm: nn.Module, target: str) -> bool:
 def set_tensor(gm: nn.Module, target: str, value: torch.Tensor) -> None:
     """Replace a parameter (keeping requires_grad), a buffer, or a plain tensor attribute."""
     owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
+    replace_tensor(gm.get_submodule(owner_path) if owner_path else gm, name, value)
+
+
+def replace_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
+    """`set_tensor` on the module that owns the tensor."""
     old = getattr(owner, name)
     if isinstance(old, nn.Parameter):
         setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))

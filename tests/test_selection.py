@@ -92,3 +92,24 @@ def test_l1_keeps_the_largest_filters():
     kept = first.weight.flatten(1)
     assert all(any(torch.equal(b, k) for k in kept) for b in big)
     assert measured_macs(slim, x) <= 0.5 * measured_macs(model, x)
+
+
+@pytest.mark.parametrize("method,p", [("l1", 1), ("l2", 2)])
+def test_norm_scores_are_the_group_norm_of_every_slice(resnet_analysis, method, p):
+    """Each unit's score is the (p-)norm over every weight slice its group owns: filters along dim 0,
+    input columns along dim 1 (computed here the slow, obvious way, in float64)."""
+    from passes.tensors import get_tensor
+
+    a = resnet_analysis.channels
+    scores = group_scores(a, method)
+    for g in a.prunable_groups:
+        expected = np.zeros(g.n_units)
+        for m in g.members:
+            t = get_tensor(a.gm, m.target).detach().double()
+            if m.role == "channel" or t.ndim < 2:
+                continue
+            rows = t.movedim(m.dim, 0).reshape(t.shape[m.dim], -1)
+            per_slice = rows.abs().sum(1) if p == 1 else rows.pow(2).sum(1)
+            np.add.at(expected, m.unit_of_position, per_slice.numpy()[m.positions])
+        expected = np.sqrt(expected) if p == 2 else expected
+        np.testing.assert_allclose(scores[g.index], expected, rtol=1e-5)

@@ -1,0 +1,84 @@
+"""A deep copy of a GraphModule that shares chosen tensors and copies plain torch.nn leaves fast.
+
+Why: the rewrite must never touch the user's model, so it works on a private copy. Python's
+`copy.deepcopy` walks every attribute of every module (about 60 deepcopy calls per module, hook
+dicts included): on resnet50 that is ~45 ms, more than half of the whole rewrite. Leaf modules
+defined by torch.nn itself (Conv2d, BatchNorm2d, ReLU, Linear...) hold only their tensors,
+immutable settings and hook dicts, so a shallow attribute copy plus copies of their tensors is a
+true deep copy of them. Those copies are put in deepcopy's memo first; everything else (the
+GraphModule, containers, user-defined modules and whatever they hold) still goes through
+`copy.deepcopy`, unchanged.
+
+Tensors named in `shared_targets` are not copied at all: the rewrite replaces them with sliced
+copies anyway, so copying them first would only double the time and the peak memory.
+
+Example::
+
+    >>> import torch, torchvision
+    >>> gm = torch.fx.symbolic_trace(torchvision.models.resnet18())
+    >>> twin = copy_sharing(gm, ["conv1.weight"])
+    >>> twin.conv1.weight is gm.conv1.weight, twin.fc.weight is gm.fc.weight, twin.conv1 is gm.conv1
+    (True, False, False)
+"""
+from __future__ import annotations
+
+import copy
+import enum
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .tensors import get_tensor, has_tensor
+
+# Values a torch.nn leaf may hold that need no copy (immutable, or shared by design).
+_ATOMIC = (int, float, bool, str, bytes, type(None), complex, torch.dtype, torch.device, enum.Enum, type)
+
+
+def _is_atomic(value) -> bool:
+    if isinstance(value, tuple):
+        return all(_is_atomic(v) for v in value)
+    return isinstance(value, _ATOMIC)
+
+
+def _is_atomic_container(value) -> bool:
+    """A dict/list/set (hook dicts, name sets) holding only atomic values: a new container of the
+    same entries is its deep copy. Registered hooks (callables) do not qualify: they go the slow way."""
+    if isinstance(value, dict):
+        return all(_is_atomic(k) and _is_atomic(v) for k, v in value.items())
+    if isinstance(value, (list, set)):
+        return all(_is_atomic(v) for v in value)
+    return False
+
+
+def _is_plain_torch_leaf(module: nn.Module) -> bool:
+    if not type(module).__module__.startswith("torch.nn.modules.") or module._modules:
+        return False
+    return all(_is_atomic(v) or _is_atomic_container(v) or k in ("_parameters", "_buffers")
+               for k, v in module.__dict__.items())
+
+
+def _copy_leaf(module: nn.Module, memo: dict) -> nn.Module:
+    new = object.__new__(type(module))
+    state = {}
+    for key, value in module.__dict__.items():
+        if key in ("_parameters", "_buffers"):
+            value = {k: (None if t is None else copy.deepcopy(t, memo)) for k, t in value.items()}
+        elif not _is_atomic(value):
+            value = type(value)(value)  # an atomic container (see _is_plain_torch_leaf)
+        state[key] = value
+    new.__dict__.update(state)
+    return new
+
+
+def copy_sharing(gm: nn.Module, shared_targets: Iterable[str]) -> nn.Module:
+    """Deep copy of `gm` in which the tensors named in `shared_targets` are shared, not copied."""
+    memo: dict[int, object] = {}
+    for target in shared_targets:
+        if has_tensor(gm, target):
+            t = get_tensor(gm, target)
+            memo[id(t)] = t
+    for module in gm.modules():
+        if module is not gm and id(module) not in memo and _is_plain_torch_leaf(module):
+            memo[id(module)] = _copy_leaf(module, memo)
+    return copy.deepcopy(gm, memo)

@@ -1,0 +1,62 @@
+"""The rewrite's private copy: independent of the user's model except for the tensors it shares."""
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+from passes.module_copy import copy_sharing
+
+
+def _gm():
+    torch.manual_seed(0)
+    return torch.fx.symbolic_trace(torchvision.models.resnet18().eval())
+
+
+def test_copy_is_independent_and_equal():
+    gm = _gm()
+    twin = copy_sharing(gm, [])
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(twin(x), gm(x), rtol=0, atol=0)
+    for (name, a), (_, b) in zip(gm.named_modules(), twin.named_modules()):
+        assert a is not b, name
+        assert (type(a) is type(b) or name == "") and a.training == b.training, name  # root: own fx class
+    for (name, a), (_, b) in zip(gm.state_dict(keep_vars=True).items(), twin.state_dict(keep_vars=True).items()):
+        assert a is not b and a.data_ptr() != b.data_ptr() and torch.equal(a, b), name
+        assert type(a) is type(b) and a.requires_grad == b.requires_grad, name
+    # changing the copy leaves the original alone: settings, hook dicts, tensors, the graph
+    twin.conv1.out_channels = 7
+    twin.conv1.register_forward_hook(lambda *a: None)
+    with torch.no_grad():
+        twin.conv1.weight.zero_()
+    assert gm.conv1.out_channels == 64 and not gm.conv1._forward_hooks
+    assert gm.conv1.weight.abs().sum() > 0
+
+
+def test_shared_tensors_are_the_same_objects():
+    gm = _gm()
+    twin = copy_sharing(gm, ["conv1.weight", "layer1.0.bn1.running_mean", "no.such.tensor"])
+    assert twin.conv1.weight is gm.conv1.weight
+    bn, twin_bn = gm.get_submodule("layer1.0.bn1"), twin.get_submodule("layer1.0.bn1")
+    assert twin_bn.running_mean is bn.running_mean
+    assert twin_bn.running_var is not bn.running_var and torch.equal(twin_bn.running_var, bn.running_var)
+
+
+def test_leaves_with_hooks_or_user_state_are_deep_copied():
+    calls = []
+
+    class Custom(nn.Module):  # not torch.nn's own: always the deepcopy path
+        def __init__(self):
+            super().__init__()
+            self.table = [torch.ones(2)]
+
+        def forward(self, x):
+            return x * self.table[0].sum()
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), Custom())
+    model[0].register_forward_hook(lambda mod, inp, out: calls.append(1))
+    twin = copy_sharing(model, [])
+    twin(torch.randn(1, 3, 2, 2))
+    assert calls == [1]  # the hook came along
+    assert twin[0]._forward_hooks is not model[0]._forward_hooks
+    assert twin[1].table is not model[1].table and twin[1].table[0] is not model[1].table[0]
