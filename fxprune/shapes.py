@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch._prims_common as _prims
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -99,6 +100,44 @@ def _same_shape_module(mod: nn.Module, x: Any) -> bool:
     return False
 
 
+_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+
+
+def _conv_on_meta(mod: nn.Module, x: Any) -> tuple[torch.Tensor, int] | None:
+    """(output, MACs) of an exact Conv1d/2d/3d on a contiguous batched meta input, from the shape
+    formula: the meta kernel and FlopCounterMode's dispatch cost ~1/3 of resnet50's propagation.
+
+    MACs as FlopCounterMode counts a convolution: batch x out positions x C_out x C_in/groups x
+    kernel volume (the bias is not counted). None where the formula might not be what the kernel
+    does (a subclass, hooks, another layout or dtype, an unbatched input): run the module then.
+    """
+    dims = _CONV_DIMS.get(type(mod))
+    if (dims is None or not isinstance(x, torch.Tensor) or x.device.type != "meta" or x.ndim != dims + 2
+            or mod._forward_hooks or mod._forward_pre_hooks or x.shape[1] != mod.in_channels
+            or not x.is_floating_point() or x.dtype != mod.weight.dtype or not x.is_contiguous()
+            or not mod.weight.is_contiguous()):
+        return None
+    suggest = getattr(_prims, "suggest_memory_format", None)
+    if suggest is None or suggest(x) != torch.contiguous_format:
+        return None
+    spatial = []
+    for i, size in enumerate(x.shape[2:]):
+        k, s, d = mod.kernel_size[i], mod.stride[i], mod.dilation[i]
+        if mod.padding == "same":
+            spatial.append(size)
+            continue
+        p = 0 if mod.padding == "valid" else mod.padding[i]
+        out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+        if out <= 0:
+            return None  # let the kernel raise its own error
+        spatial.append(out)
+    shape = (x.shape[0], mod.out_channels, *spatial)
+    macs = x.shape[0] * mod.out_channels * (mod.in_channels // mod.groups)
+    for v in (*spatial, *mod.kernel_size):
+        macs *= v
+    return torch.empty(shape, dtype=x.dtype, device="meta"), macs
+
+
 def _module_hooks_installed() -> bool:
     """Global module hooks (a profiler's, a user's) must see every call: then no shortcut."""
     from torch.nn.modules import module as _m
@@ -115,12 +154,17 @@ class _Propagator(fx.Interpreter):
         super().__init__(gm)
         self.counter = counter
         self.shortcuts = shortcuts
+        self.formula_macs = 0  # MACs of the node being run that no kernel ran for (`_conv_on_meta`)
 
     def call_module(self, target, args, kwargs):
         if self.shortcuts and len(args) == 1 and not kwargs:
             mod = self.submodules[target] if target in self.submodules else self.module.get_submodule(target)
             if _same_shape_module(mod, args[0]):
                 return torch.empty_like(args[0])
+            conv = _conv_on_meta(mod, args[0])
+            if conv is not None:
+                self.formula_macs += conv[1]
+                return conv[0]
         return super().call_module(target, args, kwargs)
 
     def fetch_args_kwargs_from_env(self, n: fx.Node):
@@ -131,13 +175,14 @@ class _Propagator(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()
+        self.formula_macs = 0
         try:
             result = super().run_node(n)
         except Exception as exc:
             exc._fxprune_node = n
             raise
         n.meta[VALUE] = spec_of(result)
-        n.meta[MACS] = (self.counter.get_total_flops() - before) // 2
+        n.meta[MACS] = (self.counter.get_total_flops() - before) // 2 + self.formula_macs
         return result
 
 

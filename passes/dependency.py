@@ -231,8 +231,11 @@ def _build_groups(members: list[Member], root: np.ndarray, reason_of: np.ndarray
         signature[distinct] += weights[k]
         present[distinct] = True
     unit_roots = np.nonzero(present)[0]
-    keys = np.stack([signature[unit_roots], reason_of[unit_roots].astype(np.uint64)], axis=1)
-    _, group_of_unit = np.unique(keys, axis=0, return_inverse=True)
+    # the reason joins the signature as one more random weight (a 1-D unique is ~10x faster than
+    # the row-wise unique of (signature, reason) pairs, with the same 2^-64 collision odds)
+    reason_weights = rng.integers(1, 2**63 - 1, size=len(texts) + 1, dtype=np.int64).astype(np.uint64)
+    keys = signature[unit_roots] + reason_weights[reason_of[unit_roots]]  # reason -1: the last weight
+    _, group_of_unit = np.unique(keys, return_inverse=True)
     group_of_unit = group_of_unit.reshape(-1)
     n_groups = int(group_of_unit.max()) + 1 if len(unit_roots) else 0
     gid = np.full(len(root), -1, dtype=np.int64)

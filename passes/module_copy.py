@@ -27,6 +27,7 @@ import enum
 from typing import Iterable
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .tensors import get_tensor, has_tensor
@@ -71,8 +72,8 @@ def _copy_leaf(module: nn.Module, memo: dict) -> nn.Module:
     return new
 
 
-def copy_sharing(gm: nn.Module, shared_targets: Iterable[str]) -> nn.Module:
-    """Deep copy of `gm` in which the tensors named in `shared_targets` are shared, not copied."""
+def _memo(gm: nn.Module, shared_targets: Iterable[str]) -> dict[int, object]:
+    """deepcopy's memo: shared tensors map to themselves, plain torch.nn leaves to fast copies."""
     memo: dict[int, object] = {}
     for target in shared_targets:
         if has_tensor(gm, target):
@@ -81,4 +82,32 @@ def copy_sharing(gm: nn.Module, shared_targets: Iterable[str]) -> nn.Module:
     for module in gm.modules():
         if module is not gm and id(module) not in memo and _is_plain_torch_leaf(module):
             memo[id(module)] = _copy_leaf(module, memo)
-    return copy.deepcopy(gm, memo)
+    return memo
+
+
+def copy_sharing(gm: nn.Module, shared_targets: Iterable[str]) -> nn.Module:
+    """Deep copy of `gm` in which the tensors named in `shared_targets` are shared, not copied."""
+    return copy.deepcopy(gm, _memo(gm, shared_targets))
+
+
+def copy_parts(gm: fx.GraphModule, shared_targets: Iterable[str]) -> tuple[nn.Module, fx.Graph]:
+    """`copy_sharing` taken apart: a plain root module holding deep copies of `gm`'s children,
+    tensors and root-level attributes the graph reads, and a copy of its graph.
+
+    A rewrite edits both and builds its GraphModule once at the end (`fx.GraphModule(root, graph)`
+    keeps what the graph uses): deep-copying the GraphModule itself would generate and compile its
+    Python code once more, for nothing (~5 ms on resnet50).
+    """
+    memo = _memo(gm, shared_targets)
+    root = nn.Module()
+    root.training = gm.training
+    for name, child in gm.named_children():
+        root._modules[name] = copy.deepcopy(child, memo)
+    for store in ("_parameters", "_buffers"):
+        getattr(root, store).update({k: copy.deepcopy(v, memo) for k, v in getattr(gm, store).items()})
+    root._non_persistent_buffers_set = set(gm._non_persistent_buffers_set)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and not hasattr(root, node.target.split(".")[0]):
+            head = node.target.split(".")[0]
+            object.__setattr__(root, head, copy.deepcopy(getattr(gm, head), memo))
+    return root, copy.deepcopy(gm.graph)

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.fx as fx
+from torch import nn
 
 from fxprune.shapes import VALUE
 
 from .fold import fold_channel_scales
-from .module_copy import copy_sharing
+from .module_copy import copy_parts
 from .ops import handler_for
 from .structures import exclusive_branch
 from .tensors import get_tensor, replace_tensor
@@ -40,9 +41,10 @@ class PruningPlan:
 
 
 class RewriteContext:
-    """What handlers see during the rewrite: the slim module and the analysis' layouts."""
+    """What handlers see during the rewrite: the slim model's module tree (a plain root module; the
+    GraphModule is built from it and the edited graph at the end) and the analysis' layouts."""
 
-    def __init__(self, analysis, slim: fx.GraphModule, keep_root: np.ndarray):
+    def __init__(self, analysis, slim: nn.Module, keep_root: np.ndarray):
         self.analysis = analysis
         self.gm = slim
         self.keep_root = keep_root
@@ -95,36 +97,48 @@ def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
             graph.erase_node(n)
 
 
-def _remove_structures(slim: fx.GraphModule, plan: PruningPlan) -> None:
-    nodes = {n.name: n for n in slim.graph.nodes}
+def _remove_structures(graph: fx.Graph, plan: PruningPlan) -> None:
+    nodes = {n.name: n for n in graph.nodes}
     for add_name, operand in plan.remove_branches:
         add = nodes[add_name]
         branch_out, shortcut = add.args[operand], add.args[1 - operand]
         dead = exclusive_branch(branch_out, add)
         add.replace_all_uses_with(shortcut)
-        slim.graph.erase_node(add)
-        _erase_dead(slim.graph, dead)
+        graph.erase_node(add)
+        _erase_dead(graph, dead)
     for cat_name, index in sorted(plan.drop_concat_inputs, key=lambda t: -t[1]):
         cat = nodes[cat_name]
         inputs = list(cat.args[0])
         dropped = inputs.pop(index)
         dead = exclusive_branch(dropped, cat)
         cat.args = (inputs, *cat.args[1:])
-        _erase_dead(slim.graph, dead)
+        _erase_dead(graph, dead)
 
 
-def _slice_members(analysis, slim: fx.GraphModule, keep_root: np.ndarray) -> None:
-    """index_select every member tensor to its kept positions.
+def _used_owners(graph: fx.Graph) -> set[str]:
+    """Paths of the modules the graph still calls, and of the owners of the tensors it reads."""
+    used = {""}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            used.add(n.target)
+        elif n.op == "get_attr":
+            used.add(n.target.rpartition(".")[0])
+    return used
+
+
+def _slice_members(analysis, root: nn.Module, graph: fx.Graph, keep_root: np.ndarray) -> None:
+    """index_select every member tensor the graph still uses to its kept positions.
 
     Slices along dim 0 go first: taking whole rows of a contiguous weight is a block copy, and the
     strided slice along dim 1 that follows then reads only the rows that were kept (resnet50: about
     half the time of the opposite order)."""
-    modules = dict(slim.named_modules())
+    modules = dict(root.named_modules())
+    used = _used_owners(graph)
     with torch.no_grad():
         for (target, dim), member in sorted(analysis.members.items(), key=lambda item: item[0][1] != 0):
             owner_path, _, name = target.rpartition(".")
             owner = modules.get(owner_path)
-            if owner is None or not hasattr(owner, name):
+            if owner is None or owner_path not in used or not hasattr(owner, name):
                 continue  # its module went with a removed branch
             kept = keep_root[analysis.root[member.ids]]
             if kept.all():
@@ -138,17 +152,16 @@ def apply_plan(analysis, plan: PruningPlan) -> fx.GraphModule:
     """A new slim GraphModule (see module docstring)."""
     keep_root = plan_keep_roots(analysis, plan)
     sliced = {t for (t, _), m in analysis.members.items() if not keep_root[analysis.root[m.ids]].all()}
-    slim = copy_sharing(analysis.gm, sliced)
-    _remove_structures(slim, plan)
-    slim.delete_all_unused_submodules()
-    _slice_members(analysis, slim, keep_root)
-    rctx = RewriteContext(analysis, slim, keep_root)
-    for node in list(slim.graph.nodes):
-        handler = handler_for(node, slim) if node.op.startswith("call") else None
+    root, graph = copy_parts(analysis.gm, sliced)
+    _remove_structures(graph, plan)
+    _slice_members(analysis, root, graph, keep_root)
+    rctx = RewriteContext(analysis, root, keep_root)
+    for node in list(graph.nodes):
+        handler = handler_for(node, root) if node.op.startswith("call") else None
         if handler is not None:
             handler.rewrite(rctx, node)
-    slim.graph.lint()
-    slim.recompile()
+    graph.lint()
+    slim = fx.GraphModule(root, graph, type(analysis.gm).__name__)  # keeps only what the graph uses
     if plan.fold_scales:
         fold_channel_scales(slim, plan.fold_scales)
     return slim
