@@ -30,15 +30,20 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .tensors import get_tensor, has_tensor
 
 # Values a torch.nn leaf may hold that need no copy (immutable, or shared by design).
 _ATOMIC = (int, float, bool, str, bytes, type(None), complex, torch.dtype, torch.device, enum.Enum, type)
 
 
+_ATOMIC_TYPES = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device))
+
+
 def _is_atomic(value) -> bool:
-    if isinstance(value, tuple):
-        return all(_is_atomic(v) for v in value)
+    kind = type(value)
+    if kind in _ATOMIC_TYPES:
+        return True
+    if kind is tuple:
+        return all(map(_is_atomic, value))
     return isinstance(value, _ATOMIC)
 
 
@@ -46,17 +51,34 @@ def _is_atomic_container(value) -> bool:
     """A dict/list/set (hook dicts, name sets) holding only atomic values: a new container of the
     same entries is its deep copy. Registered hooks (callables) do not qualify: they go the slow way."""
     if isinstance(value, dict):
-        return all(_is_atomic(k) and _is_atomic(v) for k, v in value.items())
+        return not value or all(map(_is_atomic, value)) and all(map(_is_atomic, value.values()))
     if isinstance(value, (list, set)):
-        return all(_is_atomic(v) for v in value)
+        return all(map(_is_atomic, value))
     return False
 
 
 def _is_plain_torch_leaf(module: nn.Module) -> bool:
     if not type(module).__module__.startswith("torch.nn.modules.") or module._modules:
         return False
-    return all(_is_atomic(v) or _is_atomic_container(v) or k in ("_parameters", "_buffers")
+    return all(k in ("_parameters", "_buffers") or _is_atomic(v) or _is_atomic_container(v)
                for k, v in module.__dict__.items())
+
+
+def _copy_tensor(t: torch.Tensor, memo: dict) -> torch.Tensor:
+    """deepcopy of a parameter or buffer; a plain one that owns its whole storage is cloned
+    directly (`Tensor.__deepcopy__` is a slow Python path, ~50 us for a BN's step counter)."""
+    if id(t) in memo:
+        return memo[id(t)]
+    plain = (type(t) in (torch.Tensor, nn.Parameter) and t._base is None and not t.__dict__
+             and t.layout == torch.strided and t.storage_offset() == 0
+             and t.untyped_storage().nbytes() == t.numel() * t.element_size() and t.is_contiguous())
+    if not plain:
+        return copy.deepcopy(t, memo)
+    new = t.detach().clone()
+    if type(t) is nn.Parameter:
+        new = nn.Parameter(new, requires_grad=t.requires_grad)
+    memo[id(t)] = new
+    return new
 
 
 def _copy_leaf(module: nn.Module, memo: dict) -> nn.Module:
@@ -64,7 +86,7 @@ def _copy_leaf(module: nn.Module, memo: dict) -> nn.Module:
     state = {}
     for key, value in module.__dict__.items():
         if key in ("_parameters", "_buffers"):
-            value = {k: (None if t is None else copy.deepcopy(t, memo)) for k, t in value.items()}
+            value = {k: (None if t is None else _copy_tensor(t, memo)) for k, t in value.items()}
         elif not _is_atomic(value):
             value = type(value)(value)  # an atomic container (see _is_plain_torch_leaf)
         state[key] = value
@@ -75,11 +97,13 @@ def _copy_leaf(module: nn.Module, memo: dict) -> nn.Module:
 def _memo(gm: nn.Module, shared_targets: Iterable[str]) -> dict[int, object]:
     """deepcopy's memo: shared tensors map to themselves, plain torch.nn leaves to fast copies."""
     memo: dict[int, object] = {}
+    modules = dict(gm.named_modules())
     for target in shared_targets:
-        if has_tensor(gm, target):
-            t = get_tensor(gm, target)
+        owner, _, name = target.rpartition(".")
+        t = getattr(modules[owner], name, None) if owner in modules else None
+        if isinstance(t, torch.Tensor):
             memo[id(t)] = t
-    for module in gm.modules():
+    for module in modules.values():
         if module is not gm and id(module) not in memo and _is_plain_torch_leaf(module):
             memo[id(module)] = _copy_leaf(module, memo)
     return memo

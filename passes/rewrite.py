@@ -49,6 +49,15 @@ class RewriteContext:
         self.gm = slim
         self.keep_root = keep_root
         self._orig_nodes = {n.name: n for n in analysis.gm.graph.nodes}
+        self._modules: dict[str, nn.Module] = {}
+        self._orig_modules: dict[str, nn.Module] = {}
+
+    def get_submodule(self, target: str) -> nn.Module:
+        """The slim tree's module at `target` (memoised: handlers ask for each module twice)."""
+        mod = self._modules.get(target)
+        if mod is None:
+            mod = self._modules[target] = self.gm.get_submodule(target)
+        return mod
 
     def layout(self, node: fx.Node):
         return self.analysis.layouts.get(node.name) if isinstance(node, fx.Node) else None
@@ -63,7 +72,10 @@ class RewriteContext:
         return int(self.kept(ids).sum())
 
     def original_module_attr(self, target: str, attr: str):
-        return getattr(self.analysis.gm.get_submodule(target), attr)
+        mod = self._orig_modules.get(target)
+        if mod is None:
+            mod = self._orig_modules[target] = self.analysis.gm.get_submodule(target)
+        return getattr(mod, attr)
 
     def original_shape(self, target: str) -> tuple:
         return tuple(get_tensor(self.analysis.gm, target).shape)
@@ -157,7 +169,7 @@ def apply_plan(analysis, plan: PruningPlan) -> fx.GraphModule:
     _slice_members(analysis, root, graph, keep_root)
     rctx = RewriteContext(analysis, root, keep_root)
     for node in list(graph.nodes):
-        handler = handler_for(node, root) if node.op.startswith("call") else None
+        handler = handler_for(node, rctx) if node.op.startswith("call") else None
         if handler is not None:
             handler.rewrite(rctx, node)
     graph.lint()

@@ -28,7 +28,11 @@ def replace_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
     """`set_tensor` on the module that owns the tensor."""
     old = getattr(owner, name)
     if isinstance(old, nn.Parameter):
-        setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
+        new = nn.Parameter(value, requires_grad=old.requires_grad)
+        if owner._parameters.get(name) is old:
+            owner._parameters[name] = new  # what setattr ends with, without its ~20 us of checks
+        else:
+            setattr(owner, name, new)
     elif name in owner._buffers:
         owner._buffers[name] = value
     else:

@@ -67,7 +67,7 @@ class ConvModule(OpHandler):
                             len(conv.kernel_size), transposed)
 
     def rewrite(self, rctx, node):
-        conv = rctx.gm.get_submodule(node.target)
+        conv = rctx.get_submodule(node.target)
         transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
         old = [rctx.original_module_attr(node.target, a) for a in ("groups", "in_channels", "out_channels")]
         conv.in_channels, conv.out_channels, conv.groups = conv_sizes_after(

@@ -30,7 +30,7 @@ class LinearModule(OpHandler):
         return analyze_linear(ctx, node, node.args[0], f"{node.target}.weight", bias)
 
     def rewrite(self, rctx, node):
-        lin = rctx.gm.get_submodule(node.target)
+        lin = rctx.get_submodule(node.target)
         lin.out_features, lin.in_features = lin.weight.shape
 
 

@@ -34,7 +34,7 @@ class PerChannelNormModule(OpHandler):
         return _per_channel(ctx, node, node.args[0], names)
 
     def rewrite(self, rctx, node):
-        mod = rctx.gm.get_submodule(node.target)
+        mod = rctx.get_submodule(node.target)
         for a in _BN_BUFFERS:
             if getattr(mod, a, None) is not None:
                 mod.num_features = getattr(mod, a).shape[0]
@@ -73,7 +73,7 @@ class GroupNormModule(OpHandler):
         return _group_norm(ctx, node, node.args[0], gn.num_groups, names)
 
     def rewrite(self, rctx, node):
-        gn = rctx.gm.get_submodule(node.target)
+        gn = rctx.get_submodule(node.target)
         ids = rctx.layout(node).ids
         per = len(ids) // rctx.original_module_attr(node.target, "num_groups")
         gn.num_channels = rctx.kept_count(ids)

@@ -96,7 +96,7 @@ class PReLUModule(OpHandler):
         return lay
 
     def rewrite(self, rctx, node):
-        mod = rctx.gm.get_submodule(node.target)
+        mod = rctx.get_submodule(node.target)
         mod.num_parameters = mod.weight.shape[0]
 
 

@@ -64,7 +64,8 @@ def _module_handler(mod: nn.Module) -> OpHandler | None:
     return None
 
 
-def handler_for(node: fx.Node, gm: fx.GraphModule) -> OpHandler | None:
+def handler_for(node: fx.Node, gm) -> OpHandler | None:
+    """The handler of `node`; `gm` is anything with `get_submodule` (a module, a RewriteContext)."""
     if node.op == "call_module":
         return _module_handler(gm.get_submodule(node.target))
     if node.op == "call_function":
