@@ -115,6 +115,8 @@ def cmd_bench(args) -> int:
         compile_repeats=args.compile_repeats, method_repeats=args.method_repeats, latency_repeats=args.repeats,
         heavy_latency_repeats=args.heavy_repeats, cuda_latency_repeats=args.cuda_repeats, warmup=args.warmup,
         compare=not args.no_compare, kernels=args.kernels, plots=not args.no_plots, input_shapes=shapes,
+        head_to_head_models=_csv(args.head_to_head, str, "--head-to-head") if args.head_to_head else (),
+        head_to_head_pairs=args.pairs,
     ).validate()
     doc = Path(args.doc)
     json_path, plots_dir = doc.with_suffix(".json"), doc.parent / f"{doc.stem}-plots"
@@ -219,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "densenet121, convnext_tiny")
     p.add_argument("--cuda-repeats", type=int, default=30, help="CUDA latency repeats")
     p.add_argument("--warmup", type=int, default=2, help="warm-up calls per model before timing")
+    p.add_argument("--head-to-head", default="resnet50", help="models whose fxprune and Torch-Pruning slim "
+                   "models (first FLOPs target, largest batch, CPU) are also timed pair by pair ('' for none)")
+    p.add_argument("--pairs", type=int, default=9, help="pairs of the head-to-head timing")
     p.add_argument("--input-shape", action="append", help="NAME=1,3,H,W for a model (repeatable)")
     p.add_argument("--no-compare", action="store_true", help="skip Torch-Pruning")
     p.add_argument("--kernels", action="store_true", help="also run benches/bench_kernels.py when present")

@@ -4,7 +4,8 @@
 `interleaved_latency_ms` times several models on the same inputs round-robin (model A, B, C, A,
 B, C, ...), so a burst of load from another process hits every model alike instead of whichever
 happened to be timed at that moment; the benchmark suite compares original and slim models
-with it. On CUDA the time of each call is taken with CUDA events (the GPU's own clock), on the
+with it. `paired_latency_ratio` compares two models of nearly the same cost (fxprune's and
+Torch-Pruning's slim models at the same MACs) pair by pair. On CUDA the time of each call is taken with CUDA events (the GPU's own clock), on the
 CPU with `time.perf_counter`.
 
 Example::
@@ -86,3 +87,30 @@ def interleaved_latency_ms(models: dict[str, nn.Module], inputs: ExampleInputs, 
             for name, model in models.items():
                 times[name].append(time_call_ms(lambda m=model: inputs.call(m), cuda))
     return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "repeats_ms": t} for name, t in times.items()}
+
+
+def paired_latency_ratio(a: nn.Module, b: nn.Module, inputs: ExampleInputs, *, pairs: int = 9,
+                         warmup: int = 1) -> dict:
+    """Time of `a` over time of `b`, measured as back-to-back pairs whose order alternates (a b, b a,
+    a b, ...): the median of the per-pair ratios, their quartiles and every pair's times.
+
+    Two models of nearly the same cost cannot be told apart by two medians taken in a round-robin
+    of many models (a slow spell lands on whichever runs then, and each model always follows the
+    same one). A ratio taken within each pair cancels slow spells longer than a pair, and the
+    alternation cancels the order. The quartiles are the noise to judge the median against.
+    """
+    if pairs < 1 or warmup < 0:
+        raise ValueError(f"pairs={pairs} must be >= 1 and warmup={warmup} >= 0")
+    cuda = _on_cuda(inputs)
+    ratios, times = [], []
+    with torch.inference_mode(), eval_mode(a, b):
+        for model in (a, b):
+            for _ in range(warmup):
+                inputs.call(model)
+        for i in range(pairs):
+            order = (a, b) if i % 2 == 0 else (b, a)
+            t = {id(m): time_call_ms(lambda m=m: inputs.call(m), cuda) for m in order}
+            ratios.append(t[id(a)] / t[id(b)])
+            times.append((t[id(a)], t[id(b)]))
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {"ratio_median": median, "ratio_q1": q1, "ratio_q3": q3, "pairs": pairs, "pairs_ms": times}

@@ -58,6 +58,8 @@ def spec_of(value: Any) -> Any:
             return TensorSpec(tuple(int(s) for s in x.shape), x.dtype)
         return x
 
+    if isinstance(value, torch.Tensor):  # most nodes: no pytree walk
+        return one(value)
     return pytree.tree_map(one, value)
 
 
@@ -160,7 +162,10 @@ class _Propagator(fx.Interpreter):
         if self.shortcuts and len(args) == 1 and not kwargs:
             mod = self.submodules[target] if target in self.submodules else self.module.get_submodule(target)
             if _same_shape_module(mod, args[0]):
-                return torch.empty_like(args[0])
+                x = args[0]  # empty_like of a dense tensor has its strides; empty_strided skips the
+                # layout inference empty_like runs on meta tensors
+                return (torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+                        if x.is_contiguous() else torch.empty_like(x))
             conv = _conv_on_meta(mod, args[0])
             if conv is not None:
                 self.formula_macs += conv[1]

@@ -1,13 +1,14 @@
-"""A deep copy of a GraphModule that shares chosen tensors and copies plain torch.nn leaves fast.
+"""A deep copy of a GraphModule that shares chosen tensors and copies plain modules fast.
 
 Why: the rewrite must never touch the user's model, so it works on a private copy. Python's
 `copy.deepcopy` walks every attribute of every module (about 60 deepcopy calls per module, hook
-dicts included): on resnet50 that is ~45 ms, more than half of the whole rewrite. Leaf modules
-defined by torch.nn itself (Conv2d, BatchNorm2d, ReLU, Linear...) hold only their tensors,
-immutable settings and hook dicts, so a shallow attribute copy plus copies of their tensors is a
-true deep copy of them. Those copies are put in deepcopy's memo first; everything else (the
-GraphModule, containers, user-defined modules and whatever they hold) still goes through
-`copy.deepcopy`, unchanged.
+dicts included): on resnet50 that was ~45 ms, more than half of the whole rewrite. Most modules
+hold only their tensors, immutable settings (ints, tuples, strings), hook dicts and child
+modules; for those a new object with a shallow copy of the attribute dict, fresh containers,
+copied tensors and copied children *is* their deep copy. Such copies are made bottom-up and put
+in deepcopy's memo first; a module that holds anything else (a registered hook, a list of
+tensors, any other object) or whose class customises copying or pickling still goes through
+`copy.deepcopy`, unchanged, and so does whatever references the fast copies.
 
 Tensors named in `shared_targets` are not copied at all: the rewrite replaces them with sliced
 copies anyway, so copying them first would only double the time and the peak memory.
@@ -24,18 +25,21 @@ from __future__ import annotations
 
 import copy
 import enum
+import functools
 from typing import Iterable
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-
-# Values a torch.nn leaf may hold that need no copy (immutable, or shared by design).
+# Values a module may hold that need no copy (immutable, or shared by design).
 _ATOMIC = (int, float, bool, str, bytes, type(None), complex, torch.dtype, torch.device, enum.Enum, type)
-
-
 _ATOMIC_TYPES = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device))
+# How a class can change what deepcopy does; torch.nn's own __setstate__ only fills attributes
+# missing from old pickles, so it is allowed there.
+_COPY_PROTOCOL = ("__deepcopy__", "__copy__", "__reduce_ex__", "__reduce__", "__getstate__",
+                  "__getnewargs_ex__", "__getnewargs__", "__new__")
+_TENSOR_STORES = ("_parameters", "_buffers")
 
 
 def _is_atomic(value) -> bool:
@@ -47,21 +51,13 @@ def _is_atomic(value) -> bool:
     return isinstance(value, _ATOMIC)
 
 
-def _is_atomic_container(value) -> bool:
-    """A dict/list/set (hook dicts, name sets) holding only atomic values: a new container of the
-    same entries is its deep copy. Registered hooks (callables) do not qualify: they go the slow way."""
-    if isinstance(value, dict):
-        return not value or all(map(_is_atomic, value)) and all(map(_is_atomic, value.values()))
-    if isinstance(value, (list, set)):
-        return all(map(_is_atomic, value))
-    return False
-
-
-def _is_plain_torch_leaf(module: nn.Module) -> bool:
-    if not type(module).__module__.startswith("torch.nn.modules.") or module._modules:
+@functools.lru_cache(maxsize=None)
+def _copies_like_module(cls: type) -> bool:
+    """deepcopy treats instances of `cls` as it treats a plain nn.Module (their __dict__ is all)."""
+    if any(getattr(cls, name, None) is not getattr(nn.Module, name, None) for name in _COPY_PROTOCOL):
         return False
-    return all(k in ("_parameters", "_buffers") or _is_atomic(v) or _is_atomic_container(v)
-               for k, v in module.__dict__.items())
+    setstate = getattr(cls, "__setstate__", None)
+    return setstate is nn.Module.__setstate__ or cls.__module__.startswith("torch.nn.modules.")
 
 
 def _copy_tensor(t: torch.Tensor, memo: dict) -> torch.Tensor:
@@ -81,21 +77,40 @@ def _copy_tensor(t: torch.Tensor, memo: dict) -> torch.Tensor:
     return new
 
 
-def _copy_leaf(module: nn.Module, memo: dict) -> nn.Module:
-    new = object.__new__(type(module))
+def _fast_copy(module: nn.Module, memo: dict) -> nn.Module | None:
+    """The deep copy of `module` (its children already in `memo`), or None where it holds anything
+    but atomic values, containers of them, tensors and modules (see the module docstring)."""
+    if not _copies_like_module(type(module)):
+        return None
     state = {}
     for key, value in module.__dict__.items():
-        if key in ("_parameters", "_buffers"):
-            value = {k: (None if t is None else _copy_tensor(t, memo)) for k, t in value.items()}
-        elif not _is_atomic(value):
-            value = type(value)(value)  # an atomic container (see _is_plain_torch_leaf)
-        state[key] = value
+        kind = type(value)
+        if kind in _ATOMIC_TYPES or key in _TENSOR_STORES:
+            state[key] = value
+        elif key == "_modules":
+            if not all(c is None or id(c) in memo for c in value.values()):
+                return None
+            state[key] = {k: None if c is None else memo[id(c)] for k, c in value.items()}
+        elif isinstance(value, (dict, list, set)):  # hook dicts, name sets
+            items = value.items() if isinstance(value, dict) else ((v, None) for v in value)
+            if not all(_is_atomic(k) and _is_atomic(v) for k, v in items):
+                return None  # e.g. a registered hook: deepcopy decides what to do with it
+            state[key] = kind(value)
+        elif _is_atomic(value):
+            state[key] = value
+        else:
+            return None
+    state.pop("_compiled_call_impl", None)  # as nn.Module.__getstate__ drops it
+    for key in _TENSOR_STORES:
+        if key in state:
+            state[key] = {k: None if t is None else _copy_tensor(t, memo) for k, t in state[key].items()}
+    new = object.__new__(type(module))
     new.__dict__.update(state)
     return new
 
 
 def _memo(gm: nn.Module, shared_targets: Iterable[str]) -> dict[int, object]:
-    """deepcopy's memo: shared tensors map to themselves, plain torch.nn leaves to fast copies."""
+    """deepcopy's memo: shared tensors map to themselves, plain modules to fast copies."""
     memo: dict[int, object] = {}
     modules = dict(gm.named_modules())
     for target in shared_targets:
@@ -103,9 +118,11 @@ def _memo(gm: nn.Module, shared_targets: Iterable[str]) -> dict[int, object]:
         t = getattr(modules[owner], name, None) if owner in modules else None
         if isinstance(t, torch.Tensor):
             memo[id(t)] = t
-    for module in modules.values():
-        if module is not gm and id(module) not in memo and _is_plain_torch_leaf(module):
-            memo[id(module)] = _copy_leaf(module, memo)
+    for module in reversed(list(modules.values())):  # descendants before their ancestors
+        if module is not gm and id(module) not in memo:
+            twin = _fast_copy(module, memo)
+            if twin is not None:
+                memo[id(module)] = twin
     return memo
 
 

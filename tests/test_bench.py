@@ -41,7 +41,7 @@ def tiny_config(**kw) -> BenchConfig:
 def results():
     """One run on ResNet-20 at 16x16: Torch-Pruning included where it is installed."""
     torch.manual_seed(0)  # the model's random weights decide which channels go
-    return run_suite(tiny_config(), log=lambda _: None)
+    return run_suite(tiny_config(head_to_head_models=(NAME,), head_to_head_pairs=3), log=lambda _: None)
 
 
 def _hide(monkeypatch, module: str) -> None:
@@ -153,6 +153,10 @@ def test_torch_pruning_side_by_side(results):
     assert peer["ratio"] == tp[(0.5, None)]["ratio"]
     for x in entry["latency"]:
         assert "torch_pruning 0.5" in x["slim"] and "torch_pruning 0.5 r8" in x["slim"]
+    h2h = entry["head_to_head"]  # the two slim models at 0.5, timed pair by pair at batch 2
+    assert (h2h["flops"], h2h["batch"], h2h["pairs"], len(h2h["pairs_ms"])) == (0.5, 2, 3, 3)
+    assert 0 < h2h["ratio_q1"] <= h2h["ratio_median"] <= h2h["ratio_q3"]
+    assert h2h["macs_reduction"]["fxprune"] >= 2 and h2h["macs_reduction"]["torch_pruning"] >= 2
     md = render(results)
     assert "### Side by side" in md and "### Coverage" in md
     cov = next(g for g in results["goals"] if g["goal"].startswith("fxprune converts every model"))
@@ -204,6 +208,12 @@ def test_goals_judged_from_numbers():
     assert [g["met"] for g in goals] == [False, False, False, False, False]
     assert "fxprune misses shufflenet" in goals[4]["detail"]
     assert [g["met"] for g in evaluate_goals({"models": {}})] == [None] * 5
+    # with a pair-by-pair timing, the head-to-head goal is judged on it (within its own noise)
+    h2h = {"flops": 0.5, "batch": 32, "pairs": 9, "macs_reduction": {"fxprune": 2.0, "torch_pruning": 2.0}}
+    res["models"]["resnet50"]["head_to_head"] = dict(h2h, ratio_median=1.02, ratio_q1=0.97, ratio_q3=1.07)
+    assert evaluate_goals(res)[3]["met"] is True and "pair by pair" in evaluate_goals(res)[3]["detail"]
+    res["models"]["resnet50"]["head_to_head"] = dict(h2h, ratio_median=1.10, ratio_q1=1.09, ratio_q3=1.11)
+    assert evaluate_goals(res)[3]["met"] is False
 
 
 def test_peak_memory_sees_a_large_allocation():
@@ -224,6 +234,20 @@ def test_interleaved_latency():
     assert big.training  # the mode comes back
     with pytest.raises(ValueError):
         interleaved_latency_ms({"small": small}, x, repeats=0)
+
+
+def test_paired_latency_ratio():
+    from fxprune.latency import paired_latency_ratio
+
+    x = ExampleInputs.normalize(torch.randn(2, 64))
+    small = nn.Linear(64, 64)
+    big = nn.Sequential(*[nn.Linear(64, 64) for _ in range(40)]).train()
+    r = paired_latency_ratio(small, big, x, pairs=5, warmup=1)
+    assert len(r["pairs_ms"]) == 5 and all(a > 0 and b > 0 for a, b in r["pairs_ms"])
+    assert r["ratio_q1"] <= r["ratio_median"] <= r["ratio_q3"] < 1  # 40 layers take longer than 1
+    assert big.training  # the mode comes back
+    with pytest.raises(ValueError):
+        paired_latency_ratio(small, big, x, pairs=0)
 
 
 def test_bad_options_raise_config_errors():
@@ -293,6 +317,8 @@ def test_merge_keeps_models_of_the_earlier_run(results):
     merged = merge_results(old, new)
     assert list(merged["models"]) == [NAME, "other"]
     assert merged["models"][NAME]["macs"] == results["models"][NAME]["macs"] + 1
-    assert [r["models"] for r in merged["runs"]] == [[NAME, "other"], [NAME]]
+    assert [r["models"] for r in merged["runs"]] == [["other"], [NAME]]  # the runs numbers come from
+    again = merge_results(merged, dict(new, models={**new["models"], "other": old["models"]["other"]}))
+    assert [r["models"] for r in again["runs"]] == [[NAME, "other"]]  # an earlier run no number comes from goes
     assert set(merged["coverage"]) == {NAME, "other"}
     assert "each model's numbers are from the last run" in render(merged)

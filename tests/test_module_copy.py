@@ -1,6 +1,8 @@
 """The rewrite's private copy: independent of the user's model except for the tensors it shares."""
 from __future__ import annotations
 
+import copy
+
 import torch
 import torchvision
 from torch import nn
@@ -60,3 +62,35 @@ def test_leaves_with_hooks_or_user_state_are_deep_copied():
     assert calls == [1]  # the hook came along
     assert twin[0]._forward_hooks is not model[0]._forward_hooks
     assert twin[1].table is not model[1].table and twin[1].table[0] is not model[1].table[0]
+
+
+def test_classes_that_customise_copying_keep_their_deepcopy():
+    copied = []
+
+    class Tagged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def __deepcopy__(self, memo):
+            copied.append(self)
+            twin = Tagged()
+            twin.lin = copy.deepcopy(self.lin, memo)
+            return twin
+
+    model = nn.Sequential(Tagged(), nn.ReLU())
+    twin = copy_sharing(model, [])
+    assert copied == [model[0]]
+    assert twin[0].lin is not model[0].lin and torch.equal(twin[0].lin.weight, model[0].lin.weight)
+
+
+def test_user_modules_are_copied_with_their_children():
+    """torchvision's Bottleneck (a user class: settings + children) takes the fast path, and its
+    copy behaves and is independent like a deepcopy."""
+    model = torchvision.models.resnet50().layer1.eval()
+    twin = copy_sharing(model, [])
+    x = torch.randn(1, 64, 8, 8)
+    torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+    assert type(twin[0]) is type(model[0]) and twin[0].stride == model[0].stride
+    assert twin[0].downsample is not model[0].downsample
+    assert twin[0].downsample[0].weight is not model[0].downsample[0].weight

@@ -56,6 +56,10 @@ class BenchConfig:
     plots: bool = True  # PNG plots (when matplotlib is installed)
     input_shapes: dict = field(default_factory=dict)  # spec or name -> (1, C, H, W); default: the model's
     heavy_models: tuple = HEAVY_MODELS
+    # fxprune vs Torch-Pruning slim model timed pair by pair (first FLOPs target, largest batch, CPU):
+    # the goal's "no worse than Torch-Pruning" needs more than two round-robin medians
+    head_to_head_models: tuple = ("resnet50",)
+    head_to_head_pairs: int = 9
 
     def validate(self) -> "BenchConfig":
         if not self.models:
@@ -78,7 +82,7 @@ class BenchConfig:
         if unknown:
             raise ConfigError(f"unknown dtypes {sorted(unknown)}: choose from {', '.join(DTYPES)}")
         for n in (self.compile_repeats, self.method_repeats, self.latency_repeats, self.heavy_latency_repeats,
-                  self.cuda_latency_repeats):
+                  self.cuda_latency_repeats, self.head_to_head_pairs):
             if not isinstance(n, int) or n < 1:
                 raise ConfigError(f"repeats must be positive integers (got {n!r})")
         if not isinstance(self.warmup, int) or self.warmup < 0:

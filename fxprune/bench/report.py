@@ -194,6 +194,27 @@ def side_by_side_table(results: dict) -> str:
     return _table(rows, heads + ["output shape kept fx / TP"])
 
 
+def head_to_head_table(results: dict) -> str:
+    """The pair-by-pair timings of fxprune's and Torch-Pruning's slim models (`paired_latency_ratio`)."""
+    rows = []
+    for name, e in results.get("models", {}).items():
+        h = e.get("head_to_head")
+        if not h:
+            continue
+        if "error" in h:
+            rows.append([name, f"{h['flops']:g}", h["batch"], h["error"], "", "", "", ""])
+            continue
+        fx_ms = sorted(a for a, _ in h["pairs_ms"])[len(h["pairs_ms"]) // 2]
+        tp_ms = sorted(b for _, b in h["pairs_ms"])[len(h["pairs_ms"]) // 2]
+        mr = h["macs_reduction"]
+        rows.append([name, f"{h['flops']:g}", h["batch"], h["pairs"], f"{fx_ms:.1f} / {tp_ms:.1f}",
+                     f"{mr['fxprune']:.3f} / {mr['torch_pruning']:.3f}",
+                     f"**{h['ratio_median']:.3f}** ({h['ratio_q1']:.3f}-{h['ratio_q3']:.3f})",
+                     f"{h['load_before']:.2f}-{h['load_after']:.2f}"])
+    return _table(rows, ["model", "FLOPs target", "batch", "pairs", "median ms fx / TP", "MACs reduction fx / TP",
+                         "time fx ÷ TP per pair: median (quartiles)", "load"])
+
+
 def kernels_section(results: dict) -> str:
     k = results.get("kernels") or {"status": "skipped", "message": "not requested (`fxprune bench --kernels`)"}
     if k.get("status") != "ok":
@@ -234,6 +255,12 @@ def render(results: dict) -> str:
                   "one conversion of each slim model (fxprune without verification).",
                   "### Coverage", coverage_table(results), "### Side by side (CPU, fp32, eager)",
                   side_by_side_table(results)]
+        if any("head_to_head" in e for e in results.get("models", {}).values()):
+            parts += ["### Head to head, pair by pair (CPU, fp32, eager)",
+                      "The two slim models at the first FLOPs target, timed back to back in pairs whose order "
+                      "alternates; the per-pair ratio cancels slow spells of a shared machine that two medians "
+                      "of a long round-robin do not. The goal \"no worse than Torch-Pruning\" is judged on it.",
+                      head_to_head_table(results)]
     parts += ["## Kernel benchmarks (masked convolution)", kernels_section(results)]
     if results.get("plots"):
         parts += ["## Plots", *[f"![{Path(p).stem}]({p})" for p in results["plots"]]]

@@ -10,7 +10,10 @@ each means); `fxprune.bench.report` turns it into tables and plots. Per model it
    the masked original) and, when installed, with Torch-Pruning at the same MACs (`peer`); MACs of
    both are counted by the same counter, and both outputs must keep the original's shapes;
 4. times the original and all slim models round-robin at each batch size, on every device, dtype
-   and torch.compile setting asked for (`fxprune.latency.interleaved_latency_ms`).
+   and torch.compile setting asked for (`fxprune.latency.interleaved_latency_ms`);
+5. for the head-to-head models (resnet50 by default), times fxprune's and Torch-Pruning's slim
+   models at the first FLOPs target pair by pair (`fxprune.latency.paired_latency_ratio`), which
+   the goal "no worse than Torch-Pruning" is judged on.
 
 Example::
 
@@ -32,7 +35,7 @@ from torch import nn
 
 from ..api import compress
 from ..inputs import ExampleInputs
-from ..latency import interleaved_latency_ms
+from ..latency import interleaved_latency_ms, paired_latency_ratio
 from ..models import build_model, example_input
 from .compile_speed import time_compile, time_methods
 from .config import DTYPES, BenchConfig, short_name
@@ -141,7 +144,31 @@ def run_model(spec: str, cfg: BenchConfig, compare: bool, devices, log) -> dict:
                     last = entry["latency"][-1]
                     log(f"[{name}] latency {device} {dtype} compile={compiled} batch {batch}: "
                         + (f"original {last['original_ms']:.1f} ms" if "error" not in last else last["error"]))
+    if compare and "cpu" in devices and name in cfg.head_to_head_models:
+        entry["head_to_head"] = _head_to_head(slim, entry, shape, cfg)
+        h2h = entry["head_to_head"]
+        log(f"[{name}] head to head: " + (h2h["error"] if "error" in h2h else
+                                          f"fxprune / Torch-Pruning time {h2h['ratio_median']:.3f} "
+                                          f"(quartiles {h2h['ratio_q1']:.3f}-{h2h['ratio_q3']:.3f})"))
     return entry
+
+
+def _head_to_head(slim: dict, entry: dict, shape, cfg: BenchConfig) -> dict:
+    """fxprune's and Torch-Pruning's slim models at the first FLOPs target, timed pair by pair at the
+    largest batch on the CPU (fp32, eager): `paired_latency_ratio` of their times."""
+    flops, batch = cfg.flops[0], max(cfg.batches)
+    fx_key, tp_key = variant_key("fxprune", flops, None), variant_key("torch_pruning", flops, None)
+    out = {"flops": flops, "batch": batch, "device": "cpu", "dtype": "float32", "fxprune": fx_key,
+           "torch_pruning": tp_key}
+    if fx_key not in slim or tp_key not in slim:
+        return {**out, "error": f"no {fx_key if fx_key not in slim else tp_key} model to time"}
+    macs = {v["key"]: v["macs"] for v in entry["variants"] if v["ok"]}
+    x = ExampleInputs.normalize(example_input((batch, *shape[1:])))
+    out["load_before"] = load_average()
+    out.update(paired_latency_ratio(slim[fx_key], slim[tp_key], x, pairs=cfg.head_to_head_pairs, warmup=cfg.warmup))
+    out["load_after"] = load_average()
+    out["macs_reduction"] = {"fxprune": entry["macs"] / macs[fx_key], "torch_pruning": entry["macs"] / macs[tp_key]}
+    return out
 
 
 def _compile_speed(model, x, cfg, name, log) -> dict:
@@ -233,7 +260,8 @@ def merge_results(old: dict, new: dict) -> dict:
     """`new` with the models of `old` it did not measure kept (re-measure a few models of a run).
 
     Models keep `old`'s order, new ones go last; ``runs`` lists every run the numbers come from
-    (command, date, duration, load at the start, models); coverage and goals are judged again.
+    (command, date, duration, load at the start, and the models whose numbers are still its own);
+    coverage and goals are judged again.
     """
     def run_of(r: dict) -> list:
         return r.get("runs") or [{"command": r.get("command"), "date": r.get("machine", {}).get("date"),
@@ -242,7 +270,9 @@ def merge_results(old: dict, new: dict) -> dict:
 
     merged = dict(new)
     merged["models"] = {**old.get("models", {}), **new.get("models", {})}
-    merged["runs"] = run_of(old) + run_of(new)
+    measured = set(new.get("models", {}))
+    earlier = [{**r, "models": [m for m in r.get("models", []) if m not in measured]} for r in run_of(old)]
+    merged["runs"] = [r for r in earlier if r["models"]] + run_of(new)  # only runs some numbers still come from
     if new.get("kernels", {}).get("status") != "ok" and old.get("kernels", {}).get("status") == "ok":
         merged["kernels"] = old["kernels"]
     merged["coverage"] = coverage(merged)
