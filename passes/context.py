@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch.fx as fx
+from torch import nn
 
 from fxprune.shapes import VALUE, TensorSpec
 
@@ -58,6 +59,13 @@ class AnalysisContext:
     members: dict = field(default_factory=dict)  # (target, dim) -> Member
     boundaries: list = field(default_factory=list)
     tainted: set = field(default_factory=set)  # parameters read by a boundary op: never sliced
+    modules: dict = field(default_factory=dict)  # memo of get_submodule: handlers ask twice per node
+
+    def get_submodule(self, target: str) -> nn.Module:
+        mod = self.modules.get(target)
+        if mod is None:
+            mod = self.modules[target] = self.gm.get_submodule(target)
+        return mod
 
     # -- elements ---------------------------------------------------------------------------
     def new_ids(self, n: int) -> np.ndarray:

@@ -119,7 +119,7 @@ def _run_handlers(ctx: AnalysisContext, gm: fx.GraphModule, auto_leaves: dict[st
             for arg in node.all_input_nodes:
                 ctx.mark_all(ctx.layout(arg), "reaches the model output")
         elif node.op in ("call_module", "call_function", "call_method"):
-            handler = handler_for(node, gm)
+            handler = handler_for(node, ctx)
             if _builds_container(node):
                 layout = tuple(ctx.layout(a) for a in node.args)
             elif handler is not None:

@@ -138,26 +138,43 @@ def _used_owners(graph: fx.Graph) -> set[str]:
     return used
 
 
-def _slice_members(analysis, root: nn.Module, graph: fx.Graph, keep_root: np.ndarray) -> None:
-    """index_select every member tensor the graph still uses to its kept positions.
+def _gather(tensor: torch.Tensor, index: dict[int, torch.Tensor]) -> torch.Tensor:
+    """`tensor` restricted to `index[d]` along each dim d.
 
-    Slices along dim 0 go first: taking whole rows of a contiguous weight is a block copy, and the
-    strided slice along dim 1 that follows then reads only the rows that were kept (resnet50: about
-    half the time of the opposite order)."""
+    A weight sliced along dims 0 and 1 with a spatial kernel (3x3 convs) is gathered in one pass,
+    as rows of kernel elements picked by a flat (out, in) index: no intermediate copy (resnet50:
+    the slicing falls from ~24 to ~18 ms). Otherwise dim 0 goes first: taking whole rows of a
+    contiguous weight is a block copy, and the strided slice along dim 1 that follows reads only
+    the rows that were kept (about half the time of the opposite order).
+    """
+    if set(index) == {0, 1} and tensor.ndim > 2 and tensor[0, 0].numel() > 1:
+        rows, cols = index[0], index[1]
+        flat = (rows[:, None] * tensor.shape[1] + cols[None, :]).reshape(-1)
+        picked = tensor.reshape(tensor.shape[0] * tensor.shape[1], -1).index_select(0, flat)
+        return picked.reshape(len(rows), len(cols), *tensor.shape[2:])
+    for dim in sorted(index, key=lambda d: d != 0):
+        tensor = tensor.index_select(dim, index[dim])
+    return tensor
+
+
+def _slice_members(analysis, root: nn.Module, graph: fx.Graph, keep_root: np.ndarray) -> None:
+    """Slice every member tensor the graph still uses to its kept positions (`_gather`)."""
     modules = dict(root.named_modules())
     used = _used_owners(graph)
+    per_tensor: dict[str, dict[int, np.ndarray]] = {}
+    for (target, dim), member in analysis.members.items():
+        kept = keep_root[analysis.root[member.ids]]
+        if not kept.all():
+            per_tensor.setdefault(target, {})[dim] = np.nonzero(kept)[0]
     with torch.no_grad():
-        for (target, dim), member in sorted(analysis.members.items(), key=lambda item: item[0][1] != 0):
+        for target, index in per_tensor.items():
             owner_path, _, name = target.rpartition(".")
             owner = modules.get(owner_path)
             if owner is None or owner_path not in used or not hasattr(owner, name):
                 continue  # its module went with a removed branch
-            kept = keep_root[analysis.root[member.ids]]
-            if kept.all():
-                continue
             tensor = getattr(owner, name)
-            index = torch.as_tensor(np.nonzero(kept)[0], device=tensor.device)
-            replace_tensor(owner, name, tensor.index_select(dim, index))
+            index = {d: torch.as_tensor(i, device=tensor.device) for d, i in index.items()}
+            replace_tensor(owner, name, _gather(tensor, index))
 
 
 def apply_plan(analysis, plan: PruningPlan) -> fx.GraphModule:

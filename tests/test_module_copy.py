@@ -94,3 +94,20 @@ def test_user_modules_are_copied_with_their_children():
     assert type(twin[0]) is type(model[0]) and twin[0].stride == model[0].stride
     assert twin[0].downsample is not model[0].downsample
     assert twin[0].downsample[0].weight is not model[0].downsample[0].weight
+
+
+def test_gather_equals_slicing_dim_by_dim():
+    """The rewrite's one-pass gather of (out, in) kept channels equals index_select per dim."""
+    from passes.rewrite import _gather
+
+    torch.manual_seed(0)
+    for shape in [(8, 6, 3, 3), (8, 6, 1, 1), (8, 6), (8,), (4, 6, 2, 3, 3), (8, 1, 3, 3)]:
+        t = torch.randn(shape)
+        for dims in ({0: None}, {1: None}, {0: None, 1: None}):
+            if max(dims) >= t.ndim:
+                continue
+            index = {d: torch.randperm(t.shape[d])[: max(1, t.shape[d] // 2)].sort().values for d in dims}
+            expected = t
+            for d, i in index.items():
+                expected = expected.index_select(d, i)
+            assert torch.equal(_gather(t, index), expected), (shape, sorted(dims))

@@ -60,7 +60,7 @@ def conv_sizes_after(weight_shape, groups: int, old_in: int, old_out: int, trans
                  nn.ConvTranspose3d)
 class ConvModule(OpHandler):
     def analyze(self, ctx, node):
-        conv = ctx.gm.get_submodule(node.target)
+        conv = ctx.get_submodule(node.target)
         transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
         bias = f"{node.target}.bias" if conv.bias is not None else None
         return analyze_conv(ctx, node, node.args[0], f"{node.target}.weight", bias, conv.groups,

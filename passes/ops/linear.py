@@ -25,7 +25,7 @@ def analyze_linear(ctx, node, x, weight: str, bias: str | None) -> Layout:
 @register_module(nn.Linear)
 class LinearModule(OpHandler):
     def analyze(self, ctx, node):
-        lin = ctx.gm.get_submodule(node.target)
+        lin = ctx.get_submodule(node.target)
         bias = f"{node.target}.bias" if lin.bias is not None else None
         return analyze_linear(ctx, node, node.args[0], f"{node.target}.weight", bias)
 

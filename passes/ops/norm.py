@@ -26,7 +26,7 @@ def _per_channel(ctx, node, x, targets: list[str]) -> Layout:
                  nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 class PerChannelNormModule(OpHandler):
     def analyze(self, ctx, node):
-        mod = ctx.gm.get_submodule(node.target)
+        mod = ctx.get_submodule(node.target)
         if ctx.spec(node.args[0]).ndim < 2:
             ctx.boundary(node, "unbatched input to a batch/instance norm")
             return None
@@ -68,7 +68,7 @@ def _group_norm(ctx, node, x, num_groups: int, targets: list[str]) -> Layout:
 @register_module(nn.GroupNorm)
 class GroupNormModule(OpHandler):
     def analyze(self, ctx, node):
-        gn = ctx.gm.get_submodule(node.target)
+        gn = ctx.get_submodule(node.target)
         names = [f"{node.target}.{a}" for a in ("weight", "bias") if getattr(gn, a) is not None]
         return _group_norm(ctx, node, node.args[0], gn.num_groups, names)
 
@@ -114,7 +114,7 @@ def _layer_norm(ctx, node, x, n_norm_dims: int, targets: list[str]):
 @register_module(nn.LayerNorm)
 class LayerNormModule(OpHandler):
     def analyze(self, ctx, node):
-        ln = ctx.gm.get_submodule(node.target)
+        ln = ctx.get_submodule(node.target)
         names = [f"{node.target}.{a}" for a in ("weight", "bias") if getattr(ln, a, None) is not None]
         return _layer_norm(ctx, node, node.args[0], len(ln.normalized_shape), names)
 

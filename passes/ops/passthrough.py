@@ -89,7 +89,7 @@ class PReLUModule(OpHandler):
     """One slope per channel (num_parameters=C) or one for all."""
 
     def analyze(self, ctx, node):
-        mod = ctx.gm.get_submodule(node.target)
+        mod = ctx.get_submodule(node.target)
         lay = passthrough_layout(ctx, node, node.args[0])
         if isinstance(lay, Layout) and mod.num_parameters > 1:
             ctx.member(f"{node.target}.weight", 0, lay.ids, "channel", node)
@@ -113,7 +113,7 @@ def _along_dim(ctx, node, dim) -> Layout | None:
 @register_module(nn.Softmax, nn.LogSoftmax, nn.Softmin)
 class SoftmaxModule(OpHandler):
     def analyze(self, ctx, node):
-        return _along_dim(ctx, node, ctx.gm.get_submodule(node.target).dim)
+        return _along_dim(ctx, node, ctx.get_submodule(node.target).dim)
 
 
 @register_function(F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax)
