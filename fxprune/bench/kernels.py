@@ -52,7 +52,9 @@ def run_kernel_benchmarks(bench_file=BENCH_FILE, timeout_s: float = 1200, thread
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             return {"status": "failed", "message": f"the kernel benchmarks ran past {timeout_s:.0f} s"}
-        shown = "python -m pytest " + " ".join(str(c) for c in cmd[3:4]) + " --benchmark-only"
+        path = Path(bench_file).resolve()
+        shown_file = path.relative_to(REPO.resolve()) if path.is_relative_to(REPO.resolve()) else path
+        shown = f"python -m pytest {shown_file} --benchmark-only"
         if not out.exists():
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
             return {"status": "failed", "message": f"exit {proc.returncode}, no results: " + " | ".join(tail)}
