@@ -5,7 +5,8 @@
 B, C, ...), so a burst of load from another process hits every model alike instead of whichever
 happened to be timed at that moment; the benchmark suite compares original and slim models
 with it. `paired_latency_ratio` compares two models of nearly the same cost (fxprune's and
-Torch-Pruning's slim models at the same MACs) pair by pair. On CUDA the time of each call is taken with CUDA events (the GPU's own clock), on the
+Torch-Pruning's slim models at the same MACs) pair by pair. `steady_heap` keeps the allocator in
+one state while timing (see its docstring). On CUDA the time of each call is taken with CUDA events (the GPU's own clock), on the
 CPU with `time.perf_counter`.
 
 Example::
@@ -21,6 +22,8 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import statistics
 import time
 from typing import Callable
@@ -114,3 +117,39 @@ def paired_latency_ratio(a: nn.Module, b: nn.Module, inputs: ExampleInputs, *, p
             times.append((t[id(a)], t[id(b)]))
     q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
     return {"ratio_median": median, "ratio_q1": q1, "ratio_q3": q3, "pairs": pairs, "pairs_ms": times}
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def steady_heap():
+    """While timing, glibc serves every allocation from reused heap memory (no mmap, no trimming).
+
+    Why: by default glibc maps each allocation above a threshold fresh from the kernel and unmaps
+    it when freed, so every forward pass page-faults its large activations again; the threshold
+    moves with what the process freed before. At batch 32 that costs a resnet50 up to ~40% of its
+    time, and whether a model pays it depended on what else had run in the process (Torch-Pruning's
+    search in the same process made the original 40% faster). With reused memory every model is
+    timed in the same state. Yields whether it applied (glibc only); the defaults come back after.
+    """
+    libc = _glibc()
+    if libc is None:
+        yield False
+        return
+    applied = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    try:
+        yield applied
+    finally:
+        for param, value in _GLIBC_DEFAULTS.items():
+            libc.mallopt(param, value)
+        libc.malloc_trim(0)

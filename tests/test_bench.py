@@ -322,3 +322,14 @@ def test_merge_keeps_models_of_the_earlier_run(results):
     assert [r["models"] for r in again["runs"]] == [[NAME, "other"]]  # an earlier run no number comes from goes
     assert set(merged["coverage"]) == {NAME, "other"}
     assert "each model's numbers are from the last run" in render(merged)
+
+
+def test_steady_heap_applies_while_timing(results):
+    from fxprune.latency import _glibc, steady_heap
+
+    with steady_heap() as applied:
+        x = torch.ones(8, 1024, 1024)  # 32 MiB: from the heap while it applies
+        del x
+    assert applied == (_glibc() is not None)
+    assert all(lat["steady_heap"] == applied for lat in results["models"][NAME]["latency"])
+    assert ("reused heap memory" in render(results)) == applied

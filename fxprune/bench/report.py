@@ -60,8 +60,8 @@ def header(results: dict) -> str:
         f"{cfg.get('round_to')}, batches {cfg.get('batches')}; latency = median of "
         f"{cfg.get('latency_repeats')} repeats ({cfg.get('heavy_latency_repeats')} for "
         f"{', '.join(cfg.get('heavy_models', []))}) after {cfg.get('warmup')} warm-up calls, original and slim "
-        "models timed round-robin. MACs are counted by `torch.utils.flop_counter.FlopCounterMode` (its FLOPs / 2) "
-        "on every model alike; FLOPs = 2 x MACs.",
+        "models timed round-robin" + _heap_note(results) + ". MACs are counted by "
+        "`torch.utils.flop_counter.FlopCounterMode` (its FLOPs / 2) on every model alike; FLOPs = 2 x MACs.",
     ]
     runs = results.get("runs") or []
     if len(runs) > 1:
@@ -72,6 +72,14 @@ def header(results: dict) -> str:
     if results.get("json"):
         lines += ["", f"Every number: [`{results['json']}`]({results['json']})."]
     return "\n".join(lines)
+
+
+def _heap_note(results: dict) -> str:
+    steady = [lat.get("steady_heap") for e in results.get("models", {}).values() for lat in e.get("latency", [])]
+    if steady and all(steady):
+        return (", every allocation served from reused heap memory while timing (`fxprune.latency.steady_heap`: "
+                "glibc without mmap or trimming, so no model page-faults its activations afresh each call)")
+    return ""
 
 
 def goals_table(results: dict) -> str:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..api import compress
 from ..inputs import ExampleInputs
-from ..latency import interleaved_latency_ms, paired_latency_ratio
+from ..latency import interleaved_latency_ms, paired_latency_ratio, steady_heap
 from ..models import build_model, example_input
 from .compile_speed import time_compile, time_methods
 from .config import DTYPES, BenchConfig, short_name
@@ -165,7 +165,9 @@ def _head_to_head(slim: dict, entry: dict, shape, cfg: BenchConfig) -> dict:
     macs = {v["key"]: v["macs"] for v in entry["variants"] if v["ok"]}
     x = ExampleInputs.normalize(example_input((batch, *shape[1:])))
     out["load_before"] = load_average()
-    out.update(paired_latency_ratio(slim[fx_key], slim[tp_key], x, pairs=cfg.head_to_head_pairs, warmup=cfg.warmup))
+    with steady_heap() as out["steady_heap"]:
+        out.update(paired_latency_ratio(slim[fx_key], slim[tp_key], x, pairs=cfg.head_to_head_pairs,
+                                        warmup=cfg.warmup))
     out["load_after"] = load_average()
     out["macs_reduction"] = {"fxprune": entry["macs"] / macs[fx_key], "torch_pruning": entry["macs"] / macs[tp_key]}
     return out
@@ -237,7 +239,8 @@ def _latency(model, slim, entry, shape, device, dtype, compiled, batch, cfg) -> 
     try:
         models = {ORIGINAL: _prepare(model, device, dtype, compiled)}
         models.update({k: _prepare(m, device, dtype, compiled) for k, m in slim.items()})
-        times = interleaved_latency_ms(models, x, repeats=out["repeats"], warmup=cfg.warmup)
+        with steady_heap() as out["steady_heap"]:
+            times = interleaved_latency_ms(models, x, repeats=out["repeats"], warmup=cfg.warmup)
     except Exception as exc:  # noqa: BLE001 - e.g. torch.compile or bf16 unsupported here
         return {**out, "error": _error(exc), "load_after": load_average()}
     finally:
