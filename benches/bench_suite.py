@@ -21,6 +21,7 @@ from fxprune.bench.config import DEFAULT_MODELS, model_spec
 from fxprune.bench.metrics import count_macs
 from fxprune.bench.peer import _fresh_copy, _prune_in_place, classifier_layers, prune_to_macs, torch_pruning_status
 from fxprune.inputs import ExampleInputs
+from fxprune.latency import steady_heap
 from fxprune.models import build_model, default_input_shape, example_input
 
 FLOPS = 0.5
@@ -76,5 +77,6 @@ def test_latency(benchmark, prepared, which, batch):
     x = ExampleInputs.normalize(example_input((batch, *shape[1:])))
     benchmark.group = f"latency {name} b{batch}"
     benchmark.extra_info.update(macs=count_macs(module, example_input(shape)), macs_original=macs)
-    with torch.inference_mode():
+    with torch.inference_mode(), steady_heap() as steady:  # as `fxprune bench` times (see steady_heap)
+        benchmark.extra_info["steady_heap"] = steady
         benchmark.pedantic(x.call, args=(module,), rounds=5 if batch == 1 else 3, warmup_rounds=1)
