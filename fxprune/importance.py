@@ -76,18 +76,18 @@ def _bn_scores(analysis, group) -> np.ndarray | None:
 def group_scores(analysis, method: str, seed: int = 0) -> dict[int, np.ndarray]:
     """{group index: score per unit} for every prunable group."""
     rng = np.random.default_rng(seed)
-    l1, l2 = _SliceNorms(analysis, 1), _SliceNorms(analysis, 2)
+    norms = _SliceNorms(analysis, 2 if method == "l2" else 1)  # bn_scale falls back to l1
     out = {}
     for g in analysis.prunable_groups:
         if method == "random":
             out[g.index] = rng.random(g.n_units)
         elif method == "l2":
-            out[g.index] = _norm_scores(l2, g)
+            out[g.index] = _norm_scores(norms, g)
         elif method == "bn_scale":
             s = _bn_scores(analysis, g)
-            out[g.index] = s if s is not None else _norm_scores(l1, g)
+            out[g.index] = s if s is not None else _norm_scores(norms, g)
         else:  # l1, uniform
-            out[g.index] = _norm_scores(l1, g)
+            out[g.index] = _norm_scores(norms, g)
     return out
 
 

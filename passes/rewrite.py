@@ -157,15 +157,20 @@ def _gather(tensor: torch.Tensor, index: dict[int, torch.Tensor]) -> torch.Tenso
     return tensor
 
 
-def _slice_members(analysis, root: nn.Module, graph: fx.Graph, keep_root: np.ndarray) -> None:
-    """Slice every member tensor the graph still uses to its kept positions (`_gather`)."""
-    modules = dict(root.named_modules())
-    used = _used_owners(graph)
+def _kept_positions(analysis, keep_root: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
+    """{tensor: {dim: kept positions}} for every member tensor that loses something."""
     per_tensor: dict[str, dict[int, np.ndarray]] = {}
     for (target, dim), member in analysis.members.items():
         kept = keep_root[analysis.root[member.ids]]
         if not kept.all():
             per_tensor.setdefault(target, {})[dim] = np.nonzero(kept)[0]
+    return per_tensor
+
+
+def _slice_members(root: nn.Module, graph: fx.Graph, per_tensor: dict[str, dict[int, np.ndarray]]) -> None:
+    """Slice every member tensor the graph still uses to its kept positions (`_gather`)."""
+    modules = dict(root.named_modules())
+    used = _used_owners(graph)
     with torch.no_grad():
         for target, index in per_tensor.items():
             owner_path, _, name = target.rpartition(".")
@@ -180,10 +185,10 @@ def _slice_members(analysis, root: nn.Module, graph: fx.Graph, keep_root: np.nda
 def apply_plan(analysis, plan: PruningPlan) -> fx.GraphModule:
     """A new slim GraphModule (see module docstring)."""
     keep_root = plan_keep_roots(analysis, plan)
-    sliced = {t for (t, _), m in analysis.members.items() if not keep_root[analysis.root[m.ids]].all()}
-    root, graph = copy_parts(analysis.gm, sliced)
+    per_tensor = _kept_positions(analysis, keep_root)
+    root, graph = copy_parts(analysis.gm, per_tensor)  # the tensors about to be sliced are not copied
     _remove_structures(graph, plan)
-    _slice_members(analysis, root, graph, keep_root)
+    _slice_members(root, graph, per_tensor)
     rctx = RewriteContext(analysis, root, keep_root)
     for node in list(graph.nodes):
         handler = handler_for(node, rctx) if node.op.startswith("call") else None
