@@ -139,7 +139,7 @@ def steady_heap():
     it when freed, so every forward pass page-faults its large activations again; the threshold
     moves with what the process freed before. At batch 32 that costs a resnet50 up to ~40% of its
     time, and whether a model pays it depended on what else had run in the process (Torch-Pruning's
-    search in the same process made the original 40% faster). With reused memory every model is
+    search in the same process moved the original by 18-40%, either way). With reused memory every model is
     timed in the same state. Yields whether it applied (glibc only); the defaults come back after.
     """
     libc = _glibc()
