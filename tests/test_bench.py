@@ -23,7 +23,7 @@ from fxprune.bench.report import BEGIN, END
 from fxprune.bench.suite import cuda_status
 from fxprune.cli import main
 from fxprune.inputs import ExampleInputs
-from fxprune.latency import interleaved_latency_ms
+from fxprune.latency import EXTRA_ROUNDS, MIN_WARMUP, interleaved_latency_ms
 from fxprune.models import build_model, example_input
 
 from .conftest import measured_macs
@@ -95,13 +95,23 @@ def test_latency_numbers_are_consistent(results):
     macs = {v["key"]: v["macs"] for v in entry["variants"] if v["ok"]}
     for x in lat:
         assert x["repeats"] == 3 and x["threads"] == 1 and x["load_before"] >= 0
+        assert x["warmup"] >= MIN_WARMUP  # 1 asked for; the first calls allocate
         assert 0 < x["original_min_ms"] <= x["original_ms"]
+        o = x["original"]  # the latency's quality, whatever this machine's load made of it
+        assert o["median_ms"] == x["original_ms"] and o["q1_ms"] <= o["median_ms"] <= o["q3_ms"]
+        assert o["n"] == 3 and len(o["warmup_ms"]) >= MIN_WARMUP and 1 <= o["rounds"] <= 1 + EXTRA_ROUNDS
+        assert o["stable"] == (o["reason"] == "")
         assert set(x["slim"]) == set(macs)
         for key, s in x["slim"].items():
-            assert 0 < s["min_ms"] <= s["ms"]
-            assert s["speedup"] == pytest.approx(x["original_ms"] / s["ms"])
+            assert 0 < s["min_ms"] <= s["ms"] == s["latency"]["median_ms"]
+            assert s["latency"]["rounds"] == o["rounds"]  # timed side by side, in the same rounds
             assert s["macs_reduction"] == pytest.approx(entry["macs"] / macs[key]) and s["macs_reduction"] >= 2
-            assert s["efficiency"] == pytest.approx(s["speedup"] / s["macs_reduction"])
+            assert s["stable"] == (o["stable"] and s["latency"]["stable"])
+            if s["stable"]:
+                assert s["speedup"] == pytest.approx(x["original_ms"] / s["ms"])
+                assert s["efficiency"] == pytest.approx(s["speedup"] / s["macs_reduction"])
+            else:  # an unstable latency is no result: no speedup from it
+                assert s["speedup"] is None and s["efficiency"] is None and s["reason"]
 
 
 def test_tables_and_json(results, tmp_path):
@@ -156,6 +166,7 @@ def test_torch_pruning_side_by_side(results):
     h2h = entry["head_to_head"]  # the two slim models at 0.5, timed pair by pair at batch 2
     assert (h2h["flops"], h2h["batch"], h2h["pairs"], len(h2h["pairs_ms"])) == (0.5, 2, 3, 3)
     assert 0 < h2h["ratio_q1"] <= h2h["ratio_median"] <= h2h["ratio_q3"]
+    assert h2h["warmup"] >= MIN_WARMUP and h2h["stable"] == (h2h["spread"] <= 0.2)
     assert h2h["macs_reduction"]["fxprune"] >= 2 and h2h["macs_reduction"]["torch_pruning"] >= 2
     md = render(results)
     assert "### Side by side" in md and "### Coverage" in md
@@ -245,6 +256,8 @@ def test_paired_latency_ratio():
     r = paired_latency_ratio(small, big, x, pairs=5, warmup=1)
     assert len(r["pairs_ms"]) == 5 and all(a > 0 and b > 0 for a, b in r["pairs_ms"])
     assert r["ratio_q1"] <= r["ratio_median"] <= r["ratio_q3"] < 1  # 40 layers take longer than 1
+    assert r["spread"] == pytest.approx((r["ratio_q3"] - r["ratio_q1"]) / r["ratio_median"])
+    assert r["stable"] == (r["reason"] == "")
     assert big.training  # the mode comes back
     with pytest.raises(ValueError):
         paired_latency_ratio(small, big, x, pairs=0)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import ConfigError
+from ..latency import EXTRA_ROUNDS, MIN_WARMUP, SPREAD_LIMIT, WARMUP_LIMIT, LatencyMeasurer
 from ..models import default_input_shape
 
 # the models of issue 8, in the order the tables list them
@@ -50,7 +51,13 @@ class BenchConfig:
     latency_repeats: int = 7
     heavy_latency_repeats: int = 3
     cuda_latency_repeats: int = 30
-    warmup: int = 2
+    warmup: int = 2  # warm-up calls per model; at least fxprune.latency.MIN_WARMUP are made
+    # a latency whose repeats spread (IQR / median) more than this, or whose warm-up median is more
+    # than latency_max_warmup_ratio x off the steady median, is measured again (latency_extra_rounds
+    # times at most, warm-up doubled each) and else reported as unstable, with no speedup
+    latency_max_spread: float = SPREAD_LIMIT
+    latency_max_warmup_ratio: float = WARMUP_LIMIT
+    latency_extra_rounds: int = EXTRA_ROUNDS
     compare: bool = True  # Torch-Pruning side by side (when installed)
     kernels: bool = False  # the masked-convolution kernel benchmarks (when present)
     plots: bool = True  # PNG plots (when matplotlib is installed)
@@ -87,6 +94,12 @@ class BenchConfig:
                 raise ConfigError(f"repeats must be positive integers (got {n!r})")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ConfigError(f"warmup={self.warmup!r} must be an integer >= 0")
+        if not isinstance(self.latency_extra_rounds, int) or self.latency_extra_rounds < 0:
+            raise ConfigError(f"latency_extra_rounds={self.latency_extra_rounds!r} must be an integer >= 0")
+        if not (isinstance(self.latency_max_spread, (int, float)) and self.latency_max_spread > 0):
+            raise ConfigError(f"latency_max_spread={self.latency_max_spread!r} must be a positive fraction, e.g. 0.2")
+        if not (isinstance(self.latency_max_warmup_ratio, (int, float)) and self.latency_max_warmup_ratio >= 1):
+            raise ConfigError(f"latency_max_warmup_ratio={self.latency_max_warmup_ratio!r} must be >= 1, e.g. 2")
         return self
 
     @property
@@ -107,6 +120,17 @@ class BenchConfig:
         if device == "cuda":
             return self.cuda_latency_repeats
         return self.heavy_latency_repeats if short_name(spec) in self.heavy_models else self.latency_repeats
+
+    @property
+    def warmup_calls(self) -> int:
+        """Warm-up calls per model before the first timed round (at least `MIN_WARMUP`)."""
+        return max(self.warmup, MIN_WARMUP)
+
+    def latency_measurer(self, repeats: int) -> LatencyMeasurer:
+        """The measurer (warm-up, stability bounds, re-measurement) every latency of the run uses."""
+        return LatencyMeasurer(repeats=repeats, warmup=self.warmup, min_warmup=MIN_WARMUP,
+                               max_spread=self.latency_max_spread, max_warmup_ratio=self.latency_max_warmup_ratio,
+                               extra_rounds=self.latency_extra_rounds)
 
     def to_json(self) -> dict:
         d = asdict(self)

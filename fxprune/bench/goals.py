@@ -5,7 +5,8 @@
 * speedup: on the CPU (fp32, eager) at `flops` and `batch`, fxprune's measured speedup is at least
   0.85 x its MACs reduction, and its speedup per MACs reduction is no worse than Torch-Pruning's:
   judged on the pair-by-pair timing of the two slim models where the run has one (within the
-  noise those pairs show), else on the round-robin medians (within `noise`);
+  noise those pairs show), else on the round-robin medians (within `noise`); a speedup from an
+  unstable latency (see `fxprune.latency.LatencyMeasurer`) is not judged (met None);
 * coverage: fxprune converts every model Torch-Pruning converts.
 
 Example::
@@ -78,7 +79,9 @@ def evaluate_goals(results: dict, model: str = "resnet50", flops: float = 0.5, b
     name3 = (f"CPU speedup of {model} at {flops:g} of the FLOPs (batch {batch}) >= {MIN_EFFICIENCY} x its MACs "
              "reduction")
     fx = (lat or {}).get("slim", {}).get(fx_key)
-    if fx:
+    if fx and not _stable(fx):
+        goals.append(_goal(name3, None, f"not judged: latency unstable ({fx.get('reason')})"))
+    elif fx:
         goals.append(_goal(name3, fx["efficiency"] >= MIN_EFFICIENCY,
                            f"speedup {fx['speedup']:.2f}x / MACs reduction {fx['macs_reduction']:.2f}x = "
                            f"{fx['efficiency']:.2f}"))
@@ -89,7 +92,14 @@ def evaluate_goals(results: dict, model: str = "resnet50", flops: float = 0.5, b
     tp = (lat or {}).get("slim", {}).get(tp_key)
     h2h = (entry or {}).get("head_to_head", {})
     if "ratio_median" in h2h and h2h["flops"] == flops and h2h["batch"] == batch:
-        goals.append(_head_to_head_goal(name4, h2h, fx, tp))
+        if h2h.get("stable", True):
+            goals.append(_head_to_head_goal(name4, h2h, fx, tp))
+        else:
+            goals.append(_goal(name4, None, f"not judged: pair-by-pair timing unstable ({h2h.get('reason')})"))
+    elif fx and tp and not (_stable(fx) and _stable(tp)):
+        why = "; ".join(f"{who} {s.get('reason')}" for who, s in (("fxprune", fx), ("Torch-Pruning", tp))
+                        if not _stable(s))
+        goals.append(_goal(name4, None, f"not judged: latency unstable ({why})"))
     elif fx and tp:
         goals.append(_goal(name4, fx["efficiency"] >= tp["efficiency"] * (1 - noise),
                            f"fxprune {fx['speedup']:.2f}x at MACs /{fx['macs_reduction']:.2f} "
@@ -126,10 +136,15 @@ def _head_to_head_goal(name: str, h2h: dict, fx: dict | None, tp: dict | None) -
               f"(quartiles {h2h['ratio_q1']:.3f}-{h2h['ratio_q3']:.3f}) at MACs /{mr['fxprune']:.2f} vs "
               f"/{mr['torch_pruning']:.2f}: fxprune's speedup per MACs reduction is {relative:.3f} x "
               f"Torch-Pruning's (noise {100 * noise:.1f}%)")
-    if fx and tp:
+    if fx and tp and _stable(fx) and _stable(tp):
         detail += (f"; round-robin medians: fxprune {fx['speedup']:.2f}x ({fx['efficiency']:.2f}), "
                    f"Torch-Pruning {tp['speedup']:.2f}x ({tp['efficiency']:.2f})")
     return _goal(name, relative >= 1 - noise, detail)
+
+
+def _stable(slim: dict) -> bool:
+    """A slim model's speedup is a result (runs before latencies were judged count as stable)."""
+    return slim.get("stable", True) and slim.get("speedup") is not None
 
 
 def c_full(row: dict) -> bool:

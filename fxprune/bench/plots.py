@@ -2,9 +2,9 @@
 
 * ``latency_vs_macs_<device>_<dtype>_b<batch>.png``: per model, latency against MACs for the
   original and the slim models (one colour per model; circles fxprune, crosses Torch-Pruning,
-  squares the original), log-log;
+  squares the original), log-log; unstable latencies are left out;
 * ``fxprune_vs_torch_pruning_b<batch>.png``: per model, measured speedup of fxprune and
-  Torch-Pruning at each FLOPs target, next to the MACs reduction.
+  Torch-Pruning at each FLOPs target, next to the MACs reduction (no bar for an unstable one).
 
 Example::
 
@@ -47,10 +47,14 @@ def _latency_vs_macs(plt, results: dict, setting: tuple, path: Path) -> None:
                     == setting and "error" not in x), None)
         if lat is None:
             continue
+        if not (lat.get("original") or {}).get("stable", True):
+            continue  # an unstable latency is no result: not plotted
         color = cmap(i % 20)
         ax.scatter([e["macs"] / 1e9], [lat["original_ms"]], marker="s", color=color, label=name)
         variants = {v["key"]: v for v in e["variants"]}
         for key, s in lat["slim"].items():
+            if not s.get("stable", True):
+                continue
             v = variants[key]
             ax.scatter([v["macs"] / 1e9], [s["ms"]], marker="o" if v["tool"] == "fxprune" else "x", color=color)
             ax.plot([e["macs"] / 1e9, v["macs"] / 1e9], [lat["original_ms"], s["ms"]], color=color, alpha=0.2, lw=0.8)
@@ -68,6 +72,13 @@ def _latency_vs_macs(plt, results: dict, setting: tuple, path: Path) -> None:
     plt.close(fig)
 
 
+def _speedup(s: dict | None) -> float:
+    """0 where the model did not convert, NaN (no bar) where its speedup is unstable."""
+    if not s:
+        return 0.0
+    return float("nan") if s.get("speedup") is None or not s.get("stable", True) else s["speedup"]
+
+
 def _versus(plt, results: dict, setting: tuple, path: Path) -> bool:
     labels, fx, tp, red = [], [], [], []
     for name, e in results["models"].items():
@@ -79,10 +90,10 @@ def _versus(plt, results: dict, setting: tuple, path: Path) -> bool:
             peer_key = v["key"].replace("fxprune", "torch_pruning", 1)
             slim = (lat or {}).get("slim", {})
             labels.append(f"{name} {v['flops']:g}")
-            fx.append(slim.get(v["key"], {}).get("speedup", 0.0))
-            tp.append(slim.get(peer_key, {}).get("speedup", 0.0))
+            fx.append(_speedup(slim.get(v["key"])))
+            tp.append(_speedup(slim.get(peer_key)))
             red.append(slim.get(v["key"], {}).get("macs_reduction", 0.0))
-    if not any(tp):
+    if not any(t == t and t for t in tp):  # NaN != NaN: an unstable speedup counts as none
         return False
     fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(labels)), 5))
     xs = range(len(labels))

@@ -10,7 +10,10 @@ each means); `fxprune.bench.report` turns it into tables and plots. Per model it
    the masked original) and, when installed, with Torch-Pruning at the same MACs (`peer`); MACs of
    both are counted by the same counter, and both outputs must keep the original's shapes;
 4. times the original and all slim models round-robin at each batch size, on every device, dtype
-   and torch.compile setting asked for (`fxprune.latency.interleaved_latency_ms`);
+   and torch.compile setting asked for, after at least `fxprune.latency.MIN_WARMUP` warm-up calls
+   each (`fxprune.latency.LatencyMeasurer`): a latency whose repeats spread too much, or whose
+   warm-up and steady medians differ by more than 2x, is measured again and else recorded as
+   unstable (``stable`` False, ``reason``), and no speedup is computed from it;
 5. for the head-to-head models (resnet50 by default), times fxprune's and Torch-Pruning's slim
    models at the first FLOPs target pair by pair (`fxprune.latency.paired_latency_ratio`), which
    the goal "no worse than Torch-Pruning" is judged on.
@@ -35,7 +38,7 @@ from torch import nn
 
 from ..api import compress
 from ..inputs import ExampleInputs
-from ..latency import interleaved_latency_ms, paired_latency_ratio, steady_heap
+from ..latency import LatencyMeasurement, measure_latencies, paired_latency_ratio, steady_heap
 from ..models import build_model, example_input
 from .compile_speed import time_compile, time_methods
 from .config import DTYPES, BenchConfig, short_name
@@ -143,11 +146,12 @@ def run_model(spec: str, cfg: BenchConfig, compare: bool, devices, log) -> dict:
                     entry["latency"].append(_latency(model, slim, entry, shape, device, dtype, compiled, batch, cfg))
                     last = entry["latency"][-1]
                     log(f"[{name}] latency {device} {dtype} compile={compiled} batch {batch}: "
-                        + (f"original {last['original_ms']:.1f} ms" if "error" not in last else last["error"]))
+                        + (last["error"] if "error" in last else _latency_line(last)))
     if compare and "cpu" in devices and name in cfg.head_to_head_models:
         entry["head_to_head"] = _head_to_head(slim, entry, shape, cfg)
         h2h = entry["head_to_head"]
         log(f"[{name}] head to head: " + (h2h["error"] if "error" in h2h else
+                                          f"unstable ({h2h['reason']})" if not h2h.get("stable", True) else
                                           f"fxprune / Torch-Pruning time {h2h['ratio_median']:.3f} "
                                           f"(quartiles {h2h['ratio_q1']:.3f}-{h2h['ratio_q3']:.3f})"))
     return entry
@@ -167,7 +171,7 @@ def _head_to_head(slim: dict, entry: dict, shape, cfg: BenchConfig) -> dict:
     out["load_before"] = load_average()
     with steady_heap() as out["steady_heap"]:
         out.update(paired_latency_ratio(slim[fx_key], slim[tp_key], x, pairs=cfg.head_to_head_pairs,
-                                        warmup=cfg.warmup))
+                                        warmup=cfg.warmup_calls, max_spread=cfg.latency_max_spread))
     out["load_after"] = load_average()
     out["macs_reduction"] = {"fxprune": entry["macs"] / macs[fx_key], "torch_pruning": entry["macs"] / macs[tp_key]}
     return out
@@ -231,8 +235,14 @@ def _prepare(module: nn.Module, device: str, dtype: str, compiled: bool) -> nn.M
 
 
 def _latency(model, slim, entry, shape, device, dtype, compiled, batch, cfg) -> dict:
-    out = {"device": device, "dtype": dtype, "torch_compile": compiled, "batch": batch,
-           "repeats": cfg.latency_repeats_for(entry["spec"], device), "warmup": cfg.warmup, "threads": cfg.threads}
+    """The original and every slim model timed side by side (`LatencyMeasurer`, medians). Each
+    latency is recorded with its quality (``original`` / ``latency``: quartiles, spread, warm-up
+    median, rounds, ``stable``, ``reason``); a slim model's ``speedup`` and ``efficiency`` are None
+    (and ``stable`` False, ``reason`` why) unless both its latency and the original's are stable."""
+    measurer = cfg.latency_measurer(cfg.latency_repeats_for(entry["spec"], device))
+    out = {"device": device, "dtype": dtype, "torch_compile": compiled, "batch": batch, "repeats": measurer.repeats,
+           "warmup": measurer.warmup_calls(0), "threads": cfg.threads, "max_spread": measurer.max_spread,
+           "max_warmup_ratio": measurer.max_warmup_ratio}
     x = ExampleInputs.normalize(example_input((batch, *shape[1:])))
     x = x.map_tensors(lambda t: t.to(device=device, dtype=DTYPES[dtype]) if t.is_floating_point() else t.to(device))
     out["load_before"] = load_average()
@@ -240,23 +250,44 @@ def _latency(model, slim, entry, shape, device, dtype, compiled, batch, cfg) -> 
         models = {ORIGINAL: _prepare(model, device, dtype, compiled)}
         models.update({k: _prepare(m, device, dtype, compiled) for k, m in slim.items()})
         with steady_heap() as out["steady_heap"]:
-            times = interleaved_latency_ms(models, x, repeats=out["repeats"], warmup=cfg.warmup)
+            times = measure_latencies(models, x, measurer)
     except Exception as exc:  # noqa: BLE001 - e.g. torch.compile or bf16 unsupported here
         return {**out, "error": _error(exc), "load_after": load_average()}
     finally:
         if device == "cuda":
             torch.cuda.empty_cache()
     out["load_after"] = load_average()
-    out["original_ms"] = times[ORIGINAL]["median_ms"]
-    macs = {v["key"]: v["macs"] for v in entry["variants"] if v["ok"]}
-    out["slim"] = {}
-    for key in slim:
-        ms = times[key]["median_ms"]
-        speedup, reduction = out["original_ms"] / ms, entry["macs"] / macs[key]
-        out["slim"][key] = {"ms": ms, "min_ms": times[key]["min_ms"], "speedup": speedup, "macs_reduction": reduction,
-                            "efficiency": speedup / reduction}
-    out["original_min_ms"] = times[ORIGINAL]["min_ms"]
+    out.update(latency_entry(times[ORIGINAL], {k: times[k] for k in slim}, entry))
     return out
+
+
+def latency_entry(original: LatencyMeasurement, slim: dict[str, LatencyMeasurement], entry: dict) -> dict:
+    """The JSON of one latency setting from its measurements: the original's median and quality,
+    and per slim model its median, quality, speedup (original median / its median, both from the
+    same side-by-side round) and speedup per MACs reduction, None where either latency is unstable."""
+    out = {"original_ms": original.median_ms, "original_min_ms": original.min_ms, "original": original.to_json(),
+           "rounds": original.rounds, "slim": {}}
+    macs = {v["key"]: v["macs"] for v in entry["variants"] if v["ok"]}
+    for key, m in slim.items():
+        reduction = entry["macs"] / macs[key]
+        reasons = [f"original {original.reason}"] if not original.stable else []
+        reasons += [] if m.stable else [m.reason]
+        speedup = original.median_ms / m.median_ms if not reasons else None
+        out["slim"][key] = {"ms": m.median_ms, "min_ms": m.min_ms, "latency": m.to_json(), "stable": not reasons,
+                            "reason": "; ".join(reasons), "speedup": speedup, "macs_reduction": reduction,
+                            "efficiency": None if speedup is None else speedup / reduction}
+    out["stable"] = original.stable and all(m.stable for m in slim.values())
+    return out
+
+
+def _latency_line(lat: dict) -> str:
+    """The console line of one latency setting: the original's latency, or why it is no result."""
+    o = lat.get("original") or {}
+    text = (f"original {lat['original_ms']:.1f} ms" if o.get("stable", True) else f"original unstable ({o['reason']})")
+    flagged = [k for k, s in lat.get("slim", {}).items() if not s.get("stable", True)]
+    rounds = o.get("rounds", 1)
+    return text + (f", {len(flagged)} slim model(s) without a speedup (unstable)" if flagged else "") + (
+        f" after {rounds} rounds" if rounds > 1 else "")
 
 
 def merge_results(old: dict, new: dict) -> dict:
