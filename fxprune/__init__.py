@@ -3,7 +3,7 @@
     >>> slim = fxprune.compress(model, method="l1", example_inputs=x, flops=0.5)
 """
 from .api import DATA_FREE_METHODS, METHODS, ModelAnalysis, analyze, compress, prune_with_plan
-from .artifacts import load, save
+from .artifacts import ArtifactVersionWarning, load, save
 from .errors import (
     ArtifactError,
     ConfigError,
@@ -15,13 +15,14 @@ from .errors import (
     VerificationError,
 )
 from .inputs import ExampleInputs
+from .models import register_builder
 from .report import CompressionReport
 from .tracer import TracedModel, register_leaf_module, trace
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DATA_FREE_METHODS", "METHODS", "ArtifactError", "CompressionReport", "ConfigError", "ExampleInputs", "FxpruneError", "InputError",
+    "DATA_FREE_METHODS", "METHODS", "ArtifactError", "ArtifactVersionWarning", "CompressionReport", "ConfigError", "ExampleInputs", "FxpruneError", "InputError",
     "ModelAnalysis", "NothingToPruneError", "TargetUnreachableError", "TraceError", "TracedModel",
-    "VerificationError", "analyze", "compress", "load", "prune_with_plan", "register_leaf_module", "save", "trace",
+    "VerificationError", "analyze", "compress", "load", "prune_with_plan", "register_builder", "register_leaf_module", "save", "trace",
 ]

@@ -25,14 +25,16 @@ from passes.structures import Structures, find_structures
 
 from . import report as _report
 from .cost import CostModel
+from .arguments import module_selectors, real_number, whole_number
 from .errors import ConfigError, NothingToPruneError
 from .importance import group_scores
 from .inputs import ExampleInputs
 from .methods import DATA_METHODS, make_options
-from .models import model_source
+from .models import model_source, shape_digest
 from .recipe import make_recipe
 from .selection import select
 from .shapes import propagate
+from .hooks import carry_root_hooks
 from .tracer import TracedModel, trace
 from .verify import verify as verify_against
 
@@ -87,9 +89,17 @@ class ModelAnalysis:
 def analyze(model: nn.Module, example_inputs: Any, *, ignore: Iterable = (), leaf_modules: Iterable = (),
             concrete_args: dict | None = None) -> ModelAnalysis:
     """Trace, propagate shapes and find the channel groups, boundaries and coarse structures."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    ignore = module_selectors(model, ignore, "ignore")
+    leaf_modules = module_selectors(model, leaf_modules, "leaf_modules", instances=False, exact=True)
+    if concrete_args is not None and not (isinstance(concrete_args, dict)
+                                          and all(isinstance(k, str) for k in concrete_args)):
+        raise ConfigError(f"concrete_args must be a dict of forward-argument names to values, got {concrete_args!r}")
     inputs = ExampleInputs.normalize(example_inputs)
     t0 = time.perf_counter()
     traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    carry_root_hooks(model, traced.graph_module)  # fx traces forward(), not the root's hooks
     t1 = time.perf_counter()
     propagate(traced.graph_module, inputs)
     t2 = time.perf_counter()
@@ -100,21 +110,19 @@ def analyze(model: nn.Module, example_inputs: Any, *, ignore: Iterable = (), lea
     return ModelAnalysis(traced, inputs, channels, cost, structures,
                          {"trace": t1 - t0, "shapes": t2 - t1, "analysis": t3 - t2},
                          {"ignore": list(ignore), "leaf_modules": list(leaf_modules), "concrete_args": concrete_args},
-                         model_source(model), type(model).__name__)
+                         model_source(model) or {"spec": None, "kwargs": {}, "fingerprint": shape_digest(model)},
+                         f"{type(model).__module__}.{type(model).__qualname__}")
 
 
 def _check_options(method: str, flops: float, round_to, min_channels, min_ratio) -> None:
-    if method not in all_methods():
+    if not isinstance(method, str) or method not in all_methods():
         raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(all_methods())}")
-    if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0 < flops <= 1:
+    if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0 < flops <= 1:  # NaN fails too
         raise ConfigError(
             f"flops={flops!r} must be the fraction of the original FLOPs to keep, in (0, 1] (e.g. 0.5)")
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-        raise ConfigError(f"round_to={round_to!r} must be a positive integer (e.g. 8) or None")
-    if not isinstance(min_channels, int) or min_channels < 1:
-        raise ConfigError(f"min_channels={min_channels!r} must be an integer >= 1")
-    if not 0 <= min_ratio < 1:
-        raise ConfigError(f"min_ratio={min_ratio!r} must be in [0, 1)")
+    whole_number(round_to, "round_to", optional=True)
+    whole_number(min_channels, "min_channels")
+    real_number(min_ratio, "min_ratio", low=0, high=1, high_open=True, example="0.1")
 
 
 def prune_with_plan(analysis: ModelAnalysis, plan: PruningPlan, *, verify_output: bool = True,
@@ -122,10 +130,12 @@ def prune_with_plan(analysis: ModelAnalysis, plan: PruningPlan, *, verify_output
     """Rewrite with `plan` and (optionally) verify against the masked original."""
     slim = apply_plan(analysis.channels, plan)
     slim.training = analysis.traced.graph_module.training
+    carry_root_hooks(analysis.traced.graph_module, slim)
     slim.fxprune_recipe = make_recipe(analysis, plan)
     result = None
     if verify_output:
-        result = verify_against(masked_reference(analysis.channels, plan), slim, analysis.inputs, tolerance)
+        reference = carry_root_hooks(analysis.traced.graph_module, masked_reference(analysis.channels, plan))
+        result = verify_against(reference, slim, analysis.inputs, tolerance)
     return slim, result
 
 
@@ -161,6 +171,9 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     data_driven = method not in DATA_FREE_METHODS
+    if data_driven and hasattr(data, "__len__") and len(data) == 0:
+        raise ConfigError(f"data is empty: method {method!r} learns from data; pass batches of inputs "
+                          "(or (inputs, targets) pairs), e.g. a DataLoader")
     if latency is not None and not (data_driven and DATA_METHODS[method].supports_latency):
         able = [n for n, m in DATA_METHODS.items() if m.supports_latency]
         raise ConfigError(f"method {method!r} has no latency constraint: use flops=, or one of {able or 'none'}")
@@ -193,7 +206,8 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
     slim, result = prune_with_plan(analysis, plan, verify_output=False)
     t3 = time.perf_counter()
     if verify:
-        result = verify_against(masked_reference(analysis.channels, plan), slim, analysis.inputs, tolerance)
+        reference = carry_root_hooks(analysis.traced.graph_module, masked_reference(analysis.channels, plan))
+        result = verify_against(reference, slim, analysis.inputs, tolerance)
     t4 = time.perf_counter()
     keep = plan_keep_roots(analysis.channels, plan)
     removed = plan_removed_nodes(analysis.channels, plan)

@@ -58,11 +58,13 @@ class TargetUnreachableError(FxpruneError):
 class VerificationError(FxpruneError):
     """The slim model's outputs differ from the masked original's beyond the tolerance."""
 
-    def __init__(self, max_abs_error: float, tolerance: float, where: str):
-        self.max_abs_error = max_abs_error
+    def __init__(self, max_rel_error: float, tolerance: float, where: str):
+        self.max_rel_error = max_rel_error
+        self.max_abs_error = max_rel_error  # the name older callers read; it always held the relative error
         self.tolerance = tolerance
         super().__init__(
-            f"verification failed: max abs error {max_abs_error:.3e} > tolerance {tolerance:.3e} "
+            f"verification failed: max error relative to the output's magnitude {max_rel_error:.3e} > "
+            f"tolerance {tolerance:.3e} "
             f"at output {where}. This is a bug in fxprune's rewrite; please report it with the model. "
             "Pass verify=False to get the model anyway."
         )

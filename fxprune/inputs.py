@@ -32,15 +32,29 @@ class ExampleInputs:
         if isinstance(example_inputs, ExampleInputs):
             return example_inputs
         if isinstance(example_inputs, torch.Tensor):
-            return cls((example_inputs,), {})
+            return cls((example_inputs,), {}).checked()
         if isinstance(example_inputs, dict):
-            return cls((), dict(example_inputs))
+            if not all(isinstance(k, str) for k in example_inputs):
+                raise InputError("example_inputs as a dict must map forward-argument names (strings) to values")
+            return cls((), dict(example_inputs)).checked()
         if isinstance(example_inputs, (tuple, list)):
-            return cls(tuple(example_inputs), {})
+            return cls(tuple(example_inputs), {}).checked()
         raise InputError(
             f"example_inputs of type {type(example_inputs).__name__} is not supported: pass a "
             "tensor, a tuple of positional arguments or a dict of keyword arguments."
         )
+
+    def checked(self) -> "ExampleInputs":
+        """Self, after refusing tensors that cannot stand for a real batch: verification and
+        shape propagation need values (not meta tensors) and at least one sample."""
+        for i, t in enumerate(self.tensors()):
+            if t.device.type == "meta":
+                raise InputError(f"example input {i} is on the meta device and has no values: pass real tensors, "
+                                 "e.g. torch.randn(1, 3, 224, 224)")
+            if t.numel() == 0 and t.ndim > 0:
+                raise InputError(f"example input {i} has shape {tuple(t.shape)}, with no elements: pass at least "
+                                 "one sample (batch size >= 1)")
+        return self
 
     def tensors(self) -> list[torch.Tensor]:
         leaves = pytree.tree_leaves((self.args, self.kwargs))

@@ -9,6 +9,7 @@ the weights are loaded afterwards (`fxprune.artifacts`). Nothing is pickled.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 import numpy as np
@@ -18,10 +19,11 @@ from torch import nn
 
 from passes.rewrite import PruningPlan, apply_plan
 
-from .errors import ArtifactError
+from .errors import ArtifactError, FxpruneError
 from .inputs import ExampleInputs
+from .recipe_schema import DTYPES
 
-RECIPE_FORMAT = 1
+RECIPE_FORMAT = 2  # 2: the whole recipe is checksummed, the base is allow-listed, outputs are fingerprinted
 _JSON_SCALARS = (bool, int, float, str, type(None))
 
 
@@ -38,18 +40,23 @@ def _encode_entry(item: Any, model: nn.Module | None) -> Any:
     raise ArtifactError(f"cannot record {item!r} in a recipe: use module names or types")
 
 
-def _decode_entry(item: Any) -> Any:
+def _decode_entry(item: Any, trust_code: bool = False) -> Any:
+    """A recorded leaf_modules/ignore entry. A module type is looked up among the modules already
+    imported (the base model's own classes are); importing one the file names needs `trust_code`."""
     if isinstance(item, str):
         return item
     path = item["type"]
     module, _, qualname = path.rpartition(".")
     try:
-        obj = importlib.import_module(module)
+        obj = importlib.import_module(module) if trust_code else sys.modules[module]
         for part in qualname.split("."):
             obj = getattr(obj, part)
-        return obj
-    except (ImportError, AttributeError) as exc:
-        raise ArtifactError(f"the recipe names module type {path}, which cannot be imported here: {exc}") from exc
+    except (ImportError, KeyError, AttributeError) as exc:
+        raise ArtifactError(f"the recipe names module type {path}, which is not imported here (load imports "
+                            "nothing the file names unless trust_code=True): import it first") from exc
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ArtifactError(f"the recipe names {path} as a module type, but it is not an nn.Module subclass")
+    return obj
 
 
 def _encode_value(x: Any) -> Any:
@@ -63,7 +70,7 @@ def _encode_value(x: Any) -> Any:
 def _decode_value(x: dict) -> Any:
     if "tensor" in x:
         spec = x["tensor"]
-        dtype = getattr(torch, spec["dtype"])
+        dtype = DTYPES[spec["dtype"]]
         gen = torch.Generator().manual_seed(0)
         if dtype.is_floating_point:
             return torch.randn(spec["shape"], generator=gen).to(dtype)
@@ -120,17 +127,42 @@ def plan_of(recipe: dict) -> PruningPlan:
                        fold_scales=list(p["fold_scales"]))
 
 
-def replay(recipe: dict, base: nn.Module) -> fx.GraphModule:
+def _check_structures(recipe: dict, analysis) -> None:
+    """The plan's removed branches and concat inputs must be structures the analysis found."""
+    found = {"remove_branches": {(b.add, b.operand) for b in analysis.structures.residual_branches},
+             "drop_concat_inputs": {(c.cat, c.index) for c in analysis.structures.concat_inputs}}
+    for key, known in found.items():
+        for ref in recipe["plan"][key]:
+            if tuple(ref) not in known:
+                raise ArtifactError(f"plan.{key} names {ref}, which is not a removable structure of the rebuilt "
+                                    "model: the recipe was edited or made for another model")
+    attributes = {n.target for n in analysis.traced.graph_module.graph.nodes if n.op == "get_attr"}
+    for name in recipe["plan"]["fold_scales"]:
+        if name not in attributes:
+            raise ArtifactError(f"plan.fold_scales names {name!r}, which is no scale tensor of the rebuilt model")
+    prunable = {g.index for g in analysis.channels.prunable_groups}
+    for key in recipe["plan"]["keep"]:
+        if int(key) not in prunable:
+            raise ArtifactError(f"plan.keep names group {key}, which is not prunable in the rebuilt model")
+
+
+def replay(recipe: dict, base: nn.Module, *, trust_code: bool = False) -> fx.GraphModule:
     """Rebuild the slim structure on `base` (weights are still the base's). `base` is converted in
-    place to the recorded dtype and train/eval mode: pass a copy."""
+    place to the recorded dtype and train/eval mode: pass a copy. `recipe` must have passed
+    `recipe_schema.validate`; whatever still goes wrong is an ArtifactError."""
     from .api import analyze  # the api module imports this one
 
-    base = base.to(getattr(torch, recipe["dtype"]))
+    base = base.to(DTYPES[recipe["dtype"]])
     base.train(recipe["training"])
-    analysis = analyze(base, decode_inputs(recipe["inputs"]),
-                       ignore=[_decode_entry(e) for e in recipe["ignore"]],
-                       leaf_modules=[_decode_entry(e) for e in recipe["trace"]["leaf_modules"]],
-                       concrete_args=recipe["trace"]["concrete_args"] or None)
+    try:
+        analysis = analyze(base, decode_inputs(recipe["inputs"]),
+                           ignore=[_decode_entry(e, trust_code) for e in recipe["ignore"]],
+                           leaf_modules=[_decode_entry(e, trust_code) for e in recipe["trace"]["leaf_modules"]],
+                           concrete_args=recipe["trace"]["concrete_args"] or None)
+    except ArtifactError:
+        raise
+    except FxpruneError as exc:
+        raise ArtifactError(f"the base model cannot be analysed as the recipe says: {exc}") from exc
     found = fingerprint(analysis.channels)
     if found != recipe["groups"]:
         detail = next((f"group {i}: recipe has {a}, rebuilt model has {b}"
@@ -139,6 +171,11 @@ def replay(recipe: dict, base: nn.Module) -> fx.GraphModule:
         raise ArtifactError(
             f"the base model does not match the recipe ({detail}); load it with the base model "
             f"architecture the artifact was made from ({recipe['base'].get('cls')})")
-    slim = apply_plan(analysis.channels, plan_of(recipe))
+    _check_structures(recipe, analysis)
+    try:
+        slim = apply_plan(analysis.channels, plan_of(recipe))
+    except (IndexError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise ArtifactError(f"the recipe's plan cannot be applied to the base model ({type(exc).__name__}: "
+                            f"{exc}): the recipe was edited or made for another model") from exc
     slim.training = recipe["training"]
     return slim

@@ -8,6 +8,8 @@ anywhere from 1e-12 to 1e6.
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,7 @@ from .errors import VerificationError
 from .inputs import ExampleInputs, output_leaves
 from .shapes import standard_attention_path
 
+_HALF = {torch.float16, torch.bfloat16}
 DEFAULT_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
@@ -29,7 +32,7 @@ class VerificationResult:
 
     @property
     def passed(self) -> bool:
-        return self.max_rel_error <= self.tolerance
+        return math.isfinite(self.max_rel_error) and self.max_rel_error <= self.tolerance
 
 
 @contextlib.contextmanager
@@ -45,38 +48,87 @@ def eval_mode(*modules: nn.Module):
             m.training = flag
 
 
+def _leaf_error(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, str]:
+    """(max abs error, error relative to the reference's finite magnitude, note) of one output leaf.
+
+    Non-finite values are compared by position and value first: a NaN or inf in only one of the two,
+    or a different inf, is an infinite error. Where both hold the same non-finite value the position
+    is left out, and the rest is compared. NaN can never slip through a max() or a division.
+    """
+    if not a.is_floating_point():
+        return (0.0, 0.0, "") if torch.equal(a, b) else (float("inf"), float("inf"), "integer values differ")
+    a, b = a.double(), b.double()
+    fin_a, fin_b = torch.isfinite(a), torch.isfinite(b)
+    if not bool(fin_a.all()) or not bool(fin_b.all()):
+        same_place = torch.equal(fin_a, fin_b)
+        both = ~fin_a & ~fin_b
+        same_value = same_place and bool(((a[both] == b[both]) | (a[both].isnan() & b[both].isnan())).all())
+        if not same_value:
+            n_ref, n_slim = int((~fin_a).sum()), int((~fin_b).sum())
+            return float("inf"), float("inf"), (f"non-finite values differ: {n_ref} in the reference, "
+                                                 f"{n_slim} in the slim model")
+        if not bool(fin_a.any()):
+            return float("inf"), float("inf"), "the reference output is non-finite everywhere: nothing to compare"
+        a, b = a[fin_a], b[fin_a]
+    if a.numel() == 0:
+        return 0.0, 0.0, ""
+    err = float((a - b).abs().max())
+    scale = float(a.abs().max())
+    if err == 0.0:
+        return 0.0, 0.0, ""
+    return err, (err / scale if scale > 0 else float("inf")), ""
+
+
+def _has_non_finite(leaves) -> bool:
+    return any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for _, t in leaves)
+
+
+def _run(reference: nn.Module, slim: nn.Module, x: ExampleInputs):
+    with torch.no_grad(), eval_mode(reference, slim), standard_attention_path():
+        return output_leaves(x.call(reference)), output_leaves(x.call(slim))
+
+
+def _in_float32(*modules: nn.Module) -> list[nn.Module]:
+    """float32 copies (the originals are not touched) for re-checking a half-precision overflow."""
+    return [copy.deepcopy(m).float() for m in modules]
+
+
 def compare(reference: nn.Module, slim: nn.Module, inputs: ExampleInputs, tolerance: float | None = None,
             seed: int = 0) -> VerificationResult:
+    """Compare every output leaf of `reference` and `slim` on seeded random inputs shaped like `inputs`.
+
+    A float16/bfloat16 reference that overflows (inf/NaN in its output) is compared again in float32
+    on copies, at the float32 tolerance: its half-precision output proves nothing either way.
+    """
     gen = torch.Generator().manual_seed(seed)
     x = inputs.random_like(gen)
-    with torch.no_grad(), eval_mode(reference, slim), standard_attention_path():
-        ref_out = output_leaves(x.call(reference))
-        slim_out = output_leaves(x.call(slim))
+    ref_out, slim_out = _run(reference, slim, x)
     if [p for p, _ in ref_out] != [p for p, _ in slim_out]:
         raise VerificationError(float("inf"), 0.0, "output structure changed")
-    worst = ("", 0.0, 0.0)
-    dtype = torch.float32
+    dtypes = {t.dtype for _, t in ref_out if t.is_floating_point()}
+    note = ""
+    if dtypes & _HALF and (_has_non_finite(ref_out) or _has_non_finite(slim_out)):
+        ref32, slim32 = _in_float32(reference, slim)
+        x32 = x.map_tensors(lambda t: t.float() if t.dtype in _HALF else t)
+        ref_out, slim_out = _run(ref32, slim32, x32)
+        dtypes, note = {torch.float32}, " (re-checked in float32: the half-precision original overflows)"
+    worst = ("", 0.0, -1.0, "")
     for (path, a), (_, b) in zip(ref_out, slim_out):
         if a.shape != b.shape:
             raise VerificationError(float("inf"), 0.0, f"{path} (shape {tuple(a.shape)} became {tuple(b.shape)})")
-        if not a.is_floating_point():
-            err = float((a != b).any())
-            rel = err
-        else:
-            dtype = a.dtype
-            diff = (a.double() - b.double()).abs()
-            err = float(diff.max()) if diff.numel() else 0.0
-            scale = max(float(a.double().abs().max()) if a.numel() else 0.0, 1e-30)
-            rel = err / scale if err else 0.0
-        if rel >= worst[2]:
-            worst = (path, err, rel)
+        err, rel, why = _leaf_error(a, b)
+        if rel > worst[2]:
+            worst = (path, err, rel, why)
+    dtype = next((d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64) if d in dtypes),
+                 torch.float32)
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(dtype, 1e-4)
-    return VerificationResult(worst[1], worst[2], worst[0], tol)
+    where = worst[0] + (f" ({worst[3]})" if worst[3] else "") + note
+    return VerificationResult(worst[1], max(worst[2], 0.0), where, tol)
 
 
 def verify(reference: nn.Module, slim: nn.Module, inputs: ExampleInputs, tolerance: float | None = None,
            seed: int = 0) -> VerificationResult:
-    """`compare`, raising VerificationError when the error is above tolerance."""
+    """`compare`, raising VerificationError when the error is above tolerance (or not finite)."""
     result = compare(reference, slim, inputs, tolerance, seed)
     if not result.passed:
         raise VerificationError(result.max_rel_error, result.tolerance, result.worst_output)

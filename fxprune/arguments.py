@@ -1,0 +1,86 @@
+"""Arguments checked at the door: a wrong type or a name that matches nothing is a ConfigError
+naming the argument and the fix, before any work is done and never as a raw TypeError deep inside.
+
+Module selectors (`ignore=`, `leaf_modules=`) accept one entry or a list of them: a qualified
+module name (`"layer4"`, which also covers `layer4.0.conv1`), a glob (`"layer4.*.conv2"`), a module
+type (`nn.MultiheadAttention`) or, for `ignore`, a module instance of the model. A single string is
+one name, never a sequence of one-letter names. (`leaf_modules` takes exact names only.) A name or glob that matches no module of the model
+is an error with the closest names, because a misspelt `ignore` silently prunes what the user meant
+to protect.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import numbers
+from typing import Any, Iterable
+
+from torch import nn
+
+from .errors import ConfigError
+
+
+def _matches(pattern: str, names: list[str], exact: bool) -> bool:
+    if exact:
+        return pattern in names
+    if any(n == pattern or n.startswith(pattern + ".") for n in names):
+        return True
+    return any(ch in pattern for ch in "*?[") and any(fnmatch.fnmatchcase(n, pattern) for n in names)
+
+
+def module_selectors(model: nn.Module, entries: Any, argument: str, *, instances: bool = True,
+                     exact: bool = False) -> list:
+    """`entries` as a list, each checked against `model` (see the module docstring). With `exact`
+    (leaf_modules) a name must be a module's full qualified name: no globs, no prefixes."""
+    if entries is None:
+        return []
+    if isinstance(entries, (str, type, nn.Module)):
+        entries = [entries]
+    elif not isinstance(entries, Iterable):
+        raise ConfigError(f"{argument}={entries!r} must be a module name, a module type, or a list of them")
+    entries = list(entries)
+    names = [n for n, _ in model.named_modules() if n]
+    members = {id(m) for m in model.modules()}
+    for item in entries:
+        if isinstance(item, str):
+            if not item:
+                raise ConfigError(f"{argument} has an empty module name: name a submodule, e.g. 'layer4'")
+            if not _matches(item, names, exact):
+                close = difflib.get_close_matches(item, names, n=3, cutoff=0.5)
+                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else (
+                    f"; the model's top-level modules are {', '.join(repr(n) for n in names if '.' not in n)[:300]}")
+                raise ConfigError(f"{argument}: no module of {type(model).__name__} is named {item!r}{hint}")
+        elif isinstance(item, type):
+            if not issubclass(item, nn.Module):
+                raise ConfigError(f"{argument} entry {item.__name__} is not an nn.Module subclass")
+        elif instances and isinstance(item, nn.Module):
+            if id(item) not in members:
+                raise ConfigError(f"{argument} entry {type(item).__name__} instance is not a submodule of the model")
+        else:
+            kinds = "module names, types or submodule instances" if instances else "module names or types"
+            raise ConfigError(f"{argument} entries must be {kinds}; got {item!r} ({type(item).__name__})")
+    return entries
+
+
+def real_number(value: Any, argument: str, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False, example: str = "") -> float:
+    """`value` as a float, checked to be a real number (not a bool) inside the given bounds."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        where = f" in {lo}, {hi}" if lo and hi else (f" >= {low:g}" if lo else "")
+        raise ConfigError(f"{argument}={value!r} must be a number{where}{f' (e.g. {example})' if example else ''}")
+    return float(value)
+
+
+def whole_number(value: Any, argument: str, *, low: int = 1, optional: bool = False) -> int | None:
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ConfigError(f"{argument}={value!r} must be an integer >= {low}" + (" or None" if optional else ""))
+    return int(value)
