@@ -2,6 +2,7 @@
 
     >>> slim = fxprune.compress(model, method="l1", example_inputs=x, flops=0.5)
 """
+from . import data  # noqa: F401 - `fxprune.data.mnist(...)` works after `import fxprune`
 from .api import DATA_FREE_METHODS, METHODS, ModelAnalysis, analyze, compress, prune_with_plan
 from .artifacts import ArtifactVersionWarning, load, save
 from .errors import (

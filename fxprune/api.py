@@ -171,9 +171,6 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     data_driven = method not in DATA_FREE_METHODS
-    if data_driven and hasattr(data, "__len__") and len(data) == 0:
-        raise ConfigError(f"data is empty: method {method!r} learns from data; pass batches of inputs "
-                          "(or (inputs, targets) pairs), e.g. a DataLoader")
     if latency is not None and not (data_driven and DATA_METHODS[method].supports_latency):
         able = [n for n, m in DATA_METHODS.items() if m.supports_latency]
         raise ConfigError(f"method {method!r} has no latency constraint: use flops=, or one of {able or 'none'}")
@@ -183,6 +180,7 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
     work = copy.deepcopy(model) if data_driven else model  # data-driven methods train their copy
     analysis = analyze(work, example_inputs, ignore=ignore, leaf_modules=leaf_modules,
                        concrete_args=concrete_args)
+    analysis.source = model_source(model) or analysis.source  # the copy has no spec of its own
     if not analysis.channels.prunable_groups:
         reason = _report.main_boundary_reason(analysis.channels)
         raise NothingToPruneError(

@@ -383,8 +383,11 @@ def gal(analysis, data: Iterable, flops: float, opts: GALOptions, teacher_source
     mask_ids = {id(p) for p in masked.params()}
     weights = [p for p in masked.module.parameters() if p.requires_grad and id(p) not in mask_ids]
     opt_g = torch.optim.SGD(weights, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
+    first = next(iter(data), None)
+    if first is None:
+        raise TrainingError("the GAL data is empty: pass an iterable of input batches or (inputs, targets)")
     with torch.no_grad(), eval_mode(teacher):
-        features = output_features(_call(teacher, _split(next(iter(data)))[0], device)).shape[1]
+        features = output_features(_call(teacher, _split(first)[0], device)).shape[1]
     disc = make_discriminator(opts.discriminator, features, dtype, device)
     opt_d = torch.optim.SGD(disc.parameters(), lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
     budget = flops * cost.total_macs if flops < 1 else None

@@ -157,9 +157,41 @@ def test_impossible_example_inputs_are_input_errors(x, message):
         fxprune.compress(Net().eval(), "l1", x, 0.5)
 
 
-def test_data_driven_method_with_empty_data():
-    with pytest.raises(fxprune.ConfigError, match="data is empty"):
-        fxprune.compress(Net().eval(), "gal", X, 0.5, data=[])
+@pytest.mark.parametrize("data", [[], iter([])])
+def test_gal_with_empty_data(data):
+    from fxprune.train import TrainingError
+
+    with pytest.raises(TrainingError, match="GAL data is empty"):
+        fxprune.compress(Net().eval(), "gal", X, 0.5, data=data)
+
+
+def test_data_driven_artifacts_keep_the_model_spec(tmp_path):
+    from fxprune.models import build_model
+
+    model = build_model("fxprune:lenet5").eval()
+    x = torch.randn(4, 1, 28, 28)
+    data = [(torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))) for _ in range(2)]
+    slim = fxprune.compress(model, "gate_decorator", x, 0.7, data=data,
+                            options=dict(schedule="one_shot", finetune_epochs=0))
+    assert slim.fxprune_recipe["base"]["spec"] == "fxprune:lenet5"
+
+
+def test_cli_never_downloads(monkeypatch, capsys):
+    import torch.hub
+
+    def refuse(*_a, **_k):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    from fxprune.cli import main
+
+    assert main(["inspect", "torchvision:lraspp_mobilenet_v3_large", "--limit", "1"]) == 0
+    assert "groups prunable" in capsys.readouterr().out
+    from fxprune.models import build_model
+
+    assert type(build_model("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn")).__name__ == "FasterRCNN"
+    with pytest.raises(fxprune.ConfigError, match="weights must be None/False"):
+        build_model("torchvision:resnet18", weights="IMAGENET1K_V1")
 
 
 def test_verification_error_says_relative():
