@@ -37,6 +37,19 @@ def cmd_compress(args) -> int:
 
 
 def cmd_zoo(args) -> int:
+    from .zoo.runner import ZooInterrupted
+
+    try:
+        return _zoo(args)
+    except ZooInterrupted as stop:  # SIGINT or SIGTERM: the workers are dead, every finished result is kept
+        print(f"fxprune: {stop}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before or after the run itself
+        print("fxprune: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _zoo(args) -> int:
     import os
     import platform
     from pathlib import Path
@@ -45,7 +58,11 @@ def cmd_zoo(args) -> int:
 
     from .export import CHECKS
     from .zoo import markdown, run_zoo, select
+    from .zoo.runner import check_limits
 
+    check_limits(args.jobs, args.timeout, args.max_memory)
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be an integer >= 1 (got {args.threads})")
     tasks = [t for item in (args.task or ["classification"]) for t in item.split(",") if t]
     entries = select(tasks, args.models, args.models_from)
     checks = [c for c in (args.checks.split(",") if args.checks else []) if c]
@@ -59,7 +76,7 @@ def cmd_zoo(args) -> int:
     _check_compress_options(args)
     out = Path(args.out)
     rows = run_zoo(entries, out, options, jobs=args.jobs, timeout_s=args.timeout, max_memory_gb=args.max_memory,
-                   retry_failed=args.retry_failed, progress=not args.quiet)
+                   retry_failed=args.retry_failed, progress=not args.quiet, force=args.force)
     if args.title is not None:
         from .zoo.report import write_report
 
@@ -193,13 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--min-ratio", type=float, default=0.0)
     p.add_argument("--out", default="zoo-out", help="output directory (artifacts, report.json, report.md)")
-    p.add_argument("--jobs", type=int, default=1, help="models converted at once")
+    p.add_argument("--jobs", type=int, default=1, help="models converted at once (>= 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per model (default: cores / jobs)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per model before it is killed")
     p.add_argument("--max-memory", type=float, default=None, help="GiB of resident memory per model")
     p.add_argument("--checks", default="export,compile,onnx", help="deployment checks: export,compile,onnx")
     p.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
     p.add_argument("--retry-failed", action="store_true", help="redo models whose last run failed")
+    p.add_argument("--force", action="store_true", help="discard the results in --out of a run with other "
+                   "options (method, flops, ...) and redo every model; without it such a rerun is refused")
     p.add_argument("--title", default=None, help="write report.md with this title and the machine it ran on")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_zoo)

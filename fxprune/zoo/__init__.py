@@ -1,6 +1,6 @@
 """Batch conversion of model zoos: `fxprune zoo` (see runner.py for isolation and resume)."""
 from .catalog import TASKS, ZooEntry, select, user_entries
 from .report import markdown, write_report
-from .runner import run_zoo
+from .runner import ZooInterrupted, run_zoo
 
-__all__ = ["TASKS", "ZooEntry", "markdown", "run_zoo", "select", "user_entries", "write_report"]
+__all__ = ["TASKS", "ZooEntry", "ZooInterrupted", "markdown", "run_zoo", "select", "user_entries", "write_report"]

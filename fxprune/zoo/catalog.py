@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from ..errors import ConfigError
 from ..models import resolve_attribute
@@ -64,8 +65,11 @@ def _torchvision_entries(task: str) -> list[ZooEntry]:
 
 def user_entries(source: str) -> list[ZooEntry]:
     """Models listed by the user: `file.py` or `package.module` holding a dict `MODELS`
-    (or `source:ATTR` naming another one) of name -> builder or (builder, input_shape)."""
+    (or `source:ATTR` naming another one) of name -> builder or (builder, input_shape).
+    A file is recorded by its absolute path."""
     base, _, attr = source.rpartition(":") if ":" in source else (source, "", "MODELS")
+    if base.endswith(".py"):  # the recipes name the file: make them work from any directory
+        base = str(Path(base).resolve())
     listing = resolve_attribute(base, attr or "MODELS")
     if callable(listing) and not isinstance(listing, dict):
         listing = listing()
