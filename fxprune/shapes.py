@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import InputError
 from .inputs import ExampleInputs
+from .tracer import preserved_module_state
 
 VALUE = "fxprune_value"
 MACS = "fxprune_macs"
@@ -64,7 +65,10 @@ def spec_of(value: Any) -> Any:
 
 
 def _mutable(value: Any) -> Any:
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+    """fx's immutable containers as plain lists and dicts, recursively. Tuple subclasses stay what
+    they are: a namedtuple, a `torch.return_types` result (`x.max(1)`, read by `.values`), a
+    `torch.Size` (`x.shape.numel()`)."""
+    if type(value) is tuple:
         return tuple(_mutable(v) for v in value)
     if isinstance(value, list):
         return [_mutable(v) for v in value]
@@ -295,16 +299,20 @@ def propagate(gm: fx.GraphModule, inputs: ExampleInputs) -> None:
     """Annotate every node of `gm` with its output spec and MACs (see module docstring).
 
     Tries meta tensors, then fake tensors, then real tensors; the last error is the one reported.
+    `gm`'s modules (shared with the user's model) are left exactly as they were, whatever hooks
+    the run calls (see `fxprune.tracer.preserved_module_state`).
     """
     _flat_placeholder_args(gm, inputs)  # structural mistakes fail fast, with their own message
     for strategy in (_run_on_meta, _run_on_fake):
         try:
-            strategy(gm, inputs)
+            with preserved_module_state(gm):
+                strategy(gm, inputs)
             return
         except Exception:  # noqa: BLE001 - an op without a meta/fake kernel: next strategy
             continue
     try:
-        _run_for_real(gm, inputs)
+        with preserved_module_state(gm):
+            _run_for_real(gm, inputs)
     except Exception as exc:  # noqa: BLE001 - wrapped with the failing node's name
         node = getattr(exc, "_fxprune_node", None)
         where = f"node '{node.name}' ({node.op} {node.target})" if node is not None else "the model"

@@ -28,10 +28,13 @@ import numpy as np
 import torch.fx as fx
 from torch import nn
 
+from fxprune.errors import ConfigError
 from fxprune.shapes import VALUE
 
 from .context import LAYOUT, AnalysisContext, Boundary, Member
 from .ops import handler_for
+from .ops.reshape import PARAM_SIZE_READ
+from .tensors import is_parametrized
 
 
 @dataclass
@@ -148,6 +151,83 @@ def _unknown_reason(node: fx.Node, gm: fx.GraphModule, auto_leaves: dict[str, st
         return f"no handler for method .{node.target}()"
     name = getattr(node.target, "__name__", str(node.target))
     return f"no handler for function {getattr(node.target, '__module__', '') or ''}.{name}".replace(" .", " ")
+
+
+def _mark_parameter_size_reads(ctx: AnalysisContext, gm: fx.GraphModule) -> None:
+    """`x * self.scale.numel()`: the parameter's size on a member dim reaches computation, so the
+    channels of that dim stay (the parameter is never sliced)."""
+    for node in gm.graph.nodes:
+        read = node.meta.get(PARAM_SIZE_READ)
+        if read is None:
+            continue
+        target, dims = read
+        if any((target, d) in ctx.members for d in dims):
+            ctx.boundaries.append(Boundary(node.name, f"code computes with the size of {target}, which pruning would change"))
+            ctx.tainted.add(target)
+
+
+def _reparametrization(gm: fx.GraphModule, target: str) -> tuple[str, str] | None:
+    """(what computes `target`, the call that removes it) where slicing the tensor the module
+    holds would not slice what it computes with; None where it would.
+
+    `torch.nn.utils.parametrize` weight norm is sliced through its own setter, whose right
+    inverse stores g = ||w|| and v = w for the sliced weight w (the same function, exactly
+    invertible); `prune` and legacy `weight_norm` leaves were made plain by the tracer. Spectral
+    norm (sigma comes from power-iteration vectors of the full matrix), orthogonal and unknown
+    parametrizations, and tensors a hook computes, cannot be sliced.
+    """
+    import torch.nn.utils.parametrizations as parametrizations
+
+    owner_path, _, name = target.rpartition(".")
+    try:
+        owner = gm.get_submodule(owner_path)
+    except AttributeError:
+        return None
+    where = f"model.get_submodule({owner_path!r})"
+    if is_parametrized(owner, name):
+        weight_norm = getattr(parametrizations, "_WeightNorm", None)
+        kinds = [type(p) for p in owner.parametrizations[name]]
+        if weight_norm is not None and all(k is weight_norm for k in kinds):
+            return None
+        names = ", ".join(k.__name__.lstrip("_") for k in kinds)
+        return (f"a torch.nn.utils.parametrize parametrization ({names})",
+                f"torch.nn.utils.parametrize.remove_parametrizations({where}, {name!r})")
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in owner._forward_pre_hooks.values():
+        if isinstance(hook, SpectralNorm) and hook.name == name:
+            return "torch.nn.utils.spectral_norm", f"torch.nn.utils.remove_spectral_norm({where}, {name!r})"
+        if isinstance(hook, WeightNorm) and hook.name == name:
+            return "torch.nn.utils.weight_norm", f"torch.nn.utils.remove_weight_norm({where}, {name!r})"
+        if isinstance(hook, BasePruningMethod) and hook._tensor_name == name:
+            return "torch.nn.utils.prune", f"torch.nn.utils.prune.remove({where}, {name!r})"
+    if name not in owner._parameters and name not in owner._buffers and owner._forward_pre_hooks:
+        return "a forward pre-hook (it is a plain attribute, not a parameter or buffer)", \
+            f"making {name!r} a parameter of {where}"
+    return None
+
+
+def _refuse_reparametrized(gm: fx.GraphModule, groups: list[ChannelGroup]) -> None:
+    """A prunable group would slice a tensor that a reparametrization computes: ConfigError."""
+    seen: set[str] = set()
+    for group in groups:
+        if not group.prunable:
+            continue
+        for m in group.members:
+            if m.target in seen:
+                continue
+            seen.add(m.target)
+            found = _reparametrization(gm, m.target)
+            if found is None:
+                continue
+            kind, fix = found
+            owner = m.target.rpartition(".")[0]
+            raise ConfigError(
+                f"module '{owner}' computes its {m.target.rpartition('.')[2]} through {kind}; fxprune "
+                f"cannot slice that consistently. Call {fix} first (it keeps the current weight), or pass "
+                f"ignore=[{owner!r}] to keep that module's channels.")
 
 
 def _ignored(target: str, gm: fx.GraphModule, ignore: list) -> bool:
@@ -271,12 +351,18 @@ def _build_groups(members: list[Member], root: np.ndarray, reason_of: np.ndarray
 
 def analyze_dependencies(gm: fx.GraphModule, ignore: Iterable = (),
                          auto_leaves: dict[str, str] | None = None) -> ChannelAnalysis:
-    """Channel groups of a shape-propagated GraphModule (see module docstring)."""
+    """Channel groups of a shape-propagated GraphModule (see module docstring).
+
+    Raises ConfigError where a prunable group would slice a tensor that a reparametrization
+    computes and slicing cannot follow (spectral norm, orthogonal, ...): the message names the
+    module and how to remove the reparametrization or keep the module (``ignore=``).
+    """
     ctx = AnalysisContext(gm)
     for node in gm.graph.nodes:
         if node.op == "placeholder" and VALUE not in node.meta:
             raise ValueError("run fxprune.shapes.propagate(gm, inputs) before the analysis")
     layouts = _run_handlers(ctx, gm, auto_leaves or {})
+    _mark_parameter_size_reads(ctx, gm)
     ignore = list(ignore)
     for m in ctx.members.values():
         if m.target in ctx.tainted:
@@ -287,6 +373,7 @@ def analyze_dependencies(gm: fx.GraphModule, ignore: Iterable = (),
     reason_of, texts = _reasons(ctx.n_elements, root, ctx.marks)
     node_order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     groups = _build_groups(list(ctx.members.values()), root, reason_of, texts, node_order)
+    _refuse_reparametrized(gm, groups)
     return ChannelAnalysis(gm, groups, ctx.boundaries, ctx.members, root, layouts)
 
 

@@ -11,7 +11,9 @@ tensors, any other object) or whose class customises copying or pickling still g
 `copy.deepcopy`, unchanged, and so does whatever references the fast copies.
 
 Tensors named in `shared_targets` are not copied at all: the rewrite replaces them with sliced
-copies anyway, so copying them first would only double the time and the peak memory.
+copies anyway, so copying them first would only double the time and the peak memory. Except the
+tensors of a `torch.nn.utils.parametrize` parametrization: setting a parametrized weight writes
+its originals in place (`set_`), so the copy always owns them (else the user's model would change).
 
 Example::
 
@@ -31,6 +33,9 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
+
+from .tensors import is_parametrized
 
 # Values a module may hold that need no copy (immutable, or shared by design).
 _ATOMIC = (int, float, bool, str, bytes, type(None), complex, torch.dtype, torch.device, enum.Enum, type)
@@ -109,15 +114,33 @@ def _fast_copy(module: nn.Module, memo: dict) -> nn.Module | None:
     return new
 
 
+def _not_shareable(module: nn.Module, name: str) -> bool:
+    """`module.name` is computed (a parametrization) or is a parametrization's original: setting
+    the computed tensor writes the originals in place (`set_`), so a copy must own them."""
+    if isinstance(module, ParametrizationList):
+        return True
+    return is_parametrized(module, name)
+
+
 def _memo(gm: nn.Module, shared_targets: Iterable[str]) -> dict[int, object]:
     """deepcopy's memo: shared tensors map to themselves, plain modules to fast copies."""
     memo: dict[int, object] = {}
     modules = dict(gm.named_modules())
     for target in shared_targets:
         owner, _, name = target.rpartition(".")
-        t = getattr(modules[owner], name, None) if owner in modules else None
+        module = modules.get(owner)
+        if module is None or _not_shareable(module, name):
+            continue
+        t = getattr(module, name, None)
         if isinstance(t, torch.Tensor):
             memo[id(t)] = t
+    for module in modules.values():  # a hook's (or custom code's) last result, computed with
+        d = module.__dict__  # autograd: deepcopy refuses such a tensor, so it is copied detached
+        if d["_forward_pre_hooks"] or d["_forward_hooks"] or not type(module).__module__.startswith(
+                "torch.nn.modules."):
+            for value in d.values():
+                if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                    memo[id(value)] = value.detach().clone()
     for module in reversed(list(modules.values())):  # descendants before their ancestors
         if module is not gm and id(module) not in memo:
             twin = _fast_copy(module, memo)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..context import Layout
+from ..tensors import present, read_tensor
 from .registry import OpHandler, get_arg, get_attr_target, register_function, register_module, set_arg
 
 
@@ -62,7 +63,7 @@ class ConvModule(OpHandler):
     def analyze(self, ctx, node):
         conv = ctx.get_submodule(node.target)
         transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
-        bias = f"{node.target}.bias" if conv.bias is not None else None
+        bias = f"{node.target}.bias" if present(conv, "bias") else None
         return analyze_conv(ctx, node, node.args[0], f"{node.target}.weight", bias, conv.groups,
                             len(conv.kernel_size), transposed)
 
@@ -71,7 +72,7 @@ class ConvModule(OpHandler):
         transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
         old = [rctx.original_module_attr(node.target, a) for a in ("groups", "in_channels", "out_channels")]
         conv.in_channels, conv.out_channels, conv.groups = conv_sizes_after(
-            conv.weight.shape, *old, transposed)
+            read_tensor(conv, "weight").shape, *old, transposed)
 
 
 _FUNCTIONAL = {F.conv1d: (1, False), F.conv2d: (2, False), F.conv3d: (3, False),

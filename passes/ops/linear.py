@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..context import Layout
+from ..tensors import present, read_tensor
 from .registry import OpHandler, get_arg, get_attr_target, register_function, register_module
 
 
@@ -26,12 +27,12 @@ def analyze_linear(ctx, node, x, weight: str, bias: str | None) -> Layout:
 class LinearModule(OpHandler):
     def analyze(self, ctx, node):
         lin = ctx.get_submodule(node.target)
-        bias = f"{node.target}.bias" if lin.bias is not None else None
+        bias = f"{node.target}.bias" if present(lin, "bias") else None
         return analyze_linear(ctx, node, node.args[0], f"{node.target}.weight", bias)
 
     def rewrite(self, rctx, node):
         lin = rctx.get_submodule(node.target)
-        lin.out_features, lin.in_features = lin.weight.shape
+        lin.out_features, lin.in_features = read_tensor(lin, "weight").shape
 
 
 @register_function(F.linear)

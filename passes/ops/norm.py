@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..context import Layout
+from ..tensors import present, read_tensor
 from .registry import OpHandler, get_arg, get_attr_target, register_function, register_module, set_arg
 
 _BN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
@@ -30,14 +31,14 @@ class PerChannelNormModule(OpHandler):
         if ctx.spec(node.args[0]).ndim < 2:
             ctx.boundary(node, "unbatched input to a batch/instance norm")
             return None
-        names = [f"{node.target}.{a}" for a in _BN_BUFFERS if getattr(mod, a, None) is not None]
+        names = [f"{node.target}.{a}" for a in _BN_BUFFERS if present(mod, a)]
         return _per_channel(ctx, node, node.args[0], names)
 
     def rewrite(self, rctx, node):
         mod = rctx.get_submodule(node.target)
         for a in _BN_BUFFERS:
-            if getattr(mod, a, None) is not None:
-                mod.num_features = getattr(mod, a).shape[0]
+            if present(mod, a):
+                mod.num_features = read_tensor(mod, a).shape[0]
                 return
 
 
@@ -69,7 +70,7 @@ def _group_norm(ctx, node, x, num_groups: int, targets: list[str]) -> Layout:
 class GroupNormModule(OpHandler):
     def analyze(self, ctx, node):
         gn = ctx.get_submodule(node.target)
-        names = [f"{node.target}.{a}" for a in ("weight", "bias") if getattr(gn, a) is not None]
+        names = [f"{node.target}.{a}" for a in ("weight", "bias") if present(gn, a)]
         return _group_norm(ctx, node, node.args[0], gn.num_groups, names)
 
     def rewrite(self, rctx, node):
@@ -115,7 +116,7 @@ def _layer_norm(ctx, node, x, n_norm_dims: int, targets: list[str]):
 class LayerNormModule(OpHandler):
     def analyze(self, ctx, node):
         ln = ctx.get_submodule(node.target)
-        names = [f"{node.target}.{a}" for a in ("weight", "bias") if getattr(ln, a, None) is not None]
+        names = [f"{node.target}.{a}" for a in ("weight", "bias") if present(ln, a)]
         return _layer_norm(ctx, node, node.args[0], len(ln.normalized_shape), names)
 
 

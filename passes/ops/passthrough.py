@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..context import Layout
+from ..tensors import read_tensor
 from .registry import OpHandler, get_arg, register_function, register_method, register_module
 
 _MODULES = (
@@ -97,7 +98,7 @@ class PReLUModule(OpHandler):
 
     def rewrite(self, rctx, node):
         mod = rctx.get_submodule(node.target)
-        mod.num_parameters = mod.weight.shape[0]
+        mod.num_parameters = read_tensor(mod, "weight").shape[0]
 
 
 def _along_dim(ctx, node, dim) -> Layout | None:

@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..context import Layout
-from .registry import OpHandler, register_function, register_method, register_module
+from .registry import OpHandler, get_arg, register_function, register_method, register_module
 
 
 def merged_position(in_shape, out_shape, c: int):
@@ -140,49 +140,115 @@ class Expand(OpHandler):
 
 
 _SHAPE_OPS = {"view", "reshape", "expand", "flatten", "unflatten", torch.reshape}
+# Reads of a whole size tuple that do not depend on any size (`len(x.shape)` is the rank).
+_RANK_READS = {len}
+
+# Set on a size read of a parameter/buffer (`self.scale.shape[0]` in arithmetic): (target, dims
+# whose size reaches computation). The analysis marks those dims' members once all are known.
+PARAM_SIZE_READ = "fxprune_param_size_read"
+
+
+def _target_in(target, table) -> bool:
+    try:
+        return target in table
+    except TypeError:  # an unhashable callable
+        return False
+
+
+def _shapes_of(user: fx.Node, value: fx.Node) -> bool:
+    """`value` is a shape argument of the shape op `user` (not the tensor it reshapes)."""
+    return _target_in(user.target, _SHAPE_OPS) and value is not (user.args[0] if user.args else None)
 
 
 def _only_shapes(node: fx.Node) -> bool:
     """The value only feeds shape arguments, which follow the slim tensor at run time."""
-    return all(user.target in _SHAPE_OPS for user in node.users)
+    return all(_shapes_of(user, node) for user in node.users)
 
 
-def _channel_count_escapes(size_node: fx.Node, channel_dim: int) -> bool:
-    """`x.size()`/`x.shape` whose channel entry reaches arithmetic (`x / c`)."""
+def escaping_dims(size_node: fx.Node, dims: list[int]) -> set[int]:
+    """Tensor dims whose size, read through the size tuple `size_node` (`x.shape`, `x.size()`;
+    entry i is the size of dim ``dims[i]``), reaches anything but a shape argument.
+
+    Follows indexing (`x.shape[1]`, `x.shape[-3]`), unpacking (`n, c, h, w = x.shape`: one getitem
+    per name) and slices (`x.shape[1:]`) through to their users; any other use of a tuple that
+    holds a size (`x.new_zeros(x.shape)`, `math.prod(x.shape)`) counts for all of its dims.
+    """
+    out: set[int] = set()
+    n = len(dims)
     for user in size_node.users:
-        if user.target is operator.getitem:
-            if user.args[1] == channel_dim and not _only_shapes(user):
-                return True
-        elif user.target not in _SHAPE_OPS:
-            return True
-    return False
+        if user.op == "call_function" and user.target is operator.getitem and user.args[0] is size_node:
+            index = user.args[1]
+            if isinstance(index, int) and -n <= index < n:
+                if not _only_shapes(user):
+                    out.add(dims[index])
+                continue
+            if isinstance(index, slice) and all(v is None or isinstance(v, int)
+                                                 for v in (index.start, index.stop, index.step)):
+                out |= escaping_dims(user, dims[index])
+                continue
+            out |= set(dims)  # an index computed at run time may pick any entry
+        elif _target_in(user.target, _RANK_READS):
+            continue
+        elif not _shapes_of(user, size_node):
+            out |= set(dims)
+    return out
+
+
+def _read_dims(node: fx.Node, ndim: int) -> set[int] | None:
+    """Dims of the source tensor whose size this read lets reach computation (None: not a size read)."""
+    everything = set(range(ndim))
+    if node.target is getattr:
+        return escaping_dims(node, list(range(ndim))) if node.args[1] == "shape" else None
+    if node.target in ("dim", "ndimension"):
+        return None
+    if node.target in ("numel", "nelement", torch.numel):
+        return set() if _only_shapes(node) else everything  # the product of every size
+    if node.target is len:  # the size of dim 0
+        return set() if ndim == 0 or _only_shapes(node) else {0}
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")  # x.size(d) / x.size()
+    if dim is None:
+        return escaping_dims(node, list(range(ndim)))
+    if _only_shapes(node):
+        return set()
+    return {dim % ndim} if isinstance(dim, int) and ndim else everything
+
+
+def field_names(spec) -> tuple | None:
+    """Field names of a namedtuple or `torch.return_types` value (their `.values`, `.indices`)."""
+    if not isinstance(spec, tuple):
+        return None
+    names = getattr(spec, "_fields", None) or getattr(type(spec), "__match_args__", None)
+    return tuple(names) if names else None
 
 
 @register_method("size", "dim", "numel", "ndimension", "nelement")
-@register_function(getattr, torch.numel)
+@register_function(getattr, torch.numel, len)
 class SizeRead(OpHandler):
-    """Reading sizes is harmless unless code computes with the channel count (`x / x.size(1)`)."""
+    """Reading sizes is harmless unless code computes with the channel count (`x / x.size(1)`,
+    `x / x.shape[1]`, `c = x.shape[-3]`, `x.numel()`, `len(x)` where dim 0 holds channels): then
+    that group's channels stay (a boundary), since pruning would change the value computed."""
 
     def analyze(self, ctx, node):
-        lay = ctx.layout(node.args[0])
-        spec = ctx.spec(node.args[0])
-        if isinstance(lay, tuple) and node.target is getattr and hasattr(spec, "_fields"):
-            return lay[spec._fields.index(node.args[1])]  # a namedtuple field
-        if not isinstance(lay, Layout):
+        node.meta.pop(PARAM_SIZE_READ, None)
+        x = get_arg(node, 0, "input")
+        lay = ctx.layout(x)
+        spec = ctx.spec(x)
+        if node.target is getattr and isinstance(lay, (tuple, list)):
+            names = field_names(spec)
+            attr = node.args[1]
+            return lay[names.index(attr)] if names and attr in names else None  # a named field
+        if node.target is getattr and node.args[1] != "shape":
+            if isinstance(lay, Layout) and ctx.is_tensor(node):
+                ctx.boundary(node, f"tensor attribute .{node.args[1]}")
+            return None  # .dtype, .device, .ndim, ...
+        if not ctx.is_tensor(x):
             return None
-        if node.target is getattr and ctx.is_tensor(node):
-            ctx.boundary(node, f"tensor attribute .{node.args[1]}")
+        dims = _read_dims(node, spec.ndim)
+        if not dims:
             return None
-        if node.target in ("dim", "ndimension") or (node.target is getattr and node.args[1] != "shape"):
-            return None
-        if node.target in ("numel", "nelement", torch.numel):
-            ctx.mark(lay.ids, f"{node.name}: code reads the element count")
-            return None
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if dim is None:
-            escapes = _channel_count_escapes(node, lay.dim)
-        else:
-            escapes = isinstance(dim, int) and dim % ctx.spec(node.args[0]).ndim == lay.dim and not _only_shapes(node)
-        if escapes:
-            ctx.mark(lay.ids, f"{node.name}: code computes with the channel count")
+        if isinstance(x, fx.Node) and x.op == "get_attr":
+            node.meta[PARAM_SIZE_READ] = (x.target, sorted(dims))
+        elif isinstance(lay, Layout) and lay.dim in dims:
+            what = "the element count" if node.target in ("numel", "nelement", torch.numel) else "the channel count"
+            ctx.boundary(node, f"code computes with {what} of {x.name} (dim {lay.dim}), which pruning would change")
         return None
