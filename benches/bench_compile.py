@@ -13,9 +13,10 @@ import torchvision
 
 import fxprune
 from fxprune.bench.config import DEFAULT_MODELS
-from fxprune.importance import group_scores
+from fxprune.constraints import Constraints
+from fxprune.methods import get_method
 from fxprune.models import default_input_shape
-from fxprune.selection import select
+from fxprune.methods.selection import select
 from fxprune.shapes import propagate
 from fxprune.verify import verify
 from passes.dependency import analyze_dependencies
@@ -32,7 +33,7 @@ def prepared(request):
     model = torchvision.models.get_model(request.param, weights=None).eval()
     x = fxprune.ExampleInputs.normalize(torch.randn(default_input_shape(f"torchvision:{request.param}")))
     analysis = fxprune.analyze(model, x)
-    plan = select(analysis.channels, analysis.cost, group_scores(analysis.channels, "l1"), 0.5)
+    plan = select(analysis.channels, analysis.cost, get_method("l1").criterion.scores(analysis.channels), Constraints(flops=0.5))
     return request.param, model, x, analysis, plan
 
 
@@ -60,7 +61,7 @@ def test_analysis(benchmark, prepared):
 
 def test_select_l1(benchmark, prepared):
     *_, analysis, _ = prepared
-    benchmark(lambda: select(analysis.channels, analysis.cost, group_scores(analysis.channels, "l1"), 0.5))
+    benchmark(lambda: select(analysis.channels, analysis.cost, get_method("l1").criterion.scores(analysis.channels), Constraints(flops=0.5)))
 
 
 def test_rewrite(benchmark, prepared):

@@ -222,7 +222,7 @@ def gd_steps(args) -> None:
     import numpy as np
 
     import fxprune
-    from fxprune.gate_decorator import _mask_units
+    from fxprune.methods.gate_decorator.method import _mask_units
     from fxprune.nets import resnet56, vgg_bn
     from passes.fuse_masked_conv import fuse_masked_convs
     from passes.gates import insert_gates

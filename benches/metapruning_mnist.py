@@ -39,7 +39,7 @@ sys.path.insert(0, ".")
 import fxprune  # noqa: E402
 from fxprune import data as fxdata  # noqa: E402
 from fxprune.latency_table import LatencyTable  # noqa: E402
-from fxprune.metapruning import pretrain  # noqa: E402
+from fxprune.methods.metapruning.method import pretrain  # noqa: E402
 from fxprune.models import build_model  # noqa: E402
 from fxprune.report import human  # noqa: E402
 from fxprune.train import TrainConfig, evaluate, train  # noqa: E402

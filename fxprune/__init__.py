@@ -3,7 +3,10 @@
     >>> slim = fxprune.compress(model, method="l1", example_inputs=x, flops=0.5)
 """
 from . import data  # noqa: F401 - `fxprune.data.mnist(...)` works after `import fxprune`
-from .api import DATA_FREE_METHODS, METHODS, ModelAnalysis, analyze, compress, prune_with_plan
+from .analysis import ModelAnalysis, analyze
+from .api import DATA_FREE_METHODS, compress, prune_with_plan
+from .methods import METHODS, register_method
+from passes.rewrite import PruningPlan
 from .artifacts import ArtifactVersionWarning, load, save
 from .errors import (
     ArtifactError,
@@ -24,6 +27,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DATA_FREE_METHODS", "METHODS", "ArtifactError", "ArtifactVersionWarning", "CompressionReport", "ConfigError", "ExampleInputs", "FxpruneError", "InputError",
-    "ModelAnalysis", "NothingToPruneError", "TargetUnreachableError", "TraceError", "TracedModel",
-    "VerificationError", "analyze", "compress", "load", "prune_with_plan", "register_builder", "register_leaf_module", "save", "trace",
+    "ModelAnalysis", "NothingToPruneError", "PruningPlan", "TargetUnreachableError", "TraceError", "TracedModel",
+    "VerificationError", "analyze", "compress", "load", "prune_with_plan", "register_builder", "register_method", "register_leaf_module", "save", "trace",
 ]

@@ -1,4 +1,9 @@
-"""The public entry points: `analyze` and `compress`.
+"""The public entry points: `analyze`, `prune_with_plan` and `compress`.
+
+`compress` is the one driver of every method (`fxprune.methods`): it checks the arguments and the
+constraints against what the method supports, analyses the model, runs the method once on the
+read-only analysis, applies the returned plan (with the method's new weights, if it trained) and
+verifies the slim model against the masked original.
 
 Example::
 
@@ -11,118 +16,46 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch.fx as fx
 from torch import nn
 
-from passes.dependency import ChannelAnalysis, analyze_dependencies
 from passes.mask import masked_reference
 from passes.rewrite import PruningPlan, apply_plan, plan_keep_roots, plan_removed_nodes
-from passes.structures import Structures, find_structures
 
 from . import report as _report
-from .cost import CostModel
-from .arguments import module_selectors, real_number, whole_number
+from .analysis import ModelAnalysis, analyze
+from .constraints import Constraints
 from .errors import ConfigError, NothingToPruneError
-from .importance import group_scores
-from .inputs import ExampleInputs
-from .methods import DATA_METHODS, make_options
-from .models import model_source, shape_digest
+from .hooks import carry_root_hooks, preserve_through_deepcopy
+from .methods import METHODS, MethodContext, get_method, make_options
+from .models import model_source
 from .recipe import make_recipe
-from .selection import select
-from .shapes import propagate
-from .hooks import carry_root_hooks
-from .tracer import TracedModel, trace
 from .verify import verify as verify_against
 
-DATA_FREE_METHODS = ("l1", "l2", "bn_scale", "random", "uniform")
+DATA_FREE_METHODS = tuple(name for name, m in METHODS.items() if not m.needs_data)
 
 
 def all_methods() -> tuple[str, ...]:
-    """Data-free criteria, then every registered data-driven method (`fxprune.methods`)."""
-    return (*DATA_FREE_METHODS, *DATA_METHODS)
-
-
-METHODS = all_methods()  # at import time; registrations made later show in all_methods()
-
-
-@dataclass
-class ModelAnalysis:
-    """Everything the compiler knows about a model before a method decides what to prune."""
-
-    traced: TracedModel
-    inputs: ExampleInputs
-    channels: ChannelAnalysis
-    cost: CostModel
-    structures: Structures
-    timings: dict = field(default_factory=dict)
-    options: dict = field(default_factory=dict)  # ignore / leaf_modules / concrete_args, for recipes
-    source: dict | None = None  # how the base model is built ({"spec": "torchvision:resnet50", ...})
-    model_class: str = ""
-
-    @property
-    def groups(self):
-        return self.channels.groups
-
-    @property
-    def boundaries(self):
-        return self.channels.boundaries
-
-    def table(self, limit: int | None = None) -> str:
-        auto = "".join(f"\nauto leaf {p}: {r}" for p, r in self.traced.auto_leaves.items())
-        return (
-            f"{_report.groups_table(self.channels, limit)}\n\n{_report.boundaries_table(self.channels)}{auto}\n\n"
-            f"params {_report.human(self.cost.total_params)}, MACs {_report.human(self.cost.total_macs)}, "
-            f"FLOPs {_report.human(2 * self.cost.total_macs)}; "
-            f"{len(self.channels.prunable_groups)}/{len(self.groups)} groups prunable, "
-            f"{len(self.structures.residual_branches)} residual branches, "
-            f"{len(self.structures.concat_inputs)} droppable concat inputs"
-        )
-
-    def __str__(self) -> str:
-        return self.table()
-
-
-def analyze(model: nn.Module, example_inputs: Any, *, ignore: Iterable = (), leaf_modules: Iterable = (),
-            concrete_args: dict | None = None) -> ModelAnalysis:
-    """Trace, propagate shapes and find the channel groups, boundaries and coarse structures."""
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    ignore = module_selectors(model, ignore, "ignore")
-    leaf_modules = module_selectors(model, leaf_modules, "leaf_modules", instances=False, exact=True)
-    if concrete_args is not None and not (isinstance(concrete_args, dict)
-                                          and all(isinstance(k, str) for k in concrete_args)):
-        raise ConfigError(f"concrete_args must be a dict of forward-argument names to values, got {concrete_args!r}")
-    inputs = ExampleInputs.normalize(example_inputs)
-    t0 = time.perf_counter()
-    traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    carry_root_hooks(model, traced.graph_module)  # fx traces forward(), not the root's hooks
-    t1 = time.perf_counter()
-    propagate(traced.graph_module, inputs)
-    t2 = time.perf_counter()
-    channels = analyze_dependencies(traced.graph_module, ignore=ignore, auto_leaves=traced.auto_leaves)
-    structures = find_structures(channels)
-    cost = CostModel(channels)
-    t3 = time.perf_counter()
-    return ModelAnalysis(traced, inputs, channels, cost, structures,
-                         {"trace": t1 - t0, "shapes": t2 - t1, "analysis": t3 - t2},
-                         {"ignore": list(ignore), "leaf_modules": list(leaf_modules), "concrete_args": concrete_args},
-                         model_source(model) or {"spec": None, "kwargs": {}, "fingerprint": shape_digest(model)},
-                         f"{type(model).__module__}.{type(model).__qualname__}")
+    """Every registered method (`fxprune.methods.register_method`), data-free ones first."""
+    return tuple(METHODS)
 
 
 def _check_options(method: str, flops: float, round_to, min_channels, min_ratio) -> None:
-    if not isinstance(method, str) or method not in all_methods():
-        raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(all_methods())}")
-    if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0 < flops <= 1:  # NaN fails too
-        raise ConfigError(
-            f"flops={flops!r} must be the fraction of the original FLOPs to keep, in (0, 1] (e.g. 0.5)")
-    whole_number(round_to, "round_to", optional=True)
-    whole_number(min_channels, "min_channels")
-    real_number(min_ratio, "min_ratio", low=0, high=1, high_open=True, example="0.1")
+    """The CLI's early check: a known method and valid constraints."""
+    get_method(method)
+    Constraints(flops=flops, round_to=round_to, min_channels=min_channels, min_ratio=min_ratio)
+
+
+def with_weights(analysis: ModelAnalysis, weights: dict) -> ModelAnalysis:
+    """The analysis of a copy of the analysed model holding `weights` (a method's trained values)."""
+    gm = copy.deepcopy(analysis.traced.graph_module)
+    gm.load_state_dict(weights, strict=True)
+    return dataclasses.replace(analysis, traced=dataclasses.replace(analysis.traced, graph_module=gm),
+                               channels=dataclasses.replace(analysis.channels, gm=gm))
 
 
 def prune_with_plan(analysis: ModelAnalysis, plan: PruningPlan, *, verify_output: bool = True,
@@ -131,7 +64,7 @@ def prune_with_plan(analysis: ModelAnalysis, plan: PruningPlan, *, verify_output
     slim = apply_plan(analysis.channels, plan)
     slim.training = analysis.traced.graph_module.training
     carry_root_hooks(analysis.traced.graph_module, slim)
-    slim.fxprune_recipe = make_recipe(analysis, plan)
+    preserve_through_deepcopy(slim, fxprune_recipe=make_recipe(analysis, plan))
     result = None
     if verify_output:
         reference = carry_root_hooks(analysis.traced.graph_module, masked_reference(analysis.channels, plan))
@@ -143,11 +76,13 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
              round_to: int | None = None, ignore: Iterable = (), leaf_modules: Iterable = (),
              concrete_args: dict | None = None, min_channels: int = 1, min_ratio: float = 0.0,
              verify: bool = True, tolerance: float | None = None, seed: int = 0,
-             data: Any = None, options: dict | None = None, latency: float | None = None) -> fx.GraphModule:
+             data: Any = None, options: dict | None = None, latency: float | None = None,
+             params: float | None = None) -> fx.GraphModule:
     """Return a slim copy of `model` keeping at most `flops` of its FLOPs.
 
     Args:
-        method: importance criterion, one of ``METHODS`` (data-free).
+        method: a registered method's name (``fxprune.methods.METHODS``): ``l1``, ``l2``, ``bn_scale``,
+            ``random``, ``uniform`` (data-free), ``gate_decorator``, ``gal``, ``metapruning`` (need data).
         example_inputs: a tensor, tuple of positional args or dict of keyword args.
         flops: fraction of the original FLOPs (= MACs) the result may keep, in (0, 1].
         round_to: keep channel counts multiples of this (per group, e.g. 8 for tensor cores).
@@ -161,26 +96,24 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
             or bare inputs, which the original model then labels.
         latency: a latency limit in seconds on the current device, for methods that search under one
             (``metapruning``); the FLOPs target applies as well (pass ``flops=1.0`` for latency only).
-        options: method options, a dict or the method's options object (``gate_decorator``:
-            ``fxprune.gate_decorator.GateDecoratorOptions``; ``gal``: ``fxprune.gal.GALOptions``).
+        params: fraction of the original parameters the result may keep, for methods that support it.
+        options: method options, a dict or the method's options object (``fxprune.methods``:
+            ``GateDecoratorOptions``, ``GALOptions``, ``MetaPruningOptions``).
+
+    A constraint (`round_to`, `latency`, ...) the chosen method does not honour is a ConfigError.
 
     The returned GraphModule has the model's dtype, device and train/eval mode; its
     ``fxprune_report`` attribute holds the before/after numbers. The input model is not modified.
     """
-    _check_options(method, flops, round_to, min_channels, min_ratio)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    data_driven = method not in DATA_FREE_METHODS
-    if latency is not None and not (data_driven and DATA_METHODS[method].supports_latency):
-        able = [n for n, m in DATA_METHODS.items() if m.supports_latency]
-        raise ConfigError(f"method {method!r} has no latency constraint: use flops=, or one of {able or 'none'}")
-    if latency is not None and (isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency <= 0):
-        raise ConfigError(f"latency={latency!r} must be a positive number of seconds")
+    chosen = get_method(method)
+    constraints = Constraints(flops=flops, params=params, latency=latency, round_to=round_to,
+                              min_channels=min_channels, min_ratio=min_ratio)
+    constraints.require_supported(chosen.name, chosen.supports)
+    opts = make_options(chosen, options, seed)
     t0 = time.perf_counter()
-    work = copy.deepcopy(model) if data_driven else model  # data-driven methods train their copy
-    analysis = analyze(work, example_inputs, ignore=ignore, leaf_modules=leaf_modules,
-                       concrete_args=concrete_args)
-    analysis.source = model_source(model) or analysis.source  # the copy has no spec of its own
+    analysis = analyze(model, example_inputs, ignore=ignore, leaf_modules=leaf_modules, concrete_args=concrete_args)
     if not analysis.channels.prunable_groups:
         reason = _report.main_boundary_reason(analysis.channels)
         raise NothingToPruneError(
@@ -188,18 +121,11 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
             f"main reason: {reason or 'no conv/linear layers found'}). Check ignore= and leaf_modules=, "
             "or run fxprune.analyze(model, x) to see every boundary.")
     t1 = time.perf_counter()
-    details = {}
-    if data_driven:
-        spec = DATA_METHODS[method]
-        opts = make_options(spec, options, seed)
-        outcome = spec.run(analysis, data, flops, opts, targets_from=model,
-                           selection={"round_to": round_to, "min_channels": min_channels, "min_ratio": min_ratio,
-                                      "latency": latency})
-        plan, details = outcome.plan, outcome.details
-    else:
-        scores = group_scores(analysis.channels, method, seed)
-        plan = select(analysis.channels, analysis.cost, scores, flops, min_channels=min_channels,
-                      min_ratio=min_ratio, round_to=round_to, uniform=method == "uniform")
+    outcome = chosen.run(MethodContext(analysis, constraints, opts, data, original=model, seed=seed))
+    plan, details = outcome.plan, outcome.details
+    if outcome.weights is not None:
+        analysis = with_weights(analysis, outcome.weights)
+        analysis.source = model_source(model) or analysis.source
     t2 = time.perf_counter()
     slim, result = prune_with_plan(analysis, plan, verify_output=False)
     t3 = time.perf_counter()
@@ -209,7 +135,7 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
     t4 = time.perf_counter()
     keep = plan_keep_roots(analysis.channels, plan)
     removed = plan_removed_nodes(analysis.channels, plan)
-    slim.fxprune_report = _report.CompressionReport(
+    report = _report.CompressionReport(
         model=type(model).__name__, method=method, target_flops=flops,
         params_before=int(analysis.cost.total_params), params_after=sum(p.numel() for p in slim.parameters()),
         macs_before=int(analysis.cost.total_macs), macs_after=int(round(analysis.cost.macs(keep, removed))),
@@ -220,5 +146,5 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
         timings={**analysis.timings, "method": t2 - t1, "rewrite": t3 - t2, "verify": t4 - t3, "total": t4 - t0},
         details=details,
     )
-    return slim
+    return preserve_through_deepcopy(slim, fxprune_report=report)
 

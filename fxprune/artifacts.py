@@ -44,6 +44,7 @@ import torchvision
 from torch import nn
 
 from .errors import ArtifactError, ConfigError
+from .hooks import preserve_through_deepcopy
 from .inputs import output_leaves
 from .models import build_trusted, infer_torchvision_spec
 from .recipe import RECIPE_FORMAT, decode_inputs, replay
@@ -315,6 +316,10 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None, device: s
     if check_outputs and recipe.get("check"):
         _compare_fingerprint(recipe["check"]["outputs"], output_fingerprint(slim, recipe, recipe["check"]["seed"]),
                              DTYPES_BY_NAME.get(recipe.get("dtype", "float32"), torch.float32))
-    slim.fxprune_recipe = {k: v for k, v in recipe.items()
-                           if k not in ("versions", "weights", "report", "check", "checksum", "signature")}
+    recipe = {k: v for k, v in recipe.items() if k not in ("versions", "weights", "report", "check", "checksum",
+                                                            "signature")}
+    if isinstance(slim, torch.fx.GraphModule):
+        preserve_through_deepcopy(slim, fxprune_recipe=recipe)
+    else:  # a detector whose backbone was pruned: a plain module keeps its attributes through deepcopy
+        slim.fxprune_recipe = recipe
     return slim.to(device)

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch.fx.graph_module as _fx_graph_module
 from torch import nn
+
+_PRESERVED_KEY = getattr(_fx_graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
 
 # every per-module hook table of nn.Module that changes what a call computes
 _HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
@@ -41,3 +44,16 @@ def carry_root_hooks(source: nn.Module, target: nn.Module) -> nn.Module:
     if getattr(source, "_is_full_backward_hook", None) is not None:
         target._is_full_backward_hook = source._is_full_backward_hook
     return target
+
+
+def preserve_through_deepcopy(gm, **attributes):
+    """Set `attributes` on GraphModule `gm` so that they (and its root hooks) survive `copy.deepcopy`,
+    which rebuilds a GraphModule from its code and keeps only what its `meta` lists as preserved
+    (torch.fx's documented `_user_preserved_attributes` entry). Returns `gm`."""
+    preserved = gm.meta.setdefault(_PRESERVED_KEY, {})
+    for name, value in attributes.items():
+        setattr(gm, name, value)
+        preserved[name] = value
+    for name, table in root_hooks(gm).items():
+        preserved[name] = table
+    return gm

@@ -19,6 +19,7 @@ from torch import nn
 
 from passes.rewrite import PruningPlan, apply_plan
 
+from .analysis import analyze
 from .errors import ArtifactError, FxpruneError
 from .inputs import ExampleInputs
 from .recipe_schema import DTYPES
@@ -115,6 +116,7 @@ def make_recipe(analysis, plan: PruningPlan, model: nn.Module | None = None) -> 
             "remove_branches": [list(b) for b in plan.remove_branches],
             "drop_concat_inputs": [list(c) for c in plan.drop_concat_inputs],
             "fold_scales": list(plan.fold_scales),
+            "scale_inputs": [[str(n), int(o), float(v)] for n, o, v in plan.scale_inputs],
         },
     }
 
@@ -124,7 +126,8 @@ def plan_of(recipe: dict) -> PruningPlan:
     return PruningPlan(keep={int(k): np.asarray(v, dtype=np.int64) for k, v in p["keep"].items()},
                        remove_branches=[tuple(b) for b in p["remove_branches"]],
                        drop_concat_inputs=[tuple(c) for c in p["drop_concat_inputs"]],
-                       fold_scales=list(p["fold_scales"]))
+                       fold_scales=list(p["fold_scales"]),
+                       scale_inputs=[(n, o, v) for n, o, v in p.get("scale_inputs", [])])
 
 
 def _check_structures(recipe: dict, analysis) -> None:
@@ -136,6 +139,14 @@ def _check_structures(recipe: dict, analysis) -> None:
             if tuple(ref) not in known:
                 raise ArtifactError(f"plan.{key} names {ref}, which is not a removable structure of the rebuilt "
                                     "model: the recipe was edited or made for another model")
+    nodes = {n.name: n for n in analysis.traced.graph_module.graph.nodes}
+    for name, operand, _ in recipe["plan"].get("scale_inputs", []):
+        node = nodes.get(name)
+        inputs = None if node is None else (node.args[0] if node.args and isinstance(node.args[0], (list, tuple))
+                                            else node.args)
+        if inputs is None or operand >= len(inputs) or not isinstance(inputs[operand], torch.fx.Node):
+            raise ArtifactError(f"plan.scale_inputs names input {operand} of node {name!r}, which the rebuilt "
+                                "model does not have")
     attributes = {n.target for n in analysis.traced.graph_module.graph.nodes if n.op == "get_attr"}
     for name in recipe["plan"]["fold_scales"]:
         if name not in attributes:
@@ -150,8 +161,6 @@ def replay(recipe: dict, base: nn.Module, *, trust_code: bool = False) -> fx.Gra
     """Rebuild the slim structure on `base` (weights are still the base's). `base` is converted in
     place to the recorded dtype and train/eval mode: pass a copy. `recipe` must have passed
     `recipe_schema.validate`; whatever still goes wrong is an ArtifactError."""
-    from .api import analyze  # the api module imports this one
-
     base = base.to(DTYPES[recipe["dtype"]])
     base.train(recipe["training"])
     try:

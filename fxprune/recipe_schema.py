@@ -21,7 +21,7 @@ DTYPES = {name: getattr(torch, name) for name in (
     "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
     "complex64", "complex128")}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")  # an fx node name or a dotted attribute path
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*")  # an fx node name or a dotted attribute path
 _SPEC = re.compile(r"[^\x00-\x1f]{1,500}")
 MAX_RANK = 8
 MAX_TEXT = 1000
@@ -129,8 +129,9 @@ def _base(base: Any) -> None:
 
 def _plan(plan: Any, groups: list) -> None:
     _expect(plan, dict, "plan", "an object")
-    if set(plan) != {"keep", "remove_branches", "drop_concat_inputs", "fold_scales"}:
-        raise fail("plan", "must have exactly keep, remove_branches, drop_concat_inputs and fold_scales")
+    if set(plan) != {"keep", "remove_branches", "drop_concat_inputs", "fold_scales", "scale_inputs"}:
+        raise fail("plan", "must have exactly keep, remove_branches, drop_concat_inputs, fold_scales and "
+                   "scale_inputs")
     keep = _expect(plan["keep"], dict, "plan.keep", "an object")
     for key, kept in keep.items():
         if not (isinstance(key, str) and key.isdigit()) or int(key) >= len(groups):
@@ -153,6 +154,14 @@ def _plan(plan: Any, groups: list) -> None:
             _int(ref[1], field, 0, 100_000)
     for i, name in enumerate(_expect(plan["fold_scales"], list, "plan.fold_scales", "a list")):
         _text(name, f"plan.fold_scales[{i}]", _NAME)
+    for i, edit in enumerate(_expect(plan["scale_inputs"], list, "plan.scale_inputs", "a list")):
+        field = f"plan.scale_inputs[{i}]"
+        if not (isinstance(edit, list) and len(edit) == 3):
+            raise fail(field, "must be a [node name, operand index, scale] triple")
+        _text(edit[0], field, _NAME)
+        _int(edit[1], field, 0, 100_000)
+        if isinstance(edit[2], bool) or not isinstance(edit[2], (int, float)) or not math.isfinite(edit[2]):
+            raise fail(field, "must have a finite number as its scale")
 
 
 def _groups(groups: Any) -> list:

@@ -11,7 +11,8 @@ folded scale is zero, so the function is unchanged).
 `fold_masks` then multiplies the surviving mask values into the modules in place (the BN's
 affine or the layer's rows for channel sites; for a block/branch scalar, the last BN/conv/linear
 of the branch, walking back through positively homogeneous ops such as ReLU and pooling; failing
-that, a constant multiply node is left in the graph). Afterwards the private model computes what
+that, the scale is returned as a `PruningPlan.scale_inputs` edit: a constant multiply the rewrite
+puts into the slim graph and the recipe records, so save/load replays it). Afterwards the private model computes what
 the masked network computed, so the core verification (slim vs masked reference) proves the slim
 model equals the GAL generator.
 
@@ -24,7 +25,6 @@ Example::
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -139,20 +139,10 @@ def _fold_scalar(gm: fx.GraphModule, anchor: fx.Node, x: fx.Node, value: float) 
         return _fold_into(mod, torch.tensor([value], dtype=mod.weight.dtype, device=mod.weight.device))
 
 
-def _scale_node(gm: fx.GraphModule, analysis, anchor: fx.Node, x: fx.Node, value: float) -> None:
-    """Leave `x * value` in the graph before `anchor` (same layout and shape as `x`)."""
-    with gm.graph.inserting_before(anchor):
-        y = gm.graph.call_function(operator.mul, (x, value))
-    y.meta.update({k: v for k, v in x.meta.items()})
-    y.meta.pop("fxprune_macs", None)
-    if x.name in analysis.layouts:
-        analysis.layouts[y.name] = analysis.layouts[x.name]
-    anchor.replace_input_with(x, y)
-
-
-def fold_masks(analysis, masked: SoftMaskedModel, state: MaskState) -> list[str]:
-    """Multiply the surviving masks into `analysis.gm`'s modules (in place); returns the nodes left
-    with a constant multiply because nothing foldable precedes them."""
+def fold_masks(analysis, masked: SoftMaskedModel, state: MaskState) -> list[tuple[str, int, float]]:
+    """Multiply the surviving masks into `analysis.gm`'s modules (in place: pass a private copy);
+    returns the scales nothing foldable precedes, as `PruningPlan.scale_inputs` edits (node,
+    operand, value) for the rewrite to replay. The graph itself is not edited."""
     gm = analysis.gm
     nodes = {n.name: n for n in gm.graph.nodes}
     with torch.no_grad():
@@ -172,9 +162,5 @@ def fold_masks(analysis, masked: SoftMaskedModel, state: MaskState) -> list[str]
         anchor = nodes[s.anchor]
         x = anchor.args[s.operand] if s.kind == "block" else anchor.args[0][s.operand]
         if value != 1.0 and not _fold_scalar(gm, anchor, x, value):
-            _scale_node(gm, analysis, anchor, x, value)
-            unfolded.append(s.anchor)
-    if unfolded:
-        gm.graph.lint()
-        gm.recompile()
+            unfolded.append((s.anchor, s.operand, value))
     return unfolded

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from .module_copy import copy_sharing
-from .rewrite import PruningPlan, plan_keep_roots
+from .rewrite import PruningPlan, insert_input_scales, plan_keep_roots
 from .tensors import get_tensor, set_tensor
 
 
@@ -39,5 +39,6 @@ def masked_reference(analysis, plan: PruningPlan) -> fx.GraphModule:
         args = list(add.args)
         args[operand] = zeros
         add.args = tuple(args)
+    insert_input_scales(ref.graph, plan.scale_inputs)
     ref.recompile()
     return ref

@@ -14,6 +14,7 @@ Example::
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,25 @@ class PruningPlan:
     remove_branches: list[tuple[str, int]] = field(default_factory=list)  # (add node, operand)
     drop_concat_inputs: list[tuple[str, int]] = field(default_factory=list)  # (cat node, input)
     fold_scales: list[str] = field(default_factory=list)  # gate/mask parameters folded into producers
+    # constant multiplies the slim graph keeps: (node, operand, value) scales that node's input
+    # `operand` (of a cat: its operand-th tensor) by value; GAL's block scales that fold nowhere
+    scale_inputs: list[tuple[str, int, float]] = field(default_factory=list)
+
+
+def _scaled_input(anchor: fx.Node, operand: int) -> fx.Node:
+    args = anchor.args[0] if isinstance(anchor.args[0], (list, tuple)) else anchor.args
+    return args[operand]
+
+
+def insert_input_scales(graph: fx.Graph, edits) -> None:
+    """Put `x * value` between each edit's node and its input `x` (PruningPlan.scale_inputs)."""
+    nodes = {n.name: n for n in graph.nodes}
+    for name, operand, value in edits:
+        anchor = nodes[name]
+        x = _scaled_input(anchor, operand)
+        with graph.inserting_before(anchor):
+            y = graph.call_function(operator.mul, (x, float(value)))
+        anchor.replace_input_with(x, y)
 
 
 class RewriteContext:
@@ -194,6 +214,7 @@ def apply_plan(analysis, plan: PruningPlan) -> fx.GraphModule:
         handler = handler_for(node, rctx) if node.op.startswith("call") else None
         if handler is not None:
             handler.rewrite(rctx, node)
+    insert_input_scales(graph, plan.scale_inputs)
     graph.lint()
     slim = fx.GraphModule(root, graph, type(analysis.gm).__name__)  # keeps only what the graph uses
     if plan.fold_scales:

@@ -127,7 +127,7 @@ class WidthEncoding:
 def build_encoding(analysis, ratios=DEFAULT_RATIOS, *, round_to: int | None = None, min_channels: int = 1,
                    min_ratio: float = 0.0) -> WidthEncoding:
     """One gene per prunable group of `analysis` (a ChannelAnalysis); see the module docstring."""
-    from fxprune.selection import _choices, _kept_count
+    from fxprune.methods.selection import _choices, _kept_count
 
     ratios = tuple(float(r) for r in ratios)
     if not ratios or any(not 0 < r <= 1 for r in ratios):

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxprune.errors import ConfigError
-from fxprune.evolution import EvolutionConfig, crossover, evolve, mutate, repair
+from fxprune.methods.metapruning.evolution import EvolutionConfig, crossover, evolve, mutate, repair
 
 spaces = st.lists(st.integers(1, 31), min_size=1, max_size=20)
 

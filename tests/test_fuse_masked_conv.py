@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxprune
-from fxprune.gate_decorator import _mask_units
+from fxprune.methods.gate_decorator.method import _mask_units
 from passes.fuse_masked_conv import META, fuse_masked_convs
 from passes.gates import fold_gates, insert_gates
 from passes.rewrite import PruningPlan

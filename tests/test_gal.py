@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxprune
 from fxprune import nets
-from fxprune.discriminator import make_discriminator
-from fxprune.fista import FISTA, soft_threshold
+from fxprune.methods.gal.discriminator import make_discriminator
+from fxprune.methods.gal.fista import FISTA, soft_threshold
 from fxprune.train import recalibrate_bn
 from passes.gal_masks import insert_soft_masks
 from passes.gal_plan import fold_masks, mask_state, state_macs
@@ -97,7 +97,7 @@ def _slim_vs_generator(model, structures, setter, x=X28):
     with torch.no_grad():
         expected = masked.module(x)
     state = mask_state(an.channels, masked)
-    fold_masks(an.channels, masked, state)
+    state.plan.scale_inputs = fold_masks(an.channels, masked, state)
     slim = apply_plan(an.channels, state.plan).eval()
     with torch.no_grad():
         got = slim(x)
@@ -229,7 +229,32 @@ def test_every_mask_zero_keeps_one_channel_and_one_input():
 def test_unfoldable_block_mask_stays_as_a_constant():
     an, masked, state, slim = _slim_vs_generator(TanhBlock(), ("block",), lambda m: _set_masks(m, 0, 0.0))
     muls = [n for n in slim.graph.nodes if n.op == "call_function" and isinstance(n.args[-1], float)]
-    assert len(muls) == 1
+    assert len(muls) == 1 and len(state.plan.scale_inputs) == 1
+    assert not any(n.args and isinstance(n.args[-1], float) for n in an.traced.graph_module.graph.nodes)  # untouched
+
+
+def test_constant_block_scale_round_trips_through_save_and_load(tmp_path):
+    """The plan records the constant left in the graph, so save/load replays it (it used to be lost:
+    outputs ~10 % off after load)."""
+    import json
+
+    from fxprune.artifacts import _seal
+
+    model = _randomize(TanhBlock())
+    an, masked, state, slim = _slim_vs_generator(model, ("block",), lambda m: _set_masks(m, 0, 0.0))
+    value = state.plan.scale_inputs[0][2]
+    assert value not in (0.0, 1.0)
+    slim, check = fxprune.prune_with_plan(an, state.plan)
+    assert check.passed
+    fxprune.save(slim, tmp_path / "g")
+    again = fxprune.load(tmp_path / "g", base_model=TanhBlock())
+    with torch.no_grad():
+        assert torch.equal(slim.eval()(X28), again.eval()(X28))
+    recipe = json.loads((tmp_path / "g" / "recipe.json").read_text())
+    recipe["plan"]["scale_inputs"][0][2] = value * 0.9  # an edited constant
+    (tmp_path / "g" / "recipe.json").write_text(json.dumps(_seal(recipe, None)))
+    with pytest.raises(fxprune.ArtifactError, match="does not rebuild the model that was saved"):
+        fxprune.load(tmp_path / "g", base_model=TanhBlock())
 
 
 def _toy_batches(n=64, labels=True, seed=0):

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxprune
-from fxprune.gate_decorator import GateDecoratorOptions, _Scores
+from fxprune.methods.gate_decorator.method import GateDecoratorOptions, _Scores
 from fxprune.train import TrainConfig, TrainingError, train
 from passes.gates import fold_gates, insert_gates
 from passes.rewrite import PruningPlan
@@ -61,7 +61,7 @@ def test_fold_and_prune_equal_the_gated_masked_model():
     rng = np.random.default_rng(0)
     keep = {g.index: np.sort(rng.choice(g.n_units, max(1, g.n_units // 2), replace=False))
             for g in a.channels.prunable_groups}
-    from fxprune.gate_decorator import _mask_units
+    from fxprune.methods.gate_decorator.method import _mask_units
 
     with torch.no_grad():
         for p in gated.gates():

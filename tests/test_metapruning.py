@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxprune
 from fxprune.latency_table import LatencyTable
-from fxprune.metapruning import LatencyUnreachableError, MetaPruningOptions, pretrain, split_data
+from fxprune.methods.metapruning.method import LatencyUnreachableError, MetaPruningOptions, pretrain, split_data
 from fxprune.nets import resnet20
 from fxprune.train import TrainingError, evaluate
 from passes.pruningnet import PruningNet, write_back

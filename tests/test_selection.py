@@ -7,8 +7,9 @@ import torch
 import torchvision
 
 import fxprune
-from fxprune.importance import group_scores
-from fxprune.selection import select
+from fxprune.constraints import Constraints
+from fxprune.methods import get_method
+from fxprune.methods.selection import select
 
 from .conftest import measured_macs
 
@@ -26,7 +27,7 @@ def _kept_channels(analysis, plan):
 @pytest.mark.parametrize("flops", [0.9, 0.5, 0.3, 0.12])
 def test_target_met_tightly(resnet_analysis, flops):
     a = resnet_analysis
-    plan = select(a.channels, a.cost, group_scores(a.channels, "l1"), flops)
+    plan = select(a.channels, a.cost, get_method("l1").criterion.scores(a.channels), Constraints(flops=flops))
     macs = a.cost.macs(a.channels.keep_roots(plan.keep))
     assert macs <= flops * a.cost.total_macs
     # keeping one more unit of the cheapest kind would break the budget: the search is tight
@@ -35,7 +36,7 @@ def test_target_met_tightly(resnet_analysis, flops):
 
 def test_round_to_keeps_multiples_per_group(resnet_analysis):
     a = resnet_analysis
-    plan = select(a.channels, a.cost, group_scores(a.channels, "l1"), 0.5, round_to=8)
+    plan = select(a.channels, a.cost, get_method("l1").criterion.scores(a.channels), Constraints(flops=0.5, round_to=8))
     for gi, n in _kept_channels(a, plan).items():
         assert n % 8 == 0 or n == a.groups[gi].size, (gi, n)
     assert a.cost.macs(a.channels.keep_roots(plan.keep)) <= 0.5 * a.cost.total_macs
@@ -46,21 +47,21 @@ def test_round_to_keeps_multiples_per_group(resnet_analysis):
 
 def test_minimum_channels_and_ratio(resnet_analysis):
     a = resnet_analysis
-    plan = select(a.channels, a.cost, group_scores(a.channels, "l1"), 0.3, min_channels=4, min_ratio=0.25)
+    plan = select(a.channels, a.cost, get_method("l1").criterion.scores(a.channels), Constraints(flops=0.3, min_channels=4, min_ratio=0.25))
     for gi, n in _kept_channels(a, plan).items():
         assert n >= max(4, 0.25 * a.groups[gi].size)
 
 
 def test_uniform_keeps_the_same_ratio_everywhere(resnet_analysis):
     a = resnet_analysis
-    plan = select(a.channels, a.cost, group_scores(a.channels, "uniform"), 0.5, uniform=True)
+    plan = select(a.channels, a.cost, get_method("uniform").criterion.scores(a.channels), Constraints(flops=0.5), uniform=True)
     ratios = {round(n / a.groups[gi].size, 2) for gi, n in _kept_channels(a, plan).items()}
     assert max(ratios) - min(ratios) <= 0.05
 
 
 def test_methods_rank_differently(resnet_analysis):
     a = resnet_analysis
-    plans = {m: select(a.channels, a.cost, group_scores(a.channels, m, seed=1), 0.5)
+    plans = {m: select(a.channels, a.cost, get_method(m).criterion.scores(a.channels, 1), Constraints(flops=0.5))
              for m in ("l1", "random", "bn_scale")}
     first = a.channels.prunable_groups[0].index
     kept = {m: tuple(p.keep[first]) for m, p in plans.items()}
@@ -74,7 +75,7 @@ def test_bn_scale_follows_gamma():
         model.bn1.weight.copy_(torch.arange(64, dtype=torch.float32) + 1)  # channel i has gamma i+1
     a = fxprune.analyze(model, torch.randn(1, 3, 64, 64))
     g = next(g for g in a.channels.prunable_groups if g.leading.target == "conv1.weight")
-    scores = group_scores(a.channels, "bn_scale")[g.index]
+    scores = get_method("bn_scale").criterion.scores(a.channels)[g.index]
     bn = next(m for m in g.members if m.target == "bn1.weight")
     assert np.all(np.diff(scores[bn.unit_of_position]) > 0)
 
@@ -101,7 +102,7 @@ def test_norm_scores_are_the_group_norm_of_every_slice(resnet_analysis, method, 
     from passes.tensors import get_tensor
 
     a = resnet_analysis.channels
-    scores = group_scores(a, method)
+    scores = get_method(method).criterion.scores(a)
     for g in a.prunable_groups:
         expected = np.zeros(g.n_units)
         for m in g.members:

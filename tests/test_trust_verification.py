@@ -12,7 +12,10 @@ from torch import nn
 
 import fxprune
 from fxprune import api
+from fxprune.constraints import Constraints
 from fxprune.inputs import ExampleInputs
+from fxprune.methods import MethodContext, get_method
+from passes.mask import masked_reference
 from fxprune.verify import compare, verify
 
 from .conftest import outputs
@@ -34,11 +37,7 @@ X = torch.randn(2, 3, 8, 8)
 
 def _slim_and_reference(model, x, flops=0.5):
     analysis = fxprune.analyze(model, x)
-    from passes.mask import masked_reference
-    from fxprune.selection import select
-    from fxprune.importance import group_scores
-
-    plan = select(analysis.channels, analysis.cost, group_scores(analysis.channels, "l1", 0), flops)
+    plan = get_method("l1").run(MethodContext(analysis, Constraints(flops=flops), None)).plan
     slim, _ = fxprune.prune_with_plan(analysis, plan, verify_output=False)
     return slim, masked_reference(analysis.channels, plan), analysis.inputs
 

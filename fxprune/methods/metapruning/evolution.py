@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ConfigError
+from fxprune.errors import ConfigError
 
 
 @dataclass

@@ -60,11 +60,13 @@ from torch import nn
 from passes.gal_masks import INITS, STRUCTURES, SoftMaskedModel, insert_soft_masks
 from passes.gal_plan import fold_masks, mask_costs, mask_state, state_macs
 
+from fxprune.errors import ConfigError, TargetUnreachableError
+from fxprune.train import TrainingError, _batches, _bar
+from fxprune.verify import eval_mode
+
+from ..base import MethodContext, MethodResult
 from .discriminator import DISCRIMINATORS, make_discriminator, output_features
-from .errors import ConfigError, TargetUnreachableError
 from .fista import FISTA
-from .train import TrainingError, _batches, _bar
-from .verify import eval_mode
 
 
 @dataclass
@@ -363,7 +365,8 @@ def _loop(run: _Run, opts: GALOptions, analysis, cost, data, epochs: int, lr: fl
 
 
 def gal(analysis, data: Iterable, flops: float, opts: GALOptions, teacher_source: nn.Module):
-    """Run GAL on `analysis`'s private model (trained and folded in place); returns (state, details)."""
+    """Run GAL on `analysis`'s model (trained and folded in place: pass a private copy); returns
+    (state, details). The plan in `state` carries every graph edit (`scale_inputs` included)."""
     if data is None:
         raise TrainingError("gal needs data=: an iterable of input batches (labels optional)")
     torch.manual_seed(opts.seed)
@@ -415,6 +418,7 @@ def gal(analysis, data: Iterable, flops: float, opts: GALOptions, teacher_source
                       loss_kind="ce" if has_labels else "mse", device=device)
     state = mask_state(channels, masked)
     unfolded = fold_masks(channels, masked, state)
+    state.plan.scale_inputs = list(unfolded)
     channels.gm.train(was_training)
     details = {
         "structures": list(opts.structures), "discriminator": opts.discriminator,
@@ -425,17 +429,26 @@ def gal(analysis, data: Iterable, flops: float, opts: GALOptions, teacher_source
                   "branches": len(masked.branches)},
         "removed_blocks": state.removed_blocks, "removed_branches": state.removed_branches,
         "widths": {str(g): list(w) for g, w in state.widths.items()},
-        "unmasked": dict(masked.skipped), "scales_left_in_graph": unfolded,
+        "unmasked": dict(masked.skipped), "scales_left_in_graph": [a for a, _, _ in unfolded],
         "epochs": rows, "mask_steps": run.history,
     }
     return state, details
 
 
-def run_gal(analysis, data, flops: float, opts: GALOptions, *, targets_from=None, selection: dict | None = None):
-    """The registry's runner (`fxprune.methods`)."""
-    from .methods import MethodResult
+@dataclass(frozen=True)
+class GALMethod:
+    """GAL as a `fxprune.methods.Method`: learns masks on a private copy of the model against the
+    original as baseline; returns the plan (channels, branches, blocks, constant scales) and the
+    copy's weights with the surviving masks folded in."""
 
-    if targets_from is None:
-        raise ConfigError("gal needs the original model as its baseline")
-    state, details = gal(analysis, data, flops, opts, targets_from)
-    return MethodResult(state.plan, details)
+    name = "gal"
+    options_type = GALOptions
+    supports = frozenset()
+    needs_data = True
+
+    def run(self, context: MethodContext) -> MethodResult:
+        if context.original is None:
+            raise ConfigError("gal needs the original model as its baseline")
+        work = context.private_copy()
+        state, details = gal(work, context.data, context.constraints.flops, context.options, context.original)
+        return MethodResult(state.plan, details, weights=work.traced.graph_module.state_dict())

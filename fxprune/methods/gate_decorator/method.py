@@ -27,7 +27,7 @@ the defaults here except p, tock_epochs and finetune_epochs, which small runs sc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -36,10 +36,13 @@ from torch import nn
 
 from passes.fuse_masked_conv import fuse_masked_convs
 from passes.gates import GatedModel, fold_gates, insert_gates
+from fxprune.constraints import Constraints
+from fxprune.errors import ConfigError, TargetUnreachableError
+from fxprune.train import TrainConfig, TrainingError, is_distributed, sync_from_rank0, train
 from passes.rewrite import PruningPlan
 
-from .errors import ConfigError, TargetUnreachableError
-from .train import TrainConfig, TrainingError, is_distributed, sync_from_rank0, train
+from ..base import MethodContext, MethodResult
+from ..selection import select
 
 SCHEDULES = ("tick_tock", "tick_only", "one_shot")
 
@@ -62,7 +65,6 @@ class GateDecoratorOptions:
     tock_data: Iterable | None = None  # Tock / fine-tune batches (default: the same as the Ticks')
     fused_kernels: bool = False  # train through torch.ops.fxprune.masked_conv2d (docs/kernels.md)
     progress: bool = False
-    log: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -167,12 +169,14 @@ def _prune_step(analysis, scores, keep, opts, repeats: dict[int, int]) -> dict[i
 
 
 def gate_decorator(analysis, cost, data: Iterable, flops: float, opts: GateDecoratorOptions,
-                   targets_from: nn.Module | None = None) -> PruningPlan:
+                   targets_from: nn.Module | None = None, log: list | None = None) -> PruningPlan:
     """Run the method on `analysis.gm`'s modules (trained in place) and return the plan.
 
-    The caller passes an analysis of a private copy of the user's model: training changes its
-    weights, and the gates are folded into them at the end.
+    The caller passes an analysis of its own private copy (`MethodContext.private_copy`): training
+    changes its weights, and the gates are folded into them at the end. Each Tick appends a row to
+    `log`.
     """
+    log = [] if log is None else log
     if data is None:
         raise TrainingError("gate_decorator needs data=: an iterable of (inputs, targets) batches")
     torch.manual_seed(opts.seed)
@@ -187,10 +191,8 @@ def gate_decorator(analysis, cost, data: Iterable, flops: float, opts: GateDecor
         repeats[site.group] = repeats.get(site.group, 0) + 1
     if opts.schedule == "one_shot":
         _tick(gated, scores, data, opts, targets_from)
-        from .selection import select
-
-        plan = select(analysis, cost, {gi: scores.per_group[gi] for gi in keep}, flops,
-                      min_ratio=opts.min_keep_ratio)
+        plan = select(analysis, cost, {gi: scores.per_group[gi] for gi in keep},
+                      Constraints(flops=flops, min_ratio=opts.min_keep_ratio))
         keep = _broadcast(plan.keep)
     else:
         if opts.schedule == "tick_tock":
@@ -208,7 +210,7 @@ def gate_decorator(analysis, cost, data: Iterable, flops: float, opts: GateDecor
             keep = _broadcast(new)
             _mask_units(analysis, gated, keep)
             ticks += 1
-            opts.log.append({"tick": ticks, "macs_ratio": _macs(analysis, cost, keep) / cost.total_macs})
+            log.append({"tick": ticks, "macs_ratio": _macs(analysis, cost, keep) / cost.total_macs})
             if opts.schedule == "tick_tock" and ticks % opts.T == 0 and _macs(analysis, cost, keep) > budget:
                 _tock(gated, data, opts, opts.tock_epochs, opts.sparse_lambda, targets_from)
     _mask_units(analysis, gated, keep)
@@ -230,10 +232,21 @@ def _broadcast(keep: dict) -> dict:
     return box[0]
 
 
-def run_gate_decorator(analysis, data, flops: float, opts: GateDecoratorOptions, *, targets_from=None,
-                       selection: dict | None = None):
-    """The registry's runner (`fxprune.methods`): the plan plus the Tick log."""
-    from .methods import MethodResult
+@dataclass(frozen=True)
+class GateDecoratorMethod:
+    """Gate Decorator as a `fxprune.methods.Method`: trains gates on a private copy, returns the
+    plan and the copy's weights with the gates folded in."""
 
-    plan = gate_decorator(analysis.channels, analysis.cost, data, flops, opts, targets_from=targets_from)
-    return MethodResult(plan, {"schedule": opts.schedule, "ticks": list(opts.log)})
+    name = "gate_decorator"
+    options_type = GateDecoratorOptions
+    supports = frozenset()  # its own min_keep_ratio; no round_to / min_channels
+    needs_data = True
+
+    def run(self, context: MethodContext) -> MethodResult:
+        opts = context.options
+        work = context.private_copy()
+        log: list = []
+        plan = gate_decorator(work.channels, work.cost, context.data, context.constraints.flops, opts,
+                              targets_from=context.original, log=log)
+        return MethodResult(plan, {"schedule": opts.schedule, "ticks": log},
+                            weights=work.traced.graph_module.state_dict())

@@ -12,10 +12,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fxprune.constraints import Constraints
+from fxprune.errors import TargetUnreachableError
 from passes.rewrite import PruningPlan
 
-from .errors import TargetUnreachableError
-from .importance import normalize
+
+def normalize(scores: np.ndarray) -> np.ndarray:
+    """Per-group normalisation (divide by the mean) so groups of different scale compete fairly."""
+    mean = scores.mean() if len(scores) else 0.0
+    return scores / mean if mean > 0 else np.zeros_like(scores)
 
 
 @dataclass
@@ -55,32 +60,33 @@ def _plan(choices, kept_counts) -> PruningPlan:
     return PruningPlan(keep={c.index: np.sort(c.order[len(c.units) - k:]) for c, k in zip(choices, kept_counts)})
 
 
-def _search(evaluate, lo: int, hi: int, budget: float) -> int:
-    """Smallest k in [lo, hi] with evaluate(k) <= budget; evaluate is non-increasing in k."""
+def _search(fits, lo: int, hi: int) -> int:
+    """Smallest k in [lo, hi] with fits(k); fits is monotone (once true, true for larger k)."""
     while lo < hi:
         mid = (lo + hi) // 2
-        if evaluate(mid) <= budget:
+        if fits(mid):
             hi = mid
         else:
             lo = mid + 1
     return lo
 
 
-def select(analysis, cost, scores: dict[int, np.ndarray], flops: float, *, min_channels: int = 1,
-           min_ratio: float = 0.0, round_to: int | None = None, uniform: bool = False) -> PruningPlan:
-    """A plan whose MACs are at most `flops` x the original's (see module docstring)."""
-    budget = flops * cost.total_macs
-    choices = _choices(analysis, scores, min_channels, min_ratio, round_to)
+def select(channels, cost, scores: dict[int, np.ndarray], constraints: Constraints, *,
+           uniform: bool = False) -> PruningPlan:
+    """A plan whose MACs fit `constraints` (`Constraints.fits_macs`; see module docstring)."""
+    total = cost.total_macs
+    choices = _choices(channels, scores, constraints.min_channels, constraints.min_ratio, constraints.round_to)
     if not choices:
         return PruningPlan()
     floor = [_kept_count(c, 0) for c in choices]
-    minimum = cost.macs(_keep_array(analysis, choices, floor))
-    if minimum > budget * (1 + 1e-9):
+    minimum = cost.macs(_keep_array(channels, choices, floor))
+    if not constraints.fits_macs(minimum, total):
         raise TargetUnreachableError(
-            flops, minimum / cost.total_macs,
+            constraints.flops, minimum / total,
             f" ({len(choices)} prunable groups; the rest is fixed by boundaries)")
+    fits = lambda counts: constraints.fits_macs(cost.macs(_keep_array(channels, choices, counts)), total)  # noqa: E731
     if uniform:
-        return _uniform(analysis, cost, choices, budget)
+        return _uniform(choices, fits)
     # every removable unit of every group, least important first (ties: stable by group)
     norm = [normalize(scores[c.index])[c.order[: len(c.units) - c.minimum]] for c in choices]
     group_of = np.concatenate([np.full(len(n), ci, dtype=np.int64) for ci, n in enumerate(norm)])
@@ -90,18 +96,18 @@ def select(analysis, cost, scores: dict[int, np.ndarray], flops: float, *, min_c
         removed = np.bincount(group_of[:k], minlength=len(choices))
         return [_kept_count(c, len(c.units) - int(r)) for c, r in zip(choices, removed)]
 
-    k = _search(lambda k: cost.macs(_keep_array(analysis, choices, counts(k))), 0, len(group_of), budget)
+    k = _search(lambda k: fits(counts(k)), 0, len(group_of))
     return _plan(choices, counts(k))
 
 
-def _uniform(analysis, cost, choices, budget) -> PruningPlan:
+def _uniform(choices, fits) -> PruningPlan:
     def counts(ratio: float) -> list[int]:
         return [_kept_count(c, math.ceil(ratio * len(c.units))) for c in choices]
 
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        if cost.macs(_keep_array(analysis, choices, counts(mid))) <= budget:
+        if fits(counts(mid)):
             lo = mid
         else:
             hi = mid

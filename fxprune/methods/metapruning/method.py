@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -41,10 +42,14 @@ from passes.pruningnet import PruningNet, reinitialize, write_back
 from passes.rewrite import PruningPlan
 from passes.width_encoding import DEFAULT_RATIOS, build_encoding
 
-from .errors import ConfigError, TargetUnreachableError
+from fxprune.analysis import analyze
+from fxprune.constraints import Constraints
+from fxprune.errors import ConfigError, TargetUnreachableError
+from fxprune.latency_table import LatencyTable
+from fxprune.train import TrainConfig, TrainingError, _split_batch, evaluate, recalibrate_bn, train
+
+from ..base import MethodContext, MethodResult
 from .evolution import EvolutionConfig, evolve
-from .latency_table import LatencyTable
-from .train import TrainConfig, TrainingError, _split_batch, evaluate, recalibrate_bn, train
 
 FINAL = ("none", "finetune", "scratch")
 
@@ -188,7 +193,6 @@ def pretrain(model: torch.nn.Module, example_inputs, data: Iterable, options: di
     It trains on the same split `compress` would make (same `holdout` and `seed`), so the held-out
     batches stay unseen.
     """
-    from .api import analyze
 
     opts = options if isinstance(options, MetaPruningOptions) else MetaPruningOptions(**(options or {}))
     analysis = analyze(copy.deepcopy(model), example_inputs)
@@ -270,15 +274,17 @@ def _final_training(slim, data, opts: MetaPruningOptions, targets_from) -> list:
 
 
 # -- the registry's runner ------------------------------------------------------------------------
-def run_metapruning(analysis, data, flops: float, opts: MetaPruningOptions, *, targets_from=None,
-                    selection: dict | None = None):
-    """Train (or reuse) a PruningNet, search under the limits, return the plan and the details."""
-    from .methods import MethodResult
-
+def metapruning(analysis, data, constraints: Constraints, opts: MetaPruningOptions, targets_from=None):
+    """Train (or reuse) a PruningNet, search under the limits; the chosen structure's generated
+    (and optionally trained) weights are written into `analysis`'s model: pass a private copy.
+    Returns (plan, details)."""
+    flops = constraints.flops
+    if constraints.params is not None:  # compress(params=) wins over the option; the option object stays as given
+        opts = dataclasses.replace(opts, params=constraints.params)
     if data is None:
         raise TrainingError("metapruning needs data=: an iterable of (inputs, targets) training batches")
-    selection = selection or {}
-    latency = selection.get("latency")
+    selection = constraints.selection()
+    latency = constraints.latency
     t0 = time.perf_counter()
     channels, cost = analysis.channels, analysis.cost
     encoding = _encoding(channels, opts, selection)
@@ -342,8 +348,24 @@ def run_metapruning(analysis, data, flops: float, opts: MetaPruningOptions, *, t
                               "measured_within_limit": measured <= latency, "offset_s": table.offset,
                               "scale": table.scale,
                               "table_entries": len(table.entries), "profiles": table.profiles}
-    return MethodResult(PruningPlan(keep=encoding.keep(best)), details)
+    return PruningPlan(keep=encoding.keep(best)), details
 
 
-__all__ = ["LatencyUnreachableError", "MetaPruningOptions", "pretrain", "run_metapruning", "split_data",
+@dataclass(frozen=True)
+class MetaPruningMethod:
+    """MetaPruning as a `fxprune.methods.Method`: searches on a private copy, returns the plan and
+    the copy's weights (the PruningNet's weights for the chosen structure)."""
+
+    name = "metapruning"
+    options_type = MetaPruningOptions
+    supports = frozenset({"params", "latency", "round_to", "min_channels", "min_ratio"})
+    needs_data = True
+
+    def run(self, context: MethodContext) -> MethodResult:
+        work = context.private_copy()
+        plan, details = metapruning(work, context.data, context.constraints, context.options, context.original)
+        return MethodResult(plan, details, weights=work.traced.graph_module.state_dict())
+
+
+__all__ = ["LatencyUnreachableError", "MetaPruningOptions", "pretrain", "metapruning", "MetaPruningMethod", "split_data",
            "train_pruningnet"]

@@ -5,9 +5,11 @@
 * ``bn_scale``: Network Slimming's |gamma| of the norm layers in the group (summed over them);
   a group without a norm affine falls back to ``l1``.
 * ``random``: seeded uniform noise (a baseline).
-* ``uniform``: ``l1`` order inside each group; the selection keeps the same ratio everywhere.
+* ``uniform``: ``l1`` order inside each group; the selection keeps the same ratio everywhere
+  (`fxprune.methods.magnitude`).
 
-Scores are per unit, higher = more important.
+Scores are per unit, higher = more important. Each criterion is an object (`Criterion`), so a user
+criterion is a class with a `scores` method, not a new string branch.
 """
 from __future__ import annotations
 
@@ -73,25 +75,45 @@ def _bn_scores(analysis, group) -> np.ndarray | None:
     return scores if found else None
 
 
-def group_scores(analysis, method: str, seed: int = 0) -> dict[int, np.ndarray]:
-    """{group index: score per unit} for every prunable group."""
-    rng = np.random.default_rng(seed)
-    norms = _SliceNorms(analysis, 2 if method == "l2" else 1)  # bn_scale falls back to l1
-    out = {}
-    for g in analysis.prunable_groups:
-        if method == "random":
-            out[g.index] = rng.random(g.n_units)
-        elif method == "l2":
-            out[g.index] = _norm_scores(norms, g)
-        elif method == "bn_scale":
-            s = _bn_scores(analysis, g)
+class Criterion:
+    """Importance of every unit of every prunable group: `scores(channels, seed)` ->
+    {group index: score per unit}, higher = more important."""
+
+    name = ""
+
+    def scores(self, channels, seed: int = 0) -> dict[int, np.ndarray]:
+        raise NotImplementedError
+
+
+class Norm(Criterion):
+    """``l1`` (p=1) / ``l2`` (p=2): norms of every weight slice a unit owns, over the whole group."""
+
+    def __init__(self, p: int):
+        self.p, self.name = p, f"l{p}"
+
+    def scores(self, channels, seed: int = 0) -> dict[int, np.ndarray]:
+        norms = _SliceNorms(channels, self.p)
+        return {g.index: _norm_scores(norms, g) for g in channels.prunable_groups}
+
+
+class BNScale(Criterion):
+    """Network Slimming's |gamma|, summed over the group's norm layers; l1 where a group has none."""
+
+    name = "bn_scale"
+
+    def scores(self, channels, seed: int = 0) -> dict[int, np.ndarray]:
+        norms, out = _SliceNorms(channels, 1), {}
+        for g in channels.prunable_groups:
+            s = _bn_scores(channels, g)
             out[g.index] = s if s is not None else _norm_scores(norms, g)
-        else:  # l1, uniform
-            out[g.index] = _norm_scores(norms, g)
-    return out
+        return out
 
 
-def normalize(scores: np.ndarray) -> np.ndarray:
-    """Per-group normalisation (divide by the mean) so groups of different scale compete fairly."""
-    mean = scores.mean() if len(scores) else 0.0
-    return scores / mean if mean > 0 else np.zeros_like(scores)
+class RandomScore(Criterion):
+    """Seeded uniform noise: the baseline every criterion must beat."""
+
+    name = "random"
+
+    def scores(self, channels, seed: int = 0) -> dict[int, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return {g.index: rng.random(g.n_units) for g in channels.prunable_groups}

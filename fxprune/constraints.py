@@ -1,0 +1,77 @@
+"""What the compressed model must satisfy, as one typed value with one budget rule.
+
+`compress(..., flops=, params=, latency=, round_to=, min_channels=, min_ratio=)` builds a
+`Constraints`; every method reads its budget from it (`macs_budget`, `fits_macs`), so "at most half
+the FLOPs" means the same thing whichever method runs: the exactly recounted MACs at or under
+`flops x original MACs`, with a relative slack of 1e-9 for float rounding of that product only.
+
+A method declares which constraints it honours (`Method.supports`); a constraint set to something
+other than its default that the chosen method does not honour is a ConfigError, never silently
+dropped.
+
+Example::
+
+    >>> c = Constraints(flops=0.5, round_to=8)
+    >>> c.fits_macs(49, total=100), c.fits_macs(51, total=100)
+    (True, False)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .arguments import real_number, whole_number
+from .errors import ConfigError
+
+SLACK = 1e-9  # relative: the product flops x total is a float
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Limits on the compressed model; fractions are of the original model's count."""
+
+    flops: float = 0.5  # fraction of the original FLOPs (= MACs) to keep at most, in (0, 1]
+    params: float | None = None  # fraction of the original parameters to keep at most
+    latency: float | None = None  # seconds per call on the device the method measures
+    round_to: int | None = None  # kept channel counts are multiples of this
+    min_channels: int = 1  # every group keeps at least this many channels
+    min_ratio: float = 0.0  # ... and at least this fraction of them
+
+    def __post_init__(self):
+        if isinstance(self.flops, bool) or not isinstance(self.flops, (int, float)) or not 0 < self.flops <= 1:
+            raise ConfigError(
+                f"flops={self.flops!r} must be the fraction of the original FLOPs to keep, in (0, 1] (e.g. 0.5)")
+        if self.params is not None:
+            real_number(self.params, "params", low=0, high=1, low_open=True, example="0.5")
+        if self.latency is not None:
+            real_number(self.latency, "latency", low=0, low_open=True, example="0.005 seconds")
+        whole_number(self.round_to, "round_to", optional=True)
+        whole_number(self.min_channels, "min_channels")
+        real_number(self.min_ratio, "min_ratio", low=0, high=1, high_open=True, example="0.1")
+
+    def macs_budget(self, total_macs: float) -> float:
+        return self.flops * total_macs
+
+    def fits_macs(self, macs: float, total: float) -> bool:
+        """The one budget rule (module docstring)."""
+        return macs <= self.flops * total * (1 + SLACK)
+
+    def fits_params(self, params: float, total: float) -> bool:
+        return self.params is None or params <= self.params * total * (1 + SLACK)
+
+    def set(self) -> frozenset[str]:
+        """The names of the constraints that differ from their defaults (`flops` always counts)."""
+        default = Constraints()
+        return frozenset({"flops"} | {f.name for f in dataclasses.fields(self)
+                                      if f.name != "flops" and getattr(self, f.name) != getattr(default, f.name)})
+
+    def require_supported(self, method: str, supported: frozenset[str]) -> None:
+        """ConfigError naming each set constraint `method` cannot honour."""
+        missing = sorted(self.set() - supported - {"flops"})
+        if missing:
+            raise ConfigError(f"method {method!r} does not support {', '.join(missing)}: it honours "
+                              f"{', '.join(sorted(supported | {'flops'}))}; drop the option or choose another method")
+
+    def selection(self) -> dict:
+        """The per-group channel rules, as keyword arguments of the selection and width encodings."""
+        return {"round_to": self.round_to, "min_channels": self.min_channels, "min_ratio": self.min_ratio}
