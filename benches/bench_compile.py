@@ -17,12 +17,12 @@ from fxprune.constraints import Constraints
 from fxprune.methods import get_method
 from fxprune.models import default_input_shape
 from fxprune.methods.selection import select
-from fxprune.shapes import propagate
+from fxprune.passes.shapes import propagate
 from fxprune.verify import verify
-from passes.dependency import analyze_dependencies
-from passes.mask import masked_reference
-from passes.rewrite import apply_plan
-from passes.structures import find_structures
+from fxprune.passes.dependency import analyze_dependencies
+from fxprune.passes.mask import masked_reference
+from fxprune.passes.rewrite import apply_plan
+from fxprune.passes.structures import find_structures
 
 MODELS = list(DEFAULT_MODELS)
 

@@ -224,8 +224,8 @@ def gd_steps(args) -> None:
     import fxprune
     from fxprune.methods.gate_decorator.method import _mask_units
     from fxprune.nets import resnet56, vgg_bn
-    from passes.fuse_masked_conv import fuse_masked_convs
-    from passes.gates import insert_gates
+    from fxprune.passes.fuse_masked_conv import fuse_masked_convs
+    from fxprune.passes.gates import insert_gates
 
     print("\n| model | batch | density | gated graph ms/step | fused ms/step | fused/gated |\n"
           "|---|---:|---:|---:|---:|---:|")

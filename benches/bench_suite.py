@@ -20,7 +20,7 @@ import fxprune
 from fxprune.bench.config import DEFAULT_MODELS, model_spec
 from fxprune.bench.metrics import count_macs
 from fxprune.bench.peer import _fresh_copy, _prune_in_place, classifier_layers, prune_to_macs, torch_pruning_status
-from fxprune.inputs import ExampleInputs
+from fxprune.passes.inputs import ExampleInputs
 from fxprune.latency import steady_heap
 from fxprune.models import build_model, default_input_shape, example_input
 

@@ -43,9 +43,9 @@ from fxprune.methods.metapruning.method import pretrain  # noqa: E402
 from fxprune.models import build_model  # noqa: E402
 from fxprune.report import human  # noqa: E402
 from fxprune.train import TrainConfig, evaluate, train  # noqa: E402
-from passes.pruningnet import reinitialize  # noqa: E402
-from passes.rewrite import PruningPlan  # noqa: E402
-from passes.width_encoding import build_encoding  # noqa: E402
+from fxprune.passes.pruningnet import reinitialize  # noqa: E402
+from fxprune.passes.rewrite import PruningPlan  # noqa: E402
+from fxprune.passes.width_encoding import build_encoding  # noqa: E402
 
 
 def loader(ds, n, bs=128, seed=0):

@@ -13,10 +13,10 @@ import torch.fx as fx
 
 import fxprune
 import fxprune.api as api
-import passes.rewrite as rw
+import fxprune.passes.rewrite as rw
 from fxprune.models import build_model, example_input
-from passes.module_copy import copy_parts
-from passes.ops import handler_for
+from fxprune.passes.module_copy import copy_parts
+from fxprune.passes.ops import handler_for
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fxprune
 from fxprune.bench.peer import prune_to_macs, torch_pruning_status
-from fxprune.inputs import ExampleInputs
+from fxprune.passes.inputs import ExampleInputs
 from fxprune.latency import interleaved_latency_ms, paired_latency_ratio, steady_heap
 from fxprune.models import build_model, example_input
 

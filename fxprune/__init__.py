@@ -6,7 +6,7 @@ from . import data  # noqa: F401 - `fxprune.data.mnist(...)` works after `import
 from .analysis import ModelAnalysis, analyze
 from .api import DATA_FREE_METHODS, compress, prune_with_plan
 from .methods import METHODS, register_method
-from passes.rewrite import PruningPlan
+from fxprune.passes.rewrite import PruningPlan
 from .artifacts import ArtifactVersionWarning, load, save
 from .errors import (
     ArtifactError,
@@ -18,10 +18,10 @@ from .errors import (
     TraceError,
     VerificationError,
 )
-from .inputs import ExampleInputs
+from .passes.inputs import ExampleInputs
 from .models import register_builder
 from .report import CompressionReport
-from .tracer import TracedModel, register_leaf_module, trace
+from .passes.tracer import TracedModel, register_leaf_module, trace
 
 __version__ = "0.1.0"
 

@@ -12,18 +12,18 @@ from typing import Any, Iterable
 
 from torch import nn
 
-from passes.dependency import ChannelAnalysis, analyze_dependencies
-from passes.structures import Structures, find_structures
+from fxprune.passes.dependency import ChannelAnalysis, analyze_dependencies
+from fxprune.passes.structures import Structures, find_structures
 
 from . import report as _report
 from .arguments import module_selectors
-from .cost import CostModel
+from .passes.cost import CostModel
 from .errors import ConfigError
 from .hooks import carry_root_hooks
-from .inputs import ExampleInputs
+from .passes.inputs import ExampleInputs
 from .models import model_source, shape_digest
-from .shapes import propagate
-from .tracer import TracedModel, trace
+from .passes.shapes import propagate
+from .passes.tracer import TracedModel, trace
 
 
 @dataclass

@@ -23,8 +23,8 @@ from typing import Any, Iterable
 import torch.fx as fx
 from torch import nn
 
-from passes.mask import masked_reference
-from passes.rewrite import PruningPlan, apply_plan, plan_keep_roots, plan_removed_nodes
+from fxprune.passes.mask import masked_reference
+from fxprune.passes.rewrite import PruningPlan, apply_plan, plan_keep_roots, plan_removed_nodes
 
 from . import report as _report
 from .analysis import ModelAnalysis, analyze

@@ -45,7 +45,7 @@ from torch import nn
 
 from .errors import ArtifactError, ConfigError
 from .hooks import preserve_through_deepcopy
-from .inputs import output_leaves
+from .passes.inputs import output_leaves
 from .models import build_trusted, infer_torchvision_spec
 from .recipe import RECIPE_FORMAT, decode_inputs, replay
 from .recipe_schema import DTYPES as DTYPES_BY_NAME

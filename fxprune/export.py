@@ -12,7 +12,7 @@ import io
 import torch
 from torch import nn
 
-from .inputs import ExampleInputs, output_leaves
+from .passes.inputs import ExampleInputs, output_leaves
 from .verify import eval_mode
 
 CHECKS = ("export", "compile", "onnx")

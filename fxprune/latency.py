@@ -22,7 +22,7 @@ does this for real models; the benchmark suite (`fxprune bench`) uses it.
 Example::
 
     >>> import torch, torchvision
-    >>> from fxprune.inputs import ExampleInputs
+    >>> from fxprune.passes.inputs import ExampleInputs
     >>> from fxprune.latency import interleaved_latency_ms
     >>> x = ExampleInputs.normalize(torch.randn(1, 3, 64, 64))
     >>> models = {"r18": torchvision.models.resnet18(), "r34": torchvision.models.resnet34()}
@@ -43,7 +43,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .inputs import ExampleInputs
+from .passes.inputs import ExampleInputs
 from .verify import eval_mode
 
 

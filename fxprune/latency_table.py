@@ -33,12 +33,12 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from passes.context import Layout
-from passes.rewrite import PruningPlan, apply_plan
+from fxprune.passes.context import Layout
+from fxprune.passes.rewrite import PruningPlan, apply_plan
 
 from .errors import ConfigError
-from .inputs import ExampleInputs
-from .shapes import _flat_placeholder_args
+from .passes.inputs import ExampleInputs
+from .passes.shapes import _flat_placeholder_args
 from .verify import eval_mode
 
 

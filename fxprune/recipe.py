@@ -17,11 +17,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from passes.rewrite import PruningPlan, apply_plan
+from fxprune.passes.rewrite import PruningPlan, apply_plan
 
 from .analysis import analyze
 from .errors import ArtifactError, FxpruneError
-from .inputs import ExampleInputs
+from .passes.inputs import ExampleInputs
 from .recipe_schema import DTYPES
 
 RECIPE_FORMAT = 2  # 2: the whole recipe is checksummed, the base is allow-listed, outputs are fingerprinted

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from .errors import VerificationError
-from .inputs import ExampleInputs, output_leaves
-from .shapes import standard_attention_path
+from .passes.inputs import ExampleInputs, output_leaves
+from .passes.shapes import standard_attention_path
 
 _HALF = {torch.float16, torch.bfloat16}
 DEFAULT_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}

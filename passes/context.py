@@ -16,7 +16,7 @@ import numpy as np
 import torch.fx as fx
 from torch import nn
 
-from fxprune.shapes import VALUE, TensorSpec
+from .shapes import VALUE, TensorSpec
 
 LAYOUT = "fxprune_layout"
 

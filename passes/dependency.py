@@ -10,8 +10,8 @@ input/output, an op without handler, a user `ignore`) is not prunable, and says 
 Example::
 
     >>> import torch, torchvision, fxprune
-    >>> from passes.dependency import analyze_dependencies
-    >>> from fxprune.shapes import propagate
+    >>> from fxprune.passes.dependency import analyze_dependencies
+    >>> from fxprune.passes.shapes import propagate
     >>> gm = fxprune.trace(torchvision.models.resnet18()).graph_module
     >>> propagate(gm, fxprune.ExampleInputs.normalize(torch.randn(1, 3, 224, 224)))
     >>> analysis = analyze_dependencies(gm)
@@ -29,7 +29,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune.errors import ConfigError
-from fxprune.shapes import VALUE
+from .shapes import VALUE
 
 from .context import LAYOUT, AnalysisContext, Boundary, Member
 from .ops import handler_for
@@ -360,7 +360,7 @@ def analyze_dependencies(gm: fx.GraphModule, ignore: Iterable = (),
     ctx = AnalysisContext(gm)
     for node in gm.graph.nodes:
         if node.op == "placeholder" and VALUE not in node.meta:
-            raise ValueError("run fxprune.shapes.propagate(gm, inputs) before the analysis")
+            raise ValueError("run fxprune.passes.shapes.propagate(gm, inputs) before the analysis")
     layouts = _run_handlers(ctx, gm, auto_leaves or {})
     _mark_parameter_size_reads(ctx, gm)
     ignore = list(ignore)

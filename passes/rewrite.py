@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxprune.shapes import VALUE
+from .shapes import VALUE
 
 from .fold import fold_channel_scales
 from .module_copy import copy_parts

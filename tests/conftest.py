@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxprune
-from fxprune.inputs import ExampleInputs, output_leaves
-from fxprune.shapes import standard_attention_path
+from fxprune.passes.inputs import ExampleInputs, output_leaves
+from fxprune.passes.shapes import standard_attention_path
 from fxprune.verify import randomize_degenerate_weights
 
 
@@ -63,7 +63,7 @@ def random_plan(analysis, seed: int = 0, fraction: float = 0.5):
     """Keep a random subset of units of every prunable group."""
     import numpy as np
 
-    from passes.rewrite import PruningPlan
+    from fxprune.passes.rewrite import PruningPlan
 
     rng = np.random.default_rng(seed)
     keep = {}
@@ -75,7 +75,7 @@ def random_plan(analysis, seed: int = 0, fraction: float = 0.5):
 
 def prune_and_check(model: nn.Module, x, seed: int = 0, fraction: float = 0.5, rtol: float = 1e-5, **kw):
     """Random plan -> slim; asserts equivalence with the masked original, MACs and params fell."""
-    from passes.mask import masked_reference
+    from fxprune.passes.mask import masked_reference
 
     analysis = fxprune.analyze(model, x, **kw)
     plan = random_plan(analysis, seed, fraction)

@@ -22,7 +22,7 @@ from fxprune.bench.plots import write_plots
 from fxprune.bench.report import BEGIN, END
 from fxprune.bench.suite import cuda_status
 from fxprune.cli import main
-from fxprune.inputs import ExampleInputs
+from fxprune.passes.inputs import ExampleInputs
 from fxprune.latency import EXTRA_ROUNDS, MIN_WARMUP, interleaved_latency_ms
 from fxprune.models import build_model, example_input
 

@@ -19,9 +19,9 @@ from fxprune import nets
 from fxprune.methods.gal.discriminator import make_discriminator
 from fxprune.methods.gal.fista import FISTA, soft_threshold
 from fxprune.train import recalibrate_bn
-from passes.gal_masks import insert_soft_masks
-from passes.gal_plan import fold_masks, mask_state, state_macs
-from passes.rewrite import apply_plan
+from fxprune.passes.gal_masks import insert_soft_masks
+from fxprune.passes.gal_plan import fold_masks, mask_state, state_macs
+from fxprune.passes.rewrite import apply_plan
 
 from .conftest import assert_close_outputs, measured_macs, n_params
 
@@ -409,7 +409,7 @@ def test_fista_weights_scale_the_threshold():
 
 
 def test_mask_costs_are_the_macs_each_entry_saves():
-    from passes.gal_plan import mask_costs
+    from fxprune.passes.gal_plan import mask_costs
 
     an = _analysis(nets.lenet5())
     masked = insert_soft_masks(an.channels, ("channel",))

@@ -18,7 +18,7 @@ from fxprune.bench.goals import evaluate_goals
 from fxprune.bench.report import head_to_head_table, header, render, side_by_side_table, speedup_table
 from fxprune.bench.suite import ORIGINAL, _latency, _latency_line, latency_entry
 from fxprune.errors import ConfigError
-from fxprune.inputs import ExampleInputs
+from fxprune.passes.inputs import ExampleInputs
 from fxprune.latency import (EXTRA_ROUNDS, MIN_WARMUP, SPREAD_LIMIT, LatencyMeasurement, LatencyMeasurer,
                              interleaved_latency_ms, measure_latencies)
 

@@ -14,10 +14,10 @@ from fxprune.latency_table import LatencyTable
 from fxprune.methods.metapruning.method import LatencyUnreachableError, MetaPruningOptions, pretrain, split_data
 from fxprune.nets import resnet20
 from fxprune.train import TrainingError, evaluate
-from passes.pruningnet import PruningNet, write_back
-from passes.rewrite import PruningPlan, apply_plan
-from passes.tensors import get_tensor
-from passes.width_encoding import DEFAULT_RATIOS, build_encoding, ratio_grid
+from fxprune.passes.pruningnet import PruningNet, write_back
+from fxprune.passes.rewrite import PruningPlan, apply_plan
+from fxprune.passes.tensors import get_tensor
+from fxprune.passes.width_encoding import DEFAULT_RATIOS, build_encoding, ratio_grid
 
 from .conftest import assert_close_outputs, measured_macs, n_params, outputs
 from .handler_models import HANDLER_MODELS, Residual

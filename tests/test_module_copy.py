@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from passes.module_copy import copy_sharing
+from fxprune.passes.module_copy import copy_sharing
 
 
 def _gm():
@@ -98,7 +98,7 @@ def test_user_modules_are_copied_with_their_children():
 
 def test_gather_equals_slicing_dim_by_dim():
     """The rewrite's one-pass gather of (out, in) kept channels equals index_select per dim."""
-    from passes.rewrite import _gather
+    from fxprune.passes.rewrite import _gather
 
     torch.manual_seed(0)
     for shape in [(8, 6, 3, 3), (8, 6, 1, 1), (8, 6), (8,), (4, 6, 2, 3, 3), (8, 1, 3, 3)]:

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxprune
-from passes.mask import masked_reference
-from passes.rewrite import PruningPlan
+from fxprune.passes.mask import masked_reference
+from fxprune.passes.rewrite import PruningPlan
 
 from .conftest import assert_close_outputs, measured_macs
 

@@ -99,7 +99,7 @@ def test_l1_keeps_the_largest_filters():
 def test_norm_scores_are_the_group_norm_of_every_slice(resnet_analysis, method, p):
     """Each unit's score is the (p-)norm over every weight slice its group owns: filters along dim 0,
     input columns along dim 1 (computed here the slow, obvious way, in float64)."""
-    from passes.tensors import get_tensor
+    from fxprune.passes.tensors import get_tensor
 
     a = resnet_analysis.channels
     scores = get_method(method).criterion.scores(a)

@@ -7,8 +7,8 @@ import torch
 import torchvision
 
 import fxprune
-from passes.mask import masked_reference
-from passes.rewrite import PruningPlan
+from fxprune.passes.mask import masked_reference
+from fxprune.passes.rewrite import PruningPlan
 
 from .conftest import assert_close_outputs, measured_macs, n_params
 from .handler_models import Concat

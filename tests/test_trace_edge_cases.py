@@ -253,7 +253,7 @@ def test_parameter_size_in_arithmetic_keeps_its_channels():
 
 
 def test_len_of_a_tensor_is_recorded_and_the_builtin_restored():
-    from fxprune import tracer
+    from fxprune.passes import tracer
 
     class Net(nn.Module):
         def __init__(self):

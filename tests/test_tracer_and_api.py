@@ -133,7 +133,7 @@ def test_compress_is_equivalent_to_masked_original_for_each_method():
 
 
 def test_verification_catches_a_broken_rewrite(monkeypatch):
-    from passes.ops import conv
+    from fxprune.passes.ops import conv
 
     original = conv.ConvModule.rewrite
 
@@ -154,8 +154,8 @@ def test_masked_original_matches_for_explicit_plan():
     model = Residual().eval()
     x = torch.randn(2, 3, 8, 8)
     a = fxprune.analyze(model, x)
-    from passes.mask import masked_reference
-    from passes.rewrite import PruningPlan
+    from fxprune.passes.mask import masked_reference
+    from fxprune.passes.rewrite import PruningPlan
 
     g = a.channels.prunable_groups[0]
     plan = PruningPlan(keep={g.index: [0]})
@@ -210,7 +210,7 @@ def test_shape_propagation_falls_back_to_real_tensors_for_data_dependent_ops():
 
 
 def test_registered_leaf_module_is_kept_whole():
-    from fxprune import tracer
+    from fxprune.passes import tracer
 
     class Opaque(nn.Module):
         def __init__(self):

@@ -13,9 +13,9 @@ from torch import nn
 import fxprune
 from fxprune import api
 from fxprune.constraints import Constraints
-from fxprune.inputs import ExampleInputs
+from fxprune.passes.inputs import ExampleInputs
 from fxprune.methods import MethodContext, get_method
-from passes.mask import masked_reference
+from fxprune.passes.mask import masked_reference
 from fxprune.verify import compare, verify
 
 from .conftest import outputs

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..inputs import ExampleInputs, output_leaves
-from ..shapes import standard_attention_path
+from ..passes.inputs import ExampleInputs, output_leaves
+from ..passes.shapes import standard_attention_path
 from ..verify import eval_mode
 
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..inputs import ExampleInputs
+from ..passes.inputs import ExampleInputs
 from .memory import PeakMemory
 from .metrics import count_macs, output_shapes
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..api import compress
-from ..inputs import ExampleInputs
+from ..passes.inputs import ExampleInputs
 from ..latency import LatencyMeasurement, measure_latencies, paired_latency_ratio, steady_heap
 from ..models import build_model, example_input
 from .compile_speed import time_compile, time_methods

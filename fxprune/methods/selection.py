@@ -14,7 +14,7 @@ import numpy as np
 
 from fxprune.constraints import Constraints
 from fxprune.errors import TargetUnreachableError
-from passes.rewrite import PruningPlan
+from fxprune.passes.rewrite import PruningPlan
 
 
 def normalize(scores: np.ndarray) -> np.ndarray:

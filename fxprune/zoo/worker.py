@@ -32,7 +32,7 @@ import torch
 from ..api import compress
 from ..artifacts import atomic_write, save
 from ..export import check_exports
-from ..inputs import ExampleInputs
+from ..passes.inputs import ExampleInputs
 from ..latency import median_latency_ms
 from ..models import build_model
 from ..verify import randomize_degenerate_weights

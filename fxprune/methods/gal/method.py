@@ -57,8 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from passes.gal_masks import INITS, STRUCTURES, SoftMaskedModel, insert_soft_masks
-from passes.gal_plan import fold_masks, mask_costs, mask_state, state_macs
+from fxprune.passes.gal_masks import INITS, STRUCTURES, SoftMaskedModel, insert_soft_masks
+from fxprune.passes.gal_plan import fold_masks, mask_costs, mask_state, state_macs
 
 from fxprune.errors import ConfigError, TargetUnreachableError
 from fxprune.train import TrainingError, _batches, _bar
@@ -299,7 +299,7 @@ def _generator(run: _Run) -> nn.Module:
     gradients while the masks learn; hard once they are frozen, so zero channels cost nothing)."""
     if not run.fused:
         return run.masked.module
-    from passes.fuse_masked_conv import fuse_masked_convs
+    from fxprune.passes.fuse_masked_conv import fuse_masked_convs
 
     return fuse_masked_convs(run.masked.module, mode="hard" if run.frozen else "soft")
 

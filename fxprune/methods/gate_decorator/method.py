@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from passes.fuse_masked_conv import fuse_masked_convs
-from passes.gates import GatedModel, fold_gates, insert_gates
+from fxprune.passes.fuse_masked_conv import fuse_masked_convs
+from fxprune.passes.gates import GatedModel, fold_gates, insert_gates
 from fxprune.constraints import Constraints
 from fxprune.errors import ConfigError, TargetUnreachableError
 from fxprune.train import TrainConfig, TrainingError, is_distributed, sync_from_rank0, train
-from passes.rewrite import PruningPlan
+from fxprune.passes.rewrite import PruningPlan
 
 from ..base import MethodContext, MethodResult
 from ..selection import select

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from passes.tensors import get_tensor
+from fxprune.passes.tensors import get_tensor
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 

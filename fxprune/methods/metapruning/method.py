@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Subset
 
-from passes.pruningnet import PruningNet, reinitialize, write_back
-from passes.rewrite import PruningPlan
-from passes.width_encoding import DEFAULT_RATIOS, build_encoding
+from fxprune.passes.pruningnet import PruningNet, reinitialize, write_back
+from fxprune.passes.rewrite import PruningPlan
+from fxprune.passes.width_encoding import DEFAULT_RATIOS, build_encoding
 
 from fxprune.analysis import analyze
 from fxprune.constraints import Constraints

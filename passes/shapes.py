@@ -11,7 +11,7 @@ real tensors on a private copy when an op has no fake implementation. It writes
 Example::
 
     >>> import torch, torchvision, fxprune
-    >>> from fxprune.shapes import propagate
+    >>> from fxprune.passes.shapes import propagate
     >>> gm = fxprune.trace(torchvision.models.resnet18()).graph_module
     >>> propagate(gm, fxprune.ExampleInputs.normalize(torch.randn(1, 3, 224, 224)))
     >>> gm.graph.find_nodes(op="call_module", target="conv1")[0].meta["fxprune_value"].shape
@@ -33,7 +33,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import InputError
+from fxprune.errors import InputError
 from .inputs import ExampleInputs
 from .tracer import preserved_module_state
 
@@ -300,7 +300,7 @@ def propagate(gm: fx.GraphModule, inputs: ExampleInputs) -> None:
 
     Tries meta tensors, then fake tensors, then real tensors; the last error is the one reported.
     `gm`'s modules (shared with the user's model) are left exactly as they were, whatever hooks
-    the run calls (see `fxprune.tracer.preserved_module_state`).
+    the run calls (see `fxprune.passes.tracer.preserved_module_state`).
     """
     _flat_placeholder_args(gm, inputs)  # structural mistakes fail fast, with their own message
     for strategy in (_run_on_meta, _run_on_fake):

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import TraceError
+from fxprune.errors import TraceError
 
 # Module types that are always recorded whole. The value says why (shown in reports).
 _LEAF_REGISTRY: dict[type, str] = {}

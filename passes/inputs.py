@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import InputError
+from fxprune.errors import InputError
 
 
 @dataclass(frozen=True)
