@@ -6,7 +6,7 @@ from . import data  # noqa: F401 - `fxprune.data.mnist(...)` works after `import
 from .analysis import ModelAnalysis, analyze
 from .api import DATA_FREE_METHODS, compress, prune_with_plan
 from .methods import METHODS, register_method
-from fxprune.passes.rewrite import PruningPlan
+from fxprune.passes.plan import PruningPlan
 from .artifacts import ArtifactVersionWarning, load, save
 from .errors import (
     ArtifactError,
@@ -21,9 +21,9 @@ from .errors import (
 from .passes.inputs import ExampleInputs
 from .models import register_builder
 from .report import CompressionReport
+from .version import __version__
 from .passes.tracer import TracedModel, register_leaf_module, trace
 
-__version__ = "0.1.0"
 
 __all__ = [
     "DATA_FREE_METHODS", "METHODS", "ArtifactError", "ArtifactVersionWarning", "CompressionReport", "ConfigError", "ExampleInputs", "FxpruneError", "InputError",

@@ -24,7 +24,8 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune.passes.mask import masked_reference
-from fxprune.passes.rewrite import PruningPlan, apply_plan, plan_keep_roots, plan_removed_nodes
+from fxprune.passes.rewrite import apply_plan
+from fxprune.passes.plan import PruningPlan, ResolvedPlan, resolve
 
 from . import report as _report
 from .analysis import ModelAnalysis, analyze
@@ -58,16 +59,17 @@ def with_weights(analysis: ModelAnalysis, weights: dict) -> ModelAnalysis:
                                channels=dataclasses.replace(analysis.channels, gm=gm))
 
 
-def prune_with_plan(analysis: ModelAnalysis, plan: PruningPlan, *, verify_output: bool = True,
+def prune_with_plan(analysis: ModelAnalysis, plan: PruningPlan | ResolvedPlan, *, verify_output: bool = True,
                     tolerance: float | None = None) -> tuple[fx.GraphModule, Any]:
     """Rewrite with `plan` and (optionally) verify against the masked original."""
-    slim = apply_plan(analysis.channels, plan)
+    resolved = resolve(analysis.channels, plan)
+    slim = apply_plan(analysis.channels, resolved)
     slim.training = analysis.traced.graph_module.training
     carry_root_hooks(analysis.traced.graph_module, slim)
-    preserve_through_deepcopy(slim, fxprune_recipe=make_recipe(analysis, plan))
+    preserve_through_deepcopy(slim, fxprune_recipe=make_recipe(analysis, resolved.plan))
     result = None
     if verify_output:
-        reference = carry_root_hooks(analysis.traced.graph_module, masked_reference(analysis.channels, plan))
+        reference = carry_root_hooks(analysis.traced.graph_module, masked_reference(analysis.channels, resolved))
         result = verify_against(reference, slim, analysis.inputs, tolerance)
     return slim, result
 
@@ -127,18 +129,17 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
         analysis = with_weights(analysis, outcome.weights)
         analysis.source = model_source(model) or analysis.source
     t2 = time.perf_counter()
-    slim, result = prune_with_plan(analysis, plan, verify_output=False)
+    resolved = resolve(analysis.channels, plan)  # once: rewrite, reference, cost and recipe share it
+    slim, result = prune_with_plan(analysis, resolved, verify_output=False)
     t3 = time.perf_counter()
     if verify:
-        reference = carry_root_hooks(analysis.traced.graph_module, masked_reference(analysis.channels, plan))
+        reference = carry_root_hooks(analysis.traced.graph_module, masked_reference(analysis.channels, resolved))
         result = verify_against(reference, slim, analysis.inputs, tolerance)
     t4 = time.perf_counter()
-    keep = plan_keep_roots(analysis.channels, plan)
-    removed = plan_removed_nodes(analysis.channels, plan)
     report = _report.CompressionReport(
         model=type(model).__name__, method=method, target_flops=flops,
         params_before=int(analysis.cost.total_params), params_after=sum(p.numel() for p in slim.parameters()),
-        macs_before=int(analysis.cost.total_macs), macs_after=int(round(analysis.cost.macs(keep, removed))),
+        macs_before=int(analysis.cost.total_macs), macs_after=int(round(analysis.cost.macs(resolved.keep_roots, resolved.removed_nodes))),
         max_abs_error=None if result is None else result.max_abs_error,
         max_rel_error=None if result is None else result.max_rel_error,
         groups=len(analysis.groups), prunable_groups=len(analysis.channels.prunable_groups),

@@ -51,6 +51,7 @@ from .recipe import RECIPE_FORMAT, decode_inputs, replay
 from .recipe_schema import DTYPES as DTYPES_BY_NAME
 from .recipe_schema import validate
 from .verify import DEFAULT_TOLERANCE, eval_mode
+from .version import __version__
 
 RECIPE, WEIGHTS, SHAPES = "recipe.json", "model.safetensors", "shapes.txt"
 
@@ -193,8 +194,6 @@ def save(slim: nn.Module, path: str | os.PathLike, *, base_spec: str | None = No
 
 
 def _version() -> str:
-    from . import __version__
-
     return __version__
 
 

@@ -34,7 +34,8 @@ import torch
 import torch.fx as fx
 
 from fxprune.passes.context import Layout
-from fxprune.passes.rewrite import PruningPlan, apply_plan
+from fxprune.passes.rewrite import apply_plan
+from fxprune.passes.plan import PruningPlan
 
 from .errors import ConfigError
 from .passes.inputs import ExampleInputs
@@ -177,10 +178,6 @@ class LatencyTable:
             for i, m in enumerate(models):
                 best[i] = min(best[i], self.measure(m, rounds=1))
         return best
-
-    def measure_genome(self, genome) -> float:
-        slim = apply_plan(self.analysis, PruningPlan(keep=self.encoding.keep(genome)))
-        return self.measure(slim)
 
     def calibrate(self, genomes) -> dict:
         """Fit `offset` and `scale` to end-to-end measurements of `genomes`; returns the fit."""

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .nets import INPUT_SHAPE, NETS
 
 # torchvision classification models that expect something other than 224x224 RGB
 _INPUT_SIZES = {"inception_v3": 299}
@@ -60,8 +61,6 @@ def is_trusted(spec: str) -> bool:
 
         return name in torchvision.models.list_models()
     if source == "fxprune":
-        from .nets import NETS
-
         return name in NETS
     if source == "timm":
         try:
@@ -134,8 +133,6 @@ def _build(spec: str, kwargs: dict) -> nn.Module:
             raise ConfigError(f"{spec} needs timm: pip install timm") from exc
         return timm.create_model(name, **{**kwargs, "pretrained": False})
     if source == "fxprune":
-        from .nets import NETS
-
         if name not in NETS:
             raise ConfigError(f"fxprune has no built-in model {name!r}; choose from {', '.join(NETS)}")
         return NETS[name](**kwargs)
@@ -185,8 +182,6 @@ def resolve_attribute(source: str, attr: str):
 def default_input_shape(spec: str) -> tuple[int, ...]:
     source, _, name = spec.partition(":")
     if source == "fxprune":
-        from .nets import INPUT_SHAPE
-
         return INPUT_SHAPE
     size = _INPUT_SIZES.get(name, 224)
     return (1, 3, size, size)

@@ -17,7 +17,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxprune.passes.rewrite import PruningPlan, apply_plan
+from fxprune.passes.rewrite import apply_plan
+
+from fxprune.passes.plan import PruningPlan
 
 from .analysis import analyze
 from .errors import ArtifactError, FxpruneError

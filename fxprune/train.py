@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, FxpruneError
+from .verify import eval_mode
 
 SCHEDULES = ("constant", "step", "cosine", "triangular")
 
@@ -239,7 +240,6 @@ def _resume(path: str, model, optimizer):
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable, loss_fn: Callable | None = None) -> dict:
     """Mean loss and top-1 accuracy in eval mode (the model's mode is restored)."""
-    from .verify import eval_mode
 
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     seen, correct, loss_sum = 0, 0, 0.0

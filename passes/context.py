@@ -80,11 +80,6 @@ class AnalysisContext:
         if differ.any():
             self.edges.append((a[differ], b[differ]))
 
-    def couple_all(self, ids: np.ndarray) -> None:
-        """All of `ids` form one unit (a GroupNorm group, a whole group of a grouped conv)."""
-        if len(ids) > 1:
-            self.couple(np.full(len(ids) - 1, ids[0]), ids[1:])
-
     def mark(self, ids: np.ndarray, reason: str) -> None:
         if len(ids):
             self.marks.append((ids, reason))

@@ -38,7 +38,9 @@ def _scale_rows(owner: nn.Module, name: str, s: torch.Tensor, dim: int = 0) -> N
     setattr(owner, name, nn.Parameter((p.detach() * s.reshape(shape)).to(p.dtype), requires_grad=p.requires_grad))
 
 
-def _fold_into(mod: nn.Module, s: torch.Tensor) -> bool:
+def fold_into(mod: nn.Module, s: torch.Tensor) -> bool:
+    """Multiply per-channel (or scalar) `s` into `mod`'s output: a norm's affine, or a conv's/linear's
+    rows and bias. False when `mod` has nothing to take it. The one fold every method uses."""
     if isinstance(mod, _AFFINE_NORMS) and mod.weight is not None and mod.bias is not None:
         _scale_rows(mod, "weight", s)
         _scale_rows(mod, "bias", s)
@@ -68,7 +70,7 @@ def fold_channel_scales(gm: fx.GraphModule, targets) -> fx.GraphModule:
         out_ndim = producer.meta["fxprune_value"].ndim if "fxprune_value" in producer.meta else 4
         channel_dim = out_ndim - 1 if isinstance(mod, nn.Linear) else 1
         s = _channel_vector(get_tensor(gm, param.target), out_ndim, channel_dim)
-        if s is None or not _fold_into(mod, s.detach()):
+        if s is None or not fold_into(mod, s.detach()):
             continue
         node.replace_all_uses_with(producer)
         gm.graph.erase_node(node)

@@ -33,9 +33,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .fold import _fold_into
+from .fold import fold_into
 from .gal_masks import SoftMaskedModel
-from .rewrite import PruningPlan, plan_keep_roots
+from .plan import PruningPlan, plan_keep_roots
 from .tensors import get_tensor
 
 # y = f(x) with f(m * x) == m * f(x) for m >= 0: a scalar can move through them to the layer before
@@ -136,7 +136,7 @@ def _fold_scalar(gm: fx.GraphModule, anchor: fx.Node, x: fx.Node, value: float) 
         return False
     mod = gm.get_submodule(node.target)
     with torch.no_grad():
-        return _fold_into(mod, torch.tensor([value], dtype=mod.weight.dtype, device=mod.weight.device))
+        return fold_into(mod, torch.tensor([value], dtype=mod.weight.dtype, device=mod.weight.device))
 
 
 def fold_masks(analysis, masked: SoftMaskedModel, state: MaskState) -> list[tuple[str, int, float]]:
@@ -151,7 +151,7 @@ def fold_masks(analysis, masked: SoftMaskedModel, state: MaskState) -> list[tupl
             for site in m.sites:
                 scale = values[get_tensor(masked.module, site.index)]
                 mod = gm.get_submodule(nodes[site.node].target)
-                if not _fold_into(mod, scale.to(mod.weight.dtype)):
+                if not fold_into(mod, scale.to(mod.weight.dtype)):
                     raise ValueError(f"GAL channel mask at {site.node}: {type(mod).__name__} cannot take a scale")
     dead = {(a, o) for a, o in [*state.plan.remove_branches, *state.plan.drop_concat_inputs]}
     unfolded = []

@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from .context import Layout
+from .fold import fold_into
 
 _BN = nn.modules.batchnorm._BatchNorm
 _PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -120,12 +121,5 @@ def fold_gates(analysis, gated: GatedModel) -> None:
             scale = (getattr(gated.module, s.gate) * getattr(gated.module, s.mask)).reshape(-1)
             node = next(n for n in analysis.gm.graph.nodes if n.name == s.node)
             mod = analysis.gm.get_submodule(node.target)
-            if isinstance(mod, _BN) and mod.affine:
-                mod.weight.mul_(scale)
-                mod.bias.mul_(scale)
-            elif isinstance(mod, _BN):
-                raise ValueError(f"cannot fold a gate into {s.node}: BatchNorm without affine parameters")
-            else:
-                mod.weight.mul_(scale.reshape(-1, *[1] * (mod.weight.ndim - 1)))
-                if mod.bias is not None:
-                    mod.bias.mul_(scale)
+            if not fold_into(mod, scale.detach()):
+                raise ValueError(f"cannot fold a gate into {s.node}: {type(mod).__name__} without affine parameters")

@@ -13,12 +13,13 @@ import torch
 import torch.fx as fx
 
 from .module_copy import copy_sharing
-from .rewrite import PruningPlan, insert_input_scales, plan_keep_roots
+from .plan import PruningPlan, ResolvedPlan, insert_input_scales, resolve
 from .tensors import get_tensor, set_tensor
 
 
-def masked_reference(analysis, plan: PruningPlan) -> fx.GraphModule:
-    keep_root = plan_keep_roots(analysis, plan)
+def masked_reference(analysis, plan: PruningPlan | ResolvedPlan) -> fx.GraphModule:
+    resolved = resolve(analysis, plan)
+    keep_root, plan = resolved.keep_roots, resolved.plan
     everything = [name for name, _ in [*analysis.gm.named_parameters(), *analysis.gm.named_buffers()]]
     ref = copy_sharing(analysis.gm, everything)  # shared tensors are only read; masked ones replaced
     with torch.no_grad():

@@ -38,7 +38,9 @@ from torch.func import functional_call
 
 from fxprune.errors import ConfigError
 
-from .rewrite import PruningPlan, apply_plan
+from .rewrite import apply_plan
+
+from .plan import PruningPlan
 from .tensors import get_tensor, set_tensor
 
 _BN = nn.modules.batchnorm._BatchNorm

@@ -14,50 +14,19 @@ Example::
 """
 from __future__ import annotations
 
-import operator
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .shapes import VALUE
-
 from .fold import fold_channel_scales
 from .module_copy import copy_parts
 from .ops import handler_for
+from .plan import PruningPlan, ResolvedPlan, insert_input_scales, resolve
+from .shapes import VALUE
 from .structures import exclusive_branch
 from .tensors import get_tensor, replace_tensor
-
-
-@dataclass
-class PruningPlan:
-    """Kept unit indices per group; structures to remove whole."""
-
-    keep: dict[int, np.ndarray] = field(default_factory=dict)
-    remove_branches: list[tuple[str, int]] = field(default_factory=list)  # (add node, operand)
-    drop_concat_inputs: list[tuple[str, int]] = field(default_factory=list)  # (cat node, input)
-    fold_scales: list[str] = field(default_factory=list)  # gate/mask parameters folded into producers
-    # constant multiplies the slim graph keeps: (node, operand, value) scales that node's input
-    # `operand` (of a cat: its operand-th tensor) by value; GAL's block scales that fold nowhere
-    scale_inputs: list[tuple[str, int, float]] = field(default_factory=list)
-
-
-def _scaled_input(anchor: fx.Node, operand: int) -> fx.Node:
-    args = anchor.args[0] if isinstance(anchor.args[0], (list, tuple)) else anchor.args
-    return args[operand]
-
-
-def insert_input_scales(graph: fx.Graph, edits) -> None:
-    """Put `x * value` between each edit's node and its input `x` (PruningPlan.scale_inputs)."""
-    nodes = {n.name: n for n in graph.nodes}
-    for name, operand, value in edits:
-        anchor = nodes[name]
-        x = _scaled_input(anchor, operand)
-        with graph.inserting_before(anchor):
-            y = graph.call_function(operator.mul, (x, float(value)))
-        anchor.replace_input_with(x, y)
 
 
 class RewriteContext:
@@ -99,28 +68,6 @@ class RewriteContext:
 
     def original_shape(self, target: str) -> tuple:
         return tuple(get_tensor(self.analysis.gm, target).shape)
-
-
-def plan_keep_roots(analysis, plan: PruningPlan) -> np.ndarray:
-    """Boolean over element roots, including the channels of dropped concat inputs."""
-    keep = analysis.keep_roots(plan.keep)
-    for cat, index in plan.drop_concat_inputs:
-        node = next(n for n in analysis.gm.graph.nodes if n.name == cat)
-        keep[analysis.root[analysis.layouts[node.args[0][index].name].ids]] = False
-    return keep
-
-
-def plan_removed_nodes(analysis, plan: PruningPlan) -> frozenset:
-    """Names of the nodes the plan's removed branches and dropped concat inputs take with them."""
-    nodes = {n.name: n for n in analysis.gm.graph.nodes}
-    order = {n: i for i, n in enumerate(analysis.gm.graph.nodes)}
-    removed: set[str] = set()
-    for add, operand in plan.remove_branches:
-        removed.update(n.name for n in exclusive_branch(nodes[add].args[operand], nodes[add], order))
-        removed.add(add)  # the add itself goes (the shortcut takes its place)
-    for cat, index in plan.drop_concat_inputs:
-        removed.update(n.name for n in exclusive_branch(nodes[cat].args[0][index], nodes[cat], order))
-    return frozenset(removed)
 
 
 def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
@@ -177,16 +124,6 @@ def _gather(tensor: torch.Tensor, index: dict[int, torch.Tensor]) -> torch.Tenso
     return tensor
 
 
-def _kept_positions(analysis, keep_root: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
-    """{tensor: {dim: kept positions}} for every member tensor that loses something."""
-    per_tensor: dict[str, dict[int, np.ndarray]] = {}
-    for (target, dim), member in analysis.members.items():
-        kept = keep_root[analysis.root[member.ids]]
-        if not kept.all():
-            per_tensor.setdefault(target, {})[dim] = np.nonzero(kept)[0]
-    return per_tensor
-
-
 def _slice_members(root: nn.Module, graph: fx.Graph, per_tensor: dict[str, dict[int, np.ndarray]]) -> None:
     """Slice every member tensor the graph still uses to its kept positions (`_gather`)."""
     modules = dict(root.named_modules())
@@ -202,21 +139,21 @@ def _slice_members(root: nn.Module, graph: fx.Graph, per_tensor: dict[str, dict[
             replace_tensor(owner, name, _gather(tensor, index))
 
 
-def apply_plan(analysis, plan: PruningPlan) -> fx.GraphModule:
-    """A new slim GraphModule (see module docstring)."""
-    keep_root = plan_keep_roots(analysis, plan)
-    per_tensor = _kept_positions(analysis, keep_root)
+def apply_plan(analysis, plan: PruningPlan | ResolvedPlan) -> fx.GraphModule:
+    """A new slim GraphModule (see module docstring); `plan` may already be resolved (`resolve`)."""
+    resolved = resolve(analysis, plan)
+    per_tensor = resolved.kept_positions
     root, graph = copy_parts(analysis.gm, per_tensor)  # the tensors about to be sliced are not copied
-    _remove_structures(graph, plan)
+    _remove_structures(graph, resolved.plan)
     _slice_members(root, graph, per_tensor)
-    rctx = RewriteContext(analysis, root, keep_root)
+    rctx = RewriteContext(analysis, root, resolved.keep_roots)
     for node in list(graph.nodes):
         handler = handler_for(node, rctx) if node.op.startswith("call") else None
         if handler is not None:
             handler.rewrite(rctx, node)
-    insert_input_scales(graph, plan.scale_inputs)
+    insert_input_scales(graph, resolved.plan.scale_inputs)
     graph.lint()
     slim = fx.GraphModule(root, graph, type(analysis.gm).__name__)  # keeps only what the graph uses
-    if plan.fold_scales:
-        fold_channel_scales(slim, plan.fold_scales)
+    if resolved.plan.fold_scales:
+        fold_channel_scales(slim, resolved.plan.fold_scales)
     return slim

@@ -43,14 +43,6 @@ def get_tensor(gm: nn.Module, target: str) -> torch.Tensor:
     return read_tensor(gm.get_submodule(owner) if owner else gm, name)
 
 
-def has_tensor(gm: nn.Module, target: str) -> bool:
-    try:
-        get_tensor(gm, target)
-        return True
-    except AttributeError:
-        return False
-
-
 def set_tensor(gm: nn.Module, target: str, value: torch.Tensor) -> None:
     """Replace a parameter (keeping requires_grad), a buffer, or a plain tensor attribute."""
     owner_path, _, name = target.rpartition(".")

@@ -178,7 +178,6 @@ class TracedModel:
 
     graph_module: fx.GraphModule
     auto_leaves: dict[str, str] = field(default_factory=dict)  # module path -> fx reason
-    user_leaves: set[str] = field(default_factory=set)
     read_through: dict[str, str] = field(default_factory=dict)  # module path -> reparametrization baked in
 
 
@@ -328,5 +327,5 @@ def trace(
             continue
         gm.training = model.training  # the root only: submodules are shared with `model`
         read_through = _read_through_reparametrizations(model, gm)
-        return TracedModel(gm, auto_leaves, leaf_names, read_through)
+        return TracedModel(gm, auto_leaves, read_through)
     raise TraceError("", "too many untraceable submodules")  # pragma: no cover - bounded above

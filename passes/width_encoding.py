@@ -28,6 +28,8 @@ import numpy as np
 
 from fxprune.errors import ConfigError
 
+from .plan import group_choices, kept_count
+
 DEFAULT_RATIOS = tuple(round(0.10 + 0.03 * i, 2) for i in range(31))  # 0.10, 0.13, ..., 1.00
 
 
@@ -127,18 +129,17 @@ class WidthEncoding:
 def build_encoding(analysis, ratios=DEFAULT_RATIOS, *, round_to: int | None = None, min_channels: int = 1,
                    min_ratio: float = 0.0) -> WidthEncoding:
     """One gene per prunable group of `analysis` (a ChannelAnalysis); see the module docstring."""
-    from fxprune.methods.selection import _choices, _kept_count
 
     ratios = tuple(float(r) for r in ratios)
     if not ratios or any(not 0 < r <= 1 for r in ratios):
         raise ConfigError(f"width ratios {ratios} must be a non-empty list of fractions in (0, 1]")
     zero = {g.index: np.zeros(g.n_units) for g in analysis.prunable_groups}
-    picks = _choices(analysis, zero, min_channels, min_ratio, round_to)
+    picks = group_choices(analysis, zero, min_channels, min_ratio, round_to)
     gene_of_root = np.full(len(analysis.root), -1, dtype=np.int64)
     groups, sizes, choices = [], [], []
     for gene, c in enumerate(picks):
         n = len(c.units)
-        counts = sorted({_kept_count(c, math.floor(r * n + 1e-9)) for r in ratios})
+        counts = sorted({kept_count(c, math.floor(r * n + 1e-9)) for r in ratios})
         groups.append(c.index)
         sizes.append(n)
         choices.append(np.asarray(counts, dtype=np.int64))

@@ -63,7 +63,7 @@ def random_plan(analysis, seed: int = 0, fraction: float = 0.5):
     """Keep a random subset of units of every prunable group."""
     import numpy as np
 
-    from fxprune.passes.rewrite import PruningPlan
+    from fxprune.passes.plan import PruningPlan
 
     rng = np.random.default_rng(seed)
     keep = {}

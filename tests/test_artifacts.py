@@ -54,7 +54,7 @@ def test_round_trip_with_user_base_model_and_structures(tmp_path, build):
     model = build().eval()
     x = torch.randn(2, 3, 8, 8)
     a = fxprune.analyze(model, x)
-    from fxprune.passes.rewrite import PruningPlan
+    from fxprune.passes.plan import PruningPlan
 
     keep = {g.index: list(range(0, g.n_units, 2)) for g in a.channels.prunable_groups}
     drops = [(c.cat, c.index) for c in a.structures.concat_inputs[:1]]

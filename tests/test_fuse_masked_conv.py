@@ -19,7 +19,7 @@ import fxprune
 from fxprune.methods.gate_decorator.method import _mask_units
 from fxprune.passes.fuse_masked_conv import META, fuse_masked_convs
 from fxprune.passes.gates import fold_gates, insert_gates
-from fxprune.passes.rewrite import PruningPlan
+from fxprune.passes.plan import PruningPlan
 
 from .handler_models import Depthwise, Residual
 

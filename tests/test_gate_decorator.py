@@ -11,7 +11,7 @@ import fxprune
 from fxprune.methods.gate_decorator.method import GateDecoratorOptions, _Scores
 from fxprune.train import TrainConfig, TrainingError, train
 from fxprune.passes.gates import fold_gates, insert_gates
-from fxprune.passes.rewrite import PruningPlan
+from fxprune.passes.plan import PruningPlan
 
 from .conftest import assert_close_outputs
 from .handler_models import Residual

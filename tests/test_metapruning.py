@@ -15,7 +15,8 @@ from fxprune.methods.metapruning.method import LatencyUnreachableError, MetaPrun
 from fxprune.nets import resnet20
 from fxprune.train import TrainingError, evaluate
 from fxprune.passes.pruningnet import PruningNet, write_back
-from fxprune.passes.rewrite import PruningPlan, apply_plan
+from fxprune.passes.rewrite import apply_plan
+from fxprune.passes.plan import PruningPlan
 from fxprune.passes.tensors import get_tensor
 from fxprune.passes.width_encoding import DEFAULT_RATIOS, build_encoding, ratio_grid
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fxprune
 from fxprune.constraints import Constraints
 from fxprune.methods import METHODS, MethodContext, MethodResult, get_method, make_options, register_method
-from fxprune.passes.rewrite import PruningPlan
+from fxprune.passes.plan import PruningPlan
 
 from .handler_models import Residual
 

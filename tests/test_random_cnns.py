@@ -14,7 +14,7 @@ from torch import nn
 
 import fxprune
 from fxprune.passes.mask import masked_reference
-from fxprune.passes.rewrite import PruningPlan
+from fxprune.passes.plan import PruningPlan
 
 from .conftest import assert_close_outputs, measured_macs
 

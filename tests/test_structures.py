@@ -8,7 +8,7 @@ import torchvision
 
 import fxprune
 from fxprune.passes.mask import masked_reference
-from fxprune.passes.rewrite import PruningPlan
+from fxprune.passes.plan import PruningPlan
 
 from .conftest import assert_close_outputs, measured_macs, n_params
 from .handler_models import Concat

@@ -155,7 +155,7 @@ def test_masked_original_matches_for_explicit_plan():
     x = torch.randn(2, 3, 8, 8)
     a = fxprune.analyze(model, x)
     from fxprune.passes.mask import masked_reference
-    from fxprune.passes.rewrite import PruningPlan
+    from fxprune.passes.plan import PruningPlan
 
     g = a.channels.prunable_groups[0]
     plan = PruningPlan(keep={g.index: [0]})

@@ -32,7 +32,7 @@ from torch import nn
 
 from fxprune.constraints import Constraints
 from fxprune.errors import ConfigError
-from fxprune.passes.rewrite import PruningPlan
+from fxprune.passes.plan import PruningPlan
 
 
 @dataclass

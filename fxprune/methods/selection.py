@@ -8,45 +8,18 @@ possible. `uniform` instead searches one keep ratio shared by every group.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
 from fxprune.constraints import Constraints
 from fxprune.errors import TargetUnreachableError
-from fxprune.passes.rewrite import PruningPlan
+from fxprune.passes.plan import PruningPlan, group_choices, kept_count
 
 
 def normalize(scores: np.ndarray) -> np.ndarray:
     """Per-group normalisation (divide by the mean) so groups of different scale compete fairly."""
     mean = scores.mean() if len(scores) else 0.0
     return scores / mean if mean > 0 else np.zeros_like(scores)
-
-
-@dataclass
-class _GroupChoice:
-    index: int
-    units: np.ndarray  # unit roots
-    order: np.ndarray  # unit indices, least important first
-    minimum: int  # units kept at least
-    step: int  # kept units rounded up to a multiple of this (round_to)
-
-
-def _choices(analysis, scores, min_channels, min_ratio, round_to) -> list[_GroupChoice]:
-    out = []
-    for gi, s in scores.items():
-        g = analysis.groups[gi]
-        width = max(g.unit_channels, 1)
-        minimum = max(1, math.ceil(max(min_channels, min_ratio * g.size) / width))
-        step = 1 if not round_to else round_to // math.gcd(round_to, width)
-        out.append(_GroupChoice(gi, g.units, np.argsort(s, kind="stable"), min(minimum, g.n_units), step))
-    return out
-
-
-def _kept_count(c: _GroupChoice, kept: int) -> int:
-    kept = max(kept, c.minimum)
-    kept = math.ceil(kept / c.step) * c.step
-    return min(kept, len(c.units))
 
 
 def _keep_array(analysis, choices, kept_counts) -> np.ndarray:
@@ -75,10 +48,10 @@ def select(channels, cost, scores: dict[int, np.ndarray], constraints: Constrain
            uniform: bool = False) -> PruningPlan:
     """A plan whose MACs fit `constraints` (`Constraints.fits_macs`; see module docstring)."""
     total = cost.total_macs
-    choices = _choices(channels, scores, constraints.min_channels, constraints.min_ratio, constraints.round_to)
+    choices = group_choices(channels, scores, constraints.min_channels, constraints.min_ratio, constraints.round_to)
     if not choices:
         return PruningPlan()
-    floor = [_kept_count(c, 0) for c in choices]
+    floor = [kept_count(c, 0) for c in choices]
     minimum = cost.macs(_keep_array(channels, choices, floor))
     if not constraints.fits_macs(minimum, total):
         raise TargetUnreachableError(
@@ -94,7 +67,7 @@ def select(channels, cost, scores: dict[int, np.ndarray], constraints: Constrain
 
     def counts(k: int) -> list[int]:
         removed = np.bincount(group_of[:k], minlength=len(choices))
-        return [_kept_count(c, len(c.units) - int(r)) for c, r in zip(choices, removed)]
+        return [kept_count(c, len(c.units) - int(r)) for c, r in zip(choices, removed)]
 
     k = _search(lambda k: fits(counts(k)), 0, len(group_of))
     return _plan(choices, counts(k))
@@ -102,7 +75,7 @@ def select(channels, cost, scores: dict[int, np.ndarray], constraints: Constrain
 
 def _uniform(choices, fits) -> PruningPlan:
     def counts(ratio: float) -> list[int]:
-        return [_kept_count(c, math.ceil(ratio * len(c.units))) for c in choices]
+        return [kept_count(c, math.ceil(ratio * len(c.units))) for c in choices]
 
     lo, hi = 0.0, 1.0
     for _ in range(40):

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxprune.passes.fuse_masked_conv import fuse_masked_convs
 from fxprune.passes.gal_masks import INITS, STRUCTURES, SoftMaskedModel, insert_soft_masks
 from fxprune.passes.gal_plan import fold_masks, mask_costs, mask_state, state_macs
 
@@ -299,7 +300,6 @@ def _generator(run: _Run) -> nn.Module:
     gradients while the masks learn; hard once they are frozen, so zero channels cost nothing)."""
     if not run.fused:
         return run.masked.module
-    from fxprune.passes.fuse_masked_conv import fuse_masked_convs
 
     return fuse_masked_convs(run.masked.module, mode="hard" if run.frozen else "soft")
 

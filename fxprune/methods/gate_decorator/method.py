@@ -39,7 +39,7 @@ from fxprune.passes.gates import GatedModel, fold_gates, insert_gates
 from fxprune.constraints import Constraints
 from fxprune.errors import ConfigError, TargetUnreachableError
 from fxprune.train import TrainConfig, TrainingError, is_distributed, sync_from_rank0, train
-from fxprune.passes.rewrite import PruningPlan
+from fxprune.passes.plan import PruningPlan
 
 from ..base import MethodContext, MethodResult
 from ..selection import select

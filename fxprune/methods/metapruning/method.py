@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Subset
 
 from fxprune.passes.pruningnet import PruningNet, reinitialize, write_back
-from fxprune.passes.rewrite import PruningPlan
+from fxprune.passes.plan import PruningPlan
 from fxprune.passes.width_encoding import DEFAULT_RATIOS, build_encoding
 
 from fxprune.analysis import analyze
