@@ -1,5 +1,5 @@
 """Command line: ``fxprune inspect MODEL``, ``fxprune compress MODEL --method l1 --flops 0.5``,
-``fxprune zoo`` (many models, one process each) and ``fxprune bench`` (the benchmark suite)."""
+``fxprune zoo`` (many models, one process each) and ``fxprune bench MODEL`` (original vs slim latency)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,10 @@ import sys
 import time
 
 from .api import DATA_FREE_METHODS, analyze, compress
+from .benchmark import DTYPES as BENCH_DTYPES
+from .benchmark import bench_models, render_table, write_json
 from .errors import ConfigError, FxpruneError
+from .latency import MIN_WARMUP
 from .models import build_model, default_input_shape, example_input, parse_shape
 
 
@@ -97,73 +100,50 @@ def _csv(text: str, convert, what: str) -> tuple:
         raise ConfigError(f"{what} {text!r}: {exc}") from exc
 
 
-def _round_to(text: str):
-    return None if text.lower() in ("none", "0", "off") else int(text)
+# options of the project's benchmark suite, which `fxprune bench` was until it moved into the
+# repository (benches/harness): (flag, takes a value)
+HARNESS_OPTIONS = (("--models", True), ("--devices", True), ("--dtypes", True), ("--torch-compile", True),
+                   ("--compile-repeats", True), ("--method-repeats", True), ("--heavy-repeats", True),
+                   ("--cuda-repeats", True), ("--head-to-head", True), ("--pairs", True), ("--no-compare", False),
+                   ("--kernels", False), ("--no-plots", False), ("--merge", False), ("--doc", True),
+                   ("--wait-quiet", True), ("--load-threshold", True))
+HARNESS = "`python -m benches.harness` (run from the root of a fxprune repository checkout)"
 
 
-def _on_off(text: str) -> bool:
-    if text.lower() not in ("on", "off"):
-        raise ValueError("use on and/or off")
-    return text.lower() == "on"
+def _harness_options_used(args) -> list[str]:
+    used = [flag for flag, _ in HARNESS_OPTIONS if getattr(args, "harness_" + flag[2:].replace("-", "_")) is not None]
+    if args.input_shape and "=" in args.input_shape:  # the suite's NAME=1,3,H,W
+        used.append("--input-shape NAME=...")
+    return used
 
 
 def cmd_bench(args) -> int:
-    import os
-    from pathlib import Path
-
-    from .bench import BenchConfig, render, run_suite, write_doc, write_json
-    from .bench.kernels import run_kernel_benchmarks
-    from .bench.machine import wait_until_quiet
-    from .bench.plots import write_plots
-    from .bench.report import command_line, goals_table
-
-    shapes = {}
-    for item in args.input_shape or []:
-        name, sep, shape = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--input-shape {item!r} must look like NAME=1,3,224,224")
-        shapes[name] = parse_shape(shape)
-    cfg = BenchConfig(
-        models=list(_csv(args.models, str, "--models")) if args.models else BenchConfig().models,
-        flops=_csv(args.flops, float, "--flops"), round_to=_csv(args.round_to, _round_to, "--round-to"),
-        batches=_csv(args.batch, int, "--batch"), threads=args.threads,
-        devices=_csv(args.devices, str, "--devices"), dtypes=_csv(args.dtypes or "", str, "--dtypes"),
-        torch_compile=_csv(args.torch_compile or "", _on_off, "--torch-compile"),
-        compile_repeats=args.compile_repeats, method_repeats=args.method_repeats, latency_repeats=args.repeats,
-        heavy_latency_repeats=args.heavy_repeats, cuda_latency_repeats=args.cuda_repeats, warmup=args.warmup,
-        compare=not args.no_compare, kernels=args.kernels, plots=not args.no_plots, input_shapes=shapes,
-        head_to_head_models=_csv(args.head_to_head, str, "--head-to-head") if args.head_to_head else (),
-        head_to_head_pairs=args.pairs,
-    ).validate()
-    doc = Path(args.doc)
-    json_path, plots_dir = doc.with_suffix(".json"), doc.parent / f"{doc.stem}-plots"
-    wait = wait_until_quiet(args.wait_quiet, args.load_threshold) if args.wait_quiet > 0 else None
-    partial = json_path.with_name(json_path.stem + ".partial.json") if args.merge else json_path
-    results = run_suite(cfg, on_progress=lambda r: write_json(partial, r))
-    results["command"] = command_line(args.argv)
-    results["wait"] = wait
-    results["json"] = os.path.relpath(json_path, doc.parent)
-    results["kernels"] = (run_kernel_benchmarks(threads=cfg.threads) if cfg.kernels else
-                          {"status": "skipped", "message": "not requested (`fxprune bench --kernels`)"})
-    if args.merge and json_path.exists():
-        import json
-
-        from .bench.suite import merge_results
-
-        results = merge_results(json.loads(json_path.read_text()), results)
-    if cfg.kernels:
-        print(f"kernel benchmarks: {results['kernels']['status']} {results['kernels'].get('message', '')}")
-    if cfg.plots:
-        paths, results["plots_message"] = write_plots(results, plots_dir)
-        results["plots"] = [os.path.relpath(p, doc.parent) for p in paths]
-        print(results["plots_message"])
-    write_json(json_path, results)
-    if partial != json_path:
-        partial.unlink(missing_ok=True)
-    write_doc(doc, render(results))
-    print(goals_table(results))
-    print(f"\nwritten: {doc}, {json_path}" + (f", {plots_dir}/" if results.get("plots") else ""))
-    return 0
+    used = _harness_options_used(args)
+    if used:
+        print(f"fxprune bench: {', '.join(used)}: options of the project's benchmark suite (goals, docs/benchmarks.md, "
+              f"Torch-Pruning), now {HARNESS}; `fxprune bench MODEL ...` times your own models", file=sys.stderr)
+        return 2
+    if not args.models:
+        print("fxprune bench: no MODEL given: `fxprune bench torchvision:resnet50 --batch 1,32` times a model before "
+              f"and after compression; the project's benchmark suite (docs/benchmarks.md) is {HARNESS}",
+              file=sys.stderr)
+        return 2
+    round_to = None if args.round_to is None or args.round_to.lower() in ("none", "off") else args.round_to
+    try:
+        flops, round_to = float(args.flops), None if round_to is None else int(round_to)
+    except ValueError as exc:
+        raise ConfigError(f"--flops {args.flops!r} / --round-to {args.round_to!r}: one number each ({exc})") from exc
+    results = bench_models(
+        args.models, method=args.method, flops=flops, round_to=round_to, batches=_csv(args.batch, int, "--batch"),
+        threads=args.threads, device=args.device, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
+        input_shape=parse_shape(args.input_shape) if args.input_shape else None, verify=not args.no_verify,
+        log=lambda line: print(line, file=sys.stderr))
+    results["command"] = "fxprune bench " + shlex.join(args.argv)
+    print(render_table(results))
+    if args.json:
+        write_json(args.json, results)
+        print(f"\nwritten: {args.json}")
+    return 1 if any("error" in m for m in results["models"]) else 0
 
 
 def _check_compress_options(args) -> None:
@@ -223,37 +203,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_zoo)
 
-    p = sub.add_parser("bench", help="compile speed, realized speedup and Torch-Pruning side by side; "
-                       "writes docs/benchmarks.md, .json and plots")
-    p.add_argument("--models", help="comma-separated torchvision names or specs (default: the 12 of issue 8)")
-    p.add_argument("--flops", default="0.5,0.3", help="FLOPs targets (fractions kept)")
-    p.add_argument("--round-to", default="none,8", help="round_to values, 'none' for no rounding")
-    p.add_argument("--batch", default="1,32", help="batch sizes for the latency")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the whole run")
-    p.add_argument("--devices", default="cpu,cuda", help="cpu and/or cuda (cuda is skipped where there is none)")
-    p.add_argument("--dtypes", default=None, help="e.g. float32,bfloat16 (default: float32 on CPU, both on CUDA)")
-    p.add_argument("--torch-compile", default=None, help="on and/or off (default: off on CPU, both on CUDA)")
-    p.add_argument("--compile-repeats", type=int, default=5, help="fxprune/Torch-Pruning compile repeats")
-    p.add_argument("--method-repeats", type=int, default=3, help="repeats of each data-free method pass")
-    p.add_argument("--repeats", type=int, default=7, help="CPU latency repeats (median)")
-    p.add_argument("--heavy-repeats", type=int, default=3, help="CPU latency repeats of inception_v3, "
-                   "densenet121, convnext_tiny")
-    p.add_argument("--cuda-repeats", type=int, default=30, help="CUDA latency repeats")
-    p.add_argument("--warmup", type=int, default=2, help="warm-up calls per model before timing")
-    p.add_argument("--head-to-head", default="resnet50", help="models whose fxprune and Torch-Pruning slim "
-                   "models (first FLOPs target, largest batch, CPU) are also timed pair by pair ('' for none)")
-    p.add_argument("--pairs", type=int, default=9, help="pairs of the head-to-head timing")
-    p.add_argument("--input-shape", action="append", help="NAME=1,3,H,W for a model (repeatable)")
-    p.add_argument("--no-compare", action="store_true", help="skip Torch-Pruning")
-    p.add_argument("--kernels", action="store_true", help="also run benches/bench_kernels.py when present")
-    p.add_argument("--no-plots", action="store_true", help="no PNG plots")
-    p.add_argument("--merge", action="store_true", help="keep the other models of the existing JSON: "
-                   "re-measure a few models of an earlier run")
-    p.add_argument("--doc", default="docs/benchmarks.md", help="Markdown report; the JSON goes next to it "
-                   "(.json) and the plots into <name>-plots/")
-    p.add_argument("--wait-quiet", type=float, default=0, help="wait up to this many seconds for the load "
-                   "average to fall below --load-threshold before starting")
-    p.add_argument("--load-threshold", type=float, default=1.0)
+    p = sub.add_parser("bench", help="compress models and time them against the originals, side by side "
+                       "(the project's suite: python -m benches.harness)")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="torchvision:NAME or package.module:factory")
+    p.add_argument("--method", default="l1", choices=DATA_FREE_METHODS)
+    p.add_argument("--flops", default="0.5", help="fraction of the original FLOPs to keep")
+    p.add_argument("--round-to", default=None, help="keep channel counts multiples of N")
+    p.add_argument("--batch", default="1", help="batch sizes, comma-separated (e.g. 1,32)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=tuple(BENCH_DTYPES))
+    p.add_argument("--repeats", type=int, default=7, help="timed calls per model and batch (median)")
+    p.add_argument("--warmup", type=int, default=MIN_WARMUP, help=f"warm-up calls per model (at least {MIN_WARMUP})")
+    p.add_argument("--input-shape", help="1,C,H,W (default: the model's; the batch comes from --batch)")
+    p.add_argument("--no-verify", action="store_true", help="skip the comparison with the masked original")
+    p.add_argument("--json", help="write every number (latency quartiles, stability) to this file")
+    for flag, takes_value in HARNESS_OPTIONS:  # accepted only to point to python -m benches.harness
+        dest = "harness_" + flag[2:].replace("-", "_")
+        if takes_value:
+            p.add_argument(flag, dest=dest, default=None, help=argparse.SUPPRESS)
+        else:
+            p.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -1,9 +1,12 @@
-"""The benchmark suite (`fxprune bench`) on a tiny model: the tables are produced, the numbers are
-positive and consistent with each other and with an independent MAC count, the goals are judged
-right, and the Torch-Pruning comparison is skipped with a clear message when it is not installed.
+"""The project's benchmark harness (`python -m benches.harness`, in the repository's benches/harness)
+on a tiny model: the tables are produced, the numbers are positive and consistent with each other
+and with an independent MAC count, the goals are judged right, and the Torch-Pruning comparison is
+skipped with a clear message when it is not installed. Then the package's own generic
+``fxprune bench MODEL`` command: its table, its JSON, and no speedup from an unstable latency.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -13,17 +16,21 @@ import torch
 from torch import nn
 
 import fxprune
-from fxprune.bench import BenchConfig, render, run_suite, write_doc, write_json
-from fxprune.bench.goals import evaluate_goals
-from fxprune.bench.kernels import run_kernel_benchmarks
-from fxprune.bench.memory import PeakMemory
-from fxprune.bench.metrics import count_macs, count_params
-from fxprune.bench.plots import write_plots
-from fxprune.bench.report import BEGIN, END
-from fxprune.bench.suite import cuda_status
+from benches.harness import BenchConfig, render, run_suite, write_doc, write_json
+from benches.harness.cli import main as harness_main
+from benches.harness.goals import evaluate_goals
+from benches.harness.kernels import kernel_bench_file, run_kernel_benchmarks
+from benches.harness.machine import REPO
+from benches.harness.memory import PeakMemory
+from benches.harness.metrics import count_macs, count_params
+from benches.harness.plots import write_plots
+from benches.harness.report import BEGIN, END, LEGACY_MARKERS
+from benches.harness.suite import cuda_status, merge_results
+from fxprune import benchmark as generic_bench
 from fxprune.cli import main
 from fxprune.passes.inputs import ExampleInputs
-from fxprune.latency import EXTRA_ROUNDS, MIN_WARMUP, interleaved_latency_ms
+from fxprune.latency import (EXTRA_ROUNDS, MIN_WARMUP, LatencyMeasurement, _glibc, interleaved_latency_ms,
+                             paired_latency_ratio, steady_heap)
 from fxprune.models import build_model, example_input
 
 from .conftest import measured_macs
@@ -144,6 +151,24 @@ def test_doc_keeps_hand_written_text(results, tmp_path):
     assert text.count(BEGIN) == 1 and "## Goals" in text
 
 
+def test_doc_written_by_the_old_fxprune_bench_is_regenerated_in_place(tmp_path):
+    begin, end = LEGACY_MARKERS[0]
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Benchmarks\n\nintro\n\n{begin}\n\nold numbers\n{end}\n\n## Analysis by hand\n")
+    write_doc(doc, "new numbers")
+    text = doc.read_text()
+    assert "old numbers" not in text and begin not in text and end not in text
+    assert text == f"# Benchmarks\n\nintro\n\n{BEGIN}\n\nnew numbers\n{END}\n\n## Analysis by hand\n"
+    assert "python -m benches.harness" in BEGIN
+
+
+def test_harness_lives_in_the_repository_not_the_package():
+    assert importlib.util.find_spec("fxprune.bench") is None  # the installed package has no harness
+    assert (REPO / "pyproject.toml").is_file() and (REPO / "benches" / "harness" / "cli.py").is_file()
+    assert kernel_bench_file(REPO) == REPO / "benches" / "micro" / "bench_kernels.py"
+    assert kernel_bench_file(REPO).is_file()
+
+
 def test_torch_pruning_side_by_side(results):
     pytest.importorskip("torch_pruning", reason="Torch-Pruning is not installed: pip install 'fxprune[compare]'")
     entry = results["models"][NAME]
@@ -175,11 +200,14 @@ def test_torch_pruning_side_by_side(results):
 
 
 def test_comparison_skipped_when_torch_pruning_missing(monkeypatch, tmp_path, capsys):
+    """Through the command line, with another --root: the doc goes to <root>/docs/benchmarks.md and
+    the recorded commit is that root's (none: it is no git checkout)."""
     _hide(monkeypatch, "torch_pruning")
-    doc = tmp_path / "benchmarks.md"
-    rc = main(["bench", "--models", SPEC, "--input-shape", f"{NAME}=1,1,16,16", "--flops", "0.5", "--round-to",
-               "none", "--batch", "1", "--threads", "1", "--devices", "cpu", "--compile-repeats", "1",
-               "--method-repeats", "1", "--repeats", "1", "--warmup", "0", "--no-plots", "--doc", str(doc)])
+    doc = tmp_path / "docs" / "benchmarks.md"
+    rc = harness_main(["--models", SPEC, "--input-shape", f"{NAME}=1,1,16,16", "--flops", "0.5", "--round-to",
+                       "none", "--batch", "1", "--threads", "1", "--devices", "cpu", "--compile-repeats", "1",
+                       "--method-repeats", "1", "--repeats", "1", "--warmup", "0", "--no-plots",
+                       "--root", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
     assert "Torch-Pruning is not installed" in out and "pip install" in out
@@ -190,7 +218,8 @@ def test_comparison_skipped_when_torch_pruning_missing(monkeypatch, tmp_path, ca
     text = doc.read_text()
     assert "## fxprune vs Torch-Pruning\n\nSkipped: Torch-Pruning is not installed" in text
     assert "## Realized speedup" in text  # the rest of the tables are still there
-    assert res["command"].startswith("fxprune bench --models fxprune:resnet20")
+    assert res["command"].startswith("python -m benches.harness --models fxprune:resnet20")
+    assert res["machine"]["git_commit"] is None and res["json"] == "benchmarks.json"
     peer_goals = [g for g in res["goals"] if "Torch-Pruning" in g["goal"]]
     assert peer_goals and all(g["met"] is None for g in peer_goals)
 
@@ -248,8 +277,6 @@ def test_interleaved_latency():
 
 
 def test_paired_latency_ratio():
-    from fxprune.latency import paired_latency_ratio
-
     x = ExampleInputs.normalize(torch.randn(2, 64))
     small = nn.Linear(64, 64)
     big = nn.Sequential(*[nn.Linear(64, 64) for _ in range(40)]).train()
@@ -268,8 +295,8 @@ def test_bad_options_raise_config_errors():
                 dict(dtypes=("int8",)), dict(latency_repeats=0), dict(models=[])):
         with pytest.raises(fxprune.ConfigError):
             tiny_config(**bad).validate()
-    assert main(["bench", "--round-to", "eight", "--doc", "/nonexistent/x.md"]) == 2
-    assert main(["bench", "--torch-compile", "maybe", "--doc", "/nonexistent/x.md"]) == 2
+    assert harness_main(["--round-to", "eight", "--doc", "/nonexistent/x.md"]) == 2
+    assert harness_main(["--torch-compile", "maybe", "--doc", "/nonexistent/x.md"]) == 2
 
 
 def test_cuda_skipped_with_message_without_gpu():
@@ -299,6 +326,20 @@ def test_kernel_benchmarks_skip_with_message(tmp_path):
     assert res["status"] == "skipped" and res["message"]
 
 
+def test_kernel_benchmarks_run_from_the_given_root(tmp_path):
+    """--kernels runs <root>/benches/micro/bench_kernels.py with pytest-benchmark in a child process."""
+    pytest.importorskip("pytest_benchmark")
+    bench = kernel_bench_file(tmp_path)
+    bench.parent.mkdir(parents=True)
+    bench.write_text("def test_noop(benchmark):\n    benchmark.extra_info['layer'] = 'tiny'\n"
+                     "    benchmark(sum, range(10))\n")
+    res = run_kernel_benchmarks(root=tmp_path, timeout_s=120)
+    assert res["status"] == "ok", res
+    assert res["command"] == "python -m pytest benches/micro/bench_kernels.py --benchmark-only"
+    (row,) = res["benchmarks"]
+    assert row["name"] == "test_noop" and row["extra"] == "layer=tiny" and 0 < row["min_ms"] <= row["median_ms"]
+
+
 def test_plots_optional(results, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib", reason="matplotlib is not installed: pip install 'fxprune[plots]'")
     paths, message = write_plots(results, tmp_path)
@@ -320,13 +361,11 @@ def test_metrics_count_slim_models():
 
 
 def test_merge_keeps_models_of_the_earlier_run(results):
-    from fxprune.bench.suite import merge_results
-
     old = json.loads(json.dumps(results, default=str))
     old["models"]["other"] = dict(old["models"][NAME], spec="torchvision:other")
     new = json.loads(json.dumps(results, default=str))
     new["models"][NAME]["macs"] += 1  # re-measured
-    new["command"] = "fxprune bench --models fxprune:resnet20 --merge"
+    new["command"] = "python -m benches.harness --models fxprune:resnet20 --merge"
     merged = merge_results(old, new)
     assert list(merged["models"]) == [NAME, "other"]
     assert merged["models"][NAME]["macs"] == results["models"][NAME]["macs"] + 1
@@ -338,11 +377,92 @@ def test_merge_keeps_models_of_the_earlier_run(results):
 
 
 def test_steady_heap_applies_while_timing(results):
-    from fxprune.latency import _glibc, steady_heap
-
     with steady_heap() as applied:
         x = torch.ones(8, 1024, 1024)  # 32 MiB: from the heap while it applies
         del x
     assert applied == (_glibc() is not None)
     assert all(lat["steady_heap"] == applied for lat in results["models"][NAME]["latency"])
     assert ("reused heap memory" in render(results)) == applied
+
+
+# the package's generic `fxprune bench MODEL`: compress, then original vs slim side by side
+
+def _stable_clock(ms: float):
+    return lambda: ms  # every call the same: a stable latency
+
+
+def test_fxprune_bench_table_and_json(tmp_path, capsys, monkeypatch):
+    """lenet5 at two batch sizes with an injected clock (original 10 ms, slim 4 ms per call): the table has
+    separate labelled MACs and FLOPs columns and the setting; the JSON's FLOPs are 2 x its MACs, which
+    match an independent count; the speedup is the ratio of the two medians."""
+    seen = []
+
+    def fake_measure(models, inputs, measurer):
+        seen.append((sorted(models), inputs.args[0].shape[0], measurer.repeats, measurer.warmup_calls(0)))
+        return measurer.measure({"original": _stable_clock(10.0), "slim": _stable_clock(4.0)})
+
+    monkeypatch.setattr(generic_bench, "measure_latencies", fake_measure)
+    threads_before = torch.get_num_threads()
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "fxprune:lenet5", "--method", "l1", "--flops", "0.5", "--batch", "1,2", "--threads", "1",
+               "--repeats", "3", "--json", str(out)])
+    assert rc == 0
+    assert torch.get_num_threads() == threads_before  # the run's thread count is undone
+    assert seen == [(["original", "slim"], 1, 3, MIN_WARMUP), (["original", "slim"], 2, 3, MIN_WARMUP)]
+    text = capsys.readouterr().out
+    header = next(line for line in text.splitlines() if line.startswith("| model"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells == ["model", "variant", "device", "threads", "batch", "dtype", "params", "MACs/image",
+                     "FLOPs/image", "latency (median)", "speedup"]
+    res = json.loads(out.read_text())
+    assert (res["device"], res["threads"], res["dtype"], res["method"], res["flops_target"]) == (
+        "cpu", 1, "float32", "l1", 0.5)
+    assert res["command"] == f"fxprune bench fxprune:lenet5 --method l1 --flops 0.5 --batch 1,2 --threads 1 " \
+                            f"--repeats 3 --json {out}"
+    (m,) = res["models"]
+    model = build_model("fxprune:lenet5").eval()
+    assert m["macs"]["original"] == measured_macs(model, example_input((1, 1, 28, 28)))
+    assert m["params"]["original"] == sum(p.numel() for p in model.parameters()) > m["params"]["slim"]
+    for variant in ("original", "slim"):
+        assert m["flops"][variant] == 2 * m["macs"][variant] > 0
+    assert m["macs"]["slim"] <= 0.5 * m["macs"]["original"]
+    assert [lat["batch"] for lat in m["latency"]] == [1, 2]
+    for lat in m["latency"]:
+        assert lat["stable"] and lat["speedup"] == pytest.approx(2.5)
+        assert lat["original"]["median_ms"] == 10.0 and lat["slim"]["median_ms"] == 4.0
+    rows = [line for line in text.splitlines() if "| slim " in line]
+    assert len(rows) == 2 and all(r.rstrip(" |").endswith("2.50x") and "4.00 ms" in r for r in rows)
+    first = next(line for line in text.splitlines() if line.startswith("| fxprune:lenet5"))
+    row = [c.strip() for c in first.strip("|").split("|")]
+    assert row[2:6] == ["cpu", "1", "1", "float32"]
+    assert row[7:9] == [fxprune.report.human(m["macs"]["original"]), fxprune.report.human(m["flops"]["original"])]
+
+
+def test_fxprune_bench_times_real_models():
+    """No injected clock: both models are really run, and a speedup exists exactly when both latencies
+    are stable."""
+    res = generic_bench.bench_models(["fxprune:lenet5"], batches=(2,), threads=1, repeats=3)
+    lat = res["models"][0]["latency"][0]
+    assert lat["original"]["n"] == lat["slim"]["n"] == 3 and len(lat["slim"]["warmup_ms"]) >= MIN_WARMUP
+    assert 0 < lat["original"]["min_ms"] <= lat["original"]["median_ms"]
+    if lat["original"]["stable"] and lat["slim"]["stable"]:
+        assert lat["speedup"] == pytest.approx(lat["original"]["median_ms"] / lat["slim"]["median_ms"])
+    else:
+        assert lat["speedup"] is None and lat["reason"]
+
+
+def test_fxprune_bench_points_old_suite_options_to_the_harness(tmp_path, capsys):
+    doc = tmp_path / "bench.md"
+    assert main(["bench", "--models", "resnet18", "--doc", str(doc), "--merge"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "python -m benches.harness" in err
+    assert all(flag in err.split(":")[1] for flag in ("--models", "--doc", "--merge"))
+    assert not doc.exists() and not doc.with_suffix(".json").exists()
+    assert main(["bench"]) == 2  # the old default run of the whole suite
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "python -m benches.harness" in err
+    assert main(["bench", "fxprune:lenet5", "--input-shape", "lenet5=1,1,28,28"]) == 2
+    assert "python -m benches.harness" in capsys.readouterr().err
+    for bad in (["--batch", "0"], ["--flops", "1.5"], ["--repeats", "0"], ["--round-to", "eight"]):
+        assert main(["bench", "fxprune:lenet5", *bad]) == 2
+        assert capsys.readouterr().err.startswith("fxprune: error:")

@@ -1,22 +1,28 @@
 """Bench hygiene: a latency carries its quality (quartiles, spread, warm-up vs steady), an unstable
 one is measured again and else flagged, and a flagged latency is never reported as a result (no
-speedup number, no goal judgement). Every timing here comes from a fake clock: an injected sequence
+speedup number, no goal judgement) by the project's harness (`benches.harness`) nor by the
+package's `fxprune bench MODEL`. Every timing here comes from a fake clock: an injected sequence
 of per-call milliseconds, so nothing depends on how fast or loaded this machine is.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import math
+import statistics
 
 import pytest
 import torch
 from torch import nn
 
-from fxprune.bench import BenchConfig
-from fxprune.bench import suite as suite_module
-from fxprune.bench.goals import evaluate_goals
-from fxprune.bench.report import head_to_head_table, header, render, side_by_side_table, speedup_table
-from fxprune.bench.suite import ORIGINAL, _latency, _latency_line, latency_entry
+from benches.harness import BenchConfig
+from benches.harness import suite as suite_module
+from benches.harness.goals import evaluate_goals
+from benches.harness.plots import _speedup
+from benches.harness.report import head_to_head_table, header, render, side_by_side_table, speedup_table
+from benches.harness.suite import ORIGINAL, _latency, _latency_line, latency_entry
+from fxprune import benchmark as generic_bench
+from fxprune.cli import main
 from fxprune.errors import ConfigError
 from fxprune.passes.inputs import ExampleInputs
 from fxprune.latency import (EXTRA_ROUNDS, MIN_WARMUP, SPREAD_LIMIT, LatencyMeasurement, LatencyMeasurer,
@@ -273,10 +279,55 @@ def test_suite_latency_records_flags_from_its_measurer(monkeypatch):
 
 
 def test_plots_leave_unstable_speedups_out():
-    import math
-
-    from fxprune.bench.plots import _speedup
-
     assert _speedup(None) == 0.0  # did not convert
     assert _speedup({"speedup": 1.8, "stable": True}) == 1.8 and _speedup({"speedup": 1.8}) == 1.8
     assert math.isnan(_speedup({"speedup": None, "stable": False, "reason": "spread 35%"}))
+
+
+# the package's `fxprune bench MODEL`: an unstable latency is printed as such, with no speedup
+
+def _bench_with_clocks(monkeypatch, capsys, tmp_path, clocks: dict) -> tuple[str, dict]:
+    def fake_measure(models, inputs, measurer):
+        return measurer.measure({name: clocks[name] for name in models})
+
+    monkeypatch.setattr(generic_bench, "measure_latencies", fake_measure)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "fxprune:lenet5", "--batch", "1", "--threads", "1", "--repeats", "5", "--json",
+                 str(out)]) == 0
+    return capsys.readouterr().out, json.loads(out.read_text())
+
+
+def _cells(text: str, variant: str) -> list[str]:
+    line = next(line for line in text.splitlines() if f"| {variant} " in line)
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_fxprune_bench_unstable_slim_latency_prints_no_speedup(monkeypatch, capsys, tmp_path):
+    wild = FakeClock([], then=[5, 50, 5, 40, 9])  # never settles, whatever the extra rounds
+    text, res = _bench_with_clocks(monkeypatch, capsys, tmp_path, {"original": FakeClock([], then=20), "slim": wild})
+    lat = res["models"][0]["latency"][0]
+    assert lat["speedup"] is None and lat["stable"] is False and lat["reason"].startswith("slim spread")
+    assert lat["slim"]["rounds"] == 1 + EXTRA_ROUNDS and lat["original"]["stable"]
+    original, slim = _cells(text, "original"), _cells(text, "slim")
+    assert original[9] == "20.00 ms"
+    assert slim[9].startswith("unstable (spread") and slim[10] == "none (unstable)"
+    median = statistics.median([5, 50, 5, 40, 9])
+    assert f"{20 / median:.2f}" not in text and "x |" not in text.split("| slim")[1].splitlines()[0]
+
+
+def test_fxprune_bench_unstable_original_prints_no_speedup(monkeypatch, capsys, tmp_path):
+    wild = FakeClock([], then=[20, 200, 20, 160, 36])  # never settles: median 36 ms
+    text, res = _bench_with_clocks(monkeypatch, capsys, tmp_path, {"original": wild, "slim": FakeClock([], then=18)})
+    lat = res["models"][0]["latency"][0]
+    assert lat["speedup"] is None and lat["reason"].startswith("original spread") and lat["slim"]["stable"]
+    assert _cells(text, "original")[9].startswith("unstable (spread") and _cells(text, "slim")[9] == "18.00 ms"
+    assert _cells(text, "slim")[10] == "none (unstable)"
+    assert "2.00x" not in text  # 36 ms / 18 ms is never printed
+
+
+def test_fxprune_bench_stable_latencies_give_the_speedup(monkeypatch, capsys, tmp_path):
+    text, res = _bench_with_clocks(monkeypatch, capsys, tmp_path,
+                                   {"original": FakeClock([149.4], then=20), "slim": FakeClock([], then=10)})
+    lat = res["models"][0]["latency"][0]
+    assert lat["stable"] and lat["speedup"] == 2.0 and lat["original"]["median_ms"] == 20  # first call is warm-up
+    assert _cells(text, "slim")[9:] == ["10.00 ms", "2.00x"]

@@ -4,7 +4,7 @@ parameters and output shapes, so fxprune's and Torch-Pruning's models are measur
 Example::
 
     >>> import torch, torchvision
-    >>> from fxprune.bench.metrics import count_macs, output_shapes
+    >>> from benches.harness.metrics import count_macs, output_shapes
     >>> m, x = torchvision.models.resnet18(), torch.randn(1, 3, 224, 224)
     >>> count_macs(m, x) // 10**6, output_shapes(m, x)
     (1814, [(1, 1000)])
@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..passes.inputs import ExampleInputs, output_leaves
-from ..passes.shapes import standard_attention_path
-from ..verify import eval_mode
+from fxprune.passes.inputs import ExampleInputs, output_leaves
+from fxprune.passes.shapes import standard_attention_path
+from fxprune.verify import eval_mode
 
 
 def _run(model: nn.Module, inputs: ExampleInputs, counter: FlopCounterMode | None = None):

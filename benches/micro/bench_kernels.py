@@ -2,10 +2,10 @@
 
 Run the whole sweep (markdown tables for docs/kernels.md; picks CUDA when present)::
 
-    python benches/bench_kernels.py                 # every layer, densities, fp32/bf16, fwd and fwd+bwd
-    python benches/bench_kernels.py --batch 8 --threads 2 --gd   # this 2-core CPU; + Gate Decorator steps
+    python benches/micro/bench_kernels.py           # every layer, densities, fp32/bf16, fwd and fwd+bwd
+    python benches/micro/bench_kernels.py --batch 8 --threads 2 --gd   # this 2-core CPU; + Gate Decorator steps
 
-or a small subset through pytest-benchmark: ``python -m pytest benches/bench_kernels.py --benchmark-only``.
+or a small subset through pytest-benchmark: ``python -m pytest benches/micro/bench_kernels.py --benchmark-only``.
 
 Goals (issue 7): on the GPU the fused op within 1.15x of the sliced conv at every density and never
 slower than eager conv-then-multiply; on the CPU, time at density d <= (d + 0.1) x the dense conv.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -26,9 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fxprune.kernels import masked_conv2d  # noqa: E402
+from fxprune.kernels import masked_conv2d
 
 # name: (cin, cout, hw, k, stride, groups)
 LAYERS = {

@@ -3,9 +3,13 @@
 CPU timings on a shared machine are only as good as the machine was quiet, so the suite records
 the 1-minute load average next to every table and can wait for a quiet moment first.
 
+`REPO` is the repository this harness sits in (``benches/harness/`` is never installed, so its own
+location finds the checkout); every function that reads the repository takes a ``root`` instead
+(``python -m benches.harness --root DIR``).
+
 Example::
 
-    >>> from fxprune.bench.machine import machine_info
+    >>> from benches.harness.machine import machine_info
     >>> info = machine_info()
     >>> info["cores"] >= 1 and "torch" in info["versions"]
     True
@@ -42,9 +46,9 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
+def _git_commit(root: Path = REPO) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
@@ -59,7 +63,8 @@ def load_average() -> float:
         return 0.0
 
 
-def machine_info() -> dict:
+def machine_info(root: Path = REPO) -> dict:
+    """Date, platform, CPU, cores, versions, the git commit of `root`, load average, CUDA device."""
     versions = {"python": sys.version.split()[0], "torch": torch.__version__}
     for dist in ("torchvision", "fxprune", "torch-pruning", "matplotlib"):
         v = _version(dist)
@@ -71,7 +76,7 @@ def machine_info() -> dict:
         "cpu": _cpu_model(),
         "cores": os.cpu_count() or 1,
         "versions": versions,
-        "git_commit": _git_commit(),
+        "git_commit": _git_commit(root),
         "load_average": load_average(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }

@@ -2,7 +2,7 @@
 
 Example::
 
-    >>> from fxprune.bench.config import BenchConfig
+    >>> from benches.harness.config import BenchConfig
     >>> cfg = BenchConfig(models=["resnet18"], flops=(0.5,), batches=(1,))
     >>> cfg.validate().specs
     ['torchvision:resnet18']
@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..errors import ConfigError
-from ..latency import EXTRA_ROUNDS, MIN_WARMUP, SPREAD_LIMIT, WARMUP_LIMIT, LatencyMeasurer
-from ..models import default_input_shape
+from fxprune.errors import ConfigError
+from fxprune.latency import EXTRA_ROUNDS, MIN_WARMUP, SPREAD_LIMIT, WARMUP_LIMIT, LatencyMeasurer
+from fxprune.models import default_input_shape
 
 # the models of issue 8, in the order the tables list them
 DEFAULT_MODELS = (

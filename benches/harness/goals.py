@@ -11,7 +11,7 @@
 
 Example::
 
-    >>> from fxprune.bench.goals import evaluate_goals
+    >>> from benches.harness.goals import evaluate_goals
     >>> [g["met"] for g in evaluate_goals({"models": {}})]
     [None, None, None, None, None]
 """

@@ -10,7 +10,7 @@ verification; the first call is a warm-up (imports, first-call caches) and not c
 Example::
 
     >>> import torch, torchvision
-    >>> from fxprune.bench.compile_speed import time_compile
+    >>> from benches.harness.compile_speed import time_compile
     >>> r = time_compile(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224), 0.5, repeats=2)
     >>> 0 < r["compile_s"] < r["compile_with_method_s"] <= r["stages_s"]["total"]
     True
@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 from torch import nn
 
-from ..api import DATA_FREE_METHODS, compress
+from fxprune import DATA_FREE_METHODS, compress
 from .memory import PeakMemory
 
 STAGES = ("trace", "shapes", "analysis", "method", "rewrite", "verify", "total")

@@ -1,7 +1,7 @@
 """One benchmark run: compile speed, fxprune's and Torch-Pruning's slim models, latency, goals.
 
 `run_suite(BenchConfig(...))` returns every number as plain JSON (see `docs/benchmarks.md` for what
-each means); `fxprune.bench.report` turns it into tables and plots. Per model it
+each means); `benches.harness.report` turns it into tables and plots. Per model it
 
 1. counts the original (MACs with FlopCounterMode, params, output shapes);
 2. times fxprune's compile stage by stage (`compile_speed`) and the method pass of each
@@ -20,10 +20,10 @@ each means); `fxprune.bench.report` turns it into tables and plots. Per model it
 
 Example::
 
-    >>> from fxprune.bench import BenchConfig, run_suite
+    >>> from benches.harness import BenchConfig, run_suite
     >>> res = run_suite(BenchConfig(models=["fxprune:resnet20"], flops=(0.5,), round_to=(None,),
     ...                             batches=(1,), threads=1, compile_repeats=1, method_repeats=1,
-    ...                             latency_repeats=2, compare=False))
+    ...                             latency_repeats=2, compare=False), log=lambda line: None)
     >>> res["models"]["resnet20"]["variants"][0]["macs_fraction"] <= 0.5
     True
 """
@@ -31,19 +31,20 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from ..api import compress
-from ..passes.inputs import ExampleInputs
-from ..latency import LatencyMeasurement, measure_latencies, paired_latency_ratio, steady_heap
-from ..models import build_model, example_input
+from fxprune import compress
+from fxprune.passes.inputs import ExampleInputs
+from fxprune.latency import LatencyMeasurement, measure_latencies, paired_latency_ratio, steady_heap
+from fxprune.models import build_model, example_input
 from .compile_speed import time_compile, time_methods
 from .config import DTYPES, BenchConfig, short_name
 from .goals import coverage, evaluate_goals
-from .machine import load_average, machine_info
+from .machine import REPO, load_average, machine_info
 from .metrics import count_macs, count_params, output_shapes
 from .peer import prune_to_macs, time_prune, torch_pruning_status
 
@@ -67,13 +68,14 @@ def cuda_status(devices) -> dict:
     if not torch.cuda.is_available():
         return {"measured": False, "message": "no CUDA device on this machine: the GPU numbers (fp32 and bf16, "
                                               "CUDA events, torch.compile on and off) are still to be measured; "
-                                              "run `fxprune bench` on a GPU machine"}
+                                              "run `python -m benches.harness` on a GPU machine"}
     return {"measured": True, "message": torch.cuda.get_device_name(0)}
 
 
 def run_suite(config: BenchConfig, *, log: Callable[[str], None] = print,
-              on_progress: Callable[[dict], None] | None = None) -> dict:
-    """Every number of one run (see module docstring); `on_progress(results)` after each model."""
+              on_progress: Callable[[dict], None] | None = None, root: Path = REPO) -> dict:
+    """Every number of one run (see module docstring); `on_progress(results)` after each model.
+    `root` is the repository whose commit the results record."""
     cfg = config.validate()
     tp, tp_message = torch_pruning_status() if cfg.compare else (None, "comparison not requested (--no-compare)")
     if cfg.compare and tp is None:
@@ -83,7 +85,7 @@ def run_suite(config: BenchConfig, *, log: Callable[[str], None] = print,
         log(f"CUDA skipped: {cuda['message']}")
     devices = [d for d in cfg.devices if d == "cpu" or cuda["measured"]]
     results = {
-        "config": cfg.to_json(), "machine": machine_info(), "threads": cfg.threads,
+        "config": cfg.to_json(), "machine": machine_info(root), "threads": cfg.threads,
         "torch_pruning": {"available": tp is not None, "message": tp_message},
         "devices": {"cpu": {"measured": "cpu" in devices, "message": "CPU"}, "cuda": cuda},
         "models": {},

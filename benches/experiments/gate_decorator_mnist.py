@@ -1,6 +1,6 @@
 """Gate Decorator at small scale on real MNIST; writes docs/results.md.
 
-Run: ``python benches/gate_decorator_mnist.py [--quick]`` (about 30 minutes on a 2-core CPU).
+Run: ``python benches/experiments/gate_decorator_mnist.py [--quick]`` (about 30 minutes on a 2-core CPU).
 
 A CIFAR-style ResNet-20 (option-B shortcuts, 1x28x28 input) is trained from scratch, then pruned
 to 40% and 30% of its MACs with Gate Decorator's One-shot, Tick-only and Tick-Tock schedules and
@@ -24,11 +24,10 @@ import torch
 from tabulate import tabulate
 from torch.utils.data import DataLoader, Subset
 
-sys.path.insert(0, ".")
-import fxprune  # noqa: E402
-from fxprune import data as fxdata  # noqa: E402
-from fxprune.models import build_model  # noqa: E402
-from fxprune.train import TrainConfig, evaluate, train  # noqa: E402
+import fxprune
+from fxprune import data as fxdata
+from fxprune.models import build_model
+from fxprune.train import TrainConfig, evaluate, train
 
 
 def loader(ds, n, bs=128, seed=0):
@@ -83,7 +82,8 @@ def main() -> None:
                                     "MACs ratio", "params", "seconds"], tablefmt="github", disable_numparse=True)
     with open(args.out, "a") as f:
         f.write(f"\n## Gate Decorator on real MNIST ({time.strftime('%Y-%m-%d')})\n\n"
-                f"`python benches/gate_decorator_mnist.py{' --quick' if args.quick else ''}` on {platform.machine()}, "
+                f"`python benches/experiments/gate_decorator_mnist.py{' --quick' if args.quick else ''}` on "
+                f"{platform.machine()}, "
                 f"2 threads, torch {torch.__version__}; wall time {time.time() - start:.0f} s. "
                 "ResNet-20 (option B), test set = the 10k MNIST test split; every pruned model gets the same "
                 "1-epoch fine-tune. Schedule: see the script's docstring (scaled from the authors').\n\n"

@@ -10,7 +10,7 @@ own peak counter is used.
 Example::
 
     >>> import torch
-    >>> from fxprune.bench.memory import PeakMemory
+    >>> from benches.harness.memory import PeakMemory
     >>> with PeakMemory() as peak:
     ...     x = torch.ones(64, 1024, 1024)   # 256 MiB
     >>> peak.mib >= 200

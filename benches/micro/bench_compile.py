@@ -1,9 +1,9 @@
 """Compiler speed on torchvision models: trace, shapes, analysis, method, rewrite (no verify).
 
-Run: ``python -m pytest benches/bench_compile.py --benchmark-only -p no:cacheprovider``.
+Run: ``python -m pytest benches/micro/bench_compile.py --benchmark-only -p no:cacheprovider``.
 Goal (issue 2): trace + analysis + rewrite of resnet50 well under 1 s on a 2-core CPU.
-The models are those of issue 8's suite (`fxprune.bench.config.DEFAULT_MODELS`); ``fxprune bench``
-reports the same stages next to Torch-Pruning's time (docs/benchmarks.md).
+The models are those of issue 8's suite (`benches.harness.config.DEFAULT_MODELS`); the harness
+(``python -m benches.harness``) reports the same stages next to Torch-Pruning's time (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 import fxprune
-from fxprune.bench.config import DEFAULT_MODELS
+from benches.harness.config import DEFAULT_MODELS
 from fxprune.constraints import Constraints
 from fxprune.methods import get_method
 from fxprune.models import default_input_shape

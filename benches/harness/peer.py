@@ -19,7 +19,7 @@ dependency-graph build plus ``step()``, not the copy, the search or the MAC coun
 Example::
 
     >>> import torch, torchvision
-    >>> from fxprune.bench.peer import torch_pruning_status, prune_to_macs
+    >>> from benches.harness.peer import torch_pruning_status, prune_to_macs
     >>> tp, why = torch_pruning_status()
     >>> model = torchvision.models.resnet18().eval()
     >>> x = torch.randn(1, 3, 224, 224)
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..passes.inputs import ExampleInputs
+from fxprune.passes.inputs import ExampleInputs
 from .memory import PeakMemory
 from .metrics import count_macs, output_shapes
 

@@ -8,7 +8,7 @@
 
 Example::
 
-    >>> from fxprune.bench.plots import write_plots
+    >>> from benches.harness.plots import write_plots
     >>> paths, message = write_plots({"models": {}}, "/tmp/no-plots")
     >>> paths
     []

@@ -1,8 +1,8 @@
 """Where the realized CPU speedup of a slim resnet50 goes: the numbers behind the hand-written part of
 docs/benchmarks.md ("How the goals were worked on").
 
-Run: ``python benches/speedup_breakdown.py`` (about 4 minutes on the 2-core CPU; Torch-Pruning
-parts are skipped when it is not installed). Prints Markdown:
+Run from the repository root: ``python -m benches.experiments.speedup_breakdown`` (about 4 minutes
+on the 2-core CPU; Torch-Pruning parts are skipped when it is not installed). Prints Markdown:
 
 1. per-layer convolution time and throughput of the original and the l1 slim model at half the
    FLOPs (batch 32, steady heap), grouped by kernel size and resolution;
@@ -24,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fxprune
-from fxprune.bench.peer import prune_to_macs, torch_pruning_status
+from benches.harness.peer import prune_to_macs, torch_pruning_status
 from fxprune.passes.inputs import ExampleInputs
 from fxprune.latency import interleaved_latency_ms, paired_latency_ratio, steady_heap
 from fxprune.models import build_model, example_input

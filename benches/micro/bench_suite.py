@@ -1,8 +1,8 @@
 """The benchmark suite as pytest-benchmark tests: fxprune against the original models and
 against Torch-Pruning (when installed), grouped per model so the tables compare them directly.
 
-Run: ``python -m pytest benches/bench_suite.py --benchmark-only -p no:cacheprovider``
-(add ``-k resnet50`` for one model). ``fxprune bench`` runs the same measurements with the goals,
+Run: ``python -m pytest benches/micro/bench_suite.py --benchmark-only -p no:cacheprovider``
+(add ``-k resnet50`` for one model). ``python -m benches.harness`` runs the same measurements with the goals,
 docs/benchmarks.md, the JSON and the plots; this file is for pytest-benchmark's statistics and
 ``--benchmark-compare`` between commits.
 
@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.bench.config import DEFAULT_MODELS, model_spec
-from fxprune.bench.metrics import count_macs
-from fxprune.bench.peer import _fresh_copy, _prune_in_place, classifier_layers, prune_to_macs, torch_pruning_status
+from benches.harness.config import DEFAULT_MODELS, model_spec
+from benches.harness.metrics import count_macs
+from benches.harness.peer import _fresh_copy, _prune_in_place, classifier_layers, prune_to_macs, torch_pruning_status
 from fxprune.passes.inputs import ExampleInputs
 from fxprune.latency import steady_heap
 from fxprune.models import build_model, default_input_shape, example_input
@@ -77,6 +77,6 @@ def test_latency(benchmark, prepared, which, batch):
     x = ExampleInputs.normalize(example_input((batch, *shape[1:])))
     benchmark.group = f"latency {name} b{batch}"
     benchmark.extra_info.update(macs=count_macs(module, example_input(shape)), macs_original=macs)
-    with torch.inference_mode(), steady_heap() as steady:  # as `fxprune bench` times (see steady_heap)
+    with torch.inference_mode(), steady_heap() as steady:  # as the harness times (see steady_heap)
         benchmark.extra_info["steady_heap"] = steady
         benchmark.pedantic(x.call, args=(module,), rounds=5 if batch == 1 else 3, warmup_rounds=1)

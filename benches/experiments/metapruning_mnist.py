@@ -1,6 +1,6 @@
 """MetaPruning at small scale on real MNIST; appends a section to docs/results.md.
 
-Run: ``nice python benches/metapruning_mnist.py [--quick]`` (about 25 minutes on one CPU thread).
+Run: ``nice python benches/experiments/metapruning_mnist.py [--quick]`` (about 25 minutes on one CPU thread).
 
 The paper's claim, scaled down: at the same FLOPs, the structure MetaPruning's search finds beats
 uniform width scaling when both are trained from scratch with the same budget. A CIFAR-style
@@ -35,17 +35,16 @@ import torch
 from tabulate import tabulate
 from torch.utils.data import DataLoader, Subset
 
-sys.path.insert(0, ".")
-import fxprune  # noqa: E402
-from fxprune import data as fxdata  # noqa: E402
-from fxprune.latency_table import LatencyTable  # noqa: E402
-from fxprune.methods.metapruning.method import pretrain  # noqa: E402
-from fxprune.models import build_model  # noqa: E402
-from fxprune.report import human  # noqa: E402
-from fxprune.train import TrainConfig, evaluate, train  # noqa: E402
-from fxprune.passes.pruningnet import reinitialize  # noqa: E402
-from fxprune.passes.rewrite import PruningPlan  # noqa: E402
-from fxprune.passes.width_encoding import build_encoding  # noqa: E402
+import fxprune
+from fxprune import data as fxdata
+from fxprune.latency_table import LatencyTable
+from fxprune.methods.metapruning.method import pretrain
+from fxprune.models import build_model
+from fxprune.report import human
+from fxprune.train import TrainConfig, evaluate, train
+from fxprune.passes.pruningnet import reinitialize
+from fxprune import PruningPlan
+from fxprune.passes.width_encoding import build_encoding
 
 
 def loader(ds, n, bs=128, seed=0):
@@ -162,7 +161,7 @@ def main() -> None:
     widths = {k: ", ".join(f"{w['leading'].rsplit('.', 1)[0]} {w['kept_channels']}/{w['channels']}"
                            for w in v["widths"]) for k, v in out["searches"].items()}
     text = (f"\n## MetaPruning on real MNIST ({time.strftime('%Y-%m-%d')})\n\n"
-            f"`nice python benches/metapruning_mnist.py{' --quick' if q else ''}` on {platform.machine()}, "
+            f"`nice python benches/experiments/metapruning_mnist.py{' --quick' if q else ''}` on {platform.machine()}, "
             f"1 thread, torch {torch.__version__}; wall time {wall:.0f} s (PruningNet {pn_seconds:.0f} s). "
             "ResNet-20 (option B) on 1x28x28; every structure re-initialised and trained from scratch with the "
             f"same schedule, seeds {seeds} (the full-width reference and the latency pair: seed 0); test set = the "

@@ -1,6 +1,6 @@
 """GAL at small scale on real MNIST; appends a section to docs/results.md.
 
-Run: ``python benches/gal_mnist.py [--quick] [--only lenet,resnet,inception] [--threads N]``
+Run: ``python benches/experiments/gal_mnist.py [--quick] [--only lenet,resnet,inception] [--threads N]``
 (about 30 minutes on this 2-core CPU with 1 thread).
 
 Experiments (every model trained from scratch here: no pretrained weights):
@@ -35,12 +35,11 @@ import torch
 from tabulate import tabulate
 from torch.utils.data import DataLoader, Subset
 
-sys.path.insert(0, ".")
-import fxprune  # noqa: E402
-from fxprune import data as fxdata  # noqa: E402
-from fxprune.models import build_model  # noqa: E402
-from fxprune.report import human  # noqa: E402
-from fxprune.train import TrainConfig, evaluate, train  # noqa: E402
+import fxprune
+from fxprune import data as fxdata
+from fxprune.models import build_model
+from fxprune.report import human
+from fxprune.train import TrainConfig, evaluate, train
 
 X = torch.randn(1, 1, 28, 28)
 
@@ -158,7 +157,8 @@ def main() -> None:
                    "results": results}, f, indent=1)
     with open(args.out, "a") as f:
         f.write(f"\n## GAL on real MNIST ({time.strftime('%Y-%m-%d')})\n\n"
-                f"`python benches/gal_mnist.py{' --quick' if q else ''} --only {args.only}` on {platform.machine()}, "
+                f"`python benches/experiments/gal_mnist.py{' --quick' if q else ''} --only {args.only}` on "
+                f"{platform.machine()}, "
                 f"{args.threads} thread(s), torch {torch.__version__}; wall time {time.time() - start:.0f} s "
                 f"(all numbers in {args.json}). Test set = the 10k MNIST test split; GAL is label-free; each "
                 "pruned model is then fine-tuned with cross-entropy. Schedule: see the script's docstring "

@@ -1,0 +1,1 @@
+"""pytest-benchmark micro-benchmarks: ``python -m pytest benches/micro --benchmark-only -p no:cacheprovider``."""
