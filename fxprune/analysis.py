@@ -17,11 +17,11 @@ from fxprune.passes.structures import Structures, find_structures
 
 from . import report as _report
 from .arguments import module_selectors
-from .passes.cost import CostModel
 from .errors import ConfigError
 from .hooks import carry_root_hooks
-from .passes.inputs import ExampleInputs
 from .models import model_source, shape_digest
+from .passes.cost import CostModel
+from .passes.inputs import ExampleInputs
 from .passes.shapes import propagate
 from .passes.tracer import TracedModel, trace
 

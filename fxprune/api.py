@@ -24,8 +24,8 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune.passes.mask import masked_reference
-from fxprune.passes.rewrite import apply_plan
 from fxprune.passes.plan import PruningPlan, ResolvedPlan, resolve
+from fxprune.passes.rewrite import apply_plan
 
 from . import report as _report
 from .analysis import ModelAnalysis, analyze

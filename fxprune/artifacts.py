@@ -45,8 +45,8 @@ from torch import nn
 
 from .errors import ArtifactError, ConfigError
 from .hooks import preserve_through_deepcopy
-from .passes.inputs import output_leaves
 from .models import build_trusted, infer_torchvision_spec
+from .passes.inputs import output_leaves
 from .recipe import RECIPE_FORMAT, decode_inputs, replay
 from .recipe_schema import DTYPES as DTYPES_BY_NAME
 from .recipe_schema import validate

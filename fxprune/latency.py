@@ -17,7 +17,7 @@ median) or whose warm-up median differs from the steady median by more than `WAR
 is measured again, the whole group so that the models stay timed side by side, with twice the
 warm-up each time, at most `EXTRA_ROUNDS` more times; if it is still so, it is marked unstable
 (`stable` False, `reason` says why) and must not be reported as a result. `measure_latencies`
-does this for real models; the benchmark suite (`fxprune bench`) uses it.
+does this for real models; the project's suite (`python -m benches.harness`) and `fxprune bench` use it.
 
 Example::
 

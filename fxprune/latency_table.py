@@ -34,8 +34,8 @@ import torch
 import torch.fx as fx
 
 from fxprune.passes.context import Layout
-from fxprune.passes.rewrite import apply_plan
 from fxprune.passes.plan import PruningPlan
+from fxprune.passes.rewrite import apply_plan
 
 from .errors import ConfigError
 from .passes.inputs import ExampleInputs
@@ -79,15 +79,15 @@ def _layout_ids(lay) -> list:
     return []
 
 
-def node_genes(analysis, encoding) -> dict:
+def node_genes(channels, encoding) -> dict:
     """{op node name: genes in the layouts of its inputs and output} (the table's key dims)."""
     out = {}
-    for node in analysis.gm.graph.nodes:
+    for node in channels.gm.graph.nodes:
         if not node.op.startswith("call"):
             continue
-        ids = _layout_ids(analysis.layouts.get(node.name))
+        ids = _layout_ids(channels.layouts.get(node.name))
         for arg in node.all_input_nodes:
-            ids += _layout_ids(analysis.layouts.get(arg.name))
+            ids += _layout_ids(channels.layouts.get(arg.name))
         genes = encoding.genes_of_ids(np.concatenate(ids)) if ids else []
         out[node.name] = tuple(genes)
     return out
@@ -119,14 +119,14 @@ class _NodeTimer(fx.Interpreter):
 class LatencyTable:
     """Lazily measured per-node latencies of one analysed model (see module docstring)."""
 
-    def __init__(self, analysis, encoding, inputs: ExampleInputs, *, rounds: int = 5, min_time: float = 2e-4,
+    def __init__(self, channels, encoding, inputs: ExampleInputs, *, rounds: int = 5, min_time: float = 2e-4,
                  passes: int = 2):
         if rounds < 1 or passes < 1 or min_time <= 0:
             raise ConfigError(f"latency table needs rounds >= 1, passes >= 1 and min_time > 0 (got {rounds}, "
                               f"{passes}, {min_time})")
-        self.analysis, self.encoding, self.inputs = analysis, encoding, inputs
+        self.channels, self.encoding, self.inputs = channels, encoding, inputs
         self.rounds, self.min_time, self.passes = rounds, min_time, passes
-        self.genes = node_genes(analysis, encoding)
+        self.genes = node_genes(channels, encoding)
         self.entries: dict[tuple, float] = {}  # (node, kept counts of its genes) -> seconds
         self.offset, self.scale = 0.0, 1.0
         self.profiles = 0  # how many networks were built to fill entries
@@ -145,7 +145,7 @@ class LatencyTable:
         wanted = {name for name, k in keys.items() if k not in self.entries}
         if not wanted:
             return
-        slim = apply_plan(self.analysis, PruningPlan(keep=self.encoding.keep(genome)))
+        slim = apply_plan(self.channels, PruningPlan(keep=self.encoding.keep(genome)))
         best = {name: float("inf") for name in wanted}
         for _ in range(self.passes):  # whole passes apart in time: a load burst spoils one, not all
             timer = _NodeTimer(slim, wanted, self.cuda, self.rounds, self.min_time)
@@ -182,7 +182,7 @@ class LatencyTable:
     def calibrate(self, genomes) -> dict:
         """Fit `offset` and `scale` to end-to-end measurements of `genomes`; returns the fit."""
         sums = [self.layer_sum(g) for g in genomes]
-        slims = [apply_plan(self.analysis, PruningPlan(keep=self.encoding.keep(g))) for g in genomes]
+        slims = [apply_plan(self.channels, PruningPlan(keep=self.encoding.keep(g))) for g in genomes]
         rows = list(zip(sums, self.measure_many(slims)))
         s, m = np.asarray(sums), np.asarray([r[1] for r in rows])
         scale = 0.0

@@ -17,11 +17,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxprune.passes.plan import PruningPlan
 from fxprune.passes.rewrite import apply_plan
 
-from fxprune.passes.plan import PruningPlan
-
-from .analysis import analyze
+from .analysis import ModelAnalysis, analyze
 from .errors import ArtifactError, FxpruneError
 from .passes.inputs import ExampleInputs
 from .recipe_schema import DTYPES
@@ -95,7 +94,7 @@ def fingerprint(channels) -> list:
     return [[g.n_units, g.leading.target, g.leading.dim] for g in channels.groups]
 
 
-def make_recipe(analysis, plan: PruningPlan, model: nn.Module | None = None) -> dict:
+def make_recipe(analysis: ModelAnalysis, plan: PruningPlan, model: nn.Module | None = None) -> dict:
     """The JSON-able recipe of `plan` applied to `analysis` (see module docstring)."""
     opts = analysis.options
     concrete = opts.get("concrete_args") or {}
@@ -132,7 +131,7 @@ def plan_of(recipe: dict) -> PruningPlan:
                        scale_inputs=[(n, o, v) for n, o, v in p.get("scale_inputs", [])])
 
 
-def _check_structures(recipe: dict, analysis) -> None:
+def _check_structures(recipe: dict, analysis: ModelAnalysis) -> None:
     """The plan's removed branches and concat inputs must be structures the analysis found."""
     found = {"remove_branches": {(b.add, b.operand) for b in analysis.structures.residual_branches},
              "drop_concat_inputs": {(c.cat, c.index) for c in analysis.structures.concat_inputs}}

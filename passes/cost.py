@@ -9,11 +9,15 @@ in microseconds. FLOPs are reported separately as 2 x MACs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch.fx as fx
 
 from .shapes import MACS
+
+if TYPE_CHECKING:  # the analysis' type, for annotations only (dependency imports the handlers)
+    from .dependency import ChannelAnalysis
 
 
 @dataclass
@@ -35,22 +39,22 @@ def _weight_target(node: fx.Node, gm: fx.GraphModule) -> str | None:
 class CostModel:
     """Counts of one analysed model; `macs(keep)`/`params(keep)` for a boolean over unit roots."""
 
-    def __init__(self, analysis):
-        self.analysis = analysis
-        root = analysis.root
+    def __init__(self, channels: ChannelAnalysis):
+        self.channels = channels
+        root = channels.root
         by_target: dict[str, list] = {}
-        for (target, _dim), m in analysis.members.items():
+        for (target, _dim), m in channels.members.items():
             by_target.setdefault(target, []).append(root[m.ids])
         self.node_macs: dict[str, _Scaled] = {}
-        for node in analysis.gm.graph.nodes:
+        for node in channels.gm.graph.nodes:
             macs = node.meta.get(MACS, 0)
             if not macs:
                 continue
-            target = _weight_target(node, analysis.gm)
+            target = _weight_target(node, channels.gm)
             self.node_macs[node.name] = _Scaled(float(macs), by_target.get(target, []))
         self.param_sizes: list[_Scaled] = []
         self.param_owner: list[str] = []
-        for name, p in analysis.gm.named_parameters():
+        for name, p in channels.gm.named_parameters():
             self.param_sizes.append(_Scaled(float(p.numel()), by_target.get(name, [])))
             self.param_owner.append(name)
         self.total_macs = sum(s.base for s in self.node_macs.values())

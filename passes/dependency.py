@@ -29,11 +29,11 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune.errors import ConfigError
-from .shapes import VALUE
 
 from .context import LAYOUT, AnalysisContext, Boundary, Member
 from .ops import handler_for
 from .ops.reshape import PARAM_SIZE_READ
+from .shapes import VALUE
 from .tensors import is_parametrized
 
 

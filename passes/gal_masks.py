@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ from torch import nn
 
 from .context import Layout
 from .gates import _unit_index
+
+if TYPE_CHECKING:  # the analysis' type, for annotations only (dependency imports the handlers)
+    from .dependency import ChannelAnalysis
 
 STRUCTURES = ("channel", "branch", "block")
 INITS = ("ones", "normal", "uniform")
@@ -111,37 +115,37 @@ def _site_of(gm: fx.GraphModule, producer: fx.Node) -> fx.Node:
     return producer
 
 
-def channel_sites(analysis) -> tuple[dict[int, list[tuple[fx.Node, np.ndarray, int]]], dict[str, str]]:
+def channel_sites(channels: ChannelAnalysis) -> tuple[dict[int, list[tuple[fx.Node, np.ndarray, int]]], dict[str, str]]:
     """Per prunable group: (site node, unit index per channel, channel dim) for every producer."""
-    group_of_root = {int(u): g.index for g in analysis.prunable_groups for u in g.units}
+    group_of_root = {int(u): g.index for g in channels.prunable_groups for u in g.units}
     calls: dict[str, int] = {}
-    for node in analysis.gm.graph.nodes:
+    for node in channels.gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     sites: dict[int, list] = {}
     skipped: dict[str, str] = {}
-    for node in analysis.gm.graph.nodes:
-        lay = analysis.layouts.get(node.name)
+    for node in channels.gm.graph.nodes:
+        lay = channels.layouts.get(node.name)
         if node.op != "call_module" or not isinstance(lay, Layout):
             continue
-        if not isinstance(analysis.gm.get_submodule(node.target), _PRODUCERS):
+        if not isinstance(channels.gm.get_submodule(node.target), _PRODUCERS):
             continue
-        gi = group_of_root.get(int(analysis.root[lay.ids[0]]))
+        gi = group_of_root.get(int(channels.root[lay.ids[0]]))
         if gi is None:
             continue
-        site = _site_of(analysis.gm, node)
-        units = _unit_index(analysis, analysis.groups[gi], analysis.layouts[site.name].ids)
+        site = _site_of(channels.gm, node)
+        units = _unit_index(channels, channels.groups[gi], channels.layouts[site.name].ids)
         if units is None or calls[site.target] > 1 or calls[node.target] > 1:
             skipped[f"group {gi}"] = f"{node.name}: shared module or channels outside the group"
             continue
-        sites.setdefault(gi, []).append((site, units, analysis.layouts[site.name].dim))
+        sites.setdefault(gi, []).append((site, units, channels.layouts[site.name].dim))
     for gi in [g for g in sites if f"group {g}" in skipped]:
         del sites[gi]  # a partly masked group would not be zero everywhere at mask 0
     return sites, skipped
 
 
-def _scalar_candidates(analysis, structures) -> list[tuple[str, str, int, list[str], int]]:
-    found = analysis.structures
+def _scalar_candidates(channels: ChannelAnalysis, structures) -> list[tuple[str, str, int, list[str], int]]:
+    found = channels.structures
     out = []
     if "block" in structures:
         best: dict[str, object] = {}
@@ -162,19 +166,19 @@ def _mul_after(graph: fx.Graph, node: fx.Node, scale: fx.Node, users) -> fx.Node
     return y
 
 
-def insert_soft_masks(analysis, structures=STRUCTURES, init: str = "ones", seed: int = 0) -> SoftMaskedModel:
+def insert_soft_masks(channels: ChannelAnalysis, structures=STRUCTURES, init: str = "ones", seed: int = 0) -> SoftMaskedModel:
     """Masked copy of `analysis.gm` (see module docstring)."""
-    gm = fx.GraphModule(analysis.gm, copy.deepcopy(analysis.gm.graph), analysis.gm.__class__.__name__)
+    gm = fx.GraphModule(channels.gm, copy.deepcopy(channels.gm.graph), channels.gm.__class__.__name__)
     nodes = {n.name: n for n in gm.graph.nodes}
-    like = next(iter(analysis.gm.parameters()), torch.zeros(()))
+    like = next(iter(channels.gm.parameters()), torch.zeros(()))
     gen = torch.Generator().manual_seed(seed)
     graph = gm.graph
     channel, scalar, skipped = [], [], {}
     if "channel" in structures:
-        sites, skipped = channel_sites(analysis)
+        sites, skipped = channel_sites(channels)
         for k, gi in enumerate(sorted(sites)):
             param = f"fxprune_gal_channel_{k}"
-            gm.register_parameter(param, nn.Parameter(_initial(analysis.groups[gi].n_units, init, like, gen)))
+            gm.register_parameter(param, nn.Parameter(_initial(channels.groups[gi].n_units, init, like, gen)))
             mask = ChannelMask(gi, param)
             for j, (site, units, dim) in enumerate(sites[gi]):
                 node = nodes[site.name]
@@ -194,7 +198,7 @@ def insert_soft_masks(analysis, structures=STRUCTURES, init: str = "ones", seed:
                 _mul_after(graph, node, s, users)
                 mask.sites.append(ChannelSite(site.name, index, dim))
             channel.append(mask)
-    for k, (kind, anchor, operand, branch, macs) in enumerate(_scalar_candidates(analysis, structures)):
+    for k, (kind, anchor, operand, branch, macs) in enumerate(_scalar_candidates(channels, structures)):
         param = f"fxprune_gal_{kind}_{k}"
         gm.register_parameter(param, nn.Parameter(_initial((), init, like, gen)))
         a = nodes[anchor]
@@ -214,5 +218,5 @@ def insert_soft_masks(analysis, structures=STRUCTURES, init: str = "ones", seed:
         scalar.append(ScalarMask(kind, anchor, operand, param, list(branch), int(macs)))
     graph.lint()
     gm.recompile()
-    gm.training = analysis.gm.training
+    gm.training = channels.gm.training
     return SoftMaskedModel(gm, channel, scalar, skipped)

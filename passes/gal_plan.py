@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ from .fold import fold_into
 from .gal_masks import SoftMaskedModel
 from .plan import PruningPlan, plan_keep_roots
 from .tensors import get_tensor
+
+if TYPE_CHECKING:  # the analysis' type, for annotations only (dependency imports the handlers)
+    from .dependency import ChannelAnalysis
 
 # y = f(x) with f(m * x) == m * f(x) for m >= 0: a scalar can move through them to the layer before
 _HOMOGENEOUS_FUNCS = {F.relu, torch.relu, F.leaky_relu, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
@@ -62,7 +66,7 @@ def _nonzero(t: torch.Tensor) -> np.ndarray:
     return (t.detach().reshape(-1) != 0).cpu().numpy()
 
 
-def mask_state(analysis, masked: SoftMaskedModel, zeroed: float | None = None) -> MaskState:
+def mask_state(channels: ChannelAnalysis, masked: SoftMaskedModel, zeroed: float | None = None) -> MaskState:
     """The structure the masks encode; `zeroed`: also treat masks <= this value as zero."""
     def alive(t):
         a = _nonzero(t)
@@ -84,7 +88,7 @@ def mask_state(analysis, masked: SoftMaskedModel, zeroed: float | None = None) -
     for s in dead:
         if s.kind == "branch":
             by_cat.setdefault(s.anchor, []).append(s)
-    cat_nodes = {n.name: n for n in analysis.gm.graph.nodes if n.name in by_cat}
+    cat_nodes = {n.name: n for n in channels.gm.graph.nodes if n.name in by_cat}
     for cat, drops in by_cat.items():
         if len(drops) == len(cat_nodes[cat].args[0]):
             dead.remove(min(drops, key=lambda s: s.operand))  # a concat keeps one input
@@ -92,7 +96,7 @@ def mask_state(analysis, masked: SoftMaskedModel, zeroed: float | None = None) -
                        remove_branches=[(s.anchor, s.operand) for s in dead if s.kind == "block"],
                        drop_concat_inputs=[(s.anchor, s.operand) for s in dead if s.kind == "branch"])
     removed = frozenset(n for s in dead for n in s.nodes)
-    return MaskState(plan, plan_keep_roots(analysis, plan), removed,
+    return MaskState(plan, plan_keep_roots(channels, plan), removed,
                      [s.anchor for s in dead if s.kind == "block"],
                      [f"{s.anchor}[{s.operand}]" for s in dead if s.kind == "branch"], widths)
 
@@ -101,14 +105,14 @@ def state_macs(cost, state: MaskState) -> float:
     return cost.macs(state.keep_roots, state.removed_nodes)
 
 
-def mask_costs(analysis, cost, masked: SoftMaskedModel) -> list[torch.Tensor]:
+def mask_costs(channels: ChannelAnalysis, cost, masked: SoftMaskedModel) -> list[torch.Tensor]:
     """MACs each mask entry saves when it alone goes to zero (from the full model), one tensor per
     mask parameter: a channel unit its group's per-unit share, a block/branch its branch's MACs."""
     total = cost.total_macs
     out = []
     for m in masked.channel:
-        group = analysis.groups[m.group]
-        saved = total - cost.macs(analysis.keep_roots({m.group: range(1, group.n_units)}))
+        group = channels.groups[m.group]
+        saved = total - cost.macs(channels.keep_roots({m.group: range(1, group.n_units)}))
         out.append(torch.full((group.n_units,), float(saved)))
     for s in masked.scalar:
         out.append(torch.tensor(float(s.macs)))
@@ -139,11 +143,11 @@ def _fold_scalar(gm: fx.GraphModule, anchor: fx.Node, x: fx.Node, value: float) 
         return fold_into(mod, torch.tensor([value], dtype=mod.weight.dtype, device=mod.weight.device))
 
 
-def fold_masks(analysis, masked: SoftMaskedModel, state: MaskState) -> list[tuple[str, int, float]]:
+def fold_masks(channels: ChannelAnalysis, masked: SoftMaskedModel, state: MaskState) -> list[tuple[str, int, float]]:
     """Multiply the surviving masks into `analysis.gm`'s modules (in place: pass a private copy);
     returns the scales nothing foldable precedes, as `PruningPlan.scale_inputs` edits (node,
     operand, value) for the rewrite to replay. The graph itself is not edited."""
-    gm = analysis.gm
+    gm = channels.gm
     nodes = {n.name: n for n in gm.graph.nodes}
     with torch.no_grad():
         for m in masked.channel:

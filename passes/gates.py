@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from torch import nn
 
 from .context import Layout
 from .fold import fold_into
+
+if TYPE_CHECKING:  # the analysis' type, for annotations only (dependency imports the handlers)
+    from .dependency import ChannelAnalysis
 
 _BN = nn.modules.batchnorm._BatchNorm
 _PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -47,28 +51,28 @@ class GatedModel:
         return [getattr(self.module, s.gate) for s in self.sites]
 
 
-def _unit_index(analysis, group, ids: np.ndarray) -> np.ndarray | None:
-    roots = analysis.root[ids]
+def _unit_index(channels: ChannelAnalysis, group, ids: np.ndarray) -> np.ndarray | None:
+    roots = channels.root[ids]
     lookup = {int(u): i for i, u in enumerate(group.units)}
     units = [lookup.get(int(r)) for r in roots]
     return None if any(u is None for u in units) else np.asarray(units, dtype=np.int64)
 
 
-def _sites(analysis) -> list[tuple[fx.Node, int, np.ndarray, int]]:
-    group_of_root = {int(u): g.index for g in analysis.prunable_groups for u in g.units}
+def _sites(channels: ChannelAnalysis) -> list[tuple[fx.Node, int, np.ndarray, int]]:
+    group_of_root = {int(u): g.index for g in channels.prunable_groups for u in g.units}
     found: dict[int, list] = {}
     producers: dict[int, list] = {}
-    for node in analysis.gm.graph.nodes:
-        lay = analysis.layouts.get(node.name)
+    for node in channels.gm.graph.nodes:
+        lay = channels.layouts.get(node.name)
         if node.op != "call_module" or not isinstance(lay, Layout):
             continue
-        gi = group_of_root.get(int(analysis.root[lay.ids[0]]))
+        gi = group_of_root.get(int(channels.root[lay.ids[0]]))
         if gi is None:
             continue
-        units = _unit_index(analysis, analysis.groups[gi], lay.ids)
+        units = _unit_index(channels, channels.groups[gi], lay.ids)
         if units is None:
             continue
-        mod = analysis.gm.get_submodule(node.target)
+        mod = channels.gm.get_submodule(node.target)
         target = found if isinstance(mod, _BN) else producers if isinstance(mod, _PRODUCERS) else None
         if target is not None:
             target.setdefault(gi, []).append((node, gi, units, lay.dim))
@@ -78,13 +82,13 @@ def _sites(analysis) -> list[tuple[fx.Node, int, np.ndarray, int]]:
     return sites
 
 
-def insert_gates(analysis) -> GatedModel:
+def insert_gates(channels: ChannelAnalysis) -> GatedModel:
     """Gated copy of `analysis.gm` (see module docstring)."""
-    gm = fx.GraphModule(analysis.gm, copy.deepcopy(analysis.gm.graph), analysis.gm.__class__.__name__)
+    gm = fx.GraphModule(channels.gm, copy.deepcopy(channels.gm.graph), channels.gm.__class__.__name__)
     nodes = {n.name: n for n in gm.graph.nodes}
-    params = next(iter(analysis.gm.parameters()), torch.zeros(()))
+    params = next(iter(channels.gm.parameters()), torch.zeros(()))
     sites = []
-    for k, (orig, gi, units, dim) in enumerate(_sites(analysis)):
+    for k, (orig, gi, units, dim) in enumerate(_sites(channels)):
         node = nodes[orig.name]
         ndim = len(orig.meta["fxprune_value"].shape)
         shape = [1] * ndim
@@ -106,11 +110,11 @@ def insert_gates(analysis) -> GatedModel:
         sites.append(GateSite(orig.name, gate, mask, gi, units))
     gm.graph.lint()
     gm.recompile()
-    gm.training = analysis.gm.training
+    gm.training = channels.gm.training
     return GatedModel(gm, sites)
 
 
-def fold_gates(analysis, gated: GatedModel) -> None:
+def fold_gates(channels: ChannelAnalysis, gated: GatedModel) -> None:
     """Multiply each site's gate*mask into its module (BN affine, or conv/linear rows), in place.
 
     The modules are shared with `analysis.gm`, so afterwards `analysis.gm` computes what the gated
@@ -119,7 +123,7 @@ def fold_gates(analysis, gated: GatedModel) -> None:
     with torch.no_grad():
         for s in gated.sites:
             scale = (getattr(gated.module, s.gate) * getattr(gated.module, s.mask)).reshape(-1)
-            node = next(n for n in analysis.gm.graph.nodes if n.name == s.node)
-            mod = analysis.gm.get_submodule(node.target)
+            node = next(n for n in channels.gm.graph.nodes if n.name == s.node)
+            mod = channels.gm.get_submodule(node.target)
             if not fold_into(mod, scale.detach()):
                 raise ValueError(f"cannot fold a gate into {s.node}: {type(mod).__name__} without affine parameters")

@@ -8,6 +8,8 @@ verification contract.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.fx as fx
@@ -16,17 +18,20 @@ from .module_copy import copy_sharing
 from .plan import PruningPlan, ResolvedPlan, insert_input_scales, resolve
 from .tensors import get_tensor, set_tensor
 
+if TYPE_CHECKING:  # the analysis' type, for annotations only (dependency imports the handlers)
+    from .dependency import ChannelAnalysis
 
-def masked_reference(analysis, plan: PruningPlan | ResolvedPlan) -> fx.GraphModule:
-    resolved = resolve(analysis, plan)
+
+def masked_reference(channels: ChannelAnalysis, plan: PruningPlan | ResolvedPlan) -> fx.GraphModule:
+    resolved = resolve(channels, plan)
     keep_root, plan = resolved.keep_roots, resolved.plan
-    everything = [name for name, _ in [*analysis.gm.named_parameters(), *analysis.gm.named_buffers()]]
-    ref = copy_sharing(analysis.gm, everything)  # shared tensors are only read; masked ones replaced
+    everything = [name for name, _ in [*channels.gm.named_parameters(), *channels.gm.named_buffers()]]
+    ref = copy_sharing(channels.gm, everything)  # shared tensors are only read; masked ones replaced
     with torch.no_grad():
-        for (target, dim), member in analysis.members.items():
+        for (target, dim), member in channels.members.items():
             if member.role != "in":
                 continue
-            kept = keep_root[analysis.root[member.ids]]
+            kept = keep_root[channels.root[member.ids]]
             if kept.all():
                 continue
             tensor = get_tensor(ref, target)

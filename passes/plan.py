@@ -14,11 +14,15 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch.fx as fx
 
 from .structures import exclusive_branch
+
+if TYPE_CHECKING:  # the analysis' type, for annotations only (dependency imports the handlers)
+    from .dependency import ChannelAnalysis
 
 
 @dataclass
@@ -60,37 +64,37 @@ class ResolvedPlan:
     kept_positions: dict  # {tensor: {dim: kept positions}} for every member tensor that loses something
 
 
-def resolve(analysis, plan) -> ResolvedPlan:
+def resolve(channels: ChannelAnalysis, plan) -> ResolvedPlan:
     """`plan` resolved against `analysis` (a ChannelAnalysis); a ResolvedPlan is returned as is."""
     if isinstance(plan, ResolvedPlan):
         return plan
-    keep = plan_keep_roots(analysis, plan)
-    return ResolvedPlan(plan, keep, plan_removed_nodes(analysis, plan), _kept_positions(analysis, keep))
+    keep = plan_keep_roots(channels, plan)
+    return ResolvedPlan(plan, keep, plan_removed_nodes(channels, plan), _kept_positions(channels, keep))
 
 
-def plan_keep_roots(analysis, plan: PruningPlan) -> np.ndarray:
+def plan_keep_roots(channels: ChannelAnalysis, plan: PruningPlan) -> np.ndarray:
     """Boolean over element roots, including the channels of dropped concat inputs."""
-    keep = analysis.keep_roots(plan.keep)
+    keep = channels.keep_roots(plan.keep)
     for cat, index in plan.drop_concat_inputs:
-        node = next(n for n in analysis.gm.graph.nodes if n.name == cat)
-        keep[analysis.root[analysis.layouts[node.args[0][index].name].ids]] = False
+        node = next(n for n in channels.gm.graph.nodes if n.name == cat)
+        keep[channels.root[channels.layouts[node.args[0][index].name].ids]] = False
     return keep
 
 
-def plan_removed_nodes(analysis, plan: PruningPlan) -> frozenset:
+def plan_removed_nodes(channels: ChannelAnalysis, plan: PruningPlan) -> frozenset:
     """Names of the nodes the plan's removed branches and dropped concat inputs take with them."""
     listed = {}
-    if analysis.structures is not None:  # the analysis already found each structure's nodes
-        listed.update({(b.add, b.operand): b.nodes for b in analysis.structures.residual_branches})
-        listed.update({(c.cat, c.index): c.nodes for c in analysis.structures.concat_inputs})
+    if channels.structures is not None:  # the analysis already found each structure's nodes
+        listed.update({(b.add, b.operand): b.nodes for b in channels.structures.residual_branches})
+        listed.update({(c.cat, c.index): c.nodes for c in channels.structures.concat_inputs})
     nodes = order = None
     removed: set[str] = set()
     for key in [*plan.remove_branches, *plan.drop_concat_inputs]:
         key = tuple(key)
         if key not in listed:  # a structure the analysis did not list: walk the graph
             if nodes is None:
-                nodes = {n.name: n for n in analysis.gm.graph.nodes}
-                order = {n: i for i, n in enumerate(analysis.gm.graph.nodes)}
+                nodes = {n.name: n for n in channels.gm.graph.nodes}
+                order = {n: i for i, n in enumerate(channels.gm.graph.nodes)}
             anchor = nodes[key[0]]
             listed[key] = [n.name for n in exclusive_branch(_scaled_input(anchor, key[1]), anchor, order)]
         removed.update(listed[key])
@@ -98,11 +102,11 @@ def plan_removed_nodes(analysis, plan: PruningPlan) -> frozenset:
     return frozenset(removed)
 
 
-def _kept_positions(analysis, keep_root: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
+def _kept_positions(channels: ChannelAnalysis, keep_root: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
     """{tensor: {dim: kept positions}} for every member tensor that loses something."""
     per_tensor: dict[str, dict[int, np.ndarray]] = {}
-    for (target, dim), member in analysis.members.items():
-        kept = keep_root[analysis.root[member.ids]]
+    for (target, dim), member in channels.members.items():
+        kept = keep_root[channels.root[member.ids]]
         if not kept.all():
             per_tensor.setdefault(target, {})[dim] = np.nonzero(kept)[0]
     return per_tensor
@@ -119,11 +123,11 @@ class GroupChoice:
     step: int  # kept units rounded up to a multiple of this (round_to)
 
 
-def group_choices(analysis, scores, min_channels, min_ratio, round_to) -> list[GroupChoice]:
+def group_choices(channels: ChannelAnalysis, scores, min_channels, min_ratio, round_to) -> list[GroupChoice]:
     """One GroupChoice per scored group: the channel rules of `Constraints`, in units."""
     out = []
     for gi, s in scores.items():
-        g = analysis.groups[gi]
+        g = channels.groups[gi]
         width = max(g.unit_channels, 1)
         minimum = max(1, math.ceil(max(min_channels, min_ratio * g.size) / width))
         step = 1 if not round_to else round_to // math.gcd(round_to, width)

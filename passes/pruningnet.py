@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,10 +39,12 @@ from torch.func import functional_call
 
 from fxprune.errors import ConfigError
 
-from .rewrite import apply_plan
-
 from .plan import PruningPlan
+from .rewrite import apply_plan
 from .tensors import get_tensor, set_tensor
+
+if TYPE_CHECKING:  # the analysis' type, for annotations only (dependency imports the handlers)
+    from .dependency import ChannelAnalysis
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -68,11 +71,11 @@ def _key(target: str) -> str:
     return target.replace(".", "__")
 
 
-def crops(analysis, keep_root: np.ndarray, device) -> dict:
+def crops(channels: ChannelAnalysis, keep_root: np.ndarray, device) -> dict:
     """{target: [(dim, kept indices)]} for every member tensor the keep-set slices."""
     out: dict[str, list] = {}
-    for (target, dim), member in analysis.members.items():
-        kept = keep_root[analysis.root[member.ids]]
+    for (target, dim), member in channels.members.items():
+        kept = keep_root[channels.root[member.ids]]
         if not kept.all():
             out.setdefault(target, []).append((dim, torch.as_tensor(np.nonzero(kept)[0], device=device)))
     return out
@@ -81,12 +84,12 @@ def crops(analysis, keep_root: np.ndarray, device) -> dict:
 class PruningNet(nn.Module):
     """Generators, BN banks and shared parameters of one analysed model (see module docstring)."""
 
-    def __init__(self, analysis, encoding, hidden: int = 32, bn_banks: bool = True, seed: int = 0,
+    def __init__(self, channels: ChannelAnalysis, encoding, hidden: int = 32, bn_banks: bool = True, seed: int = 0,
                  cache_size: int = 8):
         super().__init__()
         if hidden < 1:
             raise ConfigError(f"hidden={hidden} must be a positive layer width (the authors use 32 or 64)")
-        self.analysis = analysis  # ChannelAnalysis (a dataclass: not registered as a submodule)
+        self.channels = channels  # ChannelAnalysis (a dataclass: not registered as a submodule)
         self.encoding = encoding
         self.hidden = hidden
         self.generators = nn.ModuleDict()
@@ -97,11 +100,11 @@ class PruningNet(nn.Module):
         self._cache: OrderedDict = OrderedDict()  # genome -> (structure, crops)
         self.rng = np.random.default_rng(seed)
         genes_of = {}
-        for (target, _dim), member in analysis.members.items():
+        for (target, _dim), member in channels.members.items():
             genes_of.setdefault(target, set()).update(encoding.genes_of_ids(member.ids))
-        for name, p in analysis.gm.named_parameters():
+        for name, p in channels.gm.named_parameters():
             genes = sorted(genes_of.get(name, ()))
-            owner = analysis.gm.get_submodule(name.rpartition(".")[0])
+            owner = channels.gm.get_submodule(name.rpartition(".")[0])
             if _key(name) in self.generators or _key(name) in self.banks or _key(name) in self.shared:
                 raise ConfigError(f"parameter names {name!r} and another one collide once dots become '__'")
             if p.ndim >= 2 and genes:
@@ -135,8 +138,8 @@ class PruningNet(nn.Module):
             self._cache.move_to_end(genome)
             return hit
         keep_root = self.encoding.keep_roots(genome)
-        structure = apply_plan(self.analysis, self.plan(genome))
-        hit = (structure, crops(self.analysis, keep_root, self._device))
+        structure = apply_plan(self.channels, self.plan(genome))
+        hit = (structure, crops(self.channels, keep_root, self._device))
         self._cache[genome] = hit
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -177,31 +180,31 @@ class PruningNet(nn.Module):
     def materialize(self, genome) -> fx.GraphModule:
         """A new plain slim GraphModule of `genome` holding the PruningNet's tensors for it."""
         genome = self.encoding.check(genome)
-        slim = apply_plan(self.analysis, self.plan(genome))
+        slim = apply_plan(self.channels, self.plan(genome))
         for name, t in self.tensors(genome).items():
             set_tensor(slim, name, t.detach().clone())
-        slim.train(self.analysis.gm.training)
+        slim.train(self.channels.gm.training)
         return slim
 
-    def check_compatible(self, analysis, encoding) -> None:
+    def check_compatible(self, channels: ChannelAnalysis, encoding) -> None:
         """Refuse to reuse this PruningNet for another model or another width space."""
-        mine = [(n, tuple(p.shape)) for n, p in self.analysis.gm.named_parameters()]
-        theirs = [(n, tuple(p.shape)) for n, p in analysis.gm.named_parameters()]
+        mine = [(n, tuple(p.shape)) for n, p in self.channels.gm.named_parameters()]
+        theirs = [(n, tuple(p.shape)) for n, p in channels.gm.named_parameters()]
         if mine != theirs or self.encoding.signature() != encoding.signature():
             raise ConfigError("this PruningNet was built for another model or another width space (ratios, "
                               "round_to, min_channels, min_ratio): build a new one for this call")
 
 
 @torch.no_grad()
-def write_back(analysis, slim: nn.Module, keep_root: np.ndarray) -> None:
+def write_back(channels: ChannelAnalysis, slim: nn.Module, keep_root: np.ndarray) -> None:
     """Copy `slim`'s tensors into `analysis.gm`'s full-size ones at the kept positions, in place.
 
     Afterwards the core rewrite of `analysis.gm` with the same keep-set rebuilds exactly `slim`;
     the positions it drops keep their old values (nothing reads them).
     """
-    sliced = crops(analysis, keep_root, "cpu")
+    sliced = crops(channels, keep_root, "cpu")
     for name, t in [*slim.named_parameters(), *slim.named_buffers()]:
-        full = get_tensor(analysis.gm, name)
+        full = get_tensor(channels.gm, name)
         if full.shape == t.shape:
             full.copy_(t)
             continue

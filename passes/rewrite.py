@@ -14,6 +14,7 @@ Example::
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,16 +29,19 @@ from .shapes import VALUE
 from .structures import exclusive_branch
 from .tensors import get_tensor, replace_tensor
 
+if TYPE_CHECKING:  # the analysis' type, for annotations only (dependency imports the handlers)
+    from .dependency import ChannelAnalysis
+
 
 class RewriteContext:
     """What handlers see during the rewrite: the slim model's module tree (a plain root module; the
     GraphModule is built from it and the edited graph at the end) and the analysis' layouts."""
 
-    def __init__(self, analysis, slim: nn.Module, keep_root: np.ndarray):
-        self.analysis = analysis
+    def __init__(self, channels: ChannelAnalysis, slim: nn.Module, keep_root: np.ndarray):
+        self.channels = channels
         self.gm = slim
         self.keep_root = keep_root
-        self._orig_nodes = {n.name: n for n in analysis.gm.graph.nodes}
+        self._orig_nodes = {n.name: n for n in channels.gm.graph.nodes}
         self._modules: dict[str, nn.Module] = {}
         self._orig_modules: dict[str, nn.Module] = {}
 
@@ -49,13 +53,13 @@ class RewriteContext:
         return mod
 
     def layout(self, node: fx.Node):
-        return self.analysis.layouts.get(node.name) if isinstance(node, fx.Node) else None
+        return self.channels.layouts.get(node.name) if isinstance(node, fx.Node) else None
 
     def spec(self, node: fx.Node):
         return self._orig_nodes[node.name].meta[VALUE]
 
     def kept(self, ids: np.ndarray) -> np.ndarray:
-        return self.keep_root[self.analysis.root[ids]]
+        return self.keep_root[self.channels.root[ids]]
 
     def kept_count(self, ids: np.ndarray) -> int:
         return int(self.kept(ids).sum())
@@ -63,11 +67,11 @@ class RewriteContext:
     def original_module_attr(self, target: str, attr: str):
         mod = self._orig_modules.get(target)
         if mod is None:
-            mod = self._orig_modules[target] = self.analysis.gm.get_submodule(target)
+            mod = self._orig_modules[target] = self.channels.gm.get_submodule(target)
         return getattr(mod, attr)
 
     def original_shape(self, target: str) -> tuple:
-        return tuple(get_tensor(self.analysis.gm, target).shape)
+        return tuple(get_tensor(self.channels.gm, target).shape)
 
 
 def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
@@ -139,21 +143,21 @@ def _slice_members(root: nn.Module, graph: fx.Graph, per_tensor: dict[str, dict[
             replace_tensor(owner, name, _gather(tensor, index))
 
 
-def apply_plan(analysis, plan: PruningPlan | ResolvedPlan) -> fx.GraphModule:
+def apply_plan(channels: ChannelAnalysis, plan: PruningPlan | ResolvedPlan) -> fx.GraphModule:
     """A new slim GraphModule (see module docstring); `plan` may already be resolved (`resolve`)."""
-    resolved = resolve(analysis, plan)
+    resolved = resolve(channels, plan)
     per_tensor = resolved.kept_positions
-    root, graph = copy_parts(analysis.gm, per_tensor)  # the tensors about to be sliced are not copied
+    root, graph = copy_parts(channels.gm, per_tensor)  # the tensors about to be sliced are not copied
     _remove_structures(graph, resolved.plan)
     _slice_members(root, graph, per_tensor)
-    rctx = RewriteContext(analysis, root, resolved.keep_roots)
+    rctx = RewriteContext(channels, root, resolved.keep_roots)
     for node in list(graph.nodes):
         handler = handler_for(node, rctx) if node.op.startswith("call") else None
         if handler is not None:
             handler.rewrite(rctx, node)
     insert_input_scales(graph, resolved.plan.scale_inputs)
     graph.lint()
-    slim = fx.GraphModule(root, graph, type(analysis.gm).__name__)  # keeps only what the graph uses
+    slim = fx.GraphModule(root, graph, type(channels.gm).__name__)  # keeps only what the graph uses
     if resolved.plan.fold_scales:
         fold_channel_scales(slim, resolved.plan.fold_scales)
     return slim

@@ -28,12 +28,13 @@ import torch
 import torch._prims_common as _prims
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.utils.stateless import _reparametrize_module
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.errors import InputError
+
 from .inputs import ExampleInputs
 from .tracer import preserved_module_state
 

@@ -17,12 +17,16 @@ from __future__ import annotations
 import heapq
 import operator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 
 from .context import Layout
 from .ops.registry import get_arg
+
+if TYPE_CHECKING:  # the analysis' type, for annotations only (dependency imports the handlers)
+    from .dependency import ChannelAnalysis
 
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 
@@ -81,20 +85,20 @@ def _macs(nodes) -> int:
     return int(sum(n.meta.get("fxprune_macs", 0) for n in nodes))
 
 
-def find_structures(analysis) -> Structures:
+def find_structures(channels: ChannelAnalysis) -> Structures:
     found = Structures()
-    order = {n: i for i, n in enumerate(analysis.gm.graph.nodes)}
-    for node in analysis.gm.graph.nodes:
-        lay = analysis.layouts.get(node.name)
+    order = {n: i for i, n in enumerate(channels.gm.graph.nodes)}
+    for node in channels.gm.graph.nodes:
+        lay = channels.layouts.get(node.name)
         if node.target in _ADDS and isinstance(lay, Layout):
-            _residual(node, analysis, found, order)
+            _residual(node, channels, found, order)
         if node.target in (torch.cat, torch.concat) and isinstance(lay, Layout):
-            _concat(node, lay, analysis, found, order)
-    analysis.structures = found
+            _concat(node, lay, channels, found, order)
+    channels.structures = found
     return found
 
 
-def _residual(node, analysis, found, order):
+def _residual(node, channels: ChannelAnalysis, found, order):
     operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
     if len(operands) != 2 or node.kwargs:
         return
@@ -108,12 +112,12 @@ def _residual(node, analysis, found, order):
             found.residual_branches.append(ResidualBranch(node.name, i, [n.name for n in nodes], _macs(nodes)))
 
 
-def _concat(node, lay, analysis, found, order):
+def _concat(node, lay, channels: ChannelAnalysis, found, order):
     inputs = list(get_arg(node, 0, "tensors"))
     if get_arg(node, 1, "dim", 0) % len(node.meta["fxprune_value"].shape) != lay.dim:
         return
     for i, x in enumerate(inputs):
-        x_lay = analysis.layouts.get(x.name)
+        x_lay = channels.layouts.get(x.name)
         if not isinstance(x_lay, Layout) or inputs.count(x) > 1:
             continue
         nodes = exclusive_branch(x, node, order)

@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fxprune.errors import ConfigError
 
 from .plan import group_choices, kept_count
+
+if TYPE_CHECKING:  # the analysis' type, for annotations only (dependency imports the handlers)
+    from .dependency import ChannelAnalysis
 
 DEFAULT_RATIOS = tuple(round(0.10 + 0.03 * i, 2) for i in range(31))  # 0.10, 0.13, ..., 1.00
 
@@ -37,7 +41,7 @@ DEFAULT_RATIOS = tuple(round(0.10 + 0.03 * i, 2) for i in range(31))  # 0.10, 0.
 class WidthEncoding:
     """Genes (prunable groups) and their choices of kept unit counts (ascending, distinct)."""
 
-    analysis: object = field(repr=False)  # passes.dependency.ChannelAnalysis
+    channels: object = field(repr=False)  # passes.dependency.ChannelAnalysis
     groups: tuple  # group index of each gene
     sizes: tuple  # units of each gene's group
     choices: tuple  # np.ndarray of kept unit counts per gene
@@ -71,7 +75,7 @@ class WidthEncoding:
         return {gi: np.arange(k) for gi, k in zip(self.groups, self.counts(genome))}
 
     def keep_roots(self, genome) -> np.ndarray:
-        return self.analysis.keep_roots(self.keep(genome))
+        return self.channels.keep_roots(self.keep(genome))
 
     def full(self) -> tuple:
         return tuple(n - 1 for n in self.space)
@@ -101,7 +105,7 @@ class WidthEncoding:
 
     def genes_of_ids(self, ids: np.ndarray) -> list:
         """Genes whose channels appear among element ids (a tensor layout or a member)."""
-        genes = np.unique(self.gene_of_root[self.analysis.root[np.asarray(ids, dtype=np.int64)]])
+        genes = np.unique(self.gene_of_root[self.channels.root[np.asarray(ids, dtype=np.int64)]])
         return [int(g) for g in genes if g >= 0]
 
     def macs(self, cost, genome) -> float:
@@ -115,27 +119,27 @@ class WidthEncoding:
         """JSON-plain widths: one row per gene."""
         rows = []
         for gi, k, n in zip(self.groups, self.counts(genome), self.sizes):
-            g = self.analysis.groups[gi]
+            g = self.channels.groups[gi]
             rows.append({"group": int(gi), "leading": g.leading.target, "units": int(n),
                          "kept_units": int(k), "channels": int(g.size), "kept_channels": int(k * g.unit_channels)})
         return rows
 
     def signature(self) -> tuple:
         """What must match for a PruningNet to be reused with another analysis of the same model."""
-        return tuple((gi, self.analysis.groups[gi].leading.target, n, tuple(int(v) for v in c))
+        return tuple((gi, self.channels.groups[gi].leading.target, n, tuple(int(v) for v in c))
                      for gi, n, c in zip(self.groups, self.sizes, self.choices))
 
 
-def build_encoding(analysis, ratios=DEFAULT_RATIOS, *, round_to: int | None = None, min_channels: int = 1,
+def build_encoding(channels: ChannelAnalysis, ratios=DEFAULT_RATIOS, *, round_to: int | None = None, min_channels: int = 1,
                    min_ratio: float = 0.0) -> WidthEncoding:
     """One gene per prunable group of `analysis` (a ChannelAnalysis); see the module docstring."""
 
     ratios = tuple(float(r) for r in ratios)
     if not ratios or any(not 0 < r <= 1 for r in ratios):
         raise ConfigError(f"width ratios {ratios} must be a non-empty list of fractions in (0, 1]")
-    zero = {g.index: np.zeros(g.n_units) for g in analysis.prunable_groups}
-    picks = group_choices(analysis, zero, min_channels, min_ratio, round_to)
-    gene_of_root = np.full(len(analysis.root), -1, dtype=np.int64)
+    zero = {g.index: np.zeros(g.n_units) for g in channels.prunable_groups}
+    picks = group_choices(channels, zero, min_channels, min_ratio, round_to)
+    gene_of_root = np.full(len(channels.root), -1, dtype=np.int64)
     groups, sizes, choices = [], [], []
     for gene, c in enumerate(picks):
         n = len(c.units)
@@ -144,7 +148,7 @@ def build_encoding(analysis, ratios=DEFAULT_RATIOS, *, round_to: int | None = No
         sizes.append(n)
         choices.append(np.asarray(counts, dtype=np.int64))
         gene_of_root[c.units] = gene
-    return WidthEncoding(analysis, tuple(groups), tuple(sizes), tuple(choices), gene_of_root)
+    return WidthEncoding(channels, tuple(groups), tuple(sizes), tuple(choices), gene_of_root)
 
 
 def ratio_grid(minimum: float = 0.10, step: float = 0.03, maximum: float = 1.0) -> tuple:

@@ -194,9 +194,10 @@ def test_output_fingerprint_catches_a_different_function(edited):
 
 def test_weights_swapped_for_other_values_of_the_same_shapes(edited, artifact):
     """The weights' checksum is resealed too: only the output fingerprint can notice."""
+    import hashlib
+
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
-    import hashlib
 
     folder, recipe = edited
     tensors = st_load((folder / "model.safetensors").read_bytes())

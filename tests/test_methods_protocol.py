@@ -7,12 +7,19 @@ import copy
 
 import pytest
 import torch
+from fxprune.passes.plan import PruningPlan
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxprune
 from fxprune.constraints import Constraints
-from fxprune.methods import METHODS, MethodContext, MethodResult, get_method, make_options, register_method
-from fxprune.passes.plan import PruningPlan
+from fxprune.methods import (
+    METHODS,
+    MethodContext,
+    MethodResult,
+    get_method,
+    make_options,
+    register_method,
+)
 
 from .handler_models import Residual
 

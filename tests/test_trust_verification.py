@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fxprune.passes.inputs import ExampleInputs
+from fxprune.passes.mask import masked_reference
 from torch import nn
 
 import fxprune
 from fxprune import api
 from fxprune.constraints import Constraints
-from fxprune.passes.inputs import ExampleInputs
 from fxprune.methods import MethodContext, get_method
-from fxprune.passes.mask import masked_reference
 from fxprune.verify import compare, verify
 
 from .conftest import outputs

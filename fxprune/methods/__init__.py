@@ -8,10 +8,25 @@
 
 `fxprune.compress(model, method=name, ...)` looks the name up here; `register_method(obj)` adds one.
 """
-from .base import METHODS, Method, MethodContext, MethodResult, get_method, make_options, register_method
+from .base import (
+    METHODS,
+    Method,
+    MethodContext,
+    MethodResult,
+    get_method,
+    make_options,
+    register_method,
+)
 from .gal import GALMethod, GALOptions
 from .gate_decorator import GateDecoratorMethod, GateDecoratorOptions
-from .magnitude import MAGNITUDE_METHODS, BNScale, Criterion, MagnitudeMethod, Norm, RandomScore
+from .magnitude import (
+    MAGNITUDE_METHODS,
+    BNScale,
+    Criterion,
+    MagnitudeMethod,
+    Norm,
+    RandomScore,
+)
 from .metapruning import MetaPruningMethod, MetaPruningOptions
 
 for _method in (*MAGNITUDE_METHODS, GateDecoratorMethod(), GALMethod(), MetaPruningMethod()):

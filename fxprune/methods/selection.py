@@ -22,8 +22,8 @@ def normalize(scores: np.ndarray) -> np.ndarray:
     return scores / mean if mean > 0 else np.zeros_like(scores)
 
 
-def _keep_array(analysis, choices, kept_counts) -> np.ndarray:
-    keep = np.ones(len(analysis.root), dtype=bool)
+def _keep_array(channels, choices, kept_counts) -> np.ndarray:
+    keep = np.ones(len(channels.root), dtype=bool)
     for c, kept in zip(choices, kept_counts):
         keep[c.units[c.order[: len(c.units) - kept]]] = False
     return keep

@@ -32,9 +32,9 @@ import torch
 from ..api import compress
 from ..artifacts import atomic_write, save
 from ..export import check_exports
-from ..passes.inputs import ExampleInputs
 from ..latency import median_latency_ms
 from ..models import build_model
+from ..passes.inputs import ExampleInputs
 from ..verify import randomize_degenerate_weights
 
 

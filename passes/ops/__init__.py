@@ -3,6 +3,12 @@
 Importing this package fills the registry; an op without a handler is a boundary.
 """
 from . import conv, elementwise, linear, norm, passthrough, reduce, reshape, slicing  # noqa: F401
-from .registry import OpHandler, handler_for, register_function, register_method, register_module
+from .registry import (
+    OpHandler,
+    handler_for,
+    register_function,
+    register_method,
+    register_module,
+)
 
 __all__ = ["OpHandler", "handler_for", "register_function", "register_method", "register_module"]

@@ -12,7 +12,14 @@ from torch import nn
 
 from ..context import Layout
 from ..tensors import present, read_tensor
-from .registry import OpHandler, get_arg, get_attr_target, register_function, register_module, set_arg
+from .registry import (
+    OpHandler,
+    get_arg,
+    get_attr_target,
+    register_function,
+    register_module,
+    set_arg,
+)
 
 
 def _couple_groups(ctx, in_ids: np.ndarray, out_ids: np.ndarray, groups: int) -> None:

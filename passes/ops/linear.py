@@ -10,7 +10,13 @@ from torch import nn
 
 from ..context import Layout
 from ..tensors import present, read_tensor
-from .registry import OpHandler, get_arg, get_attr_target, register_function, register_module
+from .registry import (
+    OpHandler,
+    get_arg,
+    get_attr_target,
+    register_function,
+    register_module,
+)
 
 
 def analyze_linear(ctx, node, x, weight: str, bias: str | None) -> Layout:

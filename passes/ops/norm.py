@@ -5,13 +5,19 @@ so those channels stay (pruning one would change every other channel's output).
 from __future__ import annotations
 
 import numpy as np
-
 import torch.nn.functional as F
 from torch import nn
 
 from ..context import Layout
 from ..tensors import present, read_tensor
-from .registry import OpHandler, get_arg, get_attr_target, register_function, register_module, set_arg
+from .registry import (
+    OpHandler,
+    get_arg,
+    get_attr_target,
+    register_function,
+    register_module,
+    set_arg,
+)
 
 _BN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 

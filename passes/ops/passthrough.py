@@ -13,7 +13,13 @@ from torch import nn
 
 from ..context import Layout
 from ..tensors import read_tensor
-from .registry import OpHandler, get_arg, register_function, register_method, register_module
+from .registry import (
+    OpHandler,
+    get_arg,
+    register_function,
+    register_method,
+    register_module,
+)
 
 _MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,

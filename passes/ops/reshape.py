@@ -17,7 +17,13 @@ import torch.fx as fx
 from torch import nn
 
 from ..context import Layout
-from .registry import OpHandler, get_arg, register_function, register_method, register_module
+from .registry import (
+    OpHandler,
+    get_arg,
+    register_function,
+    register_method,
+    register_module,
+)
 
 
 def merged_position(in_shape, out_shape, c: int):

@@ -57,12 +57,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxprune.passes.fuse_masked_conv import fuse_masked_convs
-from fxprune.passes.gal_masks import INITS, STRUCTURES, SoftMaskedModel, insert_soft_masks
-from fxprune.passes.gal_plan import fold_masks, mask_costs, mask_state, state_macs
-
+from fxprune.analysis import ModelAnalysis
 from fxprune.errors import ConfigError, TargetUnreachableError
-from fxprune.train import TrainingError, _batches, _bar
+from fxprune.passes.fuse_masked_conv import fuse_masked_convs
+from fxprune.passes.gal_masks import (
+    INITS,
+    STRUCTURES,
+    SoftMaskedModel,
+    insert_soft_masks,
+)
+from fxprune.passes.gal_plan import fold_masks, mask_costs, mask_state, state_macs
+from fxprune.train import TrainingError, _bar, _batches
 from fxprune.verify import eval_mode
 
 from ..base import MethodContext, MethodResult
@@ -322,7 +327,6 @@ def _loop(run: _Run, opts: GALOptions, analysis, cost, data, epochs: int, lr: fl
         raise TrainingError("the GAL data is empty: pass an iterable of input batches or (inputs, targets)")
     if opts.max_steps_per_epoch:
         per_epoch = min(per_epoch or opts.max_steps_per_epoch, opts.max_steps_per_epoch)
-    total = (per_epoch or 1) * epochs
     mask_lr = opts.mask_lr or opts.lr
     it, rows, last_factor = 0, [], 1.0
     run.masked.module.train()
@@ -364,7 +368,7 @@ def _loop(run: _Run, opts: GALOptions, analysis, cost, data, epochs: int, lr: fl
     return rows
 
 
-def gal(analysis, data: Iterable, flops: float, opts: GALOptions, teacher_source: nn.Module):
+def gal(analysis: ModelAnalysis, data: Iterable, flops: float, opts: GALOptions, teacher_source: nn.Module):
     """Run GAL on `analysis`'s model (trained and folded in place: pass a private copy); returns
     (state, details). The plan in `state` carries every graph edit (`scale_inputs` included)."""
     if data is None:

@@ -34,12 +34,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxprune.passes.fuse_masked_conv import fuse_masked_convs
-from fxprune.passes.gates import GatedModel, fold_gates, insert_gates
 from fxprune.constraints import Constraints
 from fxprune.errors import ConfigError, TargetUnreachableError
-from fxprune.train import TrainConfig, TrainingError, is_distributed, sync_from_rank0, train
+from fxprune.passes.fuse_masked_conv import fuse_masked_convs
+from fxprune.passes.gates import GatedModel, fold_gates, insert_gates
 from fxprune.passes.plan import PruningPlan
+from fxprune.train import (
+    TrainConfig,
+    TrainingError,
+    is_distributed,
+    sync_from_rank0,
+    train,
+)
 
 from ..base import MethodContext, MethodResult
 from ..selection import select
@@ -76,9 +82,9 @@ class GateDecoratorOptions:
 class _Scores:
     """Per-unit Taylor scores of every prunable group, accumulated after each backward pass."""
 
-    def __init__(self, analysis, gated: GatedModel):
+    def __init__(self, channels, gated: GatedModel):
         self.gated = gated
-        self.per_group = {g.index: np.zeros(g.n_units) for g in analysis.prunable_groups}
+        self.per_group = {g.index: np.zeros(g.n_units) for g in channels.prunable_groups}
 
     def reset(self):
         for v in self.per_group.values():
@@ -104,17 +110,17 @@ class _Scores:
             np.add.at(self.per_group[s.group], s.unit_of_channel, score)
 
 
-def _mask_units(analysis, gated: GatedModel, keep: dict[int, np.ndarray]) -> None:
+def _mask_units(channels, gated: GatedModel, keep: dict[int, np.ndarray]) -> None:
     with torch.no_grad():
         for s in gated.sites:
             mask = getattr(gated.module, s.mask)
-            kept = np.zeros(analysis.groups[s.group].n_units, dtype=bool)
+            kept = np.zeros(channels.groups[s.group].n_units, dtype=bool)
             kept[keep[s.group]] = True
             mask.copy_(torch.as_tensor(kept[s.unit_of_channel], dtype=mask.dtype).reshape(mask.shape))
 
 
-def _macs(analysis, cost, keep) -> float:
-    return cost.macs(analysis.keep_roots(keep))
+def _macs(channels, cost, keep) -> float:
+    return cost.macs(channels.keep_roots(keep))
 
 
 def _tick(gated, scores, data, opts, targets_from) -> None:
@@ -143,7 +149,7 @@ def _tock(gated, data, opts, epochs, penalty, targets_from, momentum=0.9) -> Non
           extra_loss=extra, targets_from=targets_from)
 
 
-def _prune_step(analysis, scores, keep, opts, repeats: dict[int, int]) -> dict[int, np.ndarray]:
+def _prune_step(channels, scores, keep, opts, repeats: dict[int, int]) -> dict[int, np.ndarray]:
     """Drop floor(p * remaining) units by the authors' global threshold; returns the new keep.
 
     Each group's candidates (all but its top `min_keep_ratio`, at least 1) enter the ranking once
@@ -151,7 +157,7 @@ def _prune_step(analysis, scores, keep, opts, repeats: dict[int, int]) -> dict[i
     """
     candidates, pool = [], []
     for gi, kept in keep.items():
-        minimal = max(1, math.floor(opts.min_keep_ratio * analysis.groups[gi].n_units))
+        minimal = max(1, math.floor(opts.min_keep_ratio * channels.groups[gi].n_units))
         s = scores.per_group[gi][kept]
         protected = set(kept[np.argsort(-s, kind="stable")[:minimal]].tolist())
         candidates.append((gi, protected))
@@ -168,7 +174,7 @@ def _prune_step(analysis, scores, keep, opts, repeats: dict[int, int]) -> dict[i
     return new
 
 
-def gate_decorator(analysis, cost, data: Iterable, flops: float, opts: GateDecoratorOptions,
+def gate_decorator(channels, cost, data: Iterable, flops: float, opts: GateDecoratorOptions,
                    targets_from: nn.Module | None = None, log: list | None = None) -> PruningPlan:
     """Run the method on `analysis.gm`'s modules (trained in place) and return the plan.
 
@@ -180,44 +186,44 @@ def gate_decorator(analysis, cost, data: Iterable, flops: float, opts: GateDecor
     if data is None:
         raise TrainingError("gate_decorator needs data=: an iterable of (inputs, targets) batches")
     torch.manual_seed(opts.seed)
-    gated = insert_gates(analysis)
+    gated = insert_gates(channels)
     if opts.fused_kernels:  # same parameters and mask buffers; masked convs skip their pruned channels
         gated = GatedModel(fuse_masked_convs(gated.module, mode="hard"), gated.sites)
-    scores = _Scores(analysis, gated)
-    keep = {g.index: np.arange(g.n_units) for g in analysis.prunable_groups}
+    scores = _Scores(channels, gated)
+    keep = {g.index: np.arange(g.n_units) for g in channels.prunable_groups}
     budget = flops * cost.total_macs
     repeats: dict[int, int] = {}
     for site in gated.sites:
         repeats[site.group] = repeats.get(site.group, 0) + 1
     if opts.schedule == "one_shot":
         _tick(gated, scores, data, opts, targets_from)
-        plan = select(analysis, cost, {gi: scores.per_group[gi] for gi in keep},
+        plan = select(channels, cost, {gi: scores.per_group[gi] for gi in keep},
                       Constraints(flops=flops, min_ratio=opts.min_keep_ratio))
         keep = _broadcast(plan.keep)
     else:
         if opts.schedule == "tick_tock":
             _tock(gated, data, opts, opts.tock_epochs, opts.sparse_lambda, targets_from)
         ticks = 0
-        while _macs(analysis, cost, keep) > budget:
+        while _macs(channels, cost, keep) > budget:
             if ticks >= opts.max_ticks:
-                raise TargetUnreachableError(flops, _macs(analysis, cost, keep) / cost.total_macs,
+                raise TargetUnreachableError(flops, _macs(channels, cost, keep) / cost.total_macs,
                                              f" after max_ticks={opts.max_ticks} Ticks")
             _tick(gated, scores, data, opts, targets_from)
-            new = _prune_step(analysis, scores, keep, opts, repeats)
+            new = _prune_step(channels, scores, keep, opts, repeats)
             if all(len(new[g]) == len(keep[g]) for g in keep):
-                raise TargetUnreachableError(flops, _macs(analysis, cost, keep) / cost.total_macs,
+                raise TargetUnreachableError(flops, _macs(channels, cost, keep) / cost.total_macs,
                                              " (every group is at its 10% minimum)")
             keep = _broadcast(new)
-            _mask_units(analysis, gated, keep)
+            _mask_units(channels, gated, keep)
             ticks += 1
-            log.append({"tick": ticks, "macs_ratio": _macs(analysis, cost, keep) / cost.total_macs})
-            if opts.schedule == "tick_tock" and ticks % opts.T == 0 and _macs(analysis, cost, keep) > budget:
+            log.append({"tick": ticks, "macs_ratio": _macs(channels, cost, keep) / cost.total_macs})
+            if opts.schedule == "tick_tock" and ticks % opts.T == 0 and _macs(channels, cost, keep) > budget:
                 _tock(gated, data, opts, opts.tock_epochs, opts.sparse_lambda, targets_from)
-    _mask_units(analysis, gated, keep)
+    _mask_units(channels, gated, keep)
     if opts.finetune_epochs:
         _tock(gated, data, opts, opts.finetune_epochs, 0.0, targets_from, momentum=0.0)
     sync_from_rank0(gated.module)  # BN statistics drift per rank after the last step
-    fold_gates(analysis, gated)
+    fold_gates(channels, gated)
     return PruningPlan(keep=keep)
 
 

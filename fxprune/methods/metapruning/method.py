@@ -38,15 +38,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Subset
 
-from fxprune.passes.pruningnet import PruningNet, reinitialize, write_back
-from fxprune.passes.plan import PruningPlan
-from fxprune.passes.width_encoding import DEFAULT_RATIOS, build_encoding
-
-from fxprune.analysis import analyze
+from fxprune.analysis import ModelAnalysis, analyze
 from fxprune.constraints import Constraints
 from fxprune.errors import ConfigError, TargetUnreachableError
 from fxprune.latency_table import LatencyTable
-from fxprune.train import TrainConfig, TrainingError, _split_batch, evaluate, recalibrate_bn, train
+from fxprune.passes.plan import PruningPlan
+from fxprune.passes.pruningnet import PruningNet, reinitialize, write_back
+from fxprune.passes.width_encoding import DEFAULT_RATIOS, build_encoding
+from fxprune.train import (
+    TrainConfig,
+    TrainingError,
+    _split_batch,
+    evaluate,
+    recalibrate_bn,
+    train,
+)
 
 from ..base import MethodContext, MethodResult
 from .evolution import EvolutionConfig, evolve
@@ -274,7 +280,7 @@ def _final_training(slim, data, opts: MetaPruningOptions, targets_from) -> list:
 
 
 # -- the registry's runner ------------------------------------------------------------------------
-def metapruning(analysis, data, constraints: Constraints, opts: MetaPruningOptions, targets_from=None):
+def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: MetaPruningOptions, targets_from=None):
     """Train (or reuse) a PruningNet, search under the limits; the chosen structure's generated
     (and optionally trained) weights are written into `analysis`'s model: pass a private copy.
     Returns (plan, details)."""
