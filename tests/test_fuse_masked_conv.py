@@ -11,17 +11,17 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-from torch.utils.data import DataLoader, TensorDataset
-
-import fxprune
-from fxprune.methods.gate_decorator.method import _mask_units
 from fxprune.passes.fuse_masked_conv import META, fuse_masked_convs
 from fxprune.passes.gates import fold_gates, insert_gates
 from fxprune.passes.plan import PruningPlan
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
 
-from .handler_models import Depthwise, Residual
+import fxprune
+from fxprune.methods.gate_decorator.method import _mask_units
+
+from .handler_models import Depthwise, Residual, ResidualClassifier
 
 OP = torch.ops.fxprune.masked_conv2d.default
 
@@ -278,14 +278,7 @@ def test_inductor_compiled_fused_graph_agrees():
     assert torch.allclose(torch.compile(fused)(x), expected, atol=1e-5)
 
 
-class _Head(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = Residual()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.fc(self.body(x).mean((2, 3)))
+_Head = ResidualClassifier
 
 
 @pytest.mark.parametrize("schedule", ["one_shot", "tick_only"])

@@ -5,16 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fxprune.passes.gates import fold_gates, insert_gates
+from fxprune.passes.plan import PruningPlan
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxprune
 from fxprune.methods.gate_decorator.method import GateDecoratorOptions, _Scores
 from fxprune.train import TrainConfig, TrainingError, train
-from fxprune.passes.gates import fold_gates, insert_gates
-from fxprune.passes.plan import PruningPlan
 
 from .conftest import assert_close_outputs
-from .handler_models import Residual
+from .handler_models import ResidualClassifier
 
 
 def _data(n=64, seed=0, labels=True):
@@ -25,16 +25,7 @@ def _data(n=64, seed=0, labels=True):
     return DataLoader(ds, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
 
 
-class _Head(torch.nn.Module):
-    """Residual net with a classifier, so CE losses make sense."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = Residual()
-        self.fc = torch.nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.fc(self.body(x).mean((2, 3)))
+_Head = ResidualClassifier
 
 
 def _analysis(model=None):

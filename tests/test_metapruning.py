@@ -6,22 +6,28 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fxprune.passes.plan import PruningPlan
+from fxprune.passes.pruningnet import PruningNet, write_back
+from fxprune.passes.rewrite import apply_plan
+from fxprune.passes.tensors import get_tensor
+from fxprune.passes.width_encoding import DEFAULT_RATIOS, build_encoding, ratio_grid
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxprune
 from fxprune.latency_table import LatencyTable
-from fxprune.methods.metapruning.method import LatencyUnreachableError, MetaPruningOptions, pretrain, split_data
+from fxprune.methods.metapruning.method import (
+    LatencyUnreachableError,
+    MetaPruningOptions,
+    pretrain,
+    split_data,
+)
 from fxprune.nets import resnet20
 from fxprune.train import TrainingError, evaluate
-from fxprune.passes.pruningnet import PruningNet, write_back
-from fxprune.passes.rewrite import apply_plan
-from fxprune.passes.plan import PruningPlan
-from fxprune.passes.tensors import get_tensor
-from fxprune.passes.width_encoding import DEFAULT_RATIOS, build_encoding, ratio_grid
 
 from .conftest import assert_close_outputs, measured_macs, n_params, outputs
-from .handler_models import HANDLER_MODELS, Residual
+from .handler_models import HANDLER_MODELS, Residual, ResidualClassifier
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -156,13 +162,7 @@ def _loader(n=96, shape=(3, 8, 8), classes=4, bs=16, seed=0, labels=True):
     return DataLoader(ds, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
 
-class _Head(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body, self.fc = Residual(), nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.fc(self.body(x).mean((2, 3)))
+_Head = ResidualClassifier
 
 
 def test_split_holds_out_disjoint_data():

@@ -21,21 +21,10 @@ from fxprune.methods import (
     register_method,
 )
 
-from .handler_models import Residual
+from .handler_models import Residual, ResidualClassifier
 
 X = torch.randn(2, 3, 8, 8)
 
-
-class Classifier(torch.nn.Module):
-    """A residual body and a linear head, so every method's loss makes sense."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = Residual()
-        self.fc = torch.nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.fc(self.body(x).mean((2, 3)))
 FAST = {
     "gate_decorator": dict(schedule="one_shot", finetune_epochs=0),
     "gal": dict(structures=("channel", "block"), epochs=1, mask_step=1, lam=5.0),
@@ -63,7 +52,7 @@ def _same(a, b):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_leaves_model_and_analysis_unchanged(name):
     torch.manual_seed(0)
-    model = Classifier().eval()
+    model = ResidualClassifier().eval()
     before = _snapshot(model)
     analysis = fxprune.analyze(model, X)
     graph_before, gm_before = analysis.traced.graph_module.code, _snapshot(analysis.traced.graph_module)
