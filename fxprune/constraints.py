@@ -3,7 +3,8 @@
 `compress(..., flops=, params=, latency=, round_to=, min_channels=, min_ratio=)` builds a
 `Constraints`; every method reads its budget from it (`macs_budget`, `fits_macs`), so "at most half
 the FLOPs" means the same thing whichever method runs: the exactly recounted MACs at or under
-`flops x original MACs`, with a relative slack of 1e-9 for float rounding of that product only.
+`flops x original MACs`, with a relative slack of 1e-9 for float rounding of that product only
+(`macs_limit`). Gate Decorator, GAL, MetaPruning and the selection all compare against it.
 
 A method declares which constraints it honours (`Method.supports`); a constraint set to something
 other than its default that the chosen method does not honour is a ConfigError, never silently
@@ -50,14 +51,21 @@ class Constraints:
         real_number(self.min_ratio, "min_ratio", low=0, high=1, high_open=True, example="0.1")
 
     def macs_budget(self, total_macs: float) -> float:
+        """The nominal budget, flops x the original MACs (for reports and steering)."""
         return self.flops * total_macs
 
+    def macs_limit(self, total_macs: float) -> float:
+        """The largest MACs count that fits: the one budget rule (module docstring)."""
+        return self.flops * total_macs * (1 + SLACK)
+
     def fits_macs(self, macs: float, total: float) -> bool:
-        """The one budget rule (module docstring)."""
-        return macs <= self.flops * total * (1 + SLACK)
+        return macs <= self.macs_limit(total)
+
+    def params_limit(self, total_params: float) -> float | None:
+        return None if self.params is None else self.params * total_params * (1 + SLACK)
 
     def fits_params(self, params: float, total: float) -> bool:
-        return self.params is None or params <= self.params * total * (1 + SLACK)
+        return self.params is None or params <= self.params_limit(total)
 
     def set(self) -> frozenset[str]:
         """The names of the constraints that differ from their defaults (`flops` always counts)."""

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune.analysis import ModelAnalysis
+from fxprune.constraints import Constraints
 from fxprune.errors import ConfigError, TargetUnreachableError
 from fxprune.passes.fuse_masked_conv import fuse_masked_convs
 from fxprune.passes.gal_masks import (
@@ -368,7 +369,8 @@ def _loop(run: _Run, opts: GALOptions, analysis, cost, data, epochs: int, lr: fl
     return rows
 
 
-def gal(analysis: ModelAnalysis, data: Iterable, flops: float, opts: GALOptions, teacher_source: nn.Module):
+def gal(analysis: ModelAnalysis, data: Iterable, constraints: Constraints, opts: GALOptions,
+        teacher_source: nn.Module):
     """Run GAL on `analysis`'s model (trained and folded in place: pass a private copy); returns
     (state, details). The plan in `state` carries every graph edit (`scale_inputs` included)."""
     if data is None:
@@ -397,7 +399,8 @@ def gal(analysis: ModelAnalysis, data: Iterable, flops: float, opts: GALOptions,
         features = output_features(_call(teacher, _split(first)[0], device)).shape[1]
     disc = make_discriminator(opts.discriminator, features, dtype, device)
     opt_d = torch.optim.SGD(disc.parameters(), lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
-    budget = flops * cost.total_macs if flops < 1 else None
+    flops = constraints.flops
+    budget = constraints.macs_limit(cost.total_macs) if flops < 1 else None
     l1_weights = None
     if opts.flops_weighted:
         costs = mask_costs(channels, cost, masked)
@@ -454,5 +457,5 @@ class GALMethod:
         if context.original is None:
             raise ConfigError("gal needs the original model as its baseline")
         work = context.private_copy()
-        state, details = gal(work, context.data, context.constraints.flops, context.options, context.original)
+        state, details = gal(work, context.data, context.constraints, context.options, context.original)
         return MethodResult(state.plan, details, weights=work.traced.graph_module.state_dict())

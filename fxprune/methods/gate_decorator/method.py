@@ -174,7 +174,7 @@ def _prune_step(channels, scores, keep, opts, repeats: dict[int, int]) -> dict[i
     return new
 
 
-def gate_decorator(channels, cost, data: Iterable, flops: float, opts: GateDecoratorOptions,
+def gate_decorator(channels, cost, data: Iterable, constraints: Constraints, opts: GateDecoratorOptions,
                    targets_from: nn.Module | None = None, log: list | None = None) -> PruningPlan:
     """Run the method on `analysis.gm`'s modules (trained in place) and return the plan.
 
@@ -191,7 +191,7 @@ def gate_decorator(channels, cost, data: Iterable, flops: float, opts: GateDecor
         gated = GatedModel(fuse_masked_convs(gated.module, mode="hard"), gated.sites)
     scores = _Scores(channels, gated)
     keep = {g.index: np.arange(g.n_units) for g in channels.prunable_groups}
-    budget = flops * cost.total_macs
+    flops, budget = constraints.flops, constraints.macs_limit(cost.total_macs)
     repeats: dict[int, int] = {}
     for site in gated.sites:
         repeats[site.group] = repeats.get(site.group, 0) + 1
@@ -252,7 +252,7 @@ class GateDecoratorMethod:
         opts = context.options
         work = context.private_copy()
         log: list = []
-        plan = gate_decorator(work.channels, work.cost, context.data, context.constraints.flops, opts,
+        plan = gate_decorator(work.channels, work.cost, context.data, context.constraints, opts,
                               targets_from=context.original, log=log)
         return MethodResult(plan, {"schedule": opts.schedule, "ticks": log},
                             weights=work.traced.graph_module.state_dict())

@@ -211,15 +211,14 @@ def pretrain(model: torch.nn.Module, example_inputs, data: Iterable, options: di
 
 
 # -- constraints and scoring ----------------------------------------------------------------------
-class _Constraints:
-    """MACs (and params, latency) of a genome against the limits; cheap checks first."""
+class _GenomeLimits:
+    """MACs (and params, latency) of a genome against the `Constraints`; cheap checks first."""
 
-    def __init__(self, encoding, cost, flops: float, opts: MetaPruningOptions, table: LatencyTable | None,
-                 latency: float | None):
-        self.encoding, self.cost, self.table, self.latency = encoding, cost, table, latency
-        self.max_macs = flops * cost.total_macs * (1 + 1e-9)
+    def __init__(self, encoding, cost, constraints: Constraints, opts: MetaPruningOptions, table: LatencyTable | None):
+        self.encoding, self.cost, self.table, self.latency = encoding, cost, table, constraints.latency
+        self.max_macs = constraints.macs_limit(cost.total_macs)
         self.min_macs = None if opts.min_flops is None else opts.min_flops * cost.total_macs
-        self.max_params = None if opts.params is None else opts.params * cost.total_params * (1 + 1e-9)
+        self.max_params = constraints.params_limit(cost.total_params)
 
     def __call__(self, genome) -> bool:
         macs = self.encoding.macs(self.cost, genome)
@@ -285,8 +284,8 @@ def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: M
     (and optionally trained) weights are written into `analysis`'s model: pass a private copy.
     Returns (plan, details)."""
     flops = constraints.flops
-    if constraints.params is not None:  # compress(params=) wins over the option; the option object stays as given
-        opts = dataclasses.replace(opts, params=constraints.params)
+    if constraints.params is None and opts.params is not None:  # the option, when compress(params=) is not given
+        constraints = dataclasses.replace(constraints, params=opts.params)
     if data is None:
         raise TrainingError("metapruning needs data=: an iterable of (inputs, targets) training batches")
     selection = constraints.selection()
@@ -314,7 +313,7 @@ def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: M
             rng = np.random.default_rng(opts.seed)
             details["latency_calibration"] = table.calibrate(
                 [encoding.full(), encoding.smallest(), *(encoding.random(rng) for _ in range(4))])
-    constraint = _Constraints(encoding, cost, flops, opts, table, latency)
+    constraint = _GenomeLimits(encoding, cost, constraints, opts, table)
     constraint.check_reachable(flops)
     scorer = _Scorer(net, train_data, heldout, opts, targets_from)
 
