@@ -29,7 +29,7 @@ from fxprune.passes.rewrite import apply_plan
 
 from . import report as _report
 from .analysis import ModelAnalysis, analyze
-from .constraints import Constraints
+from .constraints import Constraints, MeasureOn
 from .errors import ConfigError, NothingToPruneError
 from .hooks import carry_root_hooks, preserve_through_deepcopy
 from .methods import METHODS, MethodContext, get_method, make_options
@@ -79,7 +79,9 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
              concrete_args: dict | None = None, min_channels: int = 1, min_ratio: float = 0.0,
              verify: bool = True, tolerance: float | None = None, seed: int = 0,
              data: Any = None, options: dict | None = None, latency: float | None = None,
-             params: float | None = None) -> fx.GraphModule:
+             latency_ms: float | None = None, params: float | None = None, device: str = "cpu",
+             batch: int | None = None, dtype: Any = None, channels_last: bool = False,
+             compile: bool = False) -> fx.GraphModule:
     """Return a slim copy of `model` keeping at most `flops` of its FLOPs.
 
     Args:
@@ -96,8 +98,11 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
         tolerance: relative tolerance of the verification (default by dtype: 1e-4 for fp32).
         data: training batches for data-driven methods (``gate_decorator``): (inputs, targets) pairs,
             or bare inputs, which the original model then labels.
-        latency: a latency limit in seconds on the current device, for methods that search under one
-            (``metapruning``); the FLOPs target applies as well (pass ``flops=1.0`` for latency only).
+        latency: a latency limit as a fraction of the original model's measured latency, in (0, 1], for
+            methods that support one; the FLOPs target applies as well (pass ``flops=1.0`` for latency only).
+        latency_ms: the latency limit in milliseconds instead.
+        device / batch / dtype / channels_last / compile: where and how latency is measured (the device
+            the model will run on; batch None = the example inputs'; dtype None = the model's).
         params: fraction of the original parameters the result may keep, for methods that support it.
         options: method options, a dict or the method's options object (``fxprune.methods``:
             ``GateDecoratorOptions``, ``GALOptions``, ``MetaPruningOptions``).
@@ -110,8 +115,9 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     chosen = get_method(method)
-    constraints = Constraints(flops=flops, params=params, latency=latency, round_to=round_to,
+    constraints = Constraints(flops=flops, params=params, latency=latency, latency_ms=latency_ms, round_to=round_to,
                               min_channels=min_channels, min_ratio=min_ratio)
+    measure_on = MeasureOn(device=device, batch=batch, dtype=dtype, channels_last=channels_last, compile=compile)
     constraints.require_supported(chosen.name, chosen.supports)
     opts = make_options(chosen, options, seed)
     t0 = time.perf_counter()
@@ -123,7 +129,8 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
             f"main reason: {reason or 'no conv/linear layers found'}). Check ignore= and leaf_modules=, "
             "or run fxprune.analyze(model, x) to see every boundary.")
     t1 = time.perf_counter()
-    outcome = chosen.run(MethodContext(analysis, constraints, opts, data, original=model, seed=seed))
+    outcome = chosen.run(MethodContext(analysis, constraints, opts, data, original=model, seed=seed,
+                                       measure_on=measure_on))
     plan, details = outcome.plan, outcome.details
     if outcome.weights is not None:
         analysis = with_weights(analysis, outcome.weights)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from .arguments import real_number, whole_number
 from .errors import ConfigError
 
@@ -33,7 +35,8 @@ class Constraints:
 
     flops: float = 0.5  # fraction of the original FLOPs (= MACs) to keep at most, in (0, 1]
     params: float | None = None  # fraction of the original parameters to keep at most
-    latency: float | None = None  # seconds per call on the device the method measures
+    latency: float | None = None  # fraction of the original's measured latency, in (0, 1]
+    latency_ms: float | None = None  # or an absolute limit, milliseconds per forward
     round_to: int | None = None  # kept channel counts are multiples of this
     min_channels: int = 1  # every group keeps at least this many channels
     min_ratio: float = 0.0  # ... and at least this fraction of them
@@ -45,7 +48,13 @@ class Constraints:
         if self.params is not None:
             real_number(self.params, "params", low=0, high=1, low_open=True, example="0.5")
         if self.latency is not None:
-            real_number(self.latency, "latency", low=0, low_open=True, example="0.005 seconds")
+            real_number(self.latency, "latency", low=0, high=1, low_open=True,
+                        example="0.5, the fraction of the original's measured latency to keep")
+        if self.latency_ms is not None:
+            real_number(self.latency_ms, "latency_ms", low=0, low_open=True, example="12.5 milliseconds")
+            if self.latency is not None:
+                raise ConfigError("give latency= (a fraction of the original's measured latency) or latency_ms= "
+                                  "(milliseconds), not both")
         whole_number(self.round_to, "round_to", optional=True)
         whole_number(self.min_channels, "min_channels")
         real_number(self.min_ratio, "min_ratio", low=0, high=1, high_open=True, example="0.1")
@@ -67,11 +76,23 @@ class Constraints:
     def fits_params(self, params: float, total: float) -> bool:
         return self.params is None or params <= self.params_limit(total)
 
+    @property
+    def has_latency(self) -> bool:
+        return self.latency is not None or self.latency_ms is not None
+
+    def latency_target_s(self, original_s: float) -> float | None:
+        """The latency limit in seconds, given the original's measured seconds (for `latency=`)."""
+        if self.latency_ms is not None:
+            return self.latency_ms / 1000.0
+        return None if self.latency is None else self.latency * original_s
+
     def set(self) -> frozenset[str]:
-        """The names of the constraints that differ from their defaults (`flops` always counts)."""
+        """The names of the constraints that differ from their defaults (`flops` always counts;
+        `latency_ms` counts as `latency`)."""
         default = Constraints()
-        return frozenset({"flops"} | {f.name for f in dataclasses.fields(self)
-                                      if f.name != "flops" and getattr(self, f.name) != getattr(default, f.name)})
+        names = {f.name for f in dataclasses.fields(self)
+                 if f.name != "flops" and getattr(self, f.name) != getattr(default, f.name)}
+        return frozenset({"flops"} | {"latency" if n == "latency_ms" else n for n in names})
 
     def require_supported(self, method: str, supported: frozenset[str]) -> None:
         """ConfigError naming each set constraint `method` cannot honour."""
@@ -83,3 +104,28 @@ class Constraints:
     def selection(self) -> dict:
         """The per-group channel rules, as keyword arguments of the selection and width encodings."""
         return {"round_to": self.round_to, "min_channels": self.min_channels, "min_ratio": self.min_ratio}
+
+
+@dataclass(frozen=True)
+class MeasureOn:
+    """Where and how a latency is measured: the device the model will run on, the batch size
+    (None: the example inputs'), the dtype (None: the model's), NHWC activations, torch.compile."""
+
+    device: str = "cpu"
+    batch: int | None = None
+    dtype: torch.dtype | None = None
+    channels_last: bool = False
+    compile: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.device, str) or self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ConfigError(f"device={self.device!r}: measure on 'cpu' or 'cuda' (or 'cuda:N')")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device={self.device!r} but CUDA is not available here: measure where the model will "
+                              "run, or use device='cpu'")
+        whole_number(self.batch, "batch", optional=True)
+        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise ConfigError(f"dtype={self.dtype!r} must be a floating torch.dtype, e.g. torch.bfloat16")
+        for name in ("channels_last", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")

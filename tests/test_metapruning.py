@@ -269,13 +269,14 @@ def test_latency_limit_is_met_by_prediction_and_reported():
     table = LatencyTable(a.channels, enc, a.inputs)
     table.calibrate([enc.full(), enc.smallest()])
     limit = (table.predict(enc.full()) + table.predict(enc.smallest())) / 2
-    slim = fxprune.compress(model, "metapruning", x, 1.0, data=_loader(), latency=limit,
+    slim = fxprune.compress(model, "metapruning", x, 1.0, data=_loader(), latency_ms=limit * 1e3,
                             options=dict(SMALL, latency_table=table))
     lat = slim.fxprune_report.details["latency"]
-    assert lat["predicted_s"] <= limit and lat["measured_s"] > 0 and lat["limit_s"] == limit
+    assert lat["predicted_s"] <= limit * (1 + 1e-9) and lat["measured_s"] > 0
+    assert lat["limit_s"] == pytest.approx(limit, rel=1e-12)
     assert lat["measured_within_limit"] == (lat["measured_s"] <= limit)
-    with pytest.raises(LatencyUnreachableError, match="latency="):
-        fxprune.compress(model, "metapruning", x, 1.0, data=_loader(), latency=1e-9,
+    with pytest.raises(LatencyUnreachableError, match="ms is unreachable"):
+        fxprune.compress(model, "metapruning", x, 1.0, data=_loader(), latency_ms=1e-6,
                          options=dict(SMALL, latency_table=table))
 
 
@@ -295,3 +296,13 @@ def test_bad_input():
         fxprune.compress(model, "metapruning", x, 0.001, data=_loader(), options=SMALL)
     with pytest.raises(fxprune.ConfigError, match="latency"):
         fxprune.compress(model, "gate_decorator", x, 0.5, data=_loader(), latency=0.01)
+
+
+def test_latency_as_a_fraction_of_the_measured_original():
+    torch.manual_seed(0)
+    model, x = _Head().eval(), torch.randn(1, 3, 8, 8)
+    slim = fxprune.compress(model, "metapruning", x, 1.0, data=_loader(), latency=0.95, options=SMALL)
+    target = slim.fxprune_report.details["latency_target"]
+    assert target["fraction"] == 0.95 and target["original_s"] > 0
+    assert target["limit_s"] == pytest.approx(0.95 * target["original_s"], rel=1e-12)
+    assert slim.fxprune_report.details["latency"]["predicted_s"] <= target["limit_s"] * (1 + 1e-9)

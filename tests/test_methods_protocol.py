@@ -118,3 +118,23 @@ def test_deepcopy_keeps_report_recipe_and_root_hooks():
     assert again.fxprune_recipe == slim.fxprune_recipe
     with torch.no_grad():
         assert torch.equal(again(X), slim(X))
+
+
+def test_latency_constraints_and_where_they_are_measured():
+    from fxprune.constraints import MeasureOn
+
+    assert Constraints(latency_ms=5.0).latency_target_s(1.0) == pytest.approx(0.005)
+    assert Constraints(latency=0.5).latency_target_s(0.02) == pytest.approx(0.01)
+    assert Constraints(latency_ms=5.0).set() == {"flops", "latency"}
+    with pytest.raises(fxprune.ConfigError, match="not both"):
+        Constraints(latency=0.5, latency_ms=3.0)
+    with pytest.raises(fxprune.ConfigError, match=r"latency=1.5 must be a number in \(0, 1\]"):
+        Constraints(latency=1.5)
+    with pytest.raises(fxprune.ConfigError, match="measure on 'cpu' or 'cuda'"):
+        MeasureOn(device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(fxprune.ConfigError, match="CUDA is not available here"):
+            fxprune.compress(ResidualClassifier().eval(), "metapruning", X, 1.0, latency=0.5, device="cuda",
+                             data=_data())
+    with pytest.raises(fxprune.ConfigError, match="dtype=torch.int8 must be a floating"):
+        MeasureOn(dtype=torch.int8)

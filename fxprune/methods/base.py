@@ -30,7 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from fxprune.constraints import Constraints
+from fxprune.constraints import Constraints, MeasureOn
 from fxprune.errors import ConfigError
 from fxprune.passes.plan import PruningPlan
 
@@ -54,6 +54,7 @@ class MethodContext:
     data: Any = None
     original: nn.Module | None = None  # the user's model: a baseline / labeller, never trained
     seed: int = 0
+    measure_on: MeasureOn = field(default_factory=MeasureOn)  # where latency constraints are measured
 
     def private_copy(self):
         """A copy of the analysis whose graph module (and so every module and tensor) is the

@@ -65,9 +65,9 @@ class LatencyUnreachableError(TargetUnreachableError):
 
     def __init__(self, limit: float, minimum: float):
         self.target, self.minimum = limit, minimum
-        Exception.__init__(self, f"latency={limit:.6f} s is unreachable: the smallest widths are predicted at "
-                                 f"{minimum:.6f} s on this device. Ask for latency >= {minimum:.6f}, or lower "
-                                 "min_channels / the smallest width ratio.")
+        Exception.__init__(self, f"a latency of {limit * 1e3:.4f} ms is unreachable: the smallest widths are predicted "
+                                 f"at {minimum * 1e3:.4f} ms on this device. Ask for latency_ms >= {minimum * 1e3:.4f}, "
+                                 "or lower min_channels / the smallest width ratio.")
 
 
 @dataclass
@@ -214,8 +214,9 @@ def pretrain(model: torch.nn.Module, example_inputs, data: Iterable, options: di
 class _GenomeLimits:
     """MACs (and params, latency) of a genome against the `Constraints`; cheap checks first."""
 
-    def __init__(self, encoding, cost, constraints: Constraints, opts: MetaPruningOptions, table: LatencyTable | None):
-        self.encoding, self.cost, self.table, self.latency = encoding, cost, table, constraints.latency
+    def __init__(self, encoding, cost, constraints: Constraints, opts: MetaPruningOptions, table: LatencyTable | None,
+                 latency_s: float | None):
+        self.encoding, self.cost, self.table, self.latency = encoding, cost, table, latency_s
         self.max_macs = constraints.macs_limit(cost.total_macs)
         self.min_macs = None if opts.min_flops is None else opts.min_flops * cost.total_macs
         self.max_params = constraints.params_limit(cost.total_params)
@@ -289,7 +290,7 @@ def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: M
     if data is None:
         raise TrainingError("metapruning needs data=: an iterable of (inputs, targets) training batches")
     selection = constraints.selection()
-    latency = constraints.latency
+    latency = None
     t0 = time.perf_counter()
     channels, cost = analysis.channels, analysis.cost
     encoding = _encoding(channels, opts, selection)
@@ -307,13 +308,16 @@ def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: M
         details["pruningnet_training"] = "reused"
     t1 = time.perf_counter()
     table = None
-    if latency is not None:
+    if constraints.has_latency:
         table = opts.latency_table or LatencyTable(channels, encoding, analysis.inputs, rounds=opts.latency_rounds)
         if opts.latency_table is None:
             rng = np.random.default_rng(opts.seed)
             details["latency_calibration"] = table.calibrate(
                 [encoding.full(), encoding.smallest(), *(encoding.random(rng) for _ in range(4))])
-    constraint = _GenomeLimits(encoding, cost, constraints, opts, table)
+        original_s = table.measure(channels.gm) if constraints.latency is not None else None
+        latency = constraints.latency_target_s(original_s)
+        details["latency_target"] = {"fraction": constraints.latency, "original_s": original_s, "limit_s": latency}
+    constraint = _GenomeLimits(encoding, cost, constraints, opts, table, latency)
     constraint.check_reachable(flops)
     scorer = _Scorer(net, train_data, heldout, opts, targets_from)
 
