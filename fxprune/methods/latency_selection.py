@@ -1,0 +1,377 @@
+"""Choose what to keep under a latency budget (HALP-style), on a model's latency staircase.
+
+A latency model (`fxprune.latency_model.LatencyModel`: `predict(kept) -> seconds`,
+`group_steps(group) -> ascending kept-unit counts`, `original_s`) says that a group's latency is
+a staircase in its kept units: keeping a few units fewer than an edge of
+`group_steps` saves nothing until the next edge below. So a group's kept count is only ever one of
+its *candidates*: the model's edges, each rounded DOWN to a count the channel rules allow (a
+multiple of `round_to`'s step in units, at least the rule minimum; rounding down never crosses
+into a slower step), plus the full count and the rule minimum (`_candidates`).
+
+`select_under_latency` (the reference is HALP's knapsack; this is a greedy with step-aware moves):
+
+1. Every group starts full. If every group at its rule minimum is still predicted over the budget
+   (or over the MACs limit of `constraints.flops`) no plan exists: `LatencyUnreachableError`
+   (`TargetUnreachableError` for MACs), raised before any work.
+2. A *down move* takes one group to its next lower candidate. Its cost is the importance lost: the
+   sum of the per-group-normalised scores (`selection.normalize`) of the units it drops, least
+   important first (the order of `selection.select`). Its gain is what it saves on each limit
+   still exceeded, as a fraction of the original: predicted seconds / `original_s`, and
+   MACs / total MACs while `constraints.fits_macs` fails. Gains are recomputed for every group
+   after every move (the model need not be additive: a layer's time depends on both its groups).
+3. The move with the best gain / cost is taken (cost 0 counts as infinite; ties: larger gain;
+   a move with no gain is taken only when no move has one, the cheapest first), until
+   `predict(kept) <= budget_s` and the MACs fit. Counts only go down and the all-minimum state
+   fits (step 1), so this ends, and ends under the budget.
+4. Fill: steps of one candidate *up* (importance regained / predicted seconds added, best first;
+   an up move that adds no time first) are taken while the plan stays under both limits. The greedy
+   overshoots by up to one step; this takes back what still fits. Counts only go up: it ends.
+
+The result never exceeds the predicted budget: every state it returns was predicted under it.
+Cost: (moves x prunable groups) calls of `predict` (and of `CostModel.macs` while `flops` binds).
+
+`fit_measured` closes the loop on the device: select at a predicted budget, measure the slim
+model end to end, shrink the budget by target/measured until the measurement is under target.
+`snap_to_steps` is `round_to="auto"` for a FLOPs-target selection: each group's count moves to a
+latency step edge next to it (its docstring states the rule).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from fxprune.constraints import Constraints
+from fxprune.errors import ConfigError, TargetUnreachableError
+from fxprune.methods.selection import _keep_array, _plan, normalize
+from fxprune.passes.plan import GroupChoice, PruningPlan, group_choices, kept_count
+
+
+class LatencyModelLike(Protocol):
+    """What this module needs of `fxprune.latency_model.LatencyModel`."""
+
+    original_s: float
+
+    def predict(self, kept: Mapping[int, int]) -> float: ...
+
+    def group_steps(self, group: int) -> np.ndarray: ...
+
+
+class LatencyUnreachableError(TargetUnreachableError):
+    """The latency target is below the best (predicted or measured) latency the rules allow.
+
+    Attributes:
+        target_s, best_s: the target and the best latency found, in seconds (also as `target` and
+            `minimum`, like MetaPruning's error of the same name).
+        original_s: the unpruned model's latency (None when unknown).
+        measured: whether best_s was measured end to end (else predicted by the latency model).
+        best_measured_s, best_plan, rounds: from `fit_measured` (the smallest measurement, its
+            plan, every round's budget / predicted / measured); None / [] otherwise.
+    """
+
+    def __init__(self, target_s: float, best_s: float, original_s: float | None = None, detail: str = "", *,
+                 measured: bool = False, best_measured_s: float | None = None, best_plan: PruningPlan | None = None,
+                 rounds: list[dict] | None = None):
+        self.target_s, self.best_s, self.original_s, self.detail = target_s, best_s, original_s, detail
+        self.target, self.minimum = target_s, best_s
+        self.measured, self.best_measured_s, self.best_plan = measured, best_measured_s, best_plan
+        self.rounds = list(rounds or [])
+        kind = "measured" if measured else "predicted"
+        Exception.__init__(
+            self, f"latency {_ms(target_s, original_s)} is unreachable: the best {kind} latency is "
+                  f"{_ms(best_s, original_s)}{detail}. Ask for latency >= {best_s * 1e3:.4f} ms, lower "
+                  "min_channels / min_ratio, or remove modules from ignore=.")
+
+    def __reduce__(self):
+        return (type(self), (self.target_s, self.best_s, self.original_s, self.detail), dict(self.__dict__))
+
+
+def _ms(seconds: float, original_s: float | None) -> str:
+    text = f"{seconds * 1e3:.4f} ms"
+    if original_s and original_s > 0 and math.isfinite(seconds):
+        text += f" ({seconds / original_s:.4f} of the original {original_s * 1e3:.4f} ms)"
+    return text
+
+
+def _round_to(constraints: Constraints) -> int | None:
+    """The integer round_to, or None (also for round_to="auto", which `snap_to_steps` implements)."""
+    r = constraints.round_to
+    return r if isinstance(r, int) and not isinstance(r, bool) and r > 0 else None
+
+
+def _choices(channels, scores, constraints: Constraints) -> list[GroupChoice]:
+    return group_choices(channels, scores, constraints.min_channels, constraints.min_ratio, _round_to(constraints))
+
+
+def _candidates(c: GroupChoice, edges) -> np.ndarray:
+    """The counts group `c` may keep (module docstring): each edge rounded down to an allowed count
+    (never below the rule minimum), plus the full count and the rule minimum; ascending, unique.
+    Every candidate k satisfies kept_count(c, k) == k."""
+    n, floor = len(c.units), kept_count(c, 0)
+    out = {n, floor}
+    for e in np.asarray(edges, dtype=np.float64).ravel():
+        if not math.isfinite(e) or e >= n:
+            continue
+        out.add(max(int(e) // c.step * c.step, floor))
+    return np.array(sorted(out), dtype=np.int64)
+
+
+class _State:
+    """Counts per choice, with the importance lost per candidate, predictions and MACs on demand."""
+
+    def __init__(self, channels, cost, scores, choices, latency_model):
+        self.channels, self.cost, self.choices, self.model = channels, cost, choices, latency_model
+        self.cands = [_candidates(c, latency_model.group_steps(c.index)) for c in choices]
+        # lost[i][j]: normalised importance of the units dropped when keeping cands[i][j] units
+        self.lost = []
+        for c, cand in zip(choices, self.cands):
+            prefix = np.concatenate([[0.0], np.cumsum(normalize(np.asarray(scores[c.index], dtype=np.float64))[c.order])])
+            self.lost.append(prefix[len(c.units) - cand])
+
+    def counts(self, pos) -> list[int]:
+        return [int(cand[p]) for cand, p in zip(self.cands, pos)]
+
+    def predict(self, pos) -> float:
+        return float(self.model.predict({c.index: k for c, k in zip(self.choices, self.counts(pos))}))
+
+    def macs(self, pos) -> float:
+        return self.cost.macs(_keep_array(self.channels, self.choices, self.counts(pos)))
+
+    def plan(self, pos) -> PruningPlan:
+        return _plan(self.choices, self.counts(pos))
+
+
+def _moved(pos, i, step):
+    out = list(pos)
+    out[i] += step
+    return out
+
+
+def select_under_latency(channels, cost, scores: dict[int, np.ndarray], constraints: Constraints,
+                         latency_model: LatencyModelLike, budget_s: float) -> PruningPlan:
+    """The plan keeping the most importance whose predicted latency is at most `budget_s` seconds
+    and whose MACs fit `constraints` (module docstring). Raises LatencyUnreachableError when every
+    group at its minimum is still predicted over `budget_s`, TargetUnreachableError when the MACs
+    cannot fit."""
+    choices = _choices(channels, scores, constraints)
+    if not choices:
+        return PruningPlan()
+    s = _State(channels, cost, scores, choices, latency_model)
+    total, original = cost.total_macs, latency_model.original_s
+    lowest = [0] * len(choices)
+    macs_min = s.macs(lowest)
+    if not constraints.fits_macs(macs_min, total):
+        raise TargetUnreachableError(constraints.flops, macs_min / total,
+                                     f" ({len(choices)} prunable groups; the rest is fixed by boundaries)")
+    predicted_min = s.predict(lowest)
+    if not predicted_min <= budget_s:
+        raise LatencyUnreachableError(budget_s, predicted_min, original,
+                                      f" with every one of the {len(choices)} prunable groups at its minimum size")
+    pos = [len(cand) - 1 for cand in s.cands]
+    scale = original if original and original > 0 else 1.0
+    predicted, macs = s.predict(pos), s.macs(pos)
+    while True:
+        over_time, over_macs = not predicted <= budget_s, not constraints.fits_macs(macs, total)
+        if not (over_time or over_macs):
+            break
+        best = None  # (has gain, ratio, gain or -cost, i, predicted, macs)
+        for i in range(len(choices)):
+            if pos[i] == 0:
+                continue
+            trial = _moved(pos, i, -1)
+            p = s.predict(trial) if over_time else predicted
+            m = s.macs(trial) if over_macs else macs
+            gain = (predicted - p) / scale * over_time + (macs - m) / total * over_macs
+            lost = s.lost[i][pos[i] - 1] - s.lost[i][pos[i]]
+            key = (True, gain / lost if lost > 0 else math.inf, gain) if gain > 0 else (False, 0.0, -lost)
+            if best is None or key > best[0]:
+                best = (key, i, p, m)
+        if best is None:  # every group at its minimum: it fits (checked above) unless predict is not deterministic
+            raise LatencyUnreachableError(budget_s, predicted, original, " (the latency model's predictions changed)")
+        _, i, p, m = best
+        pos[i] -= 1
+        predicted = p if over_time else s.predict(pos)
+        macs = m if over_macs else s.macs(pos)
+    return s.plan(_fill(s, pos, predicted, budget_s, constraints, total))
+
+
+def _fill(s: _State, pos, predicted, budget_s, constraints, total):
+    """Up moves that keep the plan under both limits, best importance per second added first."""
+    pos = list(pos)
+    while True:
+        options = []
+        for i in range(len(pos)):
+            if pos[i] == len(s.cands[i]) - 1:
+                continue
+            trial = _moved(pos, i, 1)
+            p = s.predict(trial)
+            if not p <= budget_s:
+                continue
+            regained = s.lost[i][pos[i]] - s.lost[i][pos[i] + 1]
+            added = p - predicted
+            options.append(((regained / added if added > 0 else math.inf, regained), i, p))
+        for _, i, p in sorted(options, key=lambda o: o[0], reverse=True):
+            if constraints.fits_macs(s.macs(_moved(pos, i, 1)), total):
+                pos[i] += 1
+                predicted = p
+                break
+        else:
+            return pos
+
+
+def plan_counts(channels, plan: PruningPlan) -> dict[int, int]:
+    """Kept units per prunable group of `plan` (absent groups: full), as a latency model reads them."""
+    return {g.index: len(plan.keep[g.index]) if g.index in plan.keep else g.n_units for g in channels.prunable_groups}
+
+
+def predict_plan(latency_model: LatencyModelLike, plan: PruningPlan) -> float:
+    """The predicted latency of `plan` (groups it does not list are full)."""
+    return float(latency_model.predict({g: len(k) for g, k in plan.keep.items()}))
+
+
+# ------------------------------------------------------------------------------ measured retries
+
+
+@dataclass
+class MeasuredFit:
+    """The first plan measured under the target, and how it was found."""
+
+    plan: PruningPlan
+    measured_s: float
+    predicted_budget_s: float  # the predicted budget the plan was selected at
+    rounds: list[dict] = field(default_factory=list)  # {"budget_s", "predicted_s", "measured_s"} (+ flags)
+    predicted_s: float | None = None  # the plan's predicted latency (when a latency model was given)
+
+
+def _same_plan(a: PruningPlan, b: PruningPlan) -> bool:
+    if a.keep.keys() != b.keep.keys() or any(not np.array_equal(np.asarray(a.keep[g]), np.asarray(b.keep[g]))
+                                             for g in a.keep):
+        return False
+    return (a.remove_branches, a.drop_concat_inputs, a.fold_scales, a.scale_inputs) == \
+        (b.remove_branches, b.drop_concat_inputs, b.fold_scales, b.scale_inputs)
+
+
+def fit_measured(select: Callable[[float], PruningPlan], measure: Callable[[PruningPlan], float], target_s: float, *,
+                 max_rounds: int = 6, predicted_budget: float | None = None,
+                 latency_model: LatencyModelLike | None = None, min_shrink: float = 0.03) -> MeasuredFit:
+    """Select at a predicted budget, measure, shrink the budget until the measurement is <= target_s.
+
+    Round r: `plan = select(budget)`; `measured = measure(plan)`; done if measured <= target_s.
+    Otherwise the next budget is min(budget x (1 - min_shrink), base x target_s / measured), where
+    base is the plan's predicted latency when `latency_model` is given (the plan may sit a step
+    under its budget; scaling the budget would then pick the same plan again) and the budget
+    otherwise; a measurement that is not finite shrinks by min_shrink only. The first budget is
+    `predicted_budget`, or target_s.
+
+    Ends after `max_rounds` selections, when a selection repeats the previous plan (it was measured
+    over already), or when `select` raises LatencyUnreachableError; then raises
+    LatencyUnreachableError with `best_measured_s` (the smallest finite measurement, None if none),
+    `best_plan` and `rounds`. Every round shrinks the budget, so it always ends.
+    """
+    if not (isinstance(target_s, (int, float)) and math.isfinite(target_s) and target_s > 0):
+        raise ConfigError(f"target_s={target_s!r} must be a positive number of seconds")
+    if max_rounds < 1 or not 0 < min_shrink < 1:
+        raise ConfigError(f"max_rounds={max_rounds!r} must be >= 1 and min_shrink={min_shrink!r} in (0, 1)")
+    original = latency_model.original_s if latency_model is not None else None
+    budget = float(predicted_budget) if predicted_budget is not None else float(target_s)
+    rounds: list[dict] = []
+    previous = best_plan = cause = None
+    best_measured = math.inf
+    for _ in range(max_rounds):
+        entry = {"budget_s": budget, "predicted_s": None, "measured_s": None}
+        rounds.append(entry)
+        try:
+            plan = select(budget)
+        except LatencyUnreachableError as e:
+            entry["unreachable"], cause = True, e
+            original = original if original is not None else e.original_s
+            break
+        predicted = predict_plan(latency_model, plan) if latency_model is not None else None
+        entry["predicted_s"] = predicted
+        if previous is not None and _same_plan(plan, previous):
+            entry["unchanged"] = True
+            break
+        previous = plan
+        measured = float(measure(plan))
+        entry["measured_s"] = measured
+        if measured <= target_s:  # False for NaN
+            return MeasuredFit(plan, measured, budget, rounds, predicted)
+        if measured < best_measured:
+            best_measured, best_plan = measured, plan
+        base = predicted if predicted is not None and predicted <= budget else budget
+        ratio = target_s / measured if math.isfinite(measured) else 1.0
+        budget = min(budget * (1 - min_shrink), base * ratio)
+    seen = best_measured if math.isfinite(best_measured) else None
+    if seen is None and cause is not None:
+        raise LatencyUnreachableError(target_s, cause.best_s, original, " (no selection could be measured)",
+                                      best_plan=None, rounds=rounds) from cause
+    raise LatencyUnreachableError(
+        target_s, seen if seen is not None else math.inf, original,
+        f" after {len(rounds)} rounds of select-and-measure", measured=True, best_measured_s=seen,
+        best_plan=best_plan, rounds=rounds) from cause
+
+
+# ------------------------------------------------------------------------------ round_to="auto"
+
+
+def snap_to_steps(channels, cost, scores: dict[int, np.ndarray], plan: PruningPlan, latency_model: LatencyModelLike,
+                  constraints: Constraints) -> PruningPlan:
+    """`plan` (a FLOPs-target selection, e.g. `selection.select`'s) with every group's count moved
+    onto a latency step of `latency_model` (round_to="auto").
+
+    The rule, per group with k kept units and candidates C (module docstring: the model's edges
+    rounded down to allowed counts, the full count, the rule minimum):
+      lo = the largest candidate <= k (the rule minimum if none), hi = the smallest candidate >= k.
+    On a staircase, hi costs the same time as k and keeps more; lo saves time and keeps less.
+    1. Every group starts at lo (MACs only fall, so it fits when `plan` did).
+    2. Among the groups with hi > lo whose raise to hi still fits `constraints.fits_macs`, the one
+       adding the fewest predicted seconds per MAC added is raised (a raise adding no time first;
+       ties: more importance regained); repeat until no raise fits. A raise that does not fit now
+       never will (MACs only grow), so each group is tried until raised or dropped: it ends.
+    Each result count is lo or hi; the MACs fit; with a monotone staircase model the predicted
+    latency is at most that of `plan`. Kept units are the most important by `scores`, as in `select`.
+    """
+    choices = _choices(channels, scores, constraints)
+    if not choices:
+        return PruningPlan()
+    s = _State(channels, cost, scores, choices, latency_model)
+    total = cost.total_macs
+    pos, hi = [], []
+    for c, cand in zip(choices, s.cands):
+        k = len(plan.keep[c.index]) if c.index in plan.keep else len(c.units)
+        pos.append(max(int(np.searchsorted(cand, k, side="right")) - 1, 0))
+        hi.append(min(int(np.searchsorted(cand, k, side="left")), len(cand) - 1))
+    macs = s.macs(pos)
+    if not constraints.fits_macs(macs, total):
+        raise TargetUnreachableError(constraints.flops, macs / total,
+                                     " (the plan to snap does not fit, even with every group snapped down)")
+    pending = {i for i in range(len(choices)) if hi[i] > pos[i]}
+    predicted = s.predict(pos)
+    while pending:
+        best = None
+        for i in sorted(pending):
+            trial = list(pos)
+            trial[i] = hi[i]
+            m = s.macs(trial)
+            if not constraints.fits_macs(m, total):
+                pending.discard(i)
+                continue
+            p = s.predict(trial)
+            added_time, added_macs = p - predicted, m - macs
+            per_mac = -math.inf if added_time <= 0 else (added_time / added_macs if added_macs > 0 else math.inf)
+            key = (per_mac, -(s.lost[i][pos[i]] - s.lost[i][hi[i]]))
+            if best is None or key < best[0]:
+                best = (key, i, p, m)
+        if best is None:
+            break
+        _, i, predicted, macs = best
+        pos[i] = hi[i]
+        pending.discard(i)
+    return s.plan(pos)
+
+
+__all__ = ["LatencyModelLike", "LatencyUnreachableError", "MeasuredFit", "fit_measured", "plan_counts",
+           "predict_plan", "select_under_latency", "snap_to_steps"]
