@@ -13,6 +13,7 @@ from .errors import (
     ConfigError,
     FxpruneError,
     InputError,
+    LatencyUnreachableError,
     NothingToPruneError,
     TargetUnreachableError,
     TraceError,
@@ -26,7 +27,7 @@ from .report import CompressionReport
 from .version import __version__
 
 __all__ = [
-    "__version__", "DATA_FREE_METHODS", "METHODS", "ArtifactError", "ArtifactVersionWarning", "CompressionReport", "ConfigError", "ExampleInputs", "FxpruneError", "InputError",
+    "__version__", "DATA_FREE_METHODS", "METHODS", "ArtifactError", "ArtifactVersionWarning", "CompressionReport", "ConfigError", "ExampleInputs", "FxpruneError", "InputError", "LatencyUnreachableError",
     "ModelAnalysis", "NothingToPruneError", "PruningPlan", "TargetUnreachableError", "TraceError", "TracedModel",
     "VerificationError", "analyze", "compress", "load", "prune_with_plan", "register_builder", "register_method", "register_leaf_module", "save", "trace",
 ]

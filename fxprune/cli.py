@@ -12,12 +12,14 @@ from pathlib import Path
 
 import torch
 
+from . import profile_report
 from .api import DATA_FREE_METHODS, _check_options, analyze, compress
 from .benchmark import DTYPES as BENCH_DTYPES
 from .benchmark import bench_models, render_table, write_json
 from .errors import ConfigError, FxpruneError
 from .export import CHECKS
 from .latency import MIN_WARMUP
+from .latency_model import profile_latency
 from .models import build_model, default_input_shape, example_input, parse_shape
 from .zoo import markdown, run_zoo, select
 from .zoo.report import write_report
@@ -38,11 +40,56 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _round_to(text: str):
+    """--round-to: a positive integer or 'auto' (the latency model's step edges)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--round-to {text!r}: a positive integer or 'auto'") from None
+
+
+def _dtype(text: str) -> torch.dtype:
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"--dtype {text!r}: choose from {', '.join(names)}")
+    return names[text]
+
+
+def _measure_on(args) -> dict:
+    return {"device": args.device, "batch": args.batch, "dtype": args.dtype, "channels_last": args.channels_last,
+            "compile": args.compile}
+
+
+def _measure_options(p) -> None:
+    p.add_argument("--device", default="cpu", help="where latency is measured: cpu or cuda (default cpu)")
+    p.add_argument("--batch", type=int, default=None, help="batch size latency is measured at (default: the input's)")
+    p.add_argument("--dtype", type=_dtype, default=None, help="float32, float16 or bfloat16 (default: the model's)")
+    p.add_argument("--channels-last", action="store_true", help="measure with NHWC activations")
+    p.add_argument("--compile", action="store_true", help="measure the torch.compile'd model")
+
+
+def cmd_profile(args) -> int:
+    model, x = _model_and_input(args)
+    analysis = analyze(model, x, ignore=args.ignore or ())
+    start = time.perf_counter()
+    latency_model = profile_latency(analysis, **_measure_on(args), threads=args.threads, refresh=args.refresh)
+    print(profile_report.render(latency_model, args.limit))
+    print(f"profile time: {time.perf_counter() - start:.2f}s")
+    if args.json:
+        print(f"written: {profile_report.write_json(latency_model, args.json)}")
+    if args.plot:
+        print(f"written: {profile_report.plot_staircases(latency_model, args.plot)}")
+    return 0
+
+
 def cmd_compress(args) -> int:
     model, x = _model_and_input(args)
     start = time.perf_counter()
     slim = compress(model, args.method, x, args.flops, round_to=args.round_to, ignore=args.ignore or (),
-                    min_channels=args.min_channels, min_ratio=args.min_ratio, verify=not args.no_verify)
+                    min_channels=args.min_channels, min_ratio=args.min_ratio, verify=not args.no_verify,
+                    latency=args.latency, latency_ms=args.latency_ms, **_measure_on(args))
     print(f"{args.model}: {args.method} at flops={args.flops} in {time.perf_counter() - start:.2f}s")
     print(slim.fxprune_report.table())
     return 0
@@ -159,15 +206,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="show at most this many groups")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("profile", help="measure the model's latency model on a device (per-layer time vs kept "
+                       "channels, step edges, end-to-end fit); cached")
+    common(p)
+    _measure_options(p)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads while profiling (default: torch's)")
+    p.add_argument("--refresh", action="store_true", help="measure again even when the cache has this profile")
+    p.add_argument("--limit", type=int, default=20, help="show the N slowest layers (0: all)")
+    p.add_argument("--json", help="write the latency model (every layer's grid and times) to this file")
+    p.add_argument("--plot", help="draw each layer's staircase into this PNG (needs matplotlib)")
+    p.set_defaults(func=cmd_profile)
+
     p = sub.add_parser("compress", help="prune to a FLOPs target and print the before/after table")
     common(p)
     p.add_argument("--method", default="l1", choices=DATA_FREE_METHODS,
                    help="data-free methods; gate_decorator needs training data: use the Python API")
     p.add_argument("--flops", type=float, default=0.5, help="fraction of the original FLOPs to keep")
-    p.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of N")
+    p.add_argument("--latency", type=float, default=None,
+                   help="fraction of the original's measured latency to keep (pass --flops 1 for latency only)")
+    p.add_argument("--latency-ms", type=float, default=None, help="latency limit in milliseconds instead")
+    p.add_argument("--round-to", type=_round_to, default=None,
+                   help="keep channel counts multiples of N, or 'auto': on the latency model's step edges")
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--min-ratio", type=float, default=0.0)
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with the masked original")
+    _measure_options(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("zoo", help="convert many models, each in its own process; resumable")

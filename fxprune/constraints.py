@@ -37,7 +37,7 @@ class Constraints:
     params: float | None = None  # fraction of the original parameters to keep at most
     latency: float | None = None  # fraction of the original's measured latency, in (0, 1]
     latency_ms: float | None = None  # or an absolute limit, milliseconds per forward
-    round_to: int | None = None  # kept channel counts are multiples of this
+    round_to: int | str | None = None  # kept channel counts are multiples of this; "auto": latency step edges
     min_channels: int = 1  # every group keeps at least this many channels
     min_ratio: float = 0.0  # ... and at least this fraction of them
 
@@ -55,7 +55,8 @@ class Constraints:
             if self.latency is not None:
                 raise ConfigError("give latency= (a fraction of the original's measured latency) or latency_ms= "
                                   "(milliseconds), not both")
-        whole_number(self.round_to, "round_to", optional=True)
+        if self.round_to != "auto":
+            whole_number(self.round_to, "round_to", optional=True)
         whole_number(self.min_channels, "min_channels")
         real_number(self.min_ratio, "min_ratio", low=0, high=1, high_open=True, example="0.1")
 
@@ -101,9 +102,15 @@ class Constraints:
             raise ConfigError(f"method {method!r} does not support {', '.join(missing)}: it honours "
                               f"{', '.join(sorted(supported | {'flops'}))}; drop the option or choose another method")
 
+    @property
+    def round_to_auto(self) -> bool:
+        return self.round_to == "auto"
+
     def selection(self) -> dict:
-        """The per-group channel rules, as keyword arguments of the selection and width encodings."""
-        return {"round_to": self.round_to, "min_channels": self.min_channels, "min_ratio": self.min_ratio}
+        """The per-group channel rules, as keyword arguments of the selection and width encodings
+        (`round_to="auto"` is resolved by the latency model, not by a fixed multiple)."""
+        return {"round_to": None if self.round_to_auto else self.round_to, "min_channels": self.min_channels,
+                "min_ratio": self.min_ratio}
 
 
 @dataclass(frozen=True)

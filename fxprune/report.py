@@ -76,6 +76,13 @@ class CompressionReport:
             ["MACs", human(self.macs_before), human(self.macs_after), f"{self.macs_ratio:.3f}"],
             ["FLOPs (2xMACs)", human(self.flops_before), human(self.flops_after), f"{self.macs_ratio:.3f}"],
         ]
+        lat = self.details.get("latency") if isinstance(self.details, dict) else None
+        if isinstance(lat, dict) and lat.get("measured_after_s") is not None:
+            for kind in ("predicted", "measured"):
+                a, b = lat.get(f"{kind}_before_s"), lat.get(f"{kind}_after_s")
+                if a and b:
+                    rows.append([f"latency {kind} (ms, {lat.get('on', '')})", f"{a * 1e3:.3f}", f"{b * 1e3:.3f}",
+                                 f"{b / a:.3f}"])
         head = tabulate(rows, headers=["", "before", "after", "ratio"], tablefmt="github")
         timing = ", ".join(f"{k} {v:.3f}s" for k, v in self.timings.items())
         return (f"{head}\n\nmethod {self.method}, target flops {self.target_flops}, "

@@ -295,7 +295,7 @@ def test_bad_input():
     with pytest.raises(fxprune.TargetUnreachableError, match="flops=0.0010"):
         fxprune.compress(model, "metapruning", x, 0.001, data=_loader(), options=SMALL)
     with pytest.raises(fxprune.ConfigError, match="latency"):
-        fxprune.compress(model, "gate_decorator", x, 0.5, data=_loader(), latency=0.01)
+        fxprune.compress(model, "gal", x, 0.5, data=_loader(), latency=0.01)
 
 
 def test_latency_as_a_fraction_of_the_measured_original():

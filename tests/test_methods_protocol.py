@@ -77,7 +77,8 @@ def test_method_leaves_model_and_analysis_unchanged(name):
 @pytest.mark.parametrize("method, kwargs, message", [
     ("gate_decorator", {"round_to": 8}, "'gate_decorator' does not support round_to"),
     ("gal", {"min_channels": 2}, "'gal' does not support min_channels"),
-    ("l1", {"latency": 0.01}, "'l1' does not support latency"),
+    ("uniform", {"latency": 0.5}, "'uniform' does not support latency"),
+    ("gal", {"latency_ms": 5.0}, "'gal' does not support latency"),
     ("l1", {"params": 0.5}, "'l1' does not support params"),
 ])
 def test_unsupported_constraints_are_refused(method, kwargs, message):

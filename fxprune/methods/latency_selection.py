@@ -45,7 +45,7 @@ from typing import Protocol
 import numpy as np
 
 from fxprune.constraints import Constraints
-from fxprune.errors import ConfigError, TargetUnreachableError
+from fxprune.errors import ConfigError, LatencyUnreachableError, TargetUnreachableError
 from fxprune.methods.selection import _keep_array, _plan, normalize
 from fxprune.passes.plan import GroupChoice, PruningPlan, group_choices, kept_count
 
@@ -58,42 +58,6 @@ class LatencyModelLike(Protocol):
     def predict(self, kept: Mapping[int, int]) -> float: ...
 
     def group_steps(self, group: int) -> np.ndarray: ...
-
-
-class LatencyUnreachableError(TargetUnreachableError):
-    """The latency target is below the best (predicted or measured) latency the rules allow.
-
-    Attributes:
-        target_s, best_s: the target and the best latency found, in seconds (also as `target` and
-            `minimum`, like MetaPruning's error of the same name).
-        original_s: the unpruned model's latency (None when unknown).
-        measured: whether best_s was measured end to end (else predicted by the latency model).
-        best_measured_s, best_plan, rounds: from `fit_measured` (the smallest measurement, its
-            plan, every round's budget / predicted / measured); None / [] otherwise.
-    """
-
-    def __init__(self, target_s: float, best_s: float, original_s: float | None = None, detail: str = "", *,
-                 measured: bool = False, best_measured_s: float | None = None, best_plan: PruningPlan | None = None,
-                 rounds: list[dict] | None = None):
-        self.target_s, self.best_s, self.original_s, self.detail = target_s, best_s, original_s, detail
-        self.target, self.minimum = target_s, best_s
-        self.measured, self.best_measured_s, self.best_plan = measured, best_measured_s, best_plan
-        self.rounds = list(rounds or [])
-        kind = "measured" if measured else "predicted"
-        Exception.__init__(
-            self, f"latency {_ms(target_s, original_s)} is unreachable: the best {kind} latency is "
-                  f"{_ms(best_s, original_s)}{detail}. Ask for latency >= {best_s * 1e3:.4f} ms, lower "
-                  "min_channels / min_ratio, or remove modules from ignore=.")
-
-    def __reduce__(self):
-        return (type(self), (self.target_s, self.best_s, self.original_s, self.detail), dict(self.__dict__))
-
-
-def _ms(seconds: float, original_s: float | None) -> str:
-    text = f"{seconds * 1e3:.4f} ms"
-    if original_s and original_s > 0 and math.isfinite(seconds):
-        text += f" ({seconds / original_s:.4f} of the original {original_s * 1e3:.4f} ms)"
-    return text
 
 
 def _round_to(constraints: Constraints) -> int | None:

@@ -48,7 +48,7 @@ def select(channels, cost, scores: dict[int, np.ndarray], constraints: Constrain
            uniform: bool = False) -> PruningPlan:
     """A plan whose MACs fit `constraints` (`Constraints.fits_macs`; see module docstring)."""
     total = cost.total_macs
-    choices = group_choices(channels, scores, constraints.min_channels, constraints.min_ratio, constraints.round_to)
+    choices = group_choices(channels, scores, **constraints.selection())
     if not choices:
         return PruningPlan()
     floor = [kept_count(c, 0) for c in choices]

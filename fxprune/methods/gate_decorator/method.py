@@ -27,7 +27,8 @@ the defaults here except p, tock_epochs and finetune_epochs, which small runs sc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import numpy as np
@@ -36,6 +37,7 @@ from torch import nn
 
 from fxprune.constraints import Constraints
 from fxprune.errors import ConfigError, TargetUnreachableError
+from fxprune.latency_model import profile_latency
 from fxprune.passes.fuse_masked_conv import fuse_masked_convs
 from fxprune.passes.gates import GatedModel, fold_gates, insert_gates
 from fxprune.passes.plan import PruningPlan
@@ -48,6 +50,8 @@ from fxprune.train import (
 )
 
 from ..base import MethodContext, MethodResult
+from ..latency_selection import fit_measured, predict_plan, select_under_latency
+from ..latency_target import latency_details, slim_latency
 from ..selection import select
 
 SCHEDULES = ("tick_tock", "tick_only", "one_shot")
@@ -175,12 +179,15 @@ def _prune_step(channels, scores, keep, opts, repeats: dict[int, int]) -> dict[i
 
 
 def gate_decorator(channels, cost, data: Iterable, constraints: Constraints, opts: GateDecoratorOptions,
-                   targets_from: nn.Module | None = None, log: list | None = None) -> PruningPlan:
+                   targets_from: nn.Module | None = None, log: list | None = None,
+                   fits: Callable[[dict], bool] | None = None,
+                   one_shot_select: Callable[[dict], PruningPlan] | None = None) -> PruningPlan:
     """Run the method on `analysis.gm`'s modules (trained in place) and return the plan.
 
     The caller passes an analysis of its own private copy (`MethodContext.private_copy`): training
     changes its weights, and the gates are folded into them at the end. Each Tick appends a row to
-    `log`.
+    `log`. Ticks go on until `fits(keep)` (default: the MACs fit `constraints`); `one_shot_select`
+    replaces the one-shot schedule's FLOPs selection (both are how a latency target plugs in).
     """
     log = [] if log is None else log
     if data is None:
@@ -192,19 +199,22 @@ def gate_decorator(channels, cost, data: Iterable, constraints: Constraints, opt
     scores = _Scores(channels, gated)
     keep = {g.index: np.arange(g.n_units) for g in channels.prunable_groups}
     flops, budget = constraints.flops, constraints.macs_limit(cost.total_macs)
+    if fits is None:
+        fits = lambda keep: _macs(channels, cost, keep) <= budget  # noqa: E731
     repeats: dict[int, int] = {}
     for site in gated.sites:
         repeats[site.group] = repeats.get(site.group, 0) + 1
     if opts.schedule == "one_shot":
         _tick(gated, scores, data, opts, targets_from)
-        plan = select(channels, cost, {gi: scores.per_group[gi] for gi in keep},
-                      Constraints(flops=flops, min_ratio=opts.min_keep_ratio))
+        per_group = {gi: scores.per_group[gi] for gi in keep}
+        plan = (one_shot_select(per_group) if one_shot_select is not None else
+                select(channels, cost, per_group, Constraints(flops=flops, min_ratio=opts.min_keep_ratio)))
         keep = _broadcast(plan.keep)
     else:
         if opts.schedule == "tick_tock":
             _tock(gated, data, opts, opts.tock_epochs, opts.sparse_lambda, targets_from)
         ticks = 0
-        while _macs(channels, cost, keep) > budget:
+        while not fits(keep):
             if ticks >= opts.max_ticks:
                 raise TargetUnreachableError(flops, _macs(channels, cost, keep) / cost.total_macs,
                                              f" after max_ticks={opts.max_ticks} Ticks")
@@ -217,7 +227,7 @@ def gate_decorator(channels, cost, data: Iterable, constraints: Constraints, opt
             _mask_units(channels, gated, keep)
             ticks += 1
             log.append({"tick": ticks, "macs_ratio": _macs(channels, cost, keep) / cost.total_macs})
-            if opts.schedule == "tick_tock" and ticks % opts.T == 0 and _macs(channels, cost, keep) > budget:
+            if opts.schedule == "tick_tock" and ticks % opts.T == 0 and not fits(keep):
                 _tock(gated, data, opts, opts.tock_epochs, opts.sparse_lambda, targets_from)
     _mask_units(channels, gated, keep)
     if opts.finetune_epochs:
@@ -245,14 +255,60 @@ class GateDecoratorMethod:
 
     name = "gate_decorator"
     options_type = GateDecoratorOptions
-    supports = frozenset()  # its own min_keep_ratio; no round_to / min_channels
+    supports = frozenset({"latency"})  # its own min_keep_ratio; no round_to / min_channels
     needs_data = True
 
     def run(self, context: MethodContext) -> MethodResult:
-        opts = context.options
+        opts, c = context.options, context.constraints
         work = context.private_copy()
         log: list = []
-        plan = gate_decorator(work.channels, work.cost, context.data, context.constraints, opts,
-                              targets_from=context.original, log=log)
-        return MethodResult(plan, {"schedule": opts.schedule, "ticks": log},
-                            weights=work.traced.graph_module.state_dict())
+        if not c.has_latency:
+            plan = gate_decorator(work.channels, work.cost, context.data, c, opts, targets_from=context.original,
+                                  log=log)
+            return MethodResult(plan, {"schedule": opts.schedule, "ticks": log},
+                                weights=work.traced.graph_module.state_dict())
+        latency = _LatencyStop(work, context)
+        plan = gate_decorator(work.channels, work.cost, context.data, c, opts, targets_from=context.original, log=log,
+                              fits=latency.fits, one_shot_select=latency.select)
+        details = {"schedule": opts.schedule, "ticks": log,
+                   "latency": latency_details(latency.model, context, plan, slim_latency(context, plan),
+                                              {"checks": latency.checks})}
+        return MethodResult(plan, details, weights=work.traced.graph_module.state_dict())
+
+
+class _LatencyStop:
+    """Gate Decorator under a latency target: Ticks go on until the pruned units' slim model is
+    predicted under the budget AND, measured end to end, under the target; a measurement over the
+    target shrinks the predicted budget (by target / measured, at least 3 %) and the Ticks go on."""
+
+    def __init__(self, work, context: MethodContext):
+        self.work, self.context, self.c = work, context, context.constraints
+        self.model = profile_latency(work, **asdict(context.measure_on))
+        self.target = self.c.latency_target_s(self.model.original_s)
+        self.budget = self.target
+        self.limit = self.c.macs_limit(work.cost.total_macs)
+        self.checks: list[dict] = []
+
+    def fits(self, keep: dict) -> bool:
+        channels = self.work.channels
+        if _macs(channels, self.work.cost, keep) > self.limit:
+            return False
+        plan = PruningPlan(keep=keep)
+        predicted = predict_plan(self.model, plan)
+        if predicted > self.budget:
+            return False
+        measured = slim_latency(self.context, plan)
+        self.checks.append({"budget_s": self.budget, "predicted_s": predicted, "measured_s": measured})
+        if measured <= self.target:
+            return True
+        self.budget = min(self.budget * 0.97, predicted * self.target / measured)
+        return False
+
+    def select(self, scores: dict) -> PruningPlan:
+        rules = Constraints(flops=self.c.flops, latency=self.c.latency, latency_ms=self.c.latency_ms,
+                            min_ratio=self.context.options.min_keep_ratio)
+        channels, cost = self.work.channels, self.work.cost
+        fit = fit_measured(lambda b: select_under_latency(channels, cost, scores, rules, self.model, b),
+                           lambda plan: slim_latency(self.context, plan), self.target, latency_model=self.model)
+        self.checks.extend(fit.rounds)
+        return fit.plan

@@ -3,12 +3,24 @@
 ``l1``, ``l2``, ``bn_scale``, ``random`` rank every unit of every group together (after per-group
 normalisation) and keep the most important under the FLOPs budget; ``uniform`` ranks by l1 inside
 each group and keeps one shared ratio everywhere (`fxprune.methods.selection`).
+
+With a latency target (`latency=` a fraction of the measured original, or `latency_ms=`) the
+ranked methods profile the model on the device it will run on (`fxprune.latency_model`), keep the
+most importance under the predicted latency with every group on a step edge
+(`latency_selection.select_under_latency`), then measure the slim model end to end and shrink the
+predicted budget until the measurement is under the target (`fit_measured`). With
+`round_to="auto"` a FLOPs-target selection is moved onto the latency model's step edges
+(`snap_to_steps`). The report's details carry predicted and measured latency before and after.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+
+from fxprune.latency_model import profile_latency
 
 from ..base import MethodContext, MethodResult
+from ..latency_selection import fit_measured, select_under_latency, snap_to_steps
+from ..latency_target import latency_details, slim_latency
 from ..selection import select
 from .criteria import BNScale, Criterion, Norm, RandomScore
 
@@ -21,14 +33,29 @@ class MagnitudeMethod:
     criterion: Criterion
     uniform: bool = False
     options_type = None
-    supports = frozenset({"round_to", "min_channels", "min_ratio"})
     needs_data = False
+
+    @property
+    def supports(self) -> frozenset:
+        base = {"round_to", "min_channels", "min_ratio"}
+        return frozenset(base if self.uniform else base | {"latency"})  # uniform: one ratio, no step choice
 
     def run(self, context: MethodContext) -> MethodResult:
         analysis, c = context.analysis, context.constraints
         scores = self.criterion.scores(analysis.channels, context.seed)
-        plan = select(analysis.channels, analysis.cost, scores, c, uniform=self.uniform)
-        return MethodResult(plan)
+        if not c.has_latency and not c.round_to_auto:
+            return MethodResult(select(analysis.channels, analysis.cost, scores, c, uniform=self.uniform))
+        model = profile_latency(analysis, **asdict(context.measure_on))
+        if not c.has_latency:  # round_to="auto" for a FLOPs target
+            plan = select(analysis.channels, analysis.cost, scores, c, uniform=self.uniform)
+            plan = snap_to_steps(analysis.channels, analysis.cost, scores, plan, model, c)
+            return MethodResult(plan, {"latency": latency_details(model, context, plan, slim_latency(context, plan))})
+        target = c.latency_target_s(model.original_s)
+        fit = fit_measured(
+            lambda budget: select_under_latency(analysis.channels, analysis.cost, scores, c, model, budget),
+            lambda plan: slim_latency(context, plan), target, latency_model=model)
+        return MethodResult(fit.plan, {"latency": latency_details(model, context, fit.plan, fit.measured_s,
+                                                                  {"rounds": fit.rounds})})
 
 
 MAGNITUDE_METHODS = (

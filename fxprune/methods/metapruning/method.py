@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Subset
 
 from fxprune.analysis import ModelAnalysis, analyze
 from fxprune.constraints import Constraints
-from fxprune.errors import ConfigError, TargetUnreachableError
+from fxprune.errors import ConfigError, LatencyUnreachableError, TargetUnreachableError
 from fxprune.latency_table import LatencyTable
 from fxprune.passes.plan import PruningPlan
 from fxprune.passes.pruningnet import PruningNet, reinitialize, write_back
@@ -58,16 +58,6 @@ from ..base import MethodContext, MethodResult
 from .evolution import EvolutionConfig, evolve
 
 FINAL = ("none", "finetune", "scratch")
-
-
-class LatencyUnreachableError(TargetUnreachableError):
-    """The latency limit is below the predicted latency of the smallest structure."""
-
-    def __init__(self, limit: float, minimum: float):
-        self.target, self.minimum = limit, minimum
-        Exception.__init__(self, f"a latency of {limit * 1e3:.4f} ms is unreachable: the smallest widths are predicted "
-                                 f"at {minimum * 1e3:.4f} ms on this device. Ask for latency_ms >= {minimum * 1e3:.4f}, "
-                                 "or lower min_channels / the smallest width ratio.")
 
 
 @dataclass
@@ -240,7 +230,7 @@ class _GenomeLimits:
                               f"widths keep {self.encoding.params(self.cost, small) / self.cost.total_params:.4f} "
                               "of the parameters")
         if self.latency is not None and self.table.predict(small) > self.latency:
-            raise LatencyUnreachableError(self.latency, self.table.predict(small))
+            raise LatencyUnreachableError(self.latency, self.table.predict(small), detail=" (every width at its smallest ratio)")
         if self.min_macs is not None and self.encoding.macs(self.cost, self.encoding.full()) < self.min_macs:
             raise ConfigError(f"min_flops={self.min_macs / self.cost.total_macs:.4f} is above what the full model has")
 

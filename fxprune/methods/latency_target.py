@@ -1,0 +1,29 @@
+"""What every method does with a latency target: measure a plan's slim model the way the latency
+model was measured, and report predicted and measured latency before and after."""
+from __future__ import annotations
+
+from fxprune.latency_model import measure_model
+from fxprune.latency_model.profile import batched
+from fxprune.passes.plan import PruningPlan
+from fxprune.passes.rewrite import apply_plan
+
+from .base import MethodContext
+from .latency_selection import predict_plan
+
+
+def latency_details(latency_model, context: MethodContext, plan: PruningPlan, measured_after_s: float,
+                    extra: dict | None = None) -> dict:
+    """The report's latency entry: where it was measured, predicted and measured before and after."""
+    on = context.measure_on
+    return {"on": f"{on.device}, batch {on.batch or 'as given'}, {str(on.dtype or 'model dtype').replace('torch.', '')}"
+                  f"{', channels_last' if on.channels_last else ''}{', compiled' if on.compile else ''}",
+            "predicted_before_s": latency_model.predict({}), "measured_before_s": latency_model.original_s,
+            "predicted_after_s": predict_plan(latency_model, plan), "measured_after_s": measured_after_s,
+            "target_s": context.constraints.latency_target_s(latency_model.original_s), **(extra or {})}
+
+
+def slim_latency(context: MethodContext, plan: PruningPlan) -> float:
+    """End-to-end seconds of the slim model `plan` makes, measured as the latency model was."""
+    on, analysis = context.measure_on, context.analysis
+    return measure_model(apply_plan(analysis.channels, plan), batched(analysis.inputs, on.batch), device=on.device,
+                         dtype=on.dtype, channels_last=on.channels_last, compile=on.compile)

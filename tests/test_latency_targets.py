@@ -1,0 +1,91 @@
+"""Latency targets through the whole pipeline, measured for real on this CPU (tiny models, so the
+profiles take a second or two): compress meets a measured latency target or raises with the best
+value, round_to="auto" lands on step edges within the FLOPs budget, the report and the CLI show
+predicted and measured latency, and methods that cannot honour a latency target refuse it."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+import fxprune
+from fxprune.cli import main
+from fxprune.latency_model import profile_latency
+
+from .handler_models import ResidualClassifier
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXPRUNE_CACHE", str(tmp_path / "cache"))
+
+
+def _resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None, num_classes=10).eval(), torch.randn(1, 3, 64, 64)
+
+
+def test_a_measured_latency_target_is_met():
+    model, x = _resnet18()
+    slim = fxprune.compress(model, "l1", x, 1.0, latency=0.7, batch=4)
+    lat = slim.fxprune_report.details["latency"]
+    assert lat["target_s"] == pytest.approx(0.7 * lat["measured_before_s"])
+    assert lat["measured_after_s"] <= lat["target_s"]  # measured end to end, not only predicted
+    assert lat["predicted_after_s"] <= lat["rounds"][-1]["budget_s"] * (1 + 1e-9)
+    assert slim.fxprune_report.max_rel_error < 1e-4
+    table = slim.fxprune_report.table()
+    assert "latency measured (ms, cpu, batch 4" in table and "latency predicted" in table
+
+
+def test_an_unreachable_latency_raises_with_the_best_value():
+    model, x = _resnet18()
+    with pytest.raises(fxprune.LatencyUnreachableError) as info:
+        fxprune.compress(model, "l1", x, 1.0, latency=0.01, batch=4)
+    assert info.value.best_s > info.value.target_s > 0 and "ms" in str(info.value)
+
+
+def test_round_to_auto_lands_on_step_edges_within_the_flops_budget():
+    model, x = _resnet18()
+    analysis = fxprune.analyze(model, x)
+    latency_model = profile_latency(analysis, batch=4)
+    slim = fxprune.compress(model, "l1", x, 0.5, round_to="auto", batch=4)
+    report = slim.fxprune_report
+    assert report.macs_after <= 0.5 * report.macs_before * (1 + 1e-9)
+    kept = {int(g): len(units) for g, units in slim.fxprune_recipe["plan"]["keep"].items()}
+    for group, count in kept.items():
+        n_units = analysis.channels.groups[group].n_units
+        edges = set(int(e) for e in latency_model.group_steps(group))
+        assert count in edges or count == n_units or count == 1, (group, count, sorted(edges))
+    assert report.details["latency"]["measured_after_s"] > 0
+
+
+def test_gate_decorator_stops_ticking_under_a_measured_latency():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g)),
+                      batch_size=16)
+    slim = fxprune.compress(ResidualClassifier().eval(), "gate_decorator", torch.randn(2, 3, 8, 8), 1.0,
+                            latency=0.9, data=data, options=dict(schedule="one_shot", finetune_epochs=0))
+    lat = slim.fxprune_report.details["latency"]
+    assert lat["measured_after_s"] <= lat["target_s"]
+
+
+@pytest.mark.parametrize("method", ["gal", "uniform"])
+def test_methods_without_a_latency_target_refuse_it(method):
+    with pytest.raises(fxprune.ConfigError, match=f"'{method}' does not support latency"):
+        fxprune.compress(ResidualClassifier().eval(), method, torch.randn(2, 3, 8, 8), 1.0, latency=0.5, data=[])
+
+
+def test_cli_profile_and_latency_compress(capsys, tmp_path):
+    args = ["torchvision:resnet18", "--input-shape", "1,3,64,64", "--batch", "4"]
+    assert main(["profile", *args, "--limit", "3", "--json", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    assert "step edges" in out and "original measured" in out and (tmp_path / "p.json").exists()
+    assert main(["profile", *args, "--limit", "3"]) == 0
+    assert "loaded from the cache" in capsys.readouterr().out
+    assert main(["compress", *args, "--flops", "1", "--latency", "0.8"]) == 0
+    assert "latency measured" in capsys.readouterr().out
+    assert main(["compress", *args, "--round-to", "auto"]) == 0
+    assert "latency predicted" in capsys.readouterr().out
