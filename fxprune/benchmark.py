@@ -47,15 +47,16 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def check_options(method: str, flops: float, round_to: int | None, batches: Sequence[int], threads: int | None,
-                  device: str, dtype: str, repeats: int, warmup: int) -> None:
+def check_options(method: str, flops: float, round_to: int | str | None, batches: Sequence[int],
+                  threads: int | None, device: str, dtype: str, repeats: int, warmup: int,
+                  latency: float | None = None) -> None:
     """A ConfigError for anything that cannot run, before any model is built."""
     get_method(method)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"repeats={repeats!r} must be a positive integer")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"warmup={warmup!r} must be an integer >= 0")
-    Constraints(flops=flops, round_to=round_to)
+    Constraints(flops=flops, round_to=round_to, latency=latency)
     if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
         raise ConfigError(f"batch sizes {list(batches)} must be positive integers, e.g. --batch 1,32")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -68,31 +69,39 @@ def check_options(method: str, flops: float, round_to: int | None, batches: Sequ
         raise ConfigError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
 
 
-def bench_model(spec: str, *, method: str = "l1", flops: float = 0.5, round_to: int | None = None,
+def bench_model(spec: str, *, method: str = "l1", flops: float = 0.5, round_to: int | str | None = None,
                 batches: Sequence[int] = (1,), input_shape: Sequence[int] | None = None, device: str = "cpu",
                 dtype: str = "float32", measurer: LatencyMeasurer | None = None, verify: bool = True,
-                measure: Callable | None = None) -> dict:
+                measure: Callable | None = None, latency: float | None = None, channels_last: bool = False) -> dict:
     """One model's numbers: params, MACs and FLOPs per image of the original and the slim model,
     and per batch size both latencies (with their quality) and the speedup (None where either is
-    unstable). `measure(models, inputs, measurer)` times the models (default `measure_latencies`)."""
+    unstable). `measure(models, inputs, measurer)` times the models (default `measure_latencies`).
+    A latency target (`latency=`, a fraction) and `round_to="auto"` are measured on `device` at the
+    first batch size, in `dtype` and memory format, as the timing below is."""
     measurer = measurer or LatencyMeasurer()
     measure = measure or measure_latencies
     shape = tuple(input_shape) if input_shape else default_input_shape(spec)
     entry = {"spec": spec, "input_shape": [1, *shape[1:]]}
     model = build_model(spec).eval()
     start = time.perf_counter()
-    slim = compress(model, method, example_input((1, *shape[1:])), flops, round_to=round_to, verify=verify)
+    slim = compress(model, method, example_input((1, *shape[1:])), flops, round_to=round_to, verify=verify,
+                    latency=latency, device=device, batch=batches[0], dtype=DTYPES[dtype], channels_last=channels_last)
     report = slim.fxprune_report
     entry.update(compress_s=time.perf_counter() - start, max_rel_error=report.max_rel_error,
                  params={"original": report.params_before, "slim": report.params_after},
                  macs={"original": report.macs_before, "slim": report.macs_after},
                  flops={"original": 2 * report.macs_before, "slim": 2 * report.macs_after})
     entry["macs_reduction"] = report.macs_before / max(report.macs_after, 1)
-    model.to(device=device, dtype=DTYPES[dtype])  # both models are this function's own
-    slim.to(device=device, dtype=DTYPES[dtype])
+    if "latency" in report.details:  # what the method predicted and measured for its target
+        entry["latency_target"] = {k: v for k, v in report.details["latency"].items() if k != "rounds"}
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(device=device, dtype=DTYPES[dtype], memory_format=layout)  # both models are this function's own
+    slim.to(device=device, dtype=DTYPES[dtype], memory_format=layout)
     entry["latency"] = []
     for batch in batches:
         x = example_input((batch, *shape[1:])).to(device=device, dtype=DTYPES[dtype])
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         with steady_heap() as steady:
             ms = measure({"original": model, "slim": slim}, ExampleInputs.normalize(x), measurer)
         original, small = ms["original"], ms["slim"]
@@ -105,20 +114,22 @@ def bench_model(spec: str, *, method: str = "l1", flops: float = 0.5, round_to: 
     return entry
 
 
-def bench_models(specs: Sequence[str], *, method: str = "l1", flops: float = 0.5, round_to: int | None = None,
+def bench_models(specs: Sequence[str], *, method: str = "l1", flops: float = 0.5, round_to: int | str | None = None,
                  batches: Sequence[int] = (1,), threads: int | None = None, device: str = "cpu",
                  dtype: str = "float32", repeats: int = 7, warmup: int = MIN_WARMUP,
                  input_shape: Sequence[int] | None = None, verify: bool = True, measure: Callable | None = None,
-                 log: Callable[[str], None] = lambda _: None) -> dict:
+                 log: Callable[[str], None] = lambda _: None, latency: float | None = None,
+                 channels_last: bool = False) -> dict:
     """`bench_model` for every spec under one setting (threads set for the run, restored after);
     a model that cannot be built or compressed is recorded with its ``error``."""
-    check_options(method, flops, round_to, batches, threads, device, dtype, repeats, warmup)
+    check_options(method, flops, round_to, batches, threads, device, dtype, repeats, warmup, latency)
     measurer = LatencyMeasurer(repeats=repeats, warmup=warmup)
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     results = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "threads":
                torch.get_num_threads(), "dtype": dtype, "method": method, "flops_target": flops, "round_to": round_to,
+               "latency_target": latency, "channels_last": channels_last,
                "batches": list(batches), "repeats": measurer.repeats, "warmup": measurer.warmup_calls(0),
                "max_spread": measurer.max_spread, "max_warmup_ratio": measurer.max_warmup_ratio,
                "extra_rounds": measurer.extra_rounds,
@@ -129,7 +140,8 @@ def bench_models(specs: Sequence[str], *, method: str = "l1", flops: float = 0.5
             try:
                 results["models"].append(bench_model(
                     spec, method=method, flops=flops, round_to=round_to, batches=batches, input_shape=input_shape,
-                    device=device, dtype=dtype, measurer=measurer, verify=verify, measure=measure))
+                    device=device, dtype=dtype, measurer=measurer, verify=verify, measure=measure, latency=latency,
+                    channels_last=channels_last))
             except FxpruneError as exc:
                 results["models"].append({"spec": spec, "error": f"{type(exc).__name__}: {exc}"})
     finally:
@@ -159,7 +171,10 @@ def render_table(results: dict) -> str:
     table = tabulate(rows, headers=["model", "variant", "device", "threads", "batch", "dtype", "params",
                                     "MACs/image", "FLOPs/image", "latency (median)", "speedup"],
                      tablefmt="github", disable_numparse=True)
-    note = (f"{results['method']} at flops={results['flops_target']:g}; latency: median of {results['repeats']} "
+    target = (f", latency target {results['latency_target']:g} of the original" if results.get("latency_target")
+              else "")
+    note = (f"{results['method']} at flops={results['flops_target']:g}{target}, round_to={results.get('round_to')}; "
+            f"latency: median of {results['repeats']} "
             f"repeats after {results['warmup']} warm-up calls each, original and slim timed round-robin; a latency "
             f"spreading more than {results['max_spread']:.0%} (IQR / median) or whose warm-up is more than "
             f"{results['max_warmup_ratio']:g}x off is measured again ({results['extra_rounds']} more rounds at most), "

@@ -172,14 +172,15 @@ def cmd_bench(args) -> int:
         return 2
     round_to = None if args.round_to is None or args.round_to.lower() in ("none", "off") else args.round_to
     try:
-        flops, round_to = float(args.flops), None if round_to is None else int(round_to)
+        flops = float(args.flops)
+        round_to = None if round_to is None else round_to if round_to == "auto" else int(round_to)
     except ValueError as exc:
         raise ConfigError(f"--flops {args.flops!r} / --round-to {args.round_to!r}: one number each ({exc})") from exc
     results = bench_models(
         args.models, method=args.method, flops=flops, round_to=round_to, batches=_csv(args.batch, int, "--batch"),
         threads=args.threads, device=args.device, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
         input_shape=parse_shape(args.input_shape) if args.input_shape else None, verify=not args.no_verify,
-        log=lambda line: print(line, file=sys.stderr))
+        log=lambda line: print(line, file=sys.stderr), latency=args.latency, channels_last=args.channels_last)
     results["command"] = "fxprune bench " + shlex.join(args.argv)
     print(render_table(results))
     if args.json:
@@ -264,7 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="*", metavar="MODEL", help="torchvision:NAME or package.module:factory")
     p.add_argument("--method", default="l1", choices=DATA_FREE_METHODS)
     p.add_argument("--flops", default="0.5", help="fraction of the original FLOPs to keep")
-    p.add_argument("--round-to", default=None, help="keep channel counts multiples of N")
+    p.add_argument("--round-to", default=None, help="keep channel counts multiples of N, or 'auto' (latency steps)")
+    p.add_argument("--latency", type=float, default=None,
+                   help="a latency target (fraction of the original's, measured at the first --batch) instead of "
+                   "--flops alone (pass --flops 1 for latency only)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC activations (for targets and timing)")
     p.add_argument("--batch", default="1", help="batch sizes, comma-separated (e.g. 1,32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

@@ -64,10 +64,10 @@ def test_gate_decorator_stops_ticking_under_a_measured_latency():
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    data = DataLoader(TensorDataset(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g)),
-                      batch_size=16)
-    slim = fxprune.compress(ResidualClassifier().eval(), "gate_decorator", torch.randn(2, 3, 8, 8), 1.0,
-                            latency=0.9, data=data, options=dict(schedule="one_shot", finetune_epochs=0))
+    data = DataLoader(TensorDataset(torch.randn(16, 3, 48, 48, generator=g), torch.randint(0, 4, (16,), generator=g)),
+                      batch_size=8)  # big enough images that compute, not call overhead, sets the latency
+    slim = fxprune.compress(ResidualClassifier().eval(), "gate_decorator", torch.randn(8, 3, 48, 48), 1.0,
+                            latency=0.8, data=data, options=dict(schedule="one_shot", finetune_epochs=0))
     lat = slim.fxprune_report.details["latency"]
     assert lat["measured_after_s"] <= lat["target_s"]
 
@@ -89,3 +89,18 @@ def test_cli_profile_and_latency_compress(capsys, tmp_path):
     assert "latency measured" in capsys.readouterr().out
     assert main(["compress", *args, "--round-to", "auto"]) == 0
     assert "latency predicted" in capsys.readouterr().out
+
+
+def test_bench_with_a_latency_target_and_round_to_auto(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "b.json"
+    args = ["bench", "torchvision:resnet18", "--input-shape", "1,3,64,64", "--batch", "2", "--repeats", "3"]
+    assert main([*args, "--flops", "1", "--latency", "0.8", "--json", str(out)]) == 0
+    entry = json.loads(out.read_text())["models"][0]
+    assert entry["latency_target"]["measured_after_s"] <= entry["latency_target"]["target_s"]
+    assert "latency target 0.8 of the original" in capsys.readouterr().out
+    assert main([*args, "--round-to", "auto", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["round_to"] == "auto" and result["models"][0]["macs"]["slim"] <= 0.5 * result["models"][0]["macs"][
+        "original"] * (1 + 1e-9)
