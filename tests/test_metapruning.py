@@ -1,7 +1,10 @@
 """MetaPruning: the PruningNet's cropped networks have exactly the sampled widths, coupled groups
-share one width, genome MACs equal the rewritten model's, the search stays under its limits, the
-latency table predicts measurements, and the result is the verified slim model of the best genome."""
+share one width, genome MACs equal the rewritten model's, the search stays under its limits (a
+latency limit on the package's latency model, `fxprune.latency_model`), and the result is the
+verified slim model of the best genome."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -15,10 +18,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxprune
-from fxprune.latency_table import LatencyTable
+from fxprune.latency_model import TimedCall, profile_latency
 from fxprune.methods.metapruning.method import (
     LatencyUnreachableError,
     MetaPruningOptions,
+    genome_kept,
     pretrain,
     split_data,
 )
@@ -236,48 +240,124 @@ def test_unlabelled_batches_are_labelled_by_the_original_model():
     assert slim.fxprune_report.macs_ratio <= 0.6
 
 
-def test_latency_table_predicts_measured_latency():
-    torch.manual_seed(0)
-    model, x = resnet20().eval(), torch.randn(1, 1, 28, 28)
-    a = fxprune.analyze(model, x)
-    enc = build_encoding(a.channels)
-    table = LatencyTable(a.channels, enc, a.inputs, rounds=5)
-    rng = np.random.default_rng(0)
-    fit = table.calibrate([enc.full(), enc.smallest(), enc.uniform(0.3), enc.random(rng)])
-    assert fit["scale"] == table.scale > 0 and len(fit["points"]) == 4
-    genomes = [enc.uniform(0.5), enc.random(rng), enc.random(rng)]
-    measured = table.measure_many([apply_plan(a.channels, PruningPlan(keep=enc.keep(g))) for g in genomes])
-    errors = [abs(table.predict(g) - m) / m for g, m in zip(genomes, measured)]
-    # stated tolerance: 25% (fastest-of-rounds timings, one thread, on a CPU shared with other jobs;
-    # quiet or loaded, this machine gives 0-8%)
-    assert max(errors) <= 0.25, errors
-    assert table.predict(enc.full()) > table.predict(enc.smallest())
-    restored = LatencyTable(a.channels, enc, a.inputs)
-    restored.load_dict(table.to_dict())
-    assert restored.predict(enc.full()) == table.predict(enc.full()) and restored.profiles == 0
-    offset_only = LatencyTable(a.channels, enc, a.inputs)
-    offset_only.load_dict(table.to_dict())
-    offset_only.calibrate([enc.full(), enc.smallest()])  # two points: scale 1, median overhead
-    assert offset_only.scale == 1.0
+@pytest.fixture
+def _cache(tmp_path, monkeypatch):
+    """Latency models profiled by compress go to a private cache, never the user's."""
+    monkeypatch.setenv("FXPRUNE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "latency"
 
 
-def test_latency_limit_is_met_by_prediction_and_reported():
+def _fake_timer(call: TimedCall) -> float:
+    """Seconds growing with the channels of a layer and with the kept units of a whole model."""
+    if call.kind == "layer":
+        return 1e-6 + 1e-8 * (call.in_channels or 1) * (call.out_channels or 1)
+    return 2e-5 + 1e-6 * sum(call.kept.values())
+
+
+def _head_latency(tmp_path, batch=None):
     torch.manual_seed(0)
     model, x = _Head().eval(), torch.randn(1, 3, 8, 8)
     a = fxprune.analyze(model, x)
+    return model, x, a, profile_latency(a, timer=_fake_timer, batch=batch, points=3, cache_dir=tmp_path)
+
+
+class _Untouchable(TensorDataset):
+    """Training data that must not be read: the limits are checked before the PruningNet trains."""
+
+    def __getitem__(self, i):
+        raise AssertionError("the PruningNet trained before an unreachable limit was reported")
+
+
+def test_genome_latency_is_the_latency_model_on_the_kept_units(tmp_path):
+    _, _, a, lat = _head_latency(tmp_path)
     enc = build_encoding(a.channels)
-    table = LatencyTable(a.channels, enc, a.inputs)
-    table.calibrate([enc.full(), enc.smallest()])
-    limit = (table.predict(enc.full()) + table.predict(enc.smallest())) / 2
+    assert sorted(enc.groups) == sorted(lat.n_units)  # one gene per group the latency model knows
+    rng = np.random.default_rng(0)
+    for genome in (enc.full(), enc.smallest(), enc.random(rng), enc.random(rng)):
+        kept = genome_kept(enc, genome)
+        assert kept == {w["group"]: w["kept_units"] for w in enc.describe(genome)}
+        assert lat.predict(kept) == pytest.approx(lat.predict({g: len(k) for g, k in enc.keep(genome).items()}))
+    assert lat.predict(genome_kept(enc, enc.full())) == pytest.approx(lat.predict({}))
+    assert lat.predict(genome_kept(enc, enc.full())) > lat.predict(genome_kept(enc, enc.smallest()))
+
+
+def test_latency_limit_is_met_by_prediction_and_reported(tmp_path, _cache):
+    model, x, a, lat = _head_latency(tmp_path)
+    enc = build_encoding(a.channels)
+    full, small = lat.predict({}), lat.predict(genome_kept(enc, enc.smallest()))
+    limit = (full + small) / 2
     slim = fxprune.compress(model, "metapruning", x, 1.0, data=_loader(), latency_ms=limit * 1e3,
-                            options=dict(SMALL, latency_table=table))
-    lat = slim.fxprune_report.details["latency"]
-    assert lat["predicted_s"] <= limit * (1 + 1e-9) and lat["measured_s"] > 0
-    assert lat["limit_s"] == pytest.approx(limit, rel=1e-12)
-    assert lat["measured_within_limit"] == (lat["measured_s"] <= limit)
-    with pytest.raises(LatencyUnreachableError, match="ms is unreachable"):
-        fxprune.compress(model, "metapruning", x, 1.0, data=_loader(), latency_ms=1e-6,
-                         options=dict(SMALL, latency_table=table))
+                            options=dict(SMALL, latency_model=lat))
+    d = slim.fxprune_report.details
+    lat_d = d["latency"]
+    assert lat_d["target_s"] == pytest.approx(limit, rel=1e-12) and lat_d["fraction"] is None
+    assert lat_d["predicted_after_s"] <= limit * (1 + 1e-9)
+    # the search's prediction is the latency model's on the reported widths
+    assert lat_d["genome_predicted_s"] == pytest.approx(lat_d["predicted_after_s"], rel=1e-12)
+    assert lat.predict({w["group"]: w["kept_units"] for w in d["widths"]}) == pytest.approx(lat_d["predicted_after_s"])
+    assert lat_d["predicted_before_s"] == pytest.approx(full) and lat_d["measured_before_s"] == lat.original_s
+    assert lat_d["measured_after_s"] > 0
+    assert lat_d["measured_within_target"] == (lat_d["measured_after_s"] <= limit)
+    assert lat_d["latency_model"]["source"] == "reused" and lat_d["on"].startswith("cpu")
+    assert "latency predicted" in slim.fxprune_report.table()
+    assert not any(_cache.glob("*.json"))  # a reused model is not profiled again
+    untouchable = DataLoader(_Untouchable(torch.zeros(8, 3, 8, 8), torch.zeros(8, dtype=torch.long)), batch_size=4)
+    with pytest.raises(LatencyUnreachableError, match="is unreachable") as info:
+        fxprune.compress(model, "metapruning", x, 1.0, data=untouchable, latency_ms=1e-6,
+                         options=dict(SMALL, latency_model=lat))
+    err = info.value
+    assert err.target_s == pytest.approx(1e-9) and err.best_s == pytest.approx(small)
+    assert err.original_s == lat.original_s and not err.measured
+    with pytest.raises(LatencyUnreachableError):  # a fraction below the smallest widths' prediction
+        fxprune.compress(model, "metapruning", x, 1.0, data=untouchable, latency=small / lat.original_s * 0.99,
+                         options=dict(SMALL, latency_model=lat))
+
+
+def test_latency_as_a_fraction_of_the_measured_original(tmp_path, _cache):
+    model, x, _, lat = _head_latency(tmp_path)
+    slim = fxprune.compress(model, "metapruning", x, 1.0, data=_loader(), latency=0.9,
+                            options=dict(SMALL, latency_model=lat))
+    d = slim.fxprune_report.details["latency"]
+    assert d["fraction"] == 0.9 and d["measured_before_s"] == lat.original_s
+    assert d["target_s"] == pytest.approx(0.9 * lat.original_s, rel=1e-12)
+    assert d["predicted_after_s"] <= d["target_s"] * (1 + 1e-9)
+    # without latency_model= the model is profiled on the device (a real CPU profile, in the private
+    # cache, with latency_rounds as profile_latency's rounds), and the fraction is of its measurement
+    torch.manual_seed(0)
+    slim = fxprune.compress(model, "metapruning", x, 1.0, data=_loader(), latency=0.95,
+                            options=dict(SMALL, latency_rounds=1))
+    d = slim.fxprune_report.details["latency"]
+    assert d["fraction"] == 0.95 and d["measured_before_s"] > 0 and d["measured_after_s"] > 0
+    assert d["target_s"] == pytest.approx(0.95 * d["measured_before_s"], rel=1e-12)
+    assert d["predicted_after_s"] <= d["target_s"] * (1 + 1e-9)
+    assert d["latency_model"]["source"] in ("measured", "cache")
+    (entry,) = _cache.glob("*.json")
+    key = json.loads(entry.read_text())["key"]
+    assert key["grid"]["rounds"] == 1 and key["device"] == "cpu" and key["timer"] is None
+
+
+def test_reused_latency_model_must_be_of_this_model_and_these_settings(tmp_path, _cache):
+    model, x, _, lat = _head_latency(tmp_path)
+    other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    other_lat = profile_latency(fxprune.analyze(other, x), timer=_fake_timer, points=3, cache_dir=tmp_path)
+    with pytest.raises(fxprune.ConfigError, match="another model"):
+        fxprune.compress(model, "metapruning", x, 1.0, data=_loader(), latency=0.9,
+                         options=dict(SMALL, latency_model=other_lat))
+    _, _, _, batch4 = _head_latency(tmp_path, batch=4)
+    with pytest.raises(fxprune.ConfigError, match="batch=4"):
+        fxprune.compress(model, "metapruning", x, 1.0, data=_loader(), latency=0.9,
+                         options=dict(SMALL, latency_model=batch4))
+    slim = fxprune.compress(model, "metapruning", x, 1.0, data=_loader(), latency=0.9, batch=4,
+                            options=dict(SMALL, latency_model=batch4))  # measured as profiled: accepted
+    assert slim.fxprune_report.details["latency"]["on"] == "cpu, batch 4, model dtype"
+    with pytest.raises(fxprune.ConfigError, match="LatencyModel"):
+        MetaPruningOptions(latency_model="table.json")
+    with pytest.raises(fxprune.ConfigError, match="latency_rounds"):
+        MetaPruningOptions(latency_rounds=0)
+    with pytest.raises(fxprune.ConfigError, match="unknown metapruning option"):
+        fxprune.compress(model, "metapruning", x, 1.0, data=_loader(), latency=0.9,
+                         options=dict(SMALL, latency_table=lat))
+    assert not any(_cache.glob("*.json"))
 
 
 def test_bad_input():
@@ -296,13 +376,3 @@ def test_bad_input():
         fxprune.compress(model, "metapruning", x, 0.001, data=_loader(), options=SMALL)
     with pytest.raises(fxprune.ConfigError, match="latency"):
         fxprune.compress(model, "gal", x, 0.5, data=_loader(), latency=0.01)
-
-
-def test_latency_as_a_fraction_of_the_measured_original():
-    torch.manual_seed(0)
-    model, x = _Head().eval(), torch.randn(1, 3, 8, 8)
-    slim = fxprune.compress(model, "metapruning", x, 1.0, data=_loader(), latency=0.95, options=SMALL)
-    target = slim.fxprune_report.details["latency_target"]
-    assert target["fraction"] == 0.95 and target["original_s"] > 0
-    assert target["limit_s"] == pytest.approx(0.95 * target["original_s"], rel=1e-12)
-    assert slim.fxprune_report.details["latency"]["predicted_s"] <= target["limit_s"] * (1 + 1e-9)

@@ -8,17 +8,24 @@
    linearly to 0 — the authors' ResNet-50 defaults: lr 0.1, weight decay 1e-4, 32 epochs).
 3. **Search** (`fxprune.evolution`): population 50, 20 generations, top-10 parents, 25 mutations
    (p = 0.1 per gene), 25 crossovers, random fill; a hard constraint by rejection on MACs (exact
-   recount of the graph), optionally params and latency (`fxprune.latency_table`, measured on the
-   current device). Each candidate gets its weights from the PruningNet, BatchNorm statistics
-   recalibrated on `calib_batches` training batches, and is scored by accuracy (ties: loss) on a
-   held-out split of the *training* data (`holdout` of it, or `search_data=`), never a test set.
+   recount of the graph), optionally params and latency. The latency of a genome is predicted by
+   the package's one latency model (`fxprune.latency_model.profile_latency`, profiled before the
+   PruningNet trains, on the device / batch / dtype / memory format `compress` measures on, or
+   reused from `latency_model=`), reading the genome as kept units per group; the limit is
+   `latency=` x the measured original, or `latency_ms=`; a limit even the smallest widths are
+   predicted over raises `LatencyUnreachableError`. Each candidate gets its weights from the
+   PruningNet, BatchNorm statistics recalibrated on `calib_batches` training batches, and is
+   scored by accuracy (ties: loss) on a held-out split of the *training* data (`holdout` of it,
+   or `search_data=`), never a test set.
 4. **Output**: the best structure's PruningNet weights (recalibrated) are written into the
    private model copy at the kept positions (the first k channels of each group) and the plan
    keeps those; the core rewrite then builds the slim module. `final="finetune"` trains the slim
    network further, `final="scratch"` re-initialises and trains it (the authors' final step),
    both with the harness before the write-back. The details hold the widths, the search history
-   (per generation best/mean accuracy and MACs ratio) and, with a latency limit, predicted vs
-   measured latency of the final model.
+   (per generation best/mean accuracy and MACs ratio) and, with a latency limit, the same
+   ``latency`` entry as every method's (`methods.latency_target.latency_details`: predicted and
+   measured before and after, the target; the final model measured end to end as the latency
+   model was) plus the chosen genome's predicted seconds as the search saw them.
 
 Example::
 
@@ -31,7 +38,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -39,9 +46,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Subset
 
 from fxprune.analysis import ModelAnalysis, analyze
-from fxprune.constraints import Constraints
+from fxprune.constraints import Constraints, MeasureOn
 from fxprune.errors import ConfigError, LatencyUnreachableError, TargetUnreachableError
-from fxprune.latency_table import LatencyTable
+from fxprune.latency_model import LatencyModel, profile_latency
+from fxprune.latency_model.profile import _default_dtype, batched, make_key, settings_of
 from fxprune.passes.plan import PruningPlan
 from fxprune.passes.pruningnet import PruningNet, reinitialize, write_back
 from fxprune.passes.width_encoding import DEFAULT_RATIOS, build_encoding
@@ -55,6 +63,7 @@ from fxprune.train import (
 )
 
 from ..base import MethodContext, MethodResult
+from ..latency_target import latency_details, slim_latency
 from .evolution import EvolutionConfig, evolve
 
 FINAL = ("none", "finetune", "scratch")
@@ -89,8 +98,10 @@ class MetaPruningOptions:
     # constraints besides compress(flops=, latency=)
     params: float | None = None  # at most this fraction of the original parameters
     min_flops: float | None = None  # at least this fraction of the original MACs (authors' ResNet band)
-    latency_table: Any = None  # a LatencyTable to reuse (same model, same device)
-    latency_rounds: int = 5
+    # a LatencyModel to reuse with a latency limit (`fxprune.latency_model.profile_latency` of the
+    # same model, with the device / batch / dtype / channels_last / compile compress measures with)
+    latency_model: Any = None
+    latency_rounds: int | None = None  # profile_latency's rounds (None: its default, shared with the cache)
     # the found structure
     final: str = "none"  # "none" (PruningNet weights), "finetune", "scratch"
     final_epochs: int | None = None  # default: 128 (scratch, authors) / 16 (finetune)
@@ -112,6 +123,12 @@ class MetaPruningOptions:
             v = getattr(self, name)
             if v is not None and not 0 < v <= 1:
                 raise ConfigError(f"{name}={v} must be a fraction in (0, 1]")
+        if self.latency_model is not None and not isinstance(self.latency_model, LatencyModel):
+            raise ConfigError(f"latency_model must be a fxprune.latency_model.LatencyModel (from profile_latency), "
+                              f"got {type(self.latency_model).__name__}")
+        r = self.latency_rounds
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+            raise ConfigError(f"latency_rounds must be an integer >= 1 or None, got {r!r}")
         self.evolution()  # validates the search settings
 
     def evolution(self) -> EvolutionConfig:
@@ -201,15 +218,64 @@ def pretrain(model: torch.nn.Module, example_inputs, data: Iterable, options: di
 
 
 # -- constraints and scoring ----------------------------------------------------------------------
-class _GenomeLimits:
-    """MACs (and params, latency) of a genome against the `Constraints`; cheap checks first."""
+def genome_kept(encoding, genome) -> dict:
+    """{prunable group index: kept units} of `genome`: what `LatencyModel.predict` reads."""
+    return dict(zip(encoding.groups, encoding.counts(genome)))
 
-    def __init__(self, encoding, cost, constraints: Constraints, opts: MetaPruningOptions, table: LatencyTable | None,
-                 latency_s: float | None):
-        self.encoding, self.cost, self.table, self.latency = encoding, cost, table, latency_s
+
+_REUSE_SETTINGS = ("device", "dtype", "batch", "channels_last", "compile", "inputs")
+
+
+def _head(n_units: dict, n: int = 6) -> str:
+    items = sorted(n_units.items())
+    return "{" + ", ".join(f"{g}: {u}" for g, u in items[:n]) + (", ...}" if len(items) > n else "}")
+
+
+def _reused_latency_model(latency_model: LatencyModel, analysis, on: MeasureOn) -> LatencyModel:
+    """`latency_model` if it was profiled on this analysed model with the settings `on` measures
+    with (its key's model digest, prunable groups, device, dtype, batch, memory format, compile and
+    input shapes), else a ConfigError naming what differs."""
+    channels = analysis.channels
+    s = settings_of(**asdict(on), threads=None, rounds=1, points=2,
+                    default_dtype=_default_dtype(channels.gm, analysis.inputs))
+    want = make_key(channels, batched(analysis.inputs, s.batch), s, None)
+    key = latency_model.key if isinstance(latency_model.key, dict) else {}
+    n_units = {g.index: g.n_units for g in channels.prunable_groups}
+    if key.get("model") != want["model"] or latency_model.n_units != n_units:
+        raise ConfigError(
+            f"latency_model was profiled on another model (or another analysis of it: other ignore= / leaf_modules=):"
+            f" its prunable groups (index: units) are {_head(latency_model.n_units)}, this model's {_head(n_units)}"
+            f"{' (same groups, another layout)' if latency_model.n_units == n_units else ''};"
+            " profile it with fxprune.latency_model.profile_latency(fxprune.analyze(model, x), ...) of this model")
+    differ = [f"{k}={key.get(k)!r} (compress measures with {want[k]!r})" for k in _REUSE_SETTINGS
+              if key.get(k) != want[k]]
+    if differ:
+        raise ConfigError(f"latency_model was profiled with {', '.join(differ)}: profile it with the device=, batch=, "
+                          "dtype=, channels_last=, compile= given to compress (or give compress those of the profile)")
+    return latency_model
+
+
+def _latency_model(analysis, opts: MetaPruningOptions, on: MeasureOn) -> LatencyModel:
+    """The reused `latency_model=` (checked), else the model profiled now (or read from the cache)."""
+    if opts.latency_model is not None:
+        return _reused_latency_model(opts.latency_model, analysis, on)
+    rounds = {} if opts.latency_rounds is None else {"rounds": opts.latency_rounds}
+    return profile_latency(analysis, **asdict(on), **rounds)
+
+
+class _GenomeLimits:
+    """MACs (and params, latency) of a genome against the `Constraints`; cheap checks first.
+    A latency limit (seconds) is checked on `latency_model`'s prediction of the genome's kept units."""
+
+    def __init__(self, encoding, cost, constraints: Constraints, opts: MetaPruningOptions,
+                 latency_model: LatencyModel | None = None, latency_s: float | None = None):
+        self.encoding, self.cost, self.latency_model, self.latency = encoding, cost, latency_model, latency_s
         self.max_macs = constraints.macs_limit(cost.total_macs)
         self.min_macs = None if opts.min_flops is None else opts.min_flops * cost.total_macs
         self.max_params = constraints.params_limit(cost.total_params)
+
+    def predicted_s(self, genome) -> float:
+        return float(self.latency_model.predict(genome_kept(self.encoding, genome)))
 
     def __call__(self, genome) -> bool:
         macs = self.encoding.macs(self.cost, genome)
@@ -217,7 +283,7 @@ class _GenomeLimits:
             return False
         if self.max_params is not None and self.encoding.params(self.cost, genome) > self.max_params:
             return False
-        return self.latency is None or self.table.predict(genome) <= self.latency
+        return self.latency is None or self.predicted_s(genome) <= self.latency
 
     def check_reachable(self, flops: float) -> None:
         small = self.encoding.smallest()
@@ -229,8 +295,9 @@ class _GenomeLimits:
             raise ConfigError(f"params={self.max_params / self.cost.total_params:.4f} is unreachable: the smallest "
                               f"widths keep {self.encoding.params(self.cost, small) / self.cost.total_params:.4f} "
                               "of the parameters")
-        if self.latency is not None and self.table.predict(small) > self.latency:
-            raise LatencyUnreachableError(self.latency, self.table.predict(small), detail=" (every width at its smallest ratio)")
+        if self.latency is not None and self.predicted_s(small) > self.latency:
+            raise LatencyUnreachableError(self.latency, self.predicted_s(small), self.latency_model.original_s,
+                                          " (every width at its smallest ratio)", measured=False)
         if self.min_macs is not None and self.encoding.macs(self.cost, self.encoding.full()) < self.min_macs:
             raise ConfigError(f"min_flops={self.min_macs / self.cost.total_macs:.4f} is above what the full model has")
 
@@ -270,17 +337,21 @@ def _final_training(slim, data, opts: MetaPruningOptions, targets_from) -> list:
 
 
 # -- the registry's runner ------------------------------------------------------------------------
-def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: MetaPruningOptions, targets_from=None):
+def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: MetaPruningOptions, targets_from=None,
+                *, measure_on: MeasureOn | None = None):
     """Train (or reuse) a PruningNet, search under the limits; the chosen structure's generated
     (and optionally trained) weights are written into `analysis`'s model: pass a private copy.
+    A latency limit is predicted by the latency model of `analysis` on `measure_on` (default: the
+    CPU, as analysed), profiled before the PruningNet trains; the final model is measured there.
     Returns (plan, details)."""
     flops = constraints.flops
     if constraints.params is None and opts.params is not None:  # the option, when compress(params=) is not given
         constraints = dataclasses.replace(constraints, params=opts.params)
     if data is None:
         raise TrainingError("metapruning needs data=: an iterable of (inputs, targets) training batches")
+    measure_on = MeasureOn() if measure_on is None else measure_on
+    context = MethodContext(analysis, constraints, opts, data, targets_from, measure_on=measure_on)
     selection = constraints.selection()
-    latency = None
     t0 = time.perf_counter()
     channels, cost = analysis.channels, analysis.cost
     encoding = _encoding(channels, opts, selection)
@@ -289,6 +360,13 @@ def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: M
     else:
         train_data, heldout = split_data(data, opts.holdout, opts.seed)
     details: dict = {"genes": len(encoding), "choices": list(encoding.space)}
+    latency_model = latency = None
+    if constraints.has_latency:  # before the PruningNet trains: an unreachable limit fails fast
+        latency_model = _latency_model(analysis, opts, measure_on)
+        latency = constraints.latency_target_s(latency_model.original_s)
+    constraint = _GenomeLimits(encoding, cost, constraints, opts, latency_model, latency)
+    constraint.check_reachable(flops)
+    t_limits = time.perf_counter()
     net = opts.pruningnet
     if net is None:
         net = PruningNet(channels, encoding, opts.hidden, opts.bn_banks, opts.seed)
@@ -297,18 +375,6 @@ def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: M
         net.check_compatible(channels, encoding)
         details["pruningnet_training"] = "reused"
     t1 = time.perf_counter()
-    table = None
-    if constraints.has_latency:
-        table = opts.latency_table or LatencyTable(channels, encoding, analysis.inputs, rounds=opts.latency_rounds)
-        if opts.latency_table is None:
-            rng = np.random.default_rng(opts.seed)
-            details["latency_calibration"] = table.calibrate(
-                [encoding.full(), encoding.smallest(), *(encoding.random(rng) for _ in range(4))])
-        original_s = table.measure(channels.gm) if constraints.latency is not None else None
-        latency = constraints.latency_target_s(original_s)
-        details["latency_target"] = {"fraction": constraints.latency, "original_s": original_s, "limit_s": latency}
-    constraint = _GenomeLimits(encoding, cost, constraints, opts, table, latency)
-    constraint.check_reachable(flops)
     scorer = _Scorer(net, train_data, heldout, opts, targets_from)
 
     def evaluate_genome(genome):
@@ -331,6 +397,7 @@ def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: M
         final_data = opts.final_data if opts.final_data is not None else train_data
         final_history = _final_training(slim, final_data, opts, targets_from)
     write_back(channels, slim, encoding.keep_roots(best))
+    plan = PruningPlan(keep=encoding.keep(best))
     macs = encoding.macs(cost, best)
     details.update({
         "genome": list(best), "widths": encoding.describe(best),
@@ -339,15 +406,17 @@ def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: M
         "search": {"best": {"accuracy": result.best_info["accuracy"], "loss": result.best_info["loss"]},
                    "evaluated": len(result.cache), "rejected": dict(result.rejected), "history": result.history},
         "final": opts.final, "final_training": final_history,
-        "seconds": {"pruningnet": t1 - t0, "search": t2 - t1, "total": time.perf_counter() - t0},
+        "seconds": {"limits": t_limits - t0, "pruningnet": t1 - t_limits, "search": t2 - t1,
+                    "total": time.perf_counter() - t0},
     })
-    if table is not None:
-        measured = table.measure(slim)
-        details["latency"] = {"limit_s": latency, "predicted_s": table.predict(best), "measured_s": measured,
-                              "measured_within_limit": measured <= latency, "offset_s": table.offset,
-                              "scale": table.scale,
-                              "table_entries": len(table.entries), "profiles": table.profiles}
-    return PruningPlan(keep=encoding.keep(best)), details
+    if latency_model is not None:
+        measured = slim_latency(context, plan)  # the slim model with its final weights, end to end
+        details["latency"] = latency_details(latency_model, context, plan, measured, {
+            "fraction": constraints.latency, "genome_predicted_s": constraint.predicted_s(best),
+            "measured_within_target": measured <= latency,
+            "latency_model": {"source": "reused" if opts.latency_model is not None else latency_model.source,
+                              "offset_s": latency_model.offset, "scale": latency_model.scale}})
+    return plan, details
 
 
 @dataclass(frozen=True)
@@ -362,7 +431,8 @@ class MetaPruningMethod:
 
     def run(self, context: MethodContext) -> MethodResult:
         work = context.private_copy()
-        plan, details = metapruning(work, context.data, context.constraints, context.options, context.original)
+        plan, details = metapruning(work, context.data, context.constraints, context.options, context.original,
+                                    measure_on=context.measure_on)
         return MethodResult(plan, details, weights=work.traced.graph_module.state_dict())
 
 
