@@ -376,3 +376,9 @@ def test_bad_input():
         fxprune.compress(model, "metapruning", x, 0.001, data=_loader(), options=SMALL)
     with pytest.raises(fxprune.ConfigError, match="latency"):
         fxprune.compress(model, "gal", x, 0.5, data=_loader(), latency=0.01)
+
+
+def test_round_to_auto_is_refused():
+    with pytest.raises(fxprune.ConfigError, match="metapruning does not support round_to='auto'"):
+        fxprune.compress(_Head().eval(), "metapruning", torch.randn(2, 3, 8, 8), 0.5, data=_loader(),
+                         round_to="auto", options=SMALL)

@@ -37,7 +37,8 @@ from torch.utils.data import DataLoader, Subset
 
 import fxprune
 from fxprune import data as fxdata
-from fxprune.latency_table import LatencyTable
+from fxprune.latency_model import measure_model, profile_latency
+from fxprune.methods.metapruning.method import genome_kept
 from fxprune.methods.metapruning.method import pretrain
 from fxprune.models import build_model
 from fxprune.report import human
@@ -97,10 +98,8 @@ def main() -> None:
     analysis = fxprune.analyze(copy.deepcopy(model), x)
     base = analysis.cost.total_macs
     enc = build_encoding(analysis.channels)
-    table = LatencyTable(analysis.channels, enc, analysis.inputs)
-    cal_rng = np.random.default_rng(123)
-    calibration = table.calibrate([enc.full(), enc.smallest(), enc.uniform(0.5),
-                                   *(enc.random(cal_rng) for _ in range(4))])
+    latency_model = profile_latency(analysis)  # the shared latency model of this CPU (cached)
+    calibration = {"offset_s": latency_model.offset, "scale": latency_model.scale, "fit": latency_model.fit}
     rows = []
     t0 = time.time()
     full = fxprune.prune_with_plan(analysis, PruningPlan(keep=enc.keep(enc.full())))[0]
@@ -129,21 +128,22 @@ def main() -> None:
         uniform = fxprune.compress(model, "uniform", x, target)
         compare(f"MACs {target}", meta, uniform, time.time() - t, len(seeds))
 
-    limit = 0.6 * table.measure_many([full], rounds=30)[0]
+    limit = 0.6 * latency_model.original_s
     t = time.time()
-    meta = fxprune.compress(model, "metapruning", x, 1.0, data=data, latency=limit,
-                            options=dict(search, pruningnet=net, latency_table=table))
-    ratio = max((r for r in np.arange(0.10, 1.0001, 0.01) if table.predict(enc.uniform(r)) <= limit), default=0.1)
+    meta = fxprune.compress(model, "metapruning", x, 1.0, data=data, latency=0.6,
+                            options=dict(search, pruningnet=net, latency_model=latency_model))
+    ratio = max((r for r in np.arange(0.10, 1.0001, 0.01)
+                 if latency_model.predict(genome_kept(enc, enc.uniform(r))) <= limit), default=0.1)
     uniform = fxprune.prune_with_plan(analysis, PruningPlan(keep=enc.keep(enc.uniform(ratio))))[0]
     compare(f"latency {limit * 1e3:.3f} ms", meta, uniform, time.time() - t, 1)
     lat = meta.fxprune_report.details["latency"]
-    for r, ms in zip(rows, table.measure_many(measured, rounds=30)):
-        r[9] = f"{ms * 1e3:.3f}"
+    for r, m in zip(rows, measured):
+        r[9] = f"{measure_model(m, x) * 1e3:.3f}"
 
     rng = np.random.default_rng(0)
     genomes = [enc.random(rng) for _ in range(10)]
     slims = [fxprune.prune_with_plan(analysis, PruningPlan(keep=enc.keep(g)), verify_output=False)[0] for g in genomes]
-    checks = list(zip([table.predict(g) for g in genomes], table.measure_many(slims, rounds=30)))
+    checks = [(latency_model.predict(genome_kept(enc, g)), measure_model(m, x)) for g, m in zip(genomes, slims)]
     errors = [abs(p - m) / m for p, m in checks]
     out.update(rows=rows, latency={"limit_s": limit, "final": lat, "calibration": calibration,
                                    "random_genomes": [{"predicted_s": p, "measured_s": m} for p, m in checks],
@@ -171,10 +171,11 @@ def main() -> None:
             "`conv1`, `layer2.0.conv2` and `layer3.0.conv2` are the three residual streams):\n\n"
             + "\n".join(f"- {k}: {v}" for k, v in widths.items())
             + f"\n\nSearch history at 50% MACs:\n\n{hist_md}\n\n"
-            f"Latency table: {len(table.entries)} per-node entries, fit measured = {table.offset * 1e3:.3f} ms + "
-            f"{table.scale:.3f} x sum of nodes (7 structures); limit "
-            f"{limit * 1e3:.3f} ms: MetaPruning's structure predicted {lat['predicted_s'] * 1e3:.3f} ms, measured "
-            f"{lat['measured_s'] * 1e3:.3f} ms; on 10 random structures |predicted - measured| / measured is "
+            f"Latency model (fxprune.latency_model): {len(latency_model.layers())} layers, fit measured = "
+            f"{latency_model.offset * 1e3:.3f} ms + {latency_model.scale:.3f} x sum of layers; limit "
+            f"{limit * 1e3:.3f} ms (0.6 of the measured original): MetaPruning's structure predicted "
+            f"{lat['predicted_after_s'] * 1e3:.3f} ms, measured "
+            f"{lat['measured_after_s'] * 1e3:.3f} ms; on 10 random structures |predicted - measured| / measured is "
             f"{np.mean(errors):.1%} on average, {max(errors):.1%} at most. Uniform at that latency: ratio "
             f"{ratio:.2f}.\n")
     with open(args.out, "a") as f:

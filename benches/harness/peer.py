@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
-import torch
 from torch import nn
 
 from fxprune.passes.inputs import ExampleInputs

@@ -291,7 +291,7 @@ def render(results: dict) -> str:
     parts = [header(results), "## Goals", goals_table(results)]
     parts += ["## Compile speed (milliseconds)",
               "fxprune: `compress(model, 'l1', x, flops)` stage timings, median of the repeats "
-              f"(first call not counted); compile = trace + shapes + analysis + rewrite; peak MiB = resident memory "
+              "(first call not counted); compile = trace + shapes + analysis + rewrite; peak MiB = resident memory "
               "above the start during one compile without verification. TP = Torch-Pruning: `BasePruner(...)` "
               "(dependency graph) + `step()` at the pruning ratio found for the first FLOPs target (median). "
               "Torch-Pruning prunes in place: the deep copy that keeps the original is made before its clock starts "

@@ -430,6 +430,9 @@ class MetaPruningMethod:
     needs_data = True
 
     def run(self, context: MethodContext) -> MethodResult:
+        if context.constraints.round_to_auto:  # its width choices are a fixed ratio grid, shared with the PruningNet
+            raise ConfigError("metapruning does not support round_to='auto': give round_to=N (e.g. 8) or a latency "
+                              "target, which its search honours on the latency model")
         work = context.private_copy()
         plan, details = metapruning(work, context.data, context.constraints, context.options, context.original,
                                     measure_on=context.measure_on)
