@@ -551,3 +551,39 @@ def test_cuda_profile_on_the_tile_grid(tmp_path):
     conv1 = next(r for r in lat.layers() if r["node"] == "conv1")
     assert conv1["interp"] == "ceil" and conv1["out"]["x"][:2] == [8.0, 16.0]
     assert 1 / 3 < lat.predict({}) / lat.original_s < 3
+
+
+def test_in_place_layers_do_not_overwrite_the_shared_input_buffer():
+    """SiLU(inplace=True), relu_ and `x += y` timed alone on views of the shared buffer used to
+    rewrite it on every call (values decaying to subnormals, then zeros: slow, then wrong)."""
+    import math as _math
+
+    from fxprune.latency_model import layers
+
+    class InPlace(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.act = torch.nn.SiLU(inplace=True)
+            self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.head = torch.nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.act(self.conv(x))
+            z = self.conv2(y)
+            z += y
+            return self.head(z.relu_())
+
+    a = fxprune.analyze(InPlace().eval(), torch.randn(2, 3, 8, 8))
+    specs = layers.specs_at(a.channels, a.inputs, a.inputs)
+    found = layers.find_layers(a.channels, specs)[0]
+    buf = layers.InputBuffer(torch.device("cpu"))
+    benches = [layers.LayerBench(a.channels, spec, specs, device=torch.device("cpu"), dtype=torch.float32,
+                                 channels_last=False, buffer=buf) for spec in found]
+    runs = [b.build({}) for b in benches]
+    before = buf.flat[torch.float32].clone()
+    for _ in range(50):
+        for run in runs:
+            run()
+    assert torch.equal(buf.flat[torch.float32], before)
+    assert _math.isfinite(float(before.abs().median())) and {"SiLU", "iadd", "relu_"} & {s.op for s in found}

@@ -290,6 +290,31 @@ class InputBuffer:
         return part.view(shape)
 
 
+_IN_PLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                       operator.itruediv: operator.truediv}
+
+
+def _out_of_place(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` (a private one-layer copy) with in-place ops made out-of-place: timed over and over on
+    views of the shared input buffer, an in-place op (`SiLU(inplace=True)`, `relu_`, `x += y`)
+    would overwrite that buffer on every call, its values decaying to subnormals (slow on x86) and
+    to zeros. The out-of-place op reads and writes as much memory."""
+    changed = False
+    for mod in gm.modules():
+        if getattr(mod, "inplace", None) is True:
+            mod.inplace, changed = False, True
+    for node in gm.graph.nodes:
+        if node.kwargs.get("inplace") is True:
+            node.kwargs, changed = {**node.kwargs, "inplace": False}, True
+        if node.op == "call_method" and node.target.endswith("_") and hasattr(torch.Tensor, node.target[:-1]):
+            node.target, changed = node.target[:-1], True
+        if node.op == "call_function" and node.target in _IN_PLACE_FUNCTIONS:
+            node.target, changed = _IN_PLACE_FUNCTIONS[node.target], True
+    if changed:
+        gm.recompile()
+    return gm
+
+
 class LayerBench:
     """Builds one layer alone at any kept units (module docstring)."""
 
@@ -344,7 +369,7 @@ class LayerBench:
             if not k.all():
                 per_tensor.setdefault(target, {})[dim] = np.nonzero(k)[0]
         with torch.no_grad():
-            slim = apply_plan(self.mini, ResolvedPlan(PruningPlan(), keep, frozenset(), per_tensor))
+            slim = _out_of_place(apply_plan(self.mini, ResolvedPlan(PruningPlan(), keep, frozenset(), per_tensor)))
             slim.eval()
             slim.to(device=self.device, dtype=self.dtype)
             if self.channels_last:

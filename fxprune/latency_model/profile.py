@@ -254,9 +254,10 @@ def load_cached(path: Path, key: dict, channels) -> LatencyModel | None:
     if not isinstance(data, dict) or data.get("key") != key:
         return None
     try:
-        return LatencyModel.from_json(data, channels)
+        model = LatencyModel.from_json(data, channels)
     except ArtifactError:
         return None
+    return model
 
 
 def save_cached(path: Path, model: LatencyModel) -> None:

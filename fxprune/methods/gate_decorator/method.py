@@ -270,9 +270,9 @@ class GateDecoratorMethod:
         latency = _LatencyStop(work, context)
         plan = gate_decorator(work.channels, work.cost, context.data, c, opts, targets_from=context.original, log=log,
                               fits=latency.fits, one_shot_select=latency.select)
+        measured = latency.checks[-1]["measured_s"] if latency.checks else slim_latency(context, plan)
         details = {"schedule": opts.schedule, "ticks": log,
-                   "latency": latency_details(latency.model, context, plan, slim_latency(context, plan),
-                                              {"checks": latency.checks})}
+                   "latency": latency_details(latency.model, context, plan, measured, {"checks": latency.checks})}
         return MethodResult(plan, details, weights=work.traced.graph_module.state_dict())
 
 
