@@ -324,11 +324,12 @@ def test_latency_as_a_fraction_of_the_measured_original(tmp_path, _cache):
     # without latency_model= the model is profiled on the device (a real CPU profile, in the private
     # cache, with latency_rounds as profile_latency's rounds), and the fraction is of its measurement
     torch.manual_seed(0)
-    slim = fxprune.compress(model, "metapruning", x, 1.0, data=_loader(), latency=0.95,
+    big = torch.randn(16, 3, 32, 32)  # compute, not call overhead, sets this model's time (so 0.9 is reachable)
+    slim = fxprune.compress(model, "metapruning", big, 1.0, data=_loader(), latency=0.9,
                             options=dict(SMALL, latency_rounds=1))
     d = slim.fxprune_report.details["latency"]
-    assert d["fraction"] == 0.95 and d["measured_before_s"] > 0 and d["measured_after_s"] > 0
-    assert d["target_s"] == pytest.approx(0.95 * d["measured_before_s"], rel=1e-12)
+    assert d["fraction"] == 0.9 and d["measured_before_s"] > 0 and d["measured_after_s"] > 0
+    assert d["target_s"] == pytest.approx(0.9 * d["measured_before_s"], rel=1e-12)
     assert d["predicted_after_s"] <= d["target_s"] * (1 + 1e-9)
     assert d["latency_model"]["source"] in ("measured", "cache")
     (entry,) = _cache.glob("*.json")
