@@ -67,6 +67,8 @@ from fxprune.latency import (
 )
 from fxprune.latency_model import profile_latency
 
+from benches.harness.machine import cpu_model
+
 REPO = Path(__file__).resolve().parents[2]
 MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "densenet121", "regnet_y_800mf")
 LATENCY_TARGET, LATENCY_SLACK = 0.5, 1.05
@@ -124,16 +126,6 @@ def wait_quiet(max_s: float, limit: float, sample_s: float = 3.0) -> dict:
                 log(f"  waited {waited:.0f} s for a quiet machine (other processes {seen:.2f} cores"
                     f"{'' if out['quiet'] else ', not reached'})")
             return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def git_commit() -> str | None:

@@ -29,7 +29,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -73,7 +74,7 @@ def machine_info(root: Path = REPO) -> dict:
     info = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "platform": f"{platform.system()} {platform.machine()}",
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count() or 1,
         "versions": versions,
         "git_commit": _git_commit(root),
