@@ -44,14 +44,14 @@ cat "$RES/env.txt"
 if [ "$QUICK" = 1 ]; then
   MODELS="torchvision:resnet18"; SHAPE="--input-shape 1,3,64,64"; BATCHES="2"; BIG=2; DTYPE=float32; LAYOUT=""
 else
-  MODELS="torchvision:resnet50 torchvision:mobilenet_v2"; SHAPE=""; BATCHES="64 1"; BIG=64; DTYPE=bfloat16
+  MODELS=${MODELS:-"torchvision:resnet50 torchvision:mobilenet_v2"}; SHAPE=""; BATCHES="64 1"; BIG=64; DTYPE=bfloat16
   LAYOUT="--channels-last"
 fi
 
 step "GPU-only unit tests"
 if [ "$DEVICE" = cuda ]; then
   timeout 150 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_latency_model.py \
-    -k "cuda or triton or gpu" > "$RES/tests.txt" 2>&1
+    -k "cuda or triton or gpu" --tb=short > "$RES/tests.txt" 2>&1
   tail -3 "$RES/tests.txt"
 fi
 
