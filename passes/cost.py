@@ -59,6 +59,10 @@ class CostModel:
             self.param_owner.append(name)
         self.total_macs = sum(s.base for s in self.node_macs.values())
         self.total_params = sum(s.base for s in self.param_sizes)
+        self._macs_sum = _ScaledSum(list(self.node_macs.values()))
+        self._params_sum = _ScaledSum(self.param_sizes)
+        self._macs_index = {name: i for i, name in enumerate(self.node_macs)}
+        self._params_index = {name: i for i, name in enumerate(self.param_owner)}
 
     @staticmethod
     def _value(s: _Scaled, keep: np.ndarray | None) -> float:
@@ -70,9 +74,36 @@ class CostModel:
         return v
 
     def macs(self, keep: np.ndarray | None = None, removed_nodes: frozenset = frozenset()) -> float:
-        return sum(self._value(s, keep) for name, s in self.node_macs.items() if name not in removed_nodes)
+        return self._macs_sum.total(keep, [self._macs_index[n] for n in removed_nodes if n in self._macs_index])
 
     def params(self, keep: np.ndarray | None = None, removed_params: frozenset = frozenset()) -> float:
-        return sum(self._value(s, keep) for name, s in zip(self.param_owner, self.param_sizes)
-                   if name not in removed_params)
+        return self._params_sum.total(keep, [self._params_index[n] for n in removed_params
+                                             if n in self._params_index])
+
+
+class _ScaledSum:
+    """The sum of many `_Scaled` values for one keep array, vectorised: the selections recount
+    thousands of candidate keep-sets (a latency selection on densenet121: ~14k), and a Python
+    loop over every node and slot made that minutes. Same arithmetic as `CostModel._value`
+    (base x the kept fraction of each slot, in slot order), up to float rounding."""
+
+    def __init__(self, items: list[_Scaled]):
+        self.base = np.asarray([s.base for s in items], dtype=np.float64)
+        slots = [np.asarray(r, dtype=np.int64).ravel() for s in items for r in s.slots]
+        self.owner = np.asarray([i for i, s in enumerate(items) for _ in s.slots], dtype=np.int64)
+        self.length = np.asarray([len(r) for r in slots], dtype=np.float64)
+        self.flat = np.concatenate(slots) if slots else np.zeros(0, dtype=np.int64)
+        self.segment = np.repeat(np.arange(len(slots)), [len(r) for r in slots])
+
+    def total(self, keep: np.ndarray | None, removed: list[int]) -> float:
+        values = self.base.copy()
+        if keep is not None and len(self.owner):
+            kept = np.bincount(self.segment, weights=np.asarray(keep, dtype=np.float64)[self.flat],
+                               minlength=len(self.length))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                fraction = kept / self.length  # an empty slot gives NaN, as the mean of nothing does
+            np.multiply.at(values, self.owner, fraction)
+        if removed:
+            values[removed] = 0.0
+        return float(values.sum())
 

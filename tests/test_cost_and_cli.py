@@ -28,6 +28,30 @@ def test_cost_model_matches_flop_counter_on_handler_models(name):
     assert fxprune.analyze(model, x).cost.total_macs == measured_macs(model, x)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
+def test_vectorised_recount_equals_the_per_node_product(name):
+    """`CostModel.macs/params` (vectorised) against the definition: per node, base x the kept
+    fraction of each slot, summed; with nodes/parameters removed too."""
+    import numpy as np
+
+    model = torchvision.models.get_model(name).eval()
+    cost = fxprune.analyze(model, torch.randn(1, 3, 64, 64)).cost
+    rng = np.random.default_rng(0)
+    gone_nodes = frozenset(list(cost.node_macs)[1::7])
+    gone_params = frozenset(cost.param_owner[2::5])
+    for _ in range(4):
+        keep = rng.random(len(cost.channels.root)) > rng.random()
+        by_node = [(n, cost._value(s, keep)) for n, s in cost.node_macs.items()]
+        by_param = [(n, cost._value(s, keep)) for n, s in zip(cost.param_owner, cost.param_sizes)]
+        assert cost.macs(keep) == pytest.approx(sum(v for _, v in by_node), rel=1e-12)
+        assert cost.params(keep) == pytest.approx(sum(v for _, v in by_param), rel=1e-12)
+        assert cost.macs(keep, gone_nodes) == pytest.approx(sum(v for n, v in by_node if n not in gone_nodes),
+                                                            rel=1e-12)
+        assert cost.params(keep, gone_params) == pytest.approx(
+            sum(v for n, v in by_param if n not in gone_params), rel=1e-12)
+    assert cost.macs() == cost.total_macs and cost.params() == cost.total_params
+
+
 def test_report_labels_macs_and_flops_separately():
     slim = fxprune.compress(torchvision.models.resnet18().eval(), "l1", torch.randn(1, 3, 64, 64), 0.5)
     r = slim.fxprune_report

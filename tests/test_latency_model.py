@@ -587,3 +587,18 @@ def test_in_place_layers_do_not_overwrite_the_shared_input_buffer():
             run()
     assert torch.equal(buf.flat[torch.float32], before)
     assert _math.isfinite(float(before.abs().median())) and {"SiLU", "iadd", "relu_"} & {s.op for s in found}
+
+
+def test_predict_rows_equals_predict_for_every_row(tmp_path):
+    _, analysis, groups = _mlp_analysis()
+    lat = profile_latency(analysis, timer=FakeTimer(groups), points=4, cache_dir=tmp_path)
+    order = lat.group_order
+    assert order == sorted(groups)
+    rng = np.random.default_rng(1)
+    rows = np.array([[rng.integers(1, lat.n_units[g] + 1) for g in order] for _ in range(25)])
+    batched = lat.predict_rows(rows)
+    single = [lat.predict(dict(zip(order, map(int, r)))) for r in rows]
+    np.testing.assert_allclose(batched, single, rtol=1e-12)
+    assert lat.predict_rows(rows[0]).shape == (1,)
+    with pytest.raises(ConfigError):
+        lat.predict_rows(np.ones((2, len(order) + 1)))

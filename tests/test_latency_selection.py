@@ -26,6 +26,8 @@ from fxprune.methods import get_method
 from fxprune.methods.latency_selection import (
     LatencyUnreachableError,
     MeasuredFit,
+    allocate_for_speed,
+    auto_round,
     fit_measured,
     plan_counts,
     predict_plan,
@@ -544,3 +546,61 @@ def test_fit_measured_refuses_bad_arguments():
     for target, rounds in ((0.0, 6), (math.nan, 6), (-1.0, 6), (0.1, 0)):
         with pytest.raises(ConfigError):
             fit_measured(lambda b: PruningPlan(), lambda p: 0.0, target, max_rounds=rounds)
+
+
+# ------------------------------------------------------------------------------ round_to="auto": time first
+
+
+class MemoryBoundModel(FakeLatencyModel):
+    """Half of the groups cost 4x the time their MACs share says (memory-bound layers): a FLOPs
+    ranking does not see it, a time-first allocation must."""
+
+    def __init__(self, analysis, q=8):
+        super().__init__(analysis, q=q)
+        slow = sorted(self.n)[::2]
+        for g in slow:
+            self.w[g] *= 4.0
+        self.original_s = self.predict({})
+
+
+@pytest.mark.parametrize("flops", [0.6, 0.5, 0.3])
+def test_time_first_allocation_fits_the_macs_and_is_faster_than_the_flops_ranking(resnet, flops):
+    a, scores = resnet
+    model = MemoryBoundModel(a)
+    c = Constraints(flops=flops, round_to="auto")
+    total = a.cost.total_macs
+    plan = allocate_for_speed(a.channels, a.cost, scores, c, model)
+    assert c.fits_macs(_macs(a, plan), total)
+    assert _macs(a, plan) >= 0.9 * flops * total  # lands at the target, not far under it
+    _assert_most_important_kept(scores, plan)
+    allowed = _allowed_counts(a, scores, model, Constraints(flops=flops))  # "auto": no integer rounding
+    assert all(k in allowed[g] for g, k in _counts(plan).items())
+    ref = select(a.channels, a.cost, scores, c)
+    snapped = snap_to_steps(a.channels, a.cost, scores, ref, model, c)
+    assert predict_plan(model, plan) < predict_plan(model, snapped)
+
+
+def test_time_first_allocation_refuses_an_unreachable_flops_target(resnet):
+    a, scores = resnet
+    with pytest.raises(TargetUnreachableError):
+        allocate_for_speed(a.channels, a.cost, scores, Constraints(flops=0.001, round_to="auto"),
+                           MemoryBoundModel(a))
+
+
+@pytest.mark.parametrize("model_type", [FakeLatencyModel, MemoryBoundModel])
+def test_auto_round_takes_the_higher_predicted_efficiency(resnet, model_type):
+    a, scores = resnet
+    model = model_type(a)
+    c = Constraints(flops=0.5, round_to="auto")
+    ref = select(a.channels, a.cost, scores, c)
+    plan, compared = auto_round(a.channels, a.cost, scores, ref, model, c)
+    assert set(compared) == {"snapped", "time-first", "chosen"}
+    chosen = compared[compared["chosen"]]
+    other = compared["time-first" if compared["chosen"] == "snapped" else "snapped"]
+    assert chosen["predicted_efficiency"] >= other["predicted_efficiency"] - 1e-9
+    total, original = a.cost.total_macs, model.original_s
+    assert chosen["macs_fraction"] == pytest.approx(_macs(a, plan) / total)
+    assert chosen["predicted_fraction"] == pytest.approx(predict_plan(model, plan) / original)
+    assert c.fits_macs(_macs(a, plan), total)
+    if model_type is MemoryBoundModel:
+        assert compared["chosen"] == "time-first"

@@ -101,6 +101,28 @@ class _State:
     def predict(self, pos) -> float:
         return float(self.model.predict({c.index: k for c, k in zip(self.choices, self.counts(pos))}))
 
+    def predict_moves(self, pos, step: int) -> np.ndarray:
+        """Predicted seconds after moving each group by `step` candidates (inf where it cannot
+        move), in one batched call when the model has `predict_rows`."""
+        out = np.full(len(pos), np.inf)
+        movable = [i for i in range(len(pos)) if 0 <= pos[i] + step < len(self.cands[i])]
+        if not movable:
+            return out
+        if not hasattr(self.model, "predict_rows"):
+            for i in movable:
+                out[i] = self.predict(_moved(pos, i, step))
+            return out
+        order = self.model.group_order
+        column = {g: j for j, g in enumerate(order)}
+        base = np.asarray([self.model.n_units[g] for g in order], dtype=np.float64)
+        for c, k in zip(self.choices, self.counts(pos)):
+            base[column[c.index]] = k
+        rows = np.repeat(base[None, :], len(movable), axis=0)
+        for r, i in enumerate(movable):
+            rows[r, column[self.choices[i].index]] = self.cands[i][pos[i] + step]
+        out[movable] = self.model.predict_rows(rows)
+        return out
+
     def macs(self, pos) -> float:
         return self.cost.macs(_keep_array(self.channels, self.choices, self.counts(pos)))
 
@@ -142,11 +164,12 @@ def select_under_latency(channels, cost, scores: dict[int, np.ndarray], constrai
         if not (over_time or over_macs):
             break
         best = None  # (has gain, ratio, gain or -cost, i, predicted, macs)
+        trials = s.predict_moves(pos, -1) if over_time else None
         for i in range(len(choices)):
             if pos[i] == 0:
                 continue
             trial = _moved(pos, i, -1)
-            p = s.predict(trial) if over_time else predicted
+            p = float(trials[i]) if over_time else predicted
             m = s.macs(trial) if over_macs else macs
             gain = (predicted - p) / scale * over_time + (macs - m) / total * over_macs
             lost = s.lost[i][pos[i] - 1] - s.lost[i][pos[i]]
@@ -167,11 +190,11 @@ def _fill(s: _State, pos, predicted, budget_s, constraints, total):
     pos = list(pos)
     while True:
         options = []
+        trials = s.predict_moves(pos, 1)
         for i in range(len(pos)):
             if pos[i] == len(s.cands[i]) - 1:
                 continue
-            trial = _moved(pos, i, 1)
-            p = s.predict(trial)
+            p = float(trials[i])
             if not p <= budget_s:
                 continue
             regained = s.lost[i][pos[i]] - s.lost[i][pos[i] + 1]
@@ -337,5 +360,69 @@ def snap_to_steps(channels, cost, scores: dict[int, np.ndarray], plan: PruningPl
     return s.plan(pos)
 
 
-__all__ = ["LatencyModelLike", "LatencyUnreachableError", "MeasuredFit", "fit_measured", "plan_counts",
-           "predict_plan", "select_under_latency", "snap_to_steps"]
+def allocate_for_speed(channels, cost, scores: dict[int, np.ndarray], constraints: Constraints,
+                       latency_model: LatencyModelLike) -> PruningPlan:
+    """A FLOPs-target plan whose time falls where the latency model says it is cheapest
+    (round_to="auto"'s second candidate beside `snap_to_steps`).
+
+    The down moves of `select_under_latency` (one group to its next lower candidate), ranked by
+    predicted seconds saved per importance lost, until the MACs fit `constraints`; then the fill
+    (up moves that add no predicted time and keep the MACs fitting). So the MACs land at the target,
+    as a FLOPs target asks, and the time the model loses is taken where it is cheapest in
+    importance: layers that cost time without MACs (memory-bound ones, slow channel counts) lose
+    channels before layers that run at full speed. It keeps less importance than the FLOPs ranking;
+    `round_to="auto"` takes it only when it is predicted faster per MAC kept (`auto_round`).
+    """
+    choices = _choices(channels, scores, constraints)
+    if not choices:
+        return PruningPlan()
+    s = _State(channels, cost, scores, choices, latency_model)
+    total = cost.total_macs
+    macs_min = s.macs([0] * len(choices))
+    if not constraints.fits_macs(macs_min, total):
+        raise TargetUnreachableError(constraints.flops, macs_min / total,
+                                     f" ({len(choices)} prunable groups; the rest is fixed by boundaries)")
+    pos = [len(cand) - 1 for cand in s.cands]
+    predicted, macs = s.predict(pos), s.macs(pos)
+    while not constraints.fits_macs(macs, total):
+        trials = s.predict_moves(pos, -1)
+        best = None
+        for i in range(len(choices)):
+            if pos[i] == 0:
+                continue
+            gain = predicted - float(trials[i])
+            lost = s.lost[i][pos[i] - 1] - s.lost[i][pos[i]]
+            key = (True, gain / lost if lost > 0 else math.inf, gain) if gain > 0 else (False, 0.0, -lost)
+            if best is None or key > best[0]:
+                best = (key, i)
+        _, i = best  # some group can move: the all-minimum state fits (checked above)
+        pos[i] -= 1
+        predicted, macs = float(trials[i]), s.macs(pos)
+    return s.plan(_fill(s, pos, predicted, predicted, constraints, total))
+
+
+def auto_round(channels, cost, scores: dict[int, np.ndarray], plan: PruningPlan, latency_model: LatencyModelLike,
+               constraints: Constraints) -> tuple[PruningPlan, dict]:
+    """round_to="auto" for a FLOPs target: of `snap_to_steps(plan)` (the FLOPs ranking's allocation
+    on step edges) and `allocate_for_speed` (a time-first allocation), the one with the higher
+    predicted efficiency (MACs kept / predicted latency, both as fractions of the original);
+    ties go to the snapped plan, which keeps more importance. Returns the plan and what was compared."""
+    total, original = cost.total_macs, latency_model.original_s
+    compared = {}
+    best = None
+    for name, candidate in (("snapped", snap_to_steps(channels, cost, scores, plan, latency_model, constraints)),
+                            ("time-first", allocate_for_speed(channels, cost, scores, constraints, latency_model))):
+        macs = cost.macs(channels.keep_roots(candidate.keep))
+        predicted = predict_plan(latency_model, candidate)
+        efficiency = (macs / total) / (predicted / original) if predicted > 0 else 0.0
+        compared[name] = {"macs_fraction": macs / total, "predicted_fraction": predicted / original,
+                          "predicted_efficiency": efficiency}
+        if best is None or efficiency > best[0] + 1e-9:
+            best = (efficiency, name, candidate)
+    compared["chosen"] = best[1]
+    return best[2], compared
+
+
+__all__ = ["LatencyModelLike", "LatencyUnreachableError", "MeasuredFit", "allocate_for_speed", "auto_round",
+           "fit_measured",
+           "plan_counts", "predict_plan", "select_under_latency", "snap_to_steps"]

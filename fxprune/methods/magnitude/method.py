@@ -10,7 +10,8 @@ most importance under the predicted latency with every group on a step edge
 (`latency_selection.select_under_latency`), then measure the slim model end to end and shrink the
 predicted budget until the measurement is under the target (`fit_measured`). With
 `round_to="auto"` a FLOPs-target selection is moved onto the latency model's step edges
-(`snap_to_steps`). The report's details carry predicted and measured latency before and after.
+(`snap_to_steps`), or, when the latency model predicts it faster per MAC kept, re-allocated time
+first (`allocate_for_speed`); `auto_round` compares the two. The report's details carry predicted and measured latency before and after.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass
 from fxprune.latency_model import profile_latency
 
 from ..base import MethodContext, MethodResult
-from ..latency_selection import fit_measured, select_under_latency, snap_to_steps
+from ..latency_selection import auto_round, fit_measured, select_under_latency
 from ..latency_target import latency_details, slim_latency
 from ..selection import select
 from .criteria import BNScale, Criterion, Norm, RandomScore
@@ -48,8 +49,9 @@ class MagnitudeMethod:
         model = profile_latency(analysis, **asdict(context.measure_on))
         if not c.has_latency:  # round_to="auto" for a FLOPs target
             plan = select(analysis.channels, analysis.cost, scores, c, uniform=self.uniform)
-            plan = snap_to_steps(analysis.channels, analysis.cost, scores, plan, model, c)
-            return MethodResult(plan, {"latency": latency_details(model, context, plan, slim_latency(context, plan))})
+            plan, compared = auto_round(analysis.channels, analysis.cost, scores, plan, model, c)
+            return MethodResult(plan, {"latency": latency_details(model, context, plan, slim_latency(context, plan),
+                                                                  {"round_to_auto": compared})})
         target = c.latency_target_s(model.original_s)
         fit = fit_measured(
             lambda budget: select_under_latency(analysis.channels, analysis.cost, scores, c, model, budget),
