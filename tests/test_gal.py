@@ -434,3 +434,54 @@ def test_fused_kernels_train_the_same_generator():
     assert runs[0]["widths"] == runs[1]["widths"]
     for a, b in zip(runs[0]["epochs"], runs[1]["epochs"]):
         assert b["data_loss"] == pytest.approx(a["data_loss"], rel=1e-4)
+
+
+class _CountsLatency:
+    """A latency model of kept counts: each group's time proportional to its kept units (no step)."""
+
+    def __init__(self, channels, per_unit=1e-3, const=1e-3):
+        self.n_units = {g.index: g.n_units for g in channels.prunable_groups}
+        self.per_unit, self.const = per_unit, const
+        self.original_s = self.predict({})
+
+    def predict(self, kept) -> float:
+        return self.const + self.per_unit * sum(kept.get(g, n) for g, n in self.n_units.items())
+
+
+@pytest.mark.parametrize("underestimate", [1.0, 1.15])
+def test_latency_fit_zeroes_the_smallest_masks_until_measured_under(underestimate):
+    from fxprune.methods.gal.method import LatencyGoal, _fit_latency
+
+    a = fxprune.analyze(nets.resnet20().eval(), X28)
+    masked = insert_soft_masks(a.channels, ("channel",), "normal", seed=0)
+    with torch.no_grad():
+        for p in masked.params():
+            p.abs_()  # GAL's masks are >= 0
+    model = _CountsLatency(a.channels)
+    measured = []
+
+    def measure(plan):
+        measured.append(underestimate * model.predict({g: len(k) for g, k in plan.keep.items()}))
+        return measured[-1]
+
+    before = [p.detach().clone() for p in masked.params()]
+    target = 0.6 * model.original_s
+    fit = _fit_latency(a.channels, a.cost, masked, LatencyGoal(model, target, measure))
+    assert fit.measured_s <= target and fit.measured_s == measured[-1]
+    assert (len(fit.rounds) > 1) == (underestimate > 1)  # an underestimating model needs a second round
+    state = mask_state(a.channels, masked)
+    assert {g: len(k) for g, k in state.plan.keep.items()} == {g: len(k) for g, k in fit.plan.keep.items()}
+    # the zeroed entries are the smallest: every zeroed mask value <= every surviving one
+    zeroed = torch.cat([b.reshape(-1)[p.detach().reshape(-1) == 0] for p, b in zip(masked.params(), before)])
+    alive = torch.cat([b.reshape(-1)[p.detach().reshape(-1) != 0] for p, b in zip(masked.params(), before)])
+    assert len(zeroed) and zeroed.max() <= alive.min()
+
+
+def test_latency_fit_unreachable_raises_with_the_best_measurement():
+    from fxprune.methods.gal.method import LatencyGoal, _fit_latency
+
+    a = fxprune.analyze(nets.resnet20().eval(), X28)
+    masked = insert_soft_masks(a.channels, ("channel",), "ones", seed=0)
+    model = _CountsLatency(a.channels)
+    with pytest.raises(fxprune.LatencyUnreachableError):
+        _fit_latency(a.channels, a.cost, masked, LatencyGoal(model, 0.5 * model.const, lambda plan: 1.0))

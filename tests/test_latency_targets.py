@@ -72,7 +72,23 @@ def test_gate_decorator_stops_ticking_under_a_measured_latency():
     assert lat["measured_after_s"] <= lat["target_s"]
 
 
-@pytest.mark.parametrize("method", ["gal", "uniform"])
+def test_gal_thresholds_its_masks_until_measured_under_the_target():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(16, 3, 48, 48, generator=g)), batch_size=8)  # label-free
+    model = ResidualClassifier().eval()
+    slim = fxprune.compress(model, "gal", torch.randn(8, 3, 48, 48), 1.0, latency=0.8, data=data,
+                            options=dict(structures=("channel",), epochs=1, mask_step=1))
+    report = slim.fxprune_report
+    lat = report.details["latency"]
+    assert lat["measured_after_s"] <= lat["target_s"] == pytest.approx(0.8 * lat["measured_before_s"])
+    assert report.details["reached_by"].endswith("then the latency fit")
+    assert report.macs_after < report.macs_before and report.max_rel_error < 1e-4
+
+
+@pytest.mark.parametrize("method", ["uniform"])
 def test_methods_without_a_latency_target_refuse_it(method):
     with pytest.raises(fxprune.ConfigError, match=f"'{method}' does not support latency"):
         fxprune.compress(ResidualClassifier().eval(), method, torch.randn(2, 3, 8, 8), 1.0, latency=0.5, data=[])

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 import numpy as np
@@ -59,7 +59,8 @@ from torch import nn
 
 from fxprune.analysis import ModelAnalysis
 from fxprune.constraints import Constraints
-from fxprune.errors import ConfigError, TargetUnreachableError
+from fxprune.errors import ConfigError, LatencyUnreachableError, TargetUnreachableError
+from fxprune.latency_model import profile_latency
 from fxprune.passes.fuse_masked_conv import fuse_masked_convs
 from fxprune.passes.gal_masks import (
     INITS,
@@ -68,10 +69,13 @@ from fxprune.passes.gal_masks import (
     insert_soft_masks,
 )
 from fxprune.passes.gal_plan import fold_masks, mask_costs, mask_state, state_macs
+from fxprune.passes.plan import PruningPlan
 from fxprune.train import TrainingError, _bar, _batches
 from fxprune.verify import eval_mode
 
 from ..base import MethodContext, MethodResult
+from ..latency_selection import fit_measured
+from ..latency_target import latency_details, slim_latency
 from .discriminator import DISCRIMINATORS, make_discriminator, output_features
 from .fista import FISTA
 
@@ -227,18 +231,20 @@ def _entries(masked: SoftMaskedModel, where) -> list[tuple[float, int, int]]:
 
 
 def _largest_fitting(analysis, cost, masked: SoftMaskedModel, base: list[torch.Tensor], entries, fill,
-                     budget: float, more_is_cheaper: bool) -> int:
+                     budget: float, more_is_cheaper: bool, value=None) -> int:
     """Set the masks to `base`, then `fill(k)` values into the first k `entries`; binary search the
-    k that keeps the most (fewest zeroed / most revived) with exact MACs at or under `budget`."""
+    k that keeps the most (fewest zeroed / most revived) with `value(mask state)` (default: exact
+    MACs) at or under `budget`."""
     params = masked.params()
+    value = value or (lambda state: state_macs(cost, state))
 
     def macs(k: int) -> float:
         with torch.no_grad():
             for p, b in zip(params, base):
                 p.copy_(b)
-            for value, i, j in entries[:k]:
-                params[i].view(-1)[j] = fill(value)
-        return state_macs(cost, mask_state(analysis, masked))
+            for v, i, j in entries[:k]:
+                params[i].view(-1)[j] = fill(v)
+        return value(mask_state(analysis, masked))
 
     lo, hi = 0, len(entries)
     while lo < hi:  # more_is_cheaper: smallest k under budget; else: largest k under budget
@@ -270,6 +276,52 @@ def _threshold_to(analysis, cost, masked: SoftMaskedModel, budget: float, flops:
     if k == len(alive) and state_macs(cost, mask_state(analysis, masked)) > budget:
         minimum = state_macs(cost, mask_state(analysis, masked))
         raise TargetUnreachableError(flops, minimum / cost.total_macs, " (every GAL mask at zero)")
+
+
+@dataclass
+class LatencyGoal:
+    """A latency target for GAL: the latency model of the original, the target in seconds, and how
+    to measure a plan's slim model end to end (`latency_target.slim_latency`)."""
+
+    model: object  # fxprune.latency_model.LatencyModel
+    target_s: float
+    measure: object  # Callable[[PruningPlan], float]
+
+
+def _timing_plan(state) -> PruningPlan:
+    """The structure of a mask state without its folds and scales: what its slim model's time depends on."""
+    plan = state.plan
+    return PruningPlan(keep=dict(plan.keep), remove_branches=list(plan.remove_branches),
+                       drop_concat_inputs=list(plan.drop_concat_inputs))
+
+
+def _predicted_s(goal: LatencyGoal, state) -> float:
+    """Predicted latency of a mask state: its channel groups' kept counts (removed blocks and
+    branches are not in the latency model, so this is an upper bound; the measurement sees them)."""
+    return float(goal.model.predict({g: len(k) for g, k in state.plan.keep.items() if g in goal.model.n_units}))
+
+
+def _fit_latency(analysis, cost, masked: SoftMaskedModel, goal: LatencyGoal):
+    """After training: zero the smallest masks (channels, blocks, branches; ties in mask order) until
+    the predicted latency is under a budget, measure the slim model, and shrink the budget until the
+    measurement is under the target (`fit_measured`). The masks end in the state that met it.
+    Raises LatencyUnreachableError (with the best measurement) when no budget does."""
+    alive = sorted(_entries(masked, lambda i, p: p != 0), key=lambda e: abs(e[0]))
+    base = [p.detach().clone() for p in masked.params()]
+    original = goal.model.original_s
+
+    def select(budget_s: float) -> PruningPlan:
+        _largest_fitting(analysis, cost, masked, base, alive, lambda v: 0.0, budget_s, more_is_cheaper=True,
+                         value=lambda state: _predicted_s(goal, state))
+        state = mask_state(analysis, masked)
+        predicted = _predicted_s(goal, state)
+        if not predicted <= budget_s:
+            raise LatencyUnreachableError(budget_s, predicted, original, " with every GAL mask at zero")
+        return _timing_plan(state)
+
+    fit = fit_measured(select, goal.measure, goal.target_s, latency_model=goal.model)
+    select(fit.predicted_budget_s)  # deterministic: the masks of the plan that was measured under the target
+    return fit
 
 
 def _mask_step(run: _Run, opts: GALOptions, analysis, cost, progress: float, it: int) -> None:
@@ -370,9 +422,11 @@ def _loop(run: _Run, opts: GALOptions, analysis, cost, data, epochs: int, lr: fl
 
 
 def gal(analysis: ModelAnalysis, data: Iterable, constraints: Constraints, opts: GALOptions,
-        teacher_source: nn.Module):
+        teacher_source: nn.Module, latency: LatencyGoal | None = None):
     """Run GAL on `analysis`'s model (trained and folded in place: pass a private copy); returns
-    (state, details). The plan in `state` carries every graph edit (`scale_inputs` included)."""
+    (state, details). The plan in `state` carries every graph edit (`scale_inputs` included).
+    With `latency`, the masks are thresholded after training until the slim model is measured under
+    the target (`_fit_latency`), before the fine-tune; details["latency_fit"] holds the rounds."""
     if data is None:
         raise TrainingError("gal needs data=: an iterable of input batches (labels optional)")
     torch.manual_seed(opts.seed)
@@ -416,6 +470,10 @@ def gal(analysis: ModelAnalysis, data: Iterable, constraints: Constraints, opts:
     if budget is not None and state_macs(cost, mask_state(channels, masked)) > budget:
         _threshold_to(channels, cost, masked, budget, flops)
         reached_by = "threshold at the end"
+    latency_fit = None
+    if latency is not None:
+        latency_fit = _fit_latency(channels, cost, masked, latency)
+        reached_by += ", then the latency fit"
     if opts.finetune_epochs:
         _freeze(run)
         has_labels = _split(next(iter(data)))[1] is not None
@@ -439,6 +497,8 @@ def gal(analysis: ModelAnalysis, data: Iterable, constraints: Constraints, opts:
         "unmasked": dict(masked.skipped), "scales_left_in_graph": [a for a, _, _ in unfolded],
         "epochs": rows, "mask_steps": run.history,
     }
+    if latency_fit is not None:
+        details["latency_fit"] = {"measured_s": latency_fit.measured_s, "rounds": latency_fit.rounds}
     return state, details
 
 
@@ -450,12 +510,21 @@ class GALMethod:
 
     name = "gal"
     options_type = GALOptions
-    supports = frozenset()
+    supports = frozenset({"latency"})  # thresholds its masks after training until measured under the target
     needs_data = True
 
     def run(self, context: MethodContext) -> MethodResult:
         if context.original is None:
             raise ConfigError("gal needs the original model as its baseline")
+        goal = model = None
+        if context.constraints.has_latency:
+            model = profile_latency(context.analysis, **asdict(context.measure_on))
+            goal = LatencyGoal(model, context.constraints.latency_target_s(model.original_s),
+                               lambda plan: slim_latency(context, plan))
         work = context.private_copy()
-        state, details = gal(work, context.data, context.constraints, context.options, context.original)
+        state, details = gal(work, context.data, context.constraints, context.options, context.original, goal)
+        if goal is not None:
+            fit = details["latency_fit"]
+            details["latency"] = latency_details(model, context, state.plan, fit["measured_s"],
+                                                 {"rounds": fit["rounds"]})
         return MethodResult(state.plan, details, weights=work.traced.graph_module.state_dict())
