@@ -602,3 +602,25 @@ def test_predict_rows_equals_predict_for_every_row(tmp_path):
     assert lat.predict_rows(rows[0]).shape == (1,)
     with pytest.raises(ConfigError):
         lat.predict_rows(np.ones((2, len(order) + 1)))
+
+
+@pytest.mark.parametrize("stable,age_s,measured_again", [(True, 10 * 86400, False), (False, 60, False),
+                                                         (False, 2 * 86400, True)])
+def test_an_unstable_profile_is_reused_for_a_while_only(tmp_path, stable, age_s, measured_again):
+    import json
+    import time
+
+    from fxprune.latency_model.profile import UNSTABLE_TTL_S
+
+    assert 60 < UNSTABLE_TTL_S < 86400
+    _, analysis, groups = _mlp_analysis()
+    first = FakeTimer(groups)
+    profile_latency(analysis, timer=first, points=3, cache_dir=tmp_path)
+    [path] = list(tmp_path.rglob("*.json"))
+    data = json.loads(path.read_text())
+    assert time.time() - data["saved_at"] < 600
+    data["fit"]["stable"], data["saved_at"] = stable, time.time() - age_s
+    path.write_text(json.dumps(data))
+    again = FakeTimer(groups)
+    profile_latency(analysis, timer=again, points=3, cache_dir=tmp_path)
+    assert bool(again.calls) == measured_again

@@ -245,14 +245,30 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not JSON data")
 
 
-def load_cached(path: Path, key: dict, channels) -> LatencyModel | None:
-    """The cached model of `key`, or None when there is none or it is not valid (module docstring)."""
+UNSTABLE_TTL_S = 600.0  # an unstable profile is reused from the cache for this long only
+
+
+def is_stable(model: LatencyModel) -> bool:
+    """Whether the end-to-end fit measurements were stable (no re-measurement gave up)."""
+    return bool(model.fit.get("stable", True))
+
+
+def load_cached(path: Path, key: dict, channels, now: float | None = None) -> LatencyModel | None:
+    """The cached model of `key`, or None when there is none, it is not valid (module docstring),
+    or it was measured unstably more than `UNSTABLE_TTL_S` ago: a profile taken while other
+    processes disturbed the machine serves the calls that follow it (a session compressing several
+    times), but is measured again later rather than trusted for good."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("key") != key:
         return None
+    fit, saved_at = data.get("fit"), data.get("saved_at")
+    if isinstance(fit, dict) and fit.get("stable") is False:
+        now = time.time() if now is None else now
+        if not isinstance(saved_at, (int, float)) or isinstance(saved_at, bool) or not 0 <= now - saved_at <= UNSTABLE_TTL_S:
+            return None
     try:
         model = LatencyModel.from_json(data, channels)
     except ArtifactError:
@@ -264,7 +280,8 @@ def save_cached(path: Path, model: LatencyModel) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(model.to_json(), allow_nan=False, sort_keys=True), encoding="utf-8")
+        data = {**model.to_json(), "saved_at": time.time()}
+        tmp.write_text(json.dumps(data, allow_nan=False, sort_keys=True), encoding="utf-8")
         os.replace(tmp, path)
     except OSError as exc:
         warnings.warn(f"fxprune: could not write the latency cache {path}: {exc}", stacklevel=3)
@@ -531,6 +548,10 @@ def profile_latency(analysis, *, device="cpu", batch=None, dtype=None, channels_
     profiler = _Profiler(analysis, s, inputs, timer)
     with _threads(s.threads), steady_heap():
         model = profiler.run(key)
+    if not is_stable(model) and timer is None:
+        warnings.warn(f"fxprune: the end-to-end latency measurements of this profile stayed unstable (other "
+                      f"processes on the {s.device.type}?); it is cached for {UNSTABLE_TTL_S:.0f} s only. "
+                      f"Profile on a quiet machine for a lasting one.", stacklevel=2)
     save_cached(path, model)
     return model
 
@@ -552,4 +573,5 @@ def measure_model(model: nn.Module, inputs: Any, *, device="cpu", dtype=None, ch
     return times[0]
 
 
-__all__ = ["CPU_POINTS", "Settings", "TimedCall", "cache_path", "measure_model", "profile_latency"]
+__all__ = ["CPU_POINTS", "UNSTABLE_TTL_S", "Settings", "TimedCall", "cache_path", "is_stable", "measure_model",
+           "profile_latency"]
