@@ -4,8 +4,7 @@
 # at most 8 files, so every result is written to $RES and packed after each step: a run cut off by
 # its time limit keeps what it finished.
 #
-# Steps (STEPS= picks some, in this order; default: all, about 8 minutes on an H100/H200):
-#   tests     the GPU-only unit tests (Triton kernel on the GPU and under the interpreter, CUDA latency model)
+# Steps (STEPS= picks some; they run in this order; default: all, about 8 minutes on an H100/H200):
 #   kernels   the masked-conv sweep (docs/kernels.md): fused vs sliced vs eager, fp32/bf16, fwd and fwd+bwd
 #   overhead  where the slim model's GPU time goes: e2e vs kernel time vs host launch time (gpu_overhead.py)
 #   profile   the latency model of the first model, first run and from the cache (time each)
@@ -13,6 +12,7 @@
 #   targets   latency target 0.5 (l1, flops 1): predicted and measured before/after, per model and batch
 #   tp        fxprune vs Torch-Pruning at equal measured latency (needs torch-pruning: TP_WHEEL_DIR)
 #   compile   latency target 0.5 under torch.compile (resnet50, batch 64)
+#   tests     the GPU-only unit tests (Triton kernel on the GPU and under the interpreter, CUDA latency model)
 # Usage on the device:   bash benches/gpu_check.sh            (or STEPS="kernels auto" bash ...)
 # Dry run on a CPU:      DEVICE=cpu QUICK=1 bash benches/gpu_check.sh   (tiny models, same steps)
 set -uo pipefail
@@ -21,7 +21,7 @@ OUT=${OUT:-gpu-check-out}
 RES=${RES:-${TMPDIR:-/tmp}/fxprune-gpu-check}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
-STEPS=${STEPS:-"tests kernels overhead profile auto targets tp compile"}
+STEPS=${STEPS:-"kernels overhead profile auto targets tp compile tests"}
 rm -rf "$RES"; mkdir -p "$OUT" "$RES"
 export FXPRUNE_CACHE="$RES/cache"
 START=$(date +%s)
@@ -63,13 +63,6 @@ else
 fi
 FIRST=${MODELS%% *}
 FIRST_NAME=$(echo "$FIRST" | cut -d: -f2)
-
-if want tests && [ "$DEVICE" = cuda ]; then
-  step "GPU-only unit tests"
-  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_latency_model.py \
-    -k "cuda or triton or gpu or interpreter" --tb=short > "$RES/tests.txt" 2>&1
-  tail -3 "$RES/tests.txt"
-fi
 
 if want kernels; then
   step "masked conv sweep: fused vs sliced vs eager"
@@ -135,4 +128,11 @@ if want compile && [ "$DEVICE" = cuda ] && [ "$QUICK" != 1 ]; then
     --dtype bfloat16 --channels-last --compile > "$RES/target_${FIRST_NAME}_b64_compile.txt" 2>&1
   grep -E "latency|Error" "$RES/target_${FIRST_NAME}_b64_compile.txt" | head -4
 fi
+if want tests && [ "$DEVICE" = cuda ]; then
+  step "GPU-only unit tests"
+  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_latency_model.py \
+    -k "cuda or triton or gpu or interpreter" --tb=short > "$RES/tests.txt" 2>&1
+  tail -3 "$RES/tests.txt"
+fi
+
 step "done"
