@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..context import Layout
-from ..tensors import present, read_tensor
+from ..tensors import get_tensor, present, read_tensor
 from .registry import (
     OpHandler,
     get_arg,
@@ -110,7 +110,8 @@ class ConvFunction(OpHandler):
         groups = get_arg(node, self._groups_index(node), "groups", 1)
         if groups == 1:
             return
-        weight = rctx.gm.get_parameter(get_attr_target(get_arg(node, 1, "weight")))
-        old_w = rctx.original_shape(get_attr_target(get_arg(node, 1, "weight")))
+        target = get_attr_target(get_arg(node, 1, "weight"))
+        weight = get_tensor(rctx.gm, target)  # a parameter, a buffer (a fixed blur filter) or a plain tensor
+        old_w = rctx.original_shape(target)
         per_group = old_w[0] // groups  # rows per group: out (conv) or in (transposed)
         set_arg(node, self._groups_index(node), "groups", weight.shape[0] // per_group)
