@@ -24,8 +24,10 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune.passes.mask import masked_reference
+from fxprune.passes.module_copy import copy_sharing
 from fxprune.passes.plan import PruningPlan, ResolvedPlan, resolve
 from fxprune.passes.rewrite import apply_plan
+from fxprune.passes.tensors import set_tensor
 
 from . import report as _report
 from .analysis import ModelAnalysis, analyze
@@ -35,6 +37,7 @@ from .hooks import carry_root_hooks, preserve_through_deepcopy
 from .methods import METHODS, MethodContext, get_method, make_options
 from .models import model_source
 from .recipe import make_recipe
+from .verify import sensitive_values
 from .verify import verify as verify_against
 
 DATA_FREE_METHODS = tuple(name for name, m in METHODS.items() if not m.needs_data)
@@ -59,6 +62,34 @@ def with_weights(analysis: ModelAnalysis, weights: dict) -> ModelAnalysis:
                                channels=dataclasses.replace(analysis.channels, gm=gm))
 
 
+def _verified_pair(analysis: ModelAnalysis, resolved: ResolvedPlan, slim: fx.GraphModule):
+    """(masked reference, slim model to compare, names given random values) for the verification.
+
+    Where the analysed model has zero or tiny scales (`verify.sensitive_values`), both are built from
+    a copy holding random normal-size values instead (the same plan, the same rewrite), so that
+    residual branches starting at zero still reach the output; the model that is returned keeps
+    its own values and the user's model is never written to."""
+    gm = analysis.traced.graph_module
+    fresh = sensitive_values(gm)
+    if not fresh:
+        return carry_root_hooks(gm, masked_reference(analysis.channels, resolved)), slim, []
+    shared = [n for n, _ in [*gm.named_parameters(), *gm.named_buffers()] if n not in fresh]
+    copy_gm = copy_sharing(gm, shared)  # only the replaced tensors are new
+    for name, value in fresh.items():
+        set_tensor(copy_gm, name, value)
+    channels = dataclasses.replace(analysis.channels, gm=copy_gm)
+    checked = apply_plan(channels, resolved)
+    checked.training = gm.training
+    carry_root_hooks(gm, checked)
+    return carry_root_hooks(gm, masked_reference(channels, resolved)), checked, sorted(fresh)
+
+
+def _sensitivity_note(names: list[str]) -> str:
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    return (f"verified on a copy in which {len(names)} zero or tiny (|x| < 1e-3) scale/weight tensors got "
+            f"random normal-size values ({shown}); the returned model keeps its own values")
+
+
 def prune_with_plan(analysis: ModelAnalysis, plan: PruningPlan | ResolvedPlan, *, verify_output: bool = True,
                     tolerance: float | None = None) -> tuple[fx.GraphModule, Any]:
     """Rewrite with `plan` and (optionally) verify against the masked original."""
@@ -69,8 +100,8 @@ def prune_with_plan(analysis: ModelAnalysis, plan: PruningPlan | ResolvedPlan, *
     preserve_through_deepcopy(slim, fxprune_recipe=make_recipe(analysis, resolved.plan))
     result = None
     if verify_output:
-        reference = carry_root_hooks(analysis.traced.graph_module, masked_reference(analysis.channels, resolved))
-        result = verify_against(reference, slim, analysis.inputs, tolerance)
+        reference, checked, _ = _verified_pair(analysis, resolved, slim)
+        result = verify_against(reference, checked, analysis.inputs, tolerance)
     return slim, result
 
 
@@ -140,8 +171,10 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
     slim, result = prune_with_plan(analysis, resolved, verify_output=False)
     t3 = time.perf_counter()
     if verify:
-        reference = carry_root_hooks(analysis.traced.graph_module, masked_reference(analysis.channels, resolved))
-        result = verify_against(reference, slim, analysis.inputs, tolerance)
+        reference, checked, randomized = _verified_pair(analysis, resolved, slim)
+        result = verify_against(reference, checked, analysis.inputs, tolerance)
+        if randomized:
+            details = {**(details or {}), "verification": _sensitivity_note(randomized)}
     t4 = time.perf_counter()
     report = _report.CompressionReport(
         model=type(model).__name__, method=method, target_flops=flops,
