@@ -23,14 +23,18 @@ from typing import Any, Iterable
 import torch.fx as fx
 from torch import nn
 
+from fxprune.passes.cost import CostModel
+from fxprune.passes.dependency import analyze_dependencies
 from fxprune.passes.mask import masked_reference
 from fxprune.passes.module_copy import copy_sharing
 from fxprune.passes.plan import PruningPlan, ResolvedPlan, resolve
 from fxprune.passes.rewrite import apply_plan
+from fxprune.passes.structures import find_structures
 from fxprune.passes.tensors import set_tensor
 
 from . import report as _report
 from .analysis import ModelAnalysis, analyze
+from .arguments import grouped_option
 from .constraints import Constraints, MeasureOn
 from .errors import ConfigError, NothingToPruneError
 from .hooks import carry_root_hooks, preserve_through_deepcopy
@@ -60,6 +64,21 @@ def with_weights(analysis: ModelAnalysis, weights: dict) -> ModelAnalysis:
     gm.load_state_dict(weights, strict=True)
     return dataclasses.replace(analysis, traced=dataclasses.replace(analysis.traced, graph_module=gm),
                                channels=dataclasses.replace(analysis.channels, gm=gm))
+
+
+def with_grouped(analysis: ModelAnalysis, grouped: str) -> ModelAnalysis:
+    """The analysis with grouped convs pruned as `grouped` says ("whole" returns it unchanged): the
+    channel groups, structures and cost of the same traced graph, analysed once more."""
+    grouped = grouped_option(grouped)
+    if grouped == "whole":
+        return analysis
+    t0 = time.perf_counter()
+    channels = analyze_dependencies(analysis.traced.graph_module, ignore=analysis.options.get("ignore", ()),
+                                    auto_leaves=analysis.traced.auto_leaves, grouped=grouped)
+    structures = find_structures(channels)
+    timings = {**analysis.timings, "analysis": analysis.timings.get("analysis", 0.0) + time.perf_counter() - t0}
+    return dataclasses.replace(analysis, channels=channels, structures=structures, cost=CostModel(channels),
+                               timings=timings, options={**analysis.options, "grouped": grouped})
 
 
 def _verified_pair(analysis: ModelAnalysis, resolved: ResolvedPlan, slim: fx.GraphModule):
@@ -112,7 +131,7 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
              data: Any = None, options: dict | None = None, latency: float | None = None,
              latency_ms: float | None = None, params: float | None = None, device: str = "cpu",
              batch: int | None = None, dtype: Any = None, channels_last: bool = False,
-             compile: bool = False) -> fx.GraphModule:
+             compile: bool = False, grouped: str = "whole") -> fx.GraphModule:
     """Return a slim copy of `model` keeping at most `flops` of its FLOPs.
 
     Args:
@@ -135,6 +154,10 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
         device / batch / dtype / channels_last / compile: where and how latency is measured (the device
             the model will run on; batch None = the example inputs'; dtype None = the model's).
         params: fraction of the original parameters the result may keep, for methods that support it.
+        grouped: how grouped convs are pruned: ``"whole"`` groups go (the default), ``"equal"``: every
+            group keeps the same channel positions (its group count stays), ``"auto"``: equal where the
+            groups are wide enough (per-group width >= number of groups), whole elsewhere. Depthwise
+            convs always lose whole groups. (A recipe of an equal/auto result cannot be replayed yet.)
         options: method options, a dict or the method's options object (``fxprune.methods``:
             ``GateDecoratorOptions``, ``GALOptions``, ``MetaPruningOptions``).
 
@@ -151,8 +174,10 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
     measure_on = MeasureOn(device=device, batch=batch, dtype=dtype, channels_last=channels_last, compile=compile)
     constraints.require_supported(chosen.name, chosen.supports)
     opts = make_options(chosen, options, seed)
+    grouped = grouped_option(grouped)
     t0 = time.perf_counter()
     analysis = analyze(model, example_inputs, ignore=ignore, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    analysis = with_grouped(analysis, grouped)
     if not analysis.channels.prunable_groups:
         reason = _report.main_boundary_reason(analysis.channels)
         raise NothingToPruneError(

@@ -60,6 +60,7 @@ class AnalysisContext:
     boundaries: list = field(default_factory=list)
     tainted: set = field(default_factory=set)  # parameters read by a boundary op: never sliced
     modules: dict = field(default_factory=dict)  # memo of get_submodule: handlers ask twice per node
+    grouped: str = "whole"  # grouped convs: "whole" groups, "equal" positions per group, or "auto" (ops/conv.py)
 
     def get_submodule(self, target: str) -> nn.Module:
         mod = self.modules.get(target)

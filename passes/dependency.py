@@ -32,6 +32,7 @@ from fxprune.errors import ConfigError
 
 from .context import LAYOUT, AnalysisContext, Boundary, Member
 from .ops import handler_for
+from .ops.conv import GROUPED_MODES
 from .ops.reshape import PARAM_SIZE_READ
 from .shapes import VALUE
 from .tensors import is_parametrized
@@ -350,14 +351,20 @@ def _build_groups(members: list[Member], root: np.ndarray, reason_of: np.ndarray
 
 
 def analyze_dependencies(gm: fx.GraphModule, ignore: Iterable = (),
-                         auto_leaves: dict[str, str] | None = None) -> ChannelAnalysis:
+                         auto_leaves: dict[str, str] | None = None, grouped: str = "whole") -> ChannelAnalysis:
     """Channel groups of a shape-propagated GraphModule (see module docstring).
+
+    `grouped` says how grouped convs are pruned (`passes.ops.conv`): ``"whole"`` groups (the
+    default), an ``"equal"`` count in every group (the same positions), or ``"auto"`` (equal where
+    the groups are wide enough).
 
     Raises ConfigError where a prunable group would slice a tensor that a reparametrization
     computes and slicing cannot follow (spectral norm, orthogonal, ...): the message names the
     module and how to remove the reparametrization or keep the module (``ignore=``).
     """
-    ctx = AnalysisContext(gm)
+    if grouped not in GROUPED_MODES:
+        raise ConfigError(f"grouped={grouped!r} must be one of {', '.join(map(repr, GROUPED_MODES))}")
+    ctx = AnalysisContext(gm, grouped=grouped)
     for node in gm.graph.nodes:
         if node.op == "placeholder" and VALUE not in node.meta:
             raise ValueError("run fxprune.passes.shapes.propagate(gm, inputs) before the analysis")
