@@ -177,3 +177,25 @@ def test_user_model_untouched():
     fxprune.compress(model, "l1", torch.randn(1, 3, 64, 64), flops=0.5, grouped="equal")
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert model.layer1[0].conv2.groups == 4 and model.layer1[0].conv2.out_channels == 32
+
+
+def test_cli_grouped_flag(capsys):
+    from fxprune.cli import main
+
+    assert main(["compress", "torchvision:resnext50_32x4d", "--input-shape", "1,3,64,64", "--flops", "0.5",
+                 "--grouped", "equal"]) == 0
+    out = capsys.readouterr().out
+    assert "37/39 groups prunable" in out  # equal: input and output positions of each grouped conv
+    with pytest.raises(SystemExit):
+        main(["compress", "torchvision:resnext50_32x4d", "--grouped", "half"])
+
+
+def test_zoo_records_grouped_and_resumes_old_runs(tmp_path):
+    from fxprune.zoo.runner import _differences, result_options
+
+    new = {"options": result_options({"method": "l1", "flops": 0.5}), "models": {}}
+    assert new["options"]["grouped"] == "whole"
+    old = {"options": {k: v for k, v in new["options"].items() if k != "grouped"}, "models": {}}
+    assert _differences(old, new, tmp_path) == []  # a run from before the option: its default
+    changed = {"options": {**new["options"], "grouped": "equal"}, "models": {}}
+    assert any("--grouped whole → equal" in d for d in _differences(old, changed, tmp_path))
