@@ -58,6 +58,10 @@ class RewriteContext:
     def spec(self, node: fx.Node):
         return self._orig_nodes[node.name].meta[VALUE]
 
+    def original_meta(self, node: fx.Node) -> dict:
+        """What the analysis recorded on `node` (the analysed graph's copy of it)."""
+        return self._orig_nodes[node.name].meta
+
     def kept(self, ids: np.ndarray) -> np.ndarray:
         return self.keep_root[self.channels.root[ids]]
 
