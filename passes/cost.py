@@ -51,6 +51,8 @@ class CostModel:
             if not macs:
                 continue
             target = _weight_target(node, channels.gm)
+            if node.op == "call_module" and target not in by_target and f"{node.target}.in_proj_weight" in by_target:
+                target = f"{node.target}.in_proj_weight"  # attention: MACs scale with the kept heads
             self.node_macs[node.name] = _Scaled(float(macs), by_target.get(target, []))
         self.param_sizes: list[_Scaled] = []
         self.param_owner: list[str] = []
