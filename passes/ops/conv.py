@@ -14,14 +14,24 @@ ways to get that, chosen by the analysis' `grouped` option:
   2 input and 2 output channels; a depthwise conv always loses whole groups.
 * ``"auto"``: equal where the groups are wide enough to give at least as many units as whole groups
   would (per-group width >= G), whole elsewhere.
+
+A functional conv whose weight is computed in forward from one parameter of the weight's shape
+(weight standardisation: `F.conv2d(x, standardize(self.weight))`, timm's StdConv2d) is followed:
+the parameter's get_attr node carries the conv's output channels on dim 0 (`computed_weight_sources`),
+the ops computing the weight propagate them like any tensor (a reduction over dims 1.. is per
+channel, one over dim 0 or an unknown op marks them), and the conv's output channels stay prunable.
+Its input channels stay: the computation may mix them (a standardisation's statistics run over
+them), so removing one would change every kept filter.
 """
 from __future__ import annotations
 
 import numpy as np
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from ..context import Layout
+from ..shapes import VALUE
 from ..tensors import present, read_tensor
 from .registry import (
     OpHandler,
@@ -122,6 +132,55 @@ class ConvModule(OpHandler):
                                                                transposed)
 
 
+# Set on a conv whose weight is computed: the parameter it is computed from (the cost model scales
+# the conv's MACs with that parameter's kept rows).
+WEIGHT_SOURCE = "fxprune_weight_source"
+
+
+def computed_weight_sources(gm) -> dict[str, str]:
+    """{parameter: functional conv node} for each (non-transposed, ungrouped) functional conv whose
+    weight is computed from exactly one parameter/buffer of the weight's shape and from nothing
+    the model's inputs reach."""
+    found: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or _FUNCTIONAL.get(node.target, (0, True))[1]:
+            continue
+        weight = get_arg(node, 1, "weight")
+        groups = get_arg(node, ConvFunction._groups_index(node), "groups", 1)
+        if not isinstance(weight, fx.Node) or weight.op == "get_attr" or groups != 1:
+            continue
+        shape = getattr(weight.meta.get(VALUE), "shape", None)
+        seen, stack, sources, data = set(), [weight], [], False
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == "placeholder":
+                data = True
+            elif n.op == "get_attr":
+                if getattr(n.meta.get(VALUE), "shape", None) == shape:
+                    sources.append(n.target)
+            else:
+                stack.extend(n.all_input_nodes)
+        if not data and len(sources) == 1 and sources[0] not in found:
+            found[sources[0]] = node.name
+    return found
+
+
+def analyze_computed_conv(ctx, node, x, weight_node, bias, spatial: int) -> Layout:
+    """A conv whose weight `weight_node` carries its output channels on dim 0 (module docstring)."""
+    dim = ctx.spec(x).ndim - spatial - 1
+    in_ids = ctx.ids_on(x, dim, node)
+    source = next(t for t, name in ctx.weight_sources.items() if name == node.name)
+    ctx.mark(in_ids, f"{node.name}: its weight is computed from {source}; the input channels stay")
+    out_ids = ctx.layout(weight_node).ids
+    if bias is not None:
+        ctx.member(bias, 0, out_ids, "channel", node)
+    node.meta[WEIGHT_SOURCE] = source
+    return Layout(dim, out_ids)
+
+
 _FUNCTIONAL = {F.conv1d: (1, False), F.conv2d: (2, False), F.conv3d: (3, False),
                F.conv_transpose1d: (1, True), F.conv_transpose2d: (2, True),
                F.conv_transpose3d: (3, True)}
@@ -136,11 +195,16 @@ class ConvFunction(OpHandler):
         return 7 if _FUNCTIONAL[node.target][1] else 6  # transposed convs take output_padding
 
     def analyze(self, ctx, node):
+        node.meta.pop(WEIGHT_SOURCE, None)
         spatial, transposed = _FUNCTIONAL[node.target]
         weight = get_attr_target(get_arg(node, 1, "weight"))
         bias_arg = get_arg(node, 2, "bias")
         bias = get_attr_target(bias_arg)
         groups = get_arg(node, self._groups_index(node), "groups", 1)
+        lay = ctx.layout(get_arg(node, 1, "weight"))
+        if (weight is None and node.name in ctx.weight_sources.values() and isinstance(lay, Layout)
+                and lay.dim == 0 and (bias_arg is None or bias is not None)):
+            return analyze_computed_conv(ctx, node, node.args[0], get_arg(node, 1, "weight"), bias, spatial)
         if weight is None or (bias_arg is not None and bias is None) or not isinstance(groups, int):
             ctx.boundary(node, "functional conv whose weight/bias/groups are computed, not parameters")
             return None

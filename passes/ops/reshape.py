@@ -148,6 +148,25 @@ class ViewReshape(OpHandler):
             node.args = (node.args[0], tuple(shape), *node.args[2:])
 
 
+@register_method("view_as", "reshape_as")
+class ViewAs(OpHandler):
+    """x.view_as(other) / x.reshape_as(other): the sizes come from `other`, which must carry the same
+    channels on the same dim (coupled), so that it shrinks with them."""
+
+    def analyze(self, ctx, node):
+        lay = reshape_layout(ctx, node, node.args[0])
+        if lay is None:
+            return None
+        other = ctx.layout(node.args[1])
+        if SPLIT in node.meta or not (isinstance(other, Layout) and other.dim == lay.dim
+                                      and len(other.ids) == len(lay.ids)):
+            node.meta.pop(SPLIT, None)
+            ctx.boundary(node, f".{node.target}() a tensor whose channels are not the same")
+            return None
+        ctx.couple(lay.ids, other.ids)
+        return lay
+
+
 @register_method("flatten", "unflatten", "squeeze", "unsqueeze", "squeeze_", "unsqueeze_")
 @register_function(torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten)
 @register_module(nn.Flatten, nn.Unflatten)
