@@ -23,18 +23,25 @@ from typing import Any, Iterable
 import torch.fx as fx
 from torch import nn
 
+from fxprune.passes.cost import CostModel
+from fxprune.passes.dependency import analyze_dependencies
 from fxprune.passes.mask import masked_reference
+from fxprune.passes.module_copy import copy_sharing
 from fxprune.passes.plan import PruningPlan, ResolvedPlan, resolve
 from fxprune.passes.rewrite import apply_plan
+from fxprune.passes.structures import find_structures
+from fxprune.passes.tensors import set_tensor
 
 from . import report as _report
 from .analysis import ModelAnalysis, analyze
+from .arguments import grouped_option
 from .constraints import Constraints, MeasureOn
 from .errors import ConfigError, NothingToPruneError
 from .hooks import carry_root_hooks, preserve_through_deepcopy
 from .methods import METHODS, MethodContext, get_method, make_options
 from .models import model_source
 from .recipe import make_recipe
+from .verify import sensitive_values
 from .verify import verify as verify_against
 
 DATA_FREE_METHODS = tuple(name for name, m in METHODS.items() if not m.needs_data)
@@ -59,6 +66,49 @@ def with_weights(analysis: ModelAnalysis, weights: dict) -> ModelAnalysis:
                                channels=dataclasses.replace(analysis.channels, gm=gm))
 
 
+def with_grouped(analysis: ModelAnalysis, grouped: str) -> ModelAnalysis:
+    """The analysis with grouped convs pruned as `grouped` says ("whole" returns it unchanged): the
+    channel groups, structures and cost of the same traced graph, analysed once more."""
+    grouped = grouped_option(grouped)
+    if grouped == "whole":
+        return analysis
+    t0 = time.perf_counter()
+    channels = analyze_dependencies(analysis.traced.graph_module, ignore=analysis.options.get("ignore", ()),
+                                    auto_leaves=analysis.traced.auto_leaves, grouped=grouped)
+    structures = find_structures(channels)
+    timings = {**analysis.timings, "analysis": analysis.timings.get("analysis", 0.0) + time.perf_counter() - t0}
+    return dataclasses.replace(analysis, channels=channels, structures=structures, cost=CostModel(channels),
+                               timings=timings, options={**analysis.options, "grouped": grouped})
+
+
+def _verified_pair(analysis: ModelAnalysis, resolved: ResolvedPlan, slim: fx.GraphModule):
+    """(masked reference, slim model to compare, names given random values) for the verification.
+
+    Where the analysed model has zero or tiny scales (`verify.sensitive_values`), both are built from
+    a copy holding random normal-size values instead (the same plan, the same rewrite), so that
+    residual branches starting at zero still reach the output; the model that is returned keeps
+    its own values and the user's model is never written to."""
+    gm = analysis.traced.graph_module
+    fresh = sensitive_values(gm)
+    if not fresh:
+        return carry_root_hooks(gm, masked_reference(analysis.channels, resolved)), slim, []
+    shared = [n for n, _ in [*gm.named_parameters(), *gm.named_buffers()] if n not in fresh]
+    copy_gm = copy_sharing(gm, shared)  # only the replaced tensors are new
+    for name, value in fresh.items():
+        set_tensor(copy_gm, name, value)
+    channels = dataclasses.replace(analysis.channels, gm=copy_gm)
+    checked = apply_plan(channels, resolved)
+    checked.training = gm.training
+    carry_root_hooks(gm, checked)
+    return carry_root_hooks(gm, masked_reference(channels, resolved)), checked, sorted(fresh)
+
+
+def _sensitivity_note(names: list[str]) -> str:
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    return (f"verified on a copy in which {len(names)} zero or tiny (|x| < 1e-3) scale/weight tensors got "
+            f"random normal-size values ({shown}); the returned model keeps its own values")
+
+
 def prune_with_plan(analysis: ModelAnalysis, plan: PruningPlan | ResolvedPlan, *, verify_output: bool = True,
                     tolerance: float | None = None) -> tuple[fx.GraphModule, Any]:
     """Rewrite with `plan` and (optionally) verify against the masked original."""
@@ -69,8 +119,8 @@ def prune_with_plan(analysis: ModelAnalysis, plan: PruningPlan | ResolvedPlan, *
     preserve_through_deepcopy(slim, fxprune_recipe=make_recipe(analysis, resolved.plan))
     result = None
     if verify_output:
-        reference = carry_root_hooks(analysis.traced.graph_module, masked_reference(analysis.channels, resolved))
-        result = verify_against(reference, slim, analysis.inputs, tolerance)
+        reference, checked, _ = _verified_pair(analysis, resolved, slim)
+        result = verify_against(reference, checked, analysis.inputs, tolerance)
     return slim, result
 
 
@@ -81,7 +131,7 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
              data: Any = None, options: dict | None = None, latency: float | None = None,
              latency_ms: float | None = None, params: float | None = None, device: str = "cpu",
              batch: int | None = None, dtype: Any = None, channels_last: bool = False,
-             compile: bool = False) -> fx.GraphModule:
+             compile: bool = False, grouped: str = "whole") -> fx.GraphModule:
     """Return a slim copy of `model` keeping at most `flops` of its FLOPs.
 
     Args:
@@ -104,6 +154,10 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
         device / batch / dtype / channels_last / compile: where and how latency is measured (the device
             the model will run on; batch None = the example inputs'; dtype None = the model's).
         params: fraction of the original parameters the result may keep, for methods that support it.
+        grouped: how grouped convs are pruned: ``"whole"`` groups go (the default), ``"equal"``: every
+            group keeps the same channel positions (its group count stays), ``"auto"``: equal where the
+            groups are wide enough (per-group width >= number of groups), whole elsewhere. Depthwise
+            convs always lose whole groups. (A recipe of an equal/auto result cannot be replayed yet.)
         options: method options, a dict or the method's options object (``fxprune.methods``:
             ``GateDecoratorOptions``, ``GALOptions``, ``MetaPruningOptions``).
 
@@ -120,8 +174,10 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
     measure_on = MeasureOn(device=device, batch=batch, dtype=dtype, channels_last=channels_last, compile=compile)
     constraints.require_supported(chosen.name, chosen.supports)
     opts = make_options(chosen, options, seed)
+    grouped = grouped_option(grouped)
     t0 = time.perf_counter()
     analysis = analyze(model, example_inputs, ignore=ignore, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    analysis = with_grouped(analysis, grouped)
     if not analysis.channels.prunable_groups:
         reason = _report.main_boundary_reason(analysis.channels)
         raise NothingToPruneError(
@@ -140,8 +196,10 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
     slim, result = prune_with_plan(analysis, resolved, verify_output=False)
     t3 = time.perf_counter()
     if verify:
-        reference = carry_root_hooks(analysis.traced.graph_module, masked_reference(analysis.channels, resolved))
-        result = verify_against(reference, slim, analysis.inputs, tolerance)
+        reference, checked, randomized = _verified_pair(analysis, resolved, slim)
+        result = verify_against(reference, checked, analysis.inputs, tolerance)
+        if randomized:
+            details = {**(details or {}), "verification": _sensitivity_note(randomized)}
     t4 = time.perf_counter()
     report = _report.CompressionReport(
         model=type(model).__name__, method=method, target_flops=flops,

@@ -84,3 +84,15 @@ def whole_number(value: Any, argument: str, *, low: int = 1, optional: bool = Fa
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ConfigError(f"{argument}={value!r} must be an integer >= {low}" + (" or None" if optional else ""))
     return int(value)
+
+
+GROUPED = ("whole", "equal", "auto")
+
+
+def grouped_option(value: Any) -> str:
+    """`grouped=`: how grouped convs are pruned ("whole" groups, an "equal" count per group, "auto")."""
+    if not isinstance(value, str) or value not in GROUPED:
+        raise ConfigError(f"grouped={value!r} must be one of 'whole' (remove whole groups of grouped convs), "
+                          "'equal' (every group keeps the same channels) or 'auto' (equal where the groups "
+                          "are wide enough)")
+    return value

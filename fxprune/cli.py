@@ -14,6 +14,7 @@ import torch
 
 from . import profile_report
 from .api import DATA_FREE_METHODS, _check_options, analyze, compress
+from .arguments import GROUPED
 from .benchmark import DTYPES as BENCH_DTYPES
 from .benchmark import bench_models, render_table, write_json
 from .errors import ConfigError, FxpruneError
@@ -84,12 +85,18 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def _grouped_option(p) -> None:
+    p.add_argument("--grouped", default="whole", choices=GROUPED,
+                   help="grouped convs: remove whole groups (default), keep an equal count in every group, "
+                        "or auto (equal where the groups are wide enough)")
+
+
 def cmd_compress(args) -> int:
     model, x = _model_and_input(args)
     start = time.perf_counter()
     slim = compress(model, args.method, x, args.flops, round_to=args.round_to, ignore=args.ignore or (),
                     min_channels=args.min_channels, min_ratio=args.min_ratio, verify=not args.no_verify,
-                    latency=args.latency, latency_ms=args.latency_ms, **_measure_on(args))
+                    latency=args.latency, latency_ms=args.latency_ms, grouped=args.grouped, **_measure_on(args))
     print(f"{args.model}: {args.method} at flops={args.flops} in {time.perf_counter() - start:.2f}s")
     print(slim.fxprune_report.table())
     return 0
@@ -119,7 +126,7 @@ def _zoo(args) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     options = {"method": args.method, "flops": args.flops, "round_to": args.round_to,
                "min_channels": args.min_channels, "min_ratio": args.min_ratio, "checks": checks,
-               "latency": not args.no_latency, "threads": threads}
+               "latency": not args.no_latency, "threads": threads, "grouped": args.grouped}
     _check_compress_options(args)
     out = Path(args.out)
     rows = run_zoo(entries, out, options, jobs=args.jobs, timeout_s=args.timeout, max_memory_gb=args.max_memory,
@@ -231,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--min-ratio", type=float, default=0.0)
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with the masked original")
+    _grouped_option(p)
     _measure_options(p)
     p.set_defaults(func=cmd_compress)
 
@@ -246,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=int, default=None)
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--min-ratio", type=float, default=0.0)
+    _grouped_option(p)
     p.add_argument("--out", default="zoo-out", help="output directory (artifacts, report.json, report.md)")
     p.add_argument("--jobs", type=int, default=1, help="models converted at once (>= 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per model (default: cores / jobs)")

@@ -135,6 +135,37 @@ def verify(reference: nn.Module, slim: nn.Module, inputs: ExampleInputs, toleran
     return result
 
 
+# A parameter whose every entry is below this in magnitude silences the path it scales (a residual
+# branch's last BN gamma initialised to 0, a layer scale of 1e-6, a zero-initialised head): an
+# output comparison through it cannot see what the rewrite did to that path.
+DEGENERATE_BELOW = 1e-3
+
+
+def sensitive_values(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """{parameter name: random value of normal size} for every floating parameter of `model` whose
+    entries are all zero or tiny (|x| < DEGENERATE_BELOW), biases excepted (a zero bias silences
+    nothing). A weight of 2+ dims gets N(0, 1/fan_in) values, a scale vector values in [0.5, 1.5],
+    distinct per channel, so a wrong channel order shows. `model` is only read.
+
+    Compress verifies the rewrite of a copy holding these values (the same plan, rewritten the same
+    way), so that a residual branch which starts at zero still reaches the compared output."""
+    gen = torch.Generator().manual_seed(seed)
+    fresh: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if (p.numel() == 0 or not p.is_floating_point() or ".parametrizations." in f".{name}"
+                    or name.rsplit(".", 1)[-1] == "bias"):
+                continue
+            if float(p.detach().abs().max()) >= DEGENERATE_BELOW:
+                continue
+            if p.ndim >= 2:
+                value = torch.randn(p.shape, generator=gen) / math.sqrt(max(p[0].numel(), 1))
+            else:
+                value = 0.5 + torch.rand(p.shape, generator=gen)
+            fresh[name] = value.to(dtype=p.dtype, device=p.device)
+    return fresh
+
+
 def randomize_degenerate_weights(model: nn.Module, seed: int = 0) -> nn.Module:
     """For randomly initialised models only: give zero-initialised weights (ViT heads) small random
     values and tiny layer scales (ConvNeXt) the value 1, so an output comparison cannot pass merely

@@ -60,6 +60,8 @@ class AnalysisContext:
     boundaries: list = field(default_factory=list)
     tainted: set = field(default_factory=set)  # parameters read by a boundary op: never sliced
     modules: dict = field(default_factory=dict)  # memo of get_submodule: handlers ask twice per node
+    weight_sources: dict = field(default_factory=dict)  # parameter -> conv computing its weight from it (ops/conv.py)
+    grouped: str = "whole"  # grouped convs: "whole" groups, "equal" positions per group, or "auto" (ops/conv.py)
 
     def get_submodule(self, target: str) -> nn.Module:
         mod = self.modules.get(target)

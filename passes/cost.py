@@ -27,6 +27,8 @@ class _Scaled:
 
 
 def _weight_target(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    if "fxprune_weight_source" in node.meta:  # a conv whose weight is computed from this parameter
+        return node.meta["fxprune_weight_source"]
     if node.op == "call_module":
         return f"{node.target}.weight"
     if node.op == "call_function" and len(node.args) > 1:
@@ -51,6 +53,8 @@ class CostModel:
             if not macs:
                 continue
             target = _weight_target(node, channels.gm)
+            if node.op == "call_module" and target not in by_target and f"{node.target}.in_proj_weight" in by_target:
+                target = f"{node.target}.in_proj_weight"  # attention: MACs scale with the kept heads
             self.node_macs[node.name] = _Scaled(float(macs), by_target.get(target, []))
         self.param_sizes: list[_Scaled] = []
         self.param_owner: list[str] = []

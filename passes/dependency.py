@@ -30,8 +30,9 @@ from torch import nn
 
 from fxprune.errors import ConfigError
 
-from .context import LAYOUT, AnalysisContext, Boundary, Member
+from .context import LAYOUT, AnalysisContext, Boundary, Layout, Member
 from .ops import handler_for
+from .ops.conv import GROUPED_MODES, computed_weight_sources
 from .ops.reshape import PARAM_SIZE_READ
 from .shapes import VALUE
 from .tensors import is_parametrized
@@ -121,6 +122,9 @@ def _run_handlers(ctx: AnalysisContext, gm: fx.GraphModule, auto_leaves: dict[st
         if node.op == "output":
             for arg in node.all_input_nodes:
                 ctx.mark_all(ctx.layout(arg), "reaches the model output")
+        elif node.op == "get_attr" and node.target in ctx.weight_sources:
+            # a conv computes its weight from this parameter: its rows are the conv's output channels
+            layout = Layout(0, ctx.member(node.target, 0, None, "out", node, size=ctx.spec(node).shape[0]))
         elif node.op in ("call_module", "call_function", "call_method"):
             handler = handler_for(node, ctx)
             if _builds_container(node):
@@ -350,14 +354,20 @@ def _build_groups(members: list[Member], root: np.ndarray, reason_of: np.ndarray
 
 
 def analyze_dependencies(gm: fx.GraphModule, ignore: Iterable = (),
-                         auto_leaves: dict[str, str] | None = None) -> ChannelAnalysis:
+                         auto_leaves: dict[str, str] | None = None, grouped: str = "whole") -> ChannelAnalysis:
     """Channel groups of a shape-propagated GraphModule (see module docstring).
+
+    `grouped` says how grouped convs are pruned (`passes.ops.conv`): ``"whole"`` groups (the
+    default), an ``"equal"`` count in every group (the same positions), or ``"auto"`` (equal where
+    the groups are wide enough).
 
     Raises ConfigError where a prunable group would slice a tensor that a reparametrization
     computes and slicing cannot follow (spectral norm, orthogonal, ...): the message names the
     module and how to remove the reparametrization or keep the module (``ignore=``).
     """
-    ctx = AnalysisContext(gm)
+    if grouped not in GROUPED_MODES:
+        raise ConfigError(f"grouped={grouped!r} must be one of {', '.join(map(repr, GROUPED_MODES))}")
+    ctx = AnalysisContext(gm, grouped=grouped, weight_sources=computed_weight_sources(gm))
     for node in gm.graph.nodes:
         if node.op == "placeholder" and VALUE not in node.meta:
             raise ValueError("run fxprune.passes.shapes.propagate(gm, inputs) before the analysis")

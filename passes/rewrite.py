@@ -52,11 +52,19 @@ class RewriteContext:
             mod = self._modules[target] = self.gm.get_submodule(target)
         return mod
 
+    def forget_module(self, target: str) -> None:
+        """A handler replaced the module at `target` (the memo must not hand out the old one)."""
+        self._modules.pop(target, None)
+
     def layout(self, node: fx.Node):
         return self.channels.layouts.get(node.name) if isinstance(node, fx.Node) else None
 
     def spec(self, node: fx.Node):
         return self._orig_nodes[node.name].meta[VALUE]
+
+    def original_meta(self, node: fx.Node) -> dict:
+        """What the analysis recorded on `node` (the analysed graph's copy of it)."""
+        return self._orig_nodes[node.name].meta
 
     def kept(self, ids: np.ndarray) -> np.ndarray:
         return self.keep_root[self.channels.root[ids]]
@@ -109,6 +117,18 @@ def _used_owners(graph: fx.Graph) -> set[str]:
     return used
 
 
+def _in_used(path: str, used: set[str]) -> bool:
+    """`path` or a module above it (not the root) is used: a called module computes with its
+    submodules' tensors (nn.MultiheadAttention with `out_proj.weight`)."""
+    if path in used:
+        return True
+    while "." in path:
+        path = path.rpartition(".")[0]
+        if path in used:
+            return True
+    return False
+
+
 def _gather(tensor: torch.Tensor, index: dict[int, torch.Tensor]) -> torch.Tensor:
     """`tensor` restricted to `index[d]` along each dim d.
 
@@ -136,7 +156,7 @@ def _slice_members(root: nn.Module, graph: fx.Graph, per_tensor: dict[str, dict[
         for target, index in per_tensor.items():
             owner_path, _, name = target.rpartition(".")
             owner = modules.get(owner_path)
-            if owner is None or owner_path not in used or not hasattr(owner, name):
+            if owner is None or not _in_used(owner_path, used) or not hasattr(owner, name):
                 continue  # its module went with a removed branch
             tensor = getattr(owner, name)
             index = {d: torch.as_tensor(i, device=tensor.device) for d, i in index.items()}

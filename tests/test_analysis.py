@@ -65,10 +65,10 @@ def test_grouped_conv_and_groupnorm_prune_whole_groups():
     assert g.n_units == 4 and g.size == 12
 
 
-def test_channel_shuffle_and_layernorm_are_explained_boundaries():
+def test_channel_shuffle_is_structured_and_layernorm_an_explained_boundary():
+    # issue 17: the shuffle's (groups, width) split keeps its channels prunable (tests/test_structured_reshape.py)
     a = fxprune.analyze(torchvision.models.shufflenet_v2_x0_5(), torch.randn(1, 3, 64, 64))
-    assert any("shuffle" in b.reason for b in a.boundaries)
-    assert a.channels.prunable_groups  # the branch-internal channels stay prunable
+    assert a.boundaries == [] and len(a.channels.prunable_groups) == len(a.groups) - 2  # all but input/output
     a = fxprune.analyze(torchvision.models.convnext_tiny(), torch.randn(1, 3, 64, 64))
     reasons = {g.reason for g in a.groups if not g.prunable}
     assert any("LayerNorm" in (r or "") for r in reasons)

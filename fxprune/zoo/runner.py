@@ -35,8 +35,8 @@ from .report import write_report
 # the options that change a model's result, with the command-line flag that sets each
 RESULT_OPTIONS = {"method": "--method", "flops": "--flops", "round_to": "--round-to",
                   "min_channels": "--min-channels", "min_ratio": "--min-ratio", "checks": "--checks",
-                  "latency": "--no-latency"}
-_DEFAULTS = {"round_to": None, "min_channels": 1, "min_ratio": 0.0, "checks": [], "latency": True}
+                  "latency": "--no-latency", "grouped": "--grouped"}
+_DEFAULTS = {"round_to": None, "min_channels": 1, "min_ratio": 0.0, "checks": [], "latency": True, "grouped": "whole"}
 _OUTPUTS = ("results", "work", "logs", "jobs", "artifacts")
 
 # The worker's first lines, run before `import fxprune` pulls in torch (seconds): die with the parent.
@@ -305,8 +305,9 @@ def _claim(out: Path, entries: list[ZooEntry], options: dict, force: bool) -> No
 
 def _differences(old: dict, new: dict, out: Path) -> list[str]:
     before = old["options"]
-    found = [f"{flag} {_show(key, before.get(key))} → {_show(key, new['options'][key])}"
-             for key, flag in RESULT_OPTIONS.items() if before.get(key) != new["options"][key]]
+    # an option a run recorded before it existed had its default value
+    found = [f"{flag} {_show(key, before.get(key, _DEFAULTS.get(key)))} → {_show(key, new['options'][key])}"
+             for key, flag in RESULT_OPTIONS.items() if before.get(key, _DEFAULTS.get(key)) != new["options"][key]]
     models = old.get("models") if isinstance(old.get("models"), dict) else {}
     for name, entry in new["models"].items():
         if name in models and models[name] != entry and (out / "results" / f"{name}.json").exists():

@@ -76,7 +76,8 @@ def convert(job: dict) -> dict:
         inputs = _inputs(entry)
         stage("compress")
         slim = compress(target, opts["method"], inputs, opts["flops"], round_to=opts.get("round_to"),
-                        min_channels=opts.get("min_channels", 1), min_ratio=opts.get("min_ratio", 0.0))
+                        min_channels=opts.get("min_channels", 1), min_ratio=opts.get("min_ratio", 0.0),
+                        grouped=opts.get("grouped", "whole"))
         convert_s = time.perf_counter() - start
         report = slim.fxprune_report.summary()
         result.update(report=report, convert_s=convert_s)

@@ -3,8 +3,17 @@
 A reshape keeps channels prunable when the channel dim lands whole inside one output dim, merged
 with neighbours (flatten before a Linear: `ids` repeat H*W times). Removing channels then removes
 whole runs of that output dim and keeps the order, so the rewrite only changes the size literal
-of that dim. A reshape that splits the channel dim over several dims (channel shuffle) is a
-boundary: an arbitrary keep-set cannot be regrouped that way.
+of that dim.
+
+A reshape that splits the channel dim exactly over several output dims (C -> (g, w), or
+(g1, g2, w): channel shuffle, split attention's radix) gives the channels a structure: g blocks of
+width w. The blocks are pruned with the same kept positions: position b of every block is coupled
+into one unit, so the last split dim (w) carries the channels and the leading dims (g) keep their
+size, like a batch dim. Whatever follows — transposes of those dims, a softmax or sum over the
+group axis, merging back to C (the shuffled order b * g + a) — is then an ordinary per-channel op,
+and the kept positions map exactly. The rewrite writes the split dims' sizes as literals (g
+unchanged, w the kept count), whatever code computed them (`num_channels // groups`). A split
+that also merges part of the channel dim with a neighbour stays a boundary.
 """
 from __future__ import annotations
 
@@ -17,12 +26,14 @@ import torch.fx as fx
 from torch import nn
 
 from ..context import Layout
+from ..shapes import VALUE, TensorSpec
 from .registry import (
     OpHandler,
     get_arg,
     register_function,
     register_method,
     register_module,
+    set_arg,
 )
 
 
@@ -36,17 +47,56 @@ def merged_position(in_shape, out_shape, c: int):
     return None
 
 
+# Set on a reshape that splits the channel dim: (first, last) output dims it is split over.
+SPLIT = "fxprune_channel_split"
+
+
+def split_position(in_shape, out_shape, c: int):
+    """(first, last) output dims that input dim `c` is split over exactly — their product is its
+    size, no neighbour merged in — with the last of size > 1; None if there are no such dims."""
+    before, through = math.prod(in_shape[:c]), math.prod(in_shape[:c + 1])
+    starts = [j for j in range(len(out_shape) + 1) if math.prod(out_shape[:j]) == before]
+    ends = [j for j in range(len(out_shape)) if math.prod(out_shape[:j + 1]) == through]
+    if not starts or not ends or in_shape[c] < 2:
+        return None
+    first, last = max(starts), min(ends)
+    while last > first and out_shape[last] == 1:
+        last -= 1
+    return (first, last) if first < last else None
+
+
 def reshape_layout(ctx, node, x) -> Layout | None:
+    node.meta.pop(SPLIT, None)
     lay = ctx.layout(x)
     if not isinstance(lay, Layout):
         return None
     in_shape, out_shape = ctx.spec(x).shape, ctx.spec(node).shape
     found = merged_position(in_shape, out_shape, lay.dim)
-    if found is None:
-        ctx.boundary(node, "reshape splits the channel dim over several dims (e.g. channel shuffle)")
+    if found is not None:
+        j, lead, trail = found
+        return Layout(j, np.tile(np.repeat(lay.ids, trail), lead))
+    split = split_position(in_shape, out_shape, lay.dim)
+    if split is None:
+        ctx.boundary(node, "reshape splits the channel dim and merges part of it with another dim")
         return None
-    j, lead, trail = found
-    return Layout(j, np.tile(np.repeat(lay.ids, trail), lead))
+    first, last = split
+    blocks = lay.ids.reshape(-1, out_shape[last])  # one row per block (index over the leading split dims)
+    if len(blocks) > 1:  # the same kept positions in every block
+        ctx.couple(np.tile(blocks[0], len(blocks) - 1), blocks[1:].reshape(-1))
+    node.meta[SPLIT] = split
+    return Layout(last, blocks[0])
+
+
+def fix_split_sizes(rctx, node, sizes: list, offset: int = 0) -> list:
+    """`sizes` (one entry per output dim from `offset` on) with the split dims written as literals:
+    the leading (group) dims unchanged, the channel dim its kept count."""
+    first, last = rctx.original_meta(node)[SPLIT]
+    out_shape = rctx.spec(node).shape
+    sizes = list(sizes)
+    for j in range(first, last):
+        sizes[j - offset] = int(out_shape[j])
+    sizes[last - offset] = rctx.kept_count(rctx.layout(node).ids)
+    return sizes
 
 
 _VIEWS = ("view", "reshape")
@@ -64,20 +114,32 @@ class ViewReshape(OpHandler):
             return list(rest[0]), True
         return list(rest), False
 
+    def _shape(self, node):
+        shape, packed = self._shape_args(node)
+        if "shape" in node.kwargs or not shape:
+            shape, packed = list(node.kwargs.get("shape", ())), None
+        return shape, packed
+
     def analyze(self, ctx, node):
-        return reshape_layout(ctx, node, node.args[0])
+        lay = reshape_layout(ctx, node, node.args[0])
+        if SPLIT in node.meta and len(self._shape(node)[0]) != ctx.spec(node).ndim:
+            node.meta.pop(SPLIT)
+            ctx.boundary(node, "reshape splits the channel dim with a shape given as one value")
+            return None
+        return lay
 
     def rewrite(self, rctx, node):
         lay = rctx.layout(node)
         if lay is None:
             return
-        shape, packed = self._shape_args(node)
-        if "shape" in node.kwargs or not shape:
-            shape, packed = list(node.kwargs.get("shape", ())), None
-        entry = shape[lay.dim] if lay.dim < len(shape) else None
-        if not isinstance(entry, int) or entry == -1:
-            return  # -1 or a runtime size adapts by itself
-        shape[lay.dim] = entry * rctx.kept_count(lay.ids) // len(lay.ids)
+        shape, packed = self._shape(node)
+        if SPLIT in rctx.original_meta(node):
+            shape = fix_split_sizes(rctx, node, shape)
+        else:
+            entry = shape[lay.dim] if lay.dim < len(shape) else None
+            if not isinstance(entry, int) or entry == -1:
+                return  # -1 or a runtime size adapts by itself
+            shape[lay.dim] = entry * rctx.kept_count(lay.ids) // len(lay.ids)
         if packed is None:
             node.kwargs = {**node.kwargs, "shape": tuple(shape)}
         elif node.op == "call_method":
@@ -86,14 +148,45 @@ class ViewReshape(OpHandler):
             node.args = (node.args[0], tuple(shape), *node.args[2:])
 
 
+@register_method("view_as", "reshape_as")
+class ViewAs(OpHandler):
+    """x.view_as(other) / x.reshape_as(other): the sizes come from `other`, which must carry the same
+    channels on the same dim (coupled), so that it shrinks with them."""
+
+    def analyze(self, ctx, node):
+        lay = reshape_layout(ctx, node, node.args[0])
+        if lay is None:
+            return None
+        other = ctx.layout(node.args[1])
+        if SPLIT in node.meta or not (isinstance(other, Layout) and other.dim == lay.dim
+                                      and len(other.ids) == len(lay.ids)):
+            node.meta.pop(SPLIT, None)
+            ctx.boundary(node, f".{node.target}() a tensor whose channels are not the same")
+            return None
+        ctx.couple(lay.ids, other.ids)
+        return lay
+
+
 @register_method("flatten", "unflatten", "squeeze", "unsqueeze", "squeeze_", "unsqueeze_")
 @register_function(torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten)
 @register_module(nn.Flatten, nn.Unflatten)
 class MergeOrSplitDims(OpHandler):
-    """Shape ops without size literals on the channel dim (sizes come from the tensor)."""
+    """Shape ops without size literals on the channel dim (sizes come from the tensor), except
+    `unflatten`, whose sizes the rewrite fixes where it splits the channel dim."""
 
     def analyze(self, ctx, node):
         return reshape_layout(ctx, node, node.args[0])
+
+    def rewrite(self, rctx, node):
+        if rctx.layout(node) is None or SPLIT not in rctx.original_meta(node):
+            return
+        ndim_in = len(rctx.spec(node.args[0]).shape)
+        if node.op == "call_module":
+            mod = rctx.get_submodule(node.target)
+            mod.unflattened_size = tuple(fix_split_sizes(rctx, node, mod.unflattened_size, mod.dim % ndim_in))
+            return
+        dim, sizes = get_arg(node, 1, "dim"), get_arg(node, 2, "sizes")
+        set_arg(node, 2, "sizes", tuple(fix_split_sizes(rctx, node, sizes, dim % ndim_in)))
 
 
 def _permutation(node, ndim):
@@ -166,9 +259,18 @@ def _shapes_of(user: fx.Node, value: fx.Node) -> bool:
     return _target_in(user.target, _SHAPE_OPS) and value is not (user.args[0] if user.args else None)
 
 
+# Integer arithmetic on sizes (`num_channels // groups`): followed to where its result goes.
+_SIZE_ARITHMETIC = {operator.floordiv, operator.mul, operator.add, operator.sub}
+
+
 def _only_shapes(node: fx.Node) -> bool:
-    """The value only feeds shape arguments, which follow the slim tensor at run time."""
-    return all(_shapes_of(user, node) for user in node.users)
+    """The value only feeds shape arguments, which follow the slim tensor at run time (directly or
+    through integer arithmetic: `x.view(n, 2, c // 2, h, w)`, whose split dims the rewrite writes
+    as literals anyway)."""
+    return all(_shapes_of(user, node) or (user.op == "call_function" and _target_in(user.target, _SIZE_ARITHMETIC)
+                                          and not isinstance(user.meta.get(VALUE), TensorSpec)
+                                          and _only_shapes(user))
+               for user in node.users)
 
 
 def escaping_dims(size_node: fx.Node, dims: list[int]) -> set[int]:
