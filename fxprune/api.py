@@ -33,7 +33,7 @@ from fxprune.passes.structures import find_structures
 from fxprune.passes.tensors import set_tensor
 
 from . import report as _report
-from .analysis import ModelAnalysis, analyze
+from .analysis import ModelAnalysis, analyze, with_grouped
 from .arguments import grouped_option
 from .constraints import Constraints, MeasureOn
 from .errors import ConfigError, NothingToPruneError
@@ -64,21 +64,6 @@ def with_weights(analysis: ModelAnalysis, weights: dict) -> ModelAnalysis:
     gm.load_state_dict(weights, strict=True)
     return dataclasses.replace(analysis, traced=dataclasses.replace(analysis.traced, graph_module=gm),
                                channels=dataclasses.replace(analysis.channels, gm=gm))
-
-
-def with_grouped(analysis: ModelAnalysis, grouped: str) -> ModelAnalysis:
-    """The analysis with grouped convs pruned as `grouped` says ("whole" returns it unchanged): the
-    channel groups, structures and cost of the same traced graph, analysed once more."""
-    grouped = grouped_option(grouped)
-    if grouped == "whole":
-        return analysis
-    t0 = time.perf_counter()
-    channels = analyze_dependencies(analysis.traced.graph_module, ignore=analysis.options.get("ignore", ()),
-                                    auto_leaves=analysis.traced.auto_leaves, grouped=grouped)
-    structures = find_structures(channels)
-    timings = {**analysis.timings, "analysis": analysis.timings.get("analysis", 0.0) + time.perf_counter() - t0}
-    return dataclasses.replace(analysis, channels=channels, structures=structures, cost=CostModel(channels),
-                               timings=timings, options={**analysis.options, "grouped": grouped})
 
 
 def _verified_pair(analysis: ModelAnalysis, resolved: ResolvedPlan, slim: fx.GraphModule):

@@ -20,7 +20,7 @@ from torch import nn
 from fxprune.passes.plan import PruningPlan
 from fxprune.passes.rewrite import apply_plan
 
-from .analysis import ModelAnalysis, analyze
+from .analysis import ModelAnalysis, analyze, with_grouped
 from .errors import ArtifactError, FxpruneError
 from .passes.inputs import ExampleInputs
 from .recipe_schema import DTYPES
@@ -111,6 +111,7 @@ def make_recipe(analysis: ModelAnalysis, plan: PruningPlan, model: nn.Module | N
         "trace": {"leaf_modules": [_encode_entry(e, model) for e in opts.get("leaf_modules", ())],
                   "concrete_args": concrete},
         "ignore": [_encode_entry(e, model) for e in opts.get("ignore", ())],
+        "grouped": opts.get("grouped", "whole"),
         "groups": fingerprint(analysis.channels),
         "plan": {
             "keep": {str(k): [int(i) for i in np.asarray(list(v))] for k, v in plan.keep.items()},
@@ -169,6 +170,7 @@ def replay(recipe: dict, base: nn.Module, *, trust_code: bool = False) -> fx.Gra
                            ignore=[_decode_entry(e, trust_code) for e in recipe["ignore"]],
                            leaf_modules=[_decode_entry(e, trust_code) for e in recipe["trace"]["leaf_modules"]],
                            concrete_args=recipe["trace"]["concrete_args"] or None)
+        analysis = with_grouped(analysis, recipe.get("grouped", "whole"))
     except ArtifactError:
         raise
     except FxpruneError as exc:
