@@ -23,7 +23,7 @@ Capacity (per model; torchvision, ``weights=None``, seeded, eval, 1x3xSxS exampl
    median of the per-pair ratios): on 2 cores shared with other processes two medians taken apart
    cannot tell two models of nearly the same speed apart, a ratio within each pair can.
    The search is regula falsi on log(ratio) against log(1 - pruning_ratio) (latency falls roughly
-   as a power of the kept width), bracketed, with bisection when a guess lands near an end.
+   as a power of the kept width), bracketed, each guess kept 15% of the bracket inside it.
 3. The original, fxprune's and the chosen Torch-Pruning model are then measured together
    (`measure_latencies`: round-robin, medians, re-measured while unstable) and TP/fxprune once more
    pair by pair with more pairs. "Equal latency" holds when that final pair ratio is at most
@@ -554,9 +554,10 @@ def save(path: Path, results: dict) -> None:
     os.replace(tmp, path)
 
 
-QUICK = {"models": "resnet18", "size": 64, "batch": 2, "threads": 1, "tries": 4, "pairs": 7, "final_pairs": 9, "repeats": 5,
-         "mnist_nets": "resnet20", "seeds": "0", "mnist_train": 300, "mnist_finetune": 300, "mnist_test": 1000,
-         "mnist_batch": 16}
+# --quick: small enough for the test (< 60 s on 2 busy cores), large enough that every step runs
+QUICK = {"models": "resnet18", "size": 64, "batch": 2, "threads": 1, "tries": 4, "pairs": 5, "final_pairs": 7,
+         "repeats": 5, "mnist_nets": "resnet20", "seeds": "0", "mnist_train": 256, "mnist_finetune": 256,
+         "mnist_test": 500, "mnist_batch": 16}
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -580,7 +581,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--mnist-test", type=int, default=None, help="test images (default: all 10k)")
     ap.add_argument("--mnist-batch", type=int, default=64, help="batch the MNIST latencies are measured at")
     ap.add_argument("--quick", action="store_true",
-                    help="tiny smoke run: resnet18 at 64x64 batch 2 and ResNet-20 on 300 MNIST images, 1 seed")
+                    help="tiny smoke run: resnet18 at 64x64 batch 2 and ResNet-20 on 256 MNIST images, 1 seed, "
+                         "1 thread (overrides the size options)")
     ap.add_argument("--json", default=None, help="results file (default docs/tp_latency.json; --quick: a temp file)")
     ap.add_argument("--cache", default=None, help="FXPRUNE_CACHE for the latency profiles (default: a new temp folder)")
     ap.add_argument("--table", action="store_true", help="print the Markdown tables of the JSON and exit")
