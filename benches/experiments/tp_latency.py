@@ -36,7 +36,7 @@ MNIST (``--mnist``): ResNet-20 and ResNet-56 from `fxprune.nets` (option-B short
 per seed: trained densely (``--mnist-train`` images, 1 epoch, cosine from 0.05), pruned once by
 fxprune (l1, latency=0.5, CPU, batch ``--mnist-batch``) and once by Torch-Pruning at fxprune's
 measured latency (as above), both fine-tuned with the identical schedule (1 epoch on
-``--mnist-finetune`` images, same order, triangular LR as `gate_decorator_mnist.py`), evaluated on
+``--mnist-finetune`` images, same order, the dense training's cosine schedule: see `finetune`), evaluated on
 the 10k MNIST test split. Mean and spread over ``--seeds``.
 
 Everything is timed with ``torch.set_num_threads(--threads)``. Other processes may share the CPU:
@@ -169,21 +169,36 @@ class Bench:
 # ------------------------------------------------------------------------------ the two tools
 
 
-def fxprune_at_latency(model, x, args) -> tuple[torch.nn.Module | None, dict]:
+def fxprune_at_latency(model, x, args, attempts: int = 2) -> tuple[torch.nn.Module | None, dict]:
     """fxprune's slim model at `LATENCY_TARGET` x the original's measured latency (flops=1.0: the
-    latency target alone decides), and what its report says."""
+    latency target alone decides), and what its report says.
+
+    The target is a fraction of the original's latency as measured when the model was profiled
+    (the profile is cached by architecture), the slim model is measured now: on a shared CPU whose
+    load moved in between, the target can look unreachable. A LatencyUnreachableError is therefore
+    tried again (`attempts` in all) with a fresh profile cache, and every failure is recorded."""
     t0 = time.perf_counter()
-    try:
-        slim = fxprune.compress(model, "l1", x, flops=1.0, latency=LATENCY_TARGET, device=args.device,
-                                batch=args.batch, dtype=torch_dtype(args.dtype), channels_last=args.channels_last)
-    except LatencyUnreachableError as exc:
-        return None, {"ok": False, "seconds": time.perf_counter() - t0, "error": error_json(exc),
-                      "best_ms": 1e3 * exc.best_s, "target_ms": 1e3 * exc.target_s}
-    except FxpruneError as exc:
-        return None, {"ok": False, "seconds": time.perf_counter() - t0, "error": error_json(exc)}
+    failures = []
+    for attempt in range(attempts):
+        if attempt:
+            os.environ["FXPRUNE_CACHE"] = tempfile.mkdtemp(prefix="fxprune-tp-latency-retry-")
+        try:
+            slim = fxprune.compress(model, "l1", x, flops=1.0, latency=LATENCY_TARGET, device=args.device,
+                                    batch=args.batch, dtype=torch_dtype(args.dtype), channels_last=args.channels_last)
+            break
+        except LatencyUnreachableError as exc:
+            failures.append({**error_json(exc), "best_ms": 1e3 * exc.best_s, "target_ms": 1e3 * exc.target_s,
+                             "original_ms": None if exc.original_s is None else 1e3 * exc.original_s,
+                             "load": load_average()})
+            log(f"  fxprune attempt {attempt + 1}: {str(exc)[:160]}")
+        except FxpruneError as exc:
+            return None, {"ok": False, "seconds": time.perf_counter() - t0, "error": error_json(exc),
+                          "failures": failures}
+    else:
+        return None, {"ok": False, "seconds": time.perf_counter() - t0, "error": failures[-1], "failures": failures}
     rep = slim.fxprune_report
     d = (rep.details or {}).get("latency", {}) if isinstance(rep.details, dict) else {}
-    info = {"ok": True, "seconds": time.perf_counter() - t0, "report_macs_ratio": rep.macs_ratio,
+    info = {"ok": True, "seconds": time.perf_counter() - t0, "failures": failures, "report_macs_ratio": rep.macs_ratio,
             "params_ratio": rep.params_after / max(rep.params_before, 1),
             "method_measured_before_ms": 1e3 * d["measured_before_s"] if d.get("measured_before_s") else None,
             "method_measured_after_ms": 1e3 * d["measured_after_s"] if d.get("measured_after_s") else None,
@@ -394,12 +409,14 @@ def _loader(ds, n: int, bs: int, seed: int) -> DataLoader:
 
 
 def finetune(model, data, seed: int) -> None:
-    """The one fine-tune schedule both slim models get (as `gate_decorator_mnist.py`): 1 epoch,
-    triangular LR 1e-3 -> 1e-2 -> 1e-3, no momentum, same seed and so the same batch order."""
+    """The one fine-tune both slim models get: 1 epoch, SGD momentum 0.9, cosine from 0.05 (the dense
+    training's schedule), same seed and so the same batch order. Why not `gate_decorator_mnist.py`'s
+    gentle triangular 1e-3 -> 1e-2 without momentum: at a latency target of 0.5 both tools cut
+    ResNet-20 to 5-15% of its MACs, both start near chance, and 24 such steps left both at one class
+    (11.35%) in a first run -- a fine-tune that recovers nothing compares nothing."""
     for p in model.parameters():
         p.requires_grad_(True)  # Torch-Pruning's helper leaves its pruned parameters frozen
-    train(model, data, TrainConfig(epochs=1, lr=1e-2, schedule="triangular", peak_at=0.5, lr_min_ratio=0.1,
-                                   momentum=0.0, seed=seed, progress=False))
+    train(model, data, TrainConfig(epochs=1, lr=0.05, schedule="cosine", momentum=0.9, seed=seed, progress=False))
     model.eval()
 
 
@@ -430,7 +447,7 @@ def mnist_run(nets, seeds, args, on_entry=None) -> dict:
             if "_models" in entry:
                 for tool, slim in zip(("fxprune", "torch_pruning"), entry["_models"]):
                     run[tool]["accuracy_before_ft_2k"] = evaluate(slim, test_2k)["accuracy"]  # the first 2k: time
-                    finetune(slim, _loader(train_set, args.mnist_finetune, 128, 1000 + seed), seed)
+                    finetune(slim, _loader(train_set, args.mnist_finetune, 64, 1000 + seed), seed)
                     run[tool]["accuracy"] = evaluate(slim, test)["accuracy"]
                 log(f"  after the same fine-tune: fxprune {run['fxprune']['accuracy']:.4f}, "
                     f"Torch-Pruning {run['torch_pruning']['accuracy']:.4f}")
@@ -577,7 +594,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--mnist-nets", default=",".join(MNIST_NETS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--mnist-train", type=int, default=6000, help="images of the 1-epoch dense training")
-    ap.add_argument("--mnist-finetune", type=int, default=3000, help="images of the 1-epoch fine-tune")
+    ap.add_argument("--mnist-finetune", type=int, default=4000, help="images of the 1-epoch fine-tune")
     ap.add_argument("--mnist-test", type=int, default=None, help="test images (default: all 10k)")
     ap.add_argument("--mnist-batch", type=int, default=64, help="batch the MNIST latencies are measured at")
     ap.add_argument("--quick", action="store_true",
@@ -628,12 +645,18 @@ def main(argv=None) -> int:
             "layout": "contiguous", "seeds": seeds, "train_images": args.mnist_train,
             "finetune_images": args.mnist_finetune, "test_images": args.mnist_test or 10000,
             "description": (f"CPU, {args.threads} threads, latency at batch {args.mnist_batch}, fp32; per seed: dense "
-                            f"1 epoch on {args.mnist_train} train images (cosine from 0.05), both slim models "
-                            f"fine-tuned 1 epoch on {args.mnist_finetune} images (same order, triangular 1e-3/1e-2), "
+                            f"1 epoch on {args.mnist_train} train images (batch 128, cosine from 0.05, momentum 0.9), both slim "
+                            f"models fine-tuned 1 epoch on the first {args.mnist_finetune} of those (batch 64, same order, "
+                            "cosine from 0.05, momentum 0.9), "
                             f"test on {args.mnist_test or 10000} test images; seeds {seeds}")}
 
-        def keep_net(net, entry):
-            merge_save(path, "mnist", net, entry, {"mnist_setting": mnist_setting})
+        def keep_net(net, entry):  # runs of other seeds already in the file stay (a resumed run)
+            old = (json.loads(path.read_text()) if path.exists() else {}).get("mnist", {}).get(net, {})
+            mine = {r["seed"] for r in entry["runs"]}
+            runs = sorted([r for r in old.get("runs", []) if r.get("seed") not in mine] + entry["runs"],
+                          key=lambda r: r["seed"])
+            merge_save(path, "mnist", net, {"net": net, "runs": runs, "summary": mnist_summary(runs)},
+                       {"mnist_setting": mnist_setting})
 
         mnist_run(nets, seeds, args, keep_net)
     results = json.loads(path.read_text()) if path.exists() else {}
