@@ -494,16 +494,28 @@ def _f(v, fmt: str, dash: str = "—") -> str:
     return dash if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
+def nearest_try(search: dict, macs: float | None) -> str:
+    """The search's try whose MACs were closest to fxprune's: how much slower Torch-Pruning is at
+    (nearly) the same MACs, pair by pair -- the capacity question asked the other way round, and a
+    check on a row whose final equal-latency measurement was flagged."""
+    tries = [t for t in search.get("tries", []) if "tp_over_fx" in t]
+    if not tries or macs is None:
+        return "—"
+    t = min(tries, key=lambda t: abs(t["macs_fraction"] - macs))
+    return f"{t['macs_fraction']:.3f}, {t['tp_over_fx']:.3f} ({t['ratio_q1']:.2f}-{t['ratio_q3']:.2f})"
+
+
 def capacity_table(results: dict) -> str:
     head = ["model", "GMACs", "MACs kept: fxprune", "MACs kept: Torch-Pruning", "fxprune / TP MACs",
             "latency / original: fxprune", "latency / original: TP", "TP / fxprune latency (pairs)",
-            "equal latency", "TP ratio (tries)"]
+            "equal latency", "TP ratio (tries)", "TP try nearest fxprune's MACs: MACs, TP / fxprune latency (IQR)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for name, e in results.get("capacity", {}).items():
         fx, tp = e.get("fxprune", {}), e.get("torch_pruning", {})
         if "error" in e or not fx.get("ok"):
             why = (e.get("error") or fx.get("error") or {}).get("type", "error")
-            lines.append(f"| {name} | {_f(e.get('macs', 0) / 1e9 if e.get('macs') else None, '.2f')} | {why} | | | | | | | |")
+            lines.append(f"| {name} | {_f(e.get('macs', 0) / 1e9 if e.get('macs') else None, '.2f')} | {why} |"
+                         + " |" * (len(head) - 3))
             continue
         fp = e.get("final_pair", {})
         search = tp.get("search", {})
@@ -513,7 +525,7 @@ def capacity_table(results: dict) -> str:
             f" | {_f(tp.get('latency_ratio'), '.3f')} ({_f(tp.get('ms'), '.1f')} ms)"
             f" | {_f(e.get('tp_over_fx'), '.3f')} ({_f(fp.get('ratio_q1'), '.2f')}-{_f(fp.get('ratio_q3'), '.2f')})"
             f" | {'yes' if e.get('equal_latency') else 'FLAGGED'} | {_f(search.get('pruning_ratio'), '.3f')} "
-            f"({len(search.get('tries', []))}) |")
+            f"({len(search.get('tries', []))}) | {nearest_try(search, fx.get('macs_fraction'))} |")
     return "\n".join(lines)
 
 
