@@ -560,6 +560,8 @@ def tables(results: dict) -> str:
     if results.get("capacity"):
         parts += [f"Capacity at equal latency: {caption(results.get('capacity_setting', {}))}", "",
                   capacity_table(results)]
+        other = {k: v["setting"] for k, v in results["capacity"].items() if "@" in k and "setting" in v}
+        parts += [f"- {k}: {v}" for k, v in other.items()]
     if results.get("mnist"):
         m = results.get("mnist_setting", {})
         parts += ["", f"MNIST at equal latency: {m.get('description', '')}", "", mnist_table(results)]
@@ -614,6 +616,8 @@ def parse(argv=None) -> argparse.Namespace:
                          "1 thread (overrides the size options)")
     ap.add_argument("--json", default=None, help="results file (default docs/tp_latency.json; --quick: a temp file)")
     ap.add_argument("--cache", default=None, help="FXPRUNE_CACHE for the latency profiles (default: a new temp folder)")
+    ap.add_argument("--label", default=None,
+                    help="store the capacity entries as MODEL@LABEL (another setting next to the main run, e.g. 2threads)")
     ap.add_argument("--table", action="store_true", help="print the Markdown tables of the JSON and exit")
     args = ap.parse_args(argv)
     if args.quick:
@@ -645,8 +649,10 @@ def main(argv=None) -> int:
         cap_setting = {**st, "command": command}
         names = [m.strip() for m in args.models.split(",") if m.strip()]
 
-        def keep(name, entry):
-            merge_save(path, "capacity", name, entry, {"capacity_setting": cap_setting})
+        def keep(name, entry):  # --label: a run in another setting, stored next to the main one
+            suffix = f"@{args.label}" if args.label else ""
+            merge_save(path, "capacity", name + suffix, {**entry, "setting": caption(cap_setting)},
+                       {f"capacity_setting{suffix}": cap_setting})
 
         capacity(names, args, keep)
     if args.quick or args.mnist:
