@@ -128,6 +128,9 @@ def _check_comparison(e: dict) -> None:
     assert math.isclose(tp["macs_fraction"], chosen["macs_fraction"], rel_tol=1e-9)
     assert math.isclose(e["capacity_ratio"], fx["macs_fraction"] / tp["macs_fraction"])
     assert "_models" not in e or len(e["_models"]) == 2
+    widths = {k: e[k]["conv_widths"] for k in ("original", "fxprune", "torch_pruning")}
+    assert len(set(map(len, widths.values()))) == 1  # the same convs, none removed or added
+    assert all(0 < w <= o for k in ("fxprune", "torch_pruning") for w, o in zip(widths[k], widths["original"]))
 
 
 def test_quick_capacity_measures_both_slim_models_side_by_side(quick):

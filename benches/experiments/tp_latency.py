@@ -316,6 +316,10 @@ def tp_at_latency(model, x, bench: Bench, fx_dev, xb: ExampleInputs, original_ov
                        "note": None if found else f"no ratio in {len(record)} tries was as fast as fxprune's model"}
 
 
+def conv_widths(model: torch.nn.Module) -> list[int]:
+    return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+
+
 def compare(name: str, model, x, bench: Bench, args) -> dict:
     """One model: fxprune at the latency target, Torch-Pruning at fxprune's measured latency, the
     three measured side by side, MACs by one counter."""
@@ -361,6 +365,9 @@ def compare(name: str, model, x, bench: Bench, args) -> dict:
     entry["tp_over_fx"] = final["ratio_median"]
     entry["equal_latency"] = bool(search.get("found") and final["ratio_median"] <= EQUAL_LATENCY_TOLERANCE)
     entry["capacity_ratio"] = entry["fxprune"]["macs_fraction"] / entry["torch_pruning"]["macs_fraction"]
+    # where each tool put its cuts: out_channels of every conv (original, fxprune, TP), in module order
+    for key, m in (("original", model), ("fxprune", fx), ("torch_pruning", tp_model)):
+        (entry[key] if key != "original" else entry.setdefault("original", {}))["conv_widths"] = conv_widths(m)
     entry["seconds"] = time.perf_counter() - t_start
     log(f"  side by side: original {ms['original']:.1f} ms, fxprune {ms['fxprune']:.1f} ms "
         f"(MACs {entry['fxprune']['macs_fraction']:.3f}), Torch-Pruning {ms['torch_pruning']:.1f} ms "
