@@ -36,6 +36,8 @@ def _search(curve, original_over_fx, first, tries=7):
     s = tp_latency.LatencySearch(original_over_fx, first, tries)
     while (r := s.guess()) is not None:
         s.add(r, *curve(r))
+    tried = [p[0] for p in s.points]
+    assert len(set(tried)) == len(tried), f"a ratio was tried twice: {tried}"
     return s
 
 
@@ -49,6 +51,18 @@ def test_search_finds_the_smallest_fast_enough_ratio_on_a_smooth_curve():
         boundary = 1 - 1 / math.sqrt(2)
         assert boundary - 1e-9 <= s.hi[0] <= boundary + 0.03, (first, s.points)
         assert len(s.points) <= 7
+
+
+def test_search_inside_a_bracket_never_repeats_a_slow_ratio_where_macs_rose():
+    # the 2-thread mobilenet_v2 run: fast at 0.93, slow at 0.889 with more MACs than at the slow 0.656;
+    # the old search guessed 0.889 four times. A slow point inside the bracket must move its lower end.
+    points = {0.6563: (2.0, 0.122), 0.93: (0.91, 0.083)}
+
+    def curve(r):
+        return points.get(round(r, 4), (1.5 if r < 0.92 else 0.95, 0.129 if r > 0.8 else 0.12))
+
+    s = _search(curve, 2.0, 0.6563, tries=6)
+    assert s.hi is not None and s.hi[0] >= 0.92
 
 
 def test_search_never_returns_a_too_slow_ratio_and_respects_the_try_budget():

@@ -240,12 +240,18 @@ class LatencySearch:
             if self.hi is None or r < self.hi[0]:
                 self.hi = (r, ratio)
         elif r > self.lo[0]:
-            if macs is not None and self.lo_macs is not None and macs > self.lo_macs:
+            if self.hi is None and macs is not None and self.lo_macs is not None and macs > self.lo_macs:
                 self.cap = min(self.cap, r)
-            else:
+            else:  # inside a bracket a slow point always moves lo, or the next guess would repeat it
                 self.lo, self.lo_macs = (r, ratio), macs
 
     def guess(self) -> float | None:
+        r = self._guess()
+        if r is not None and any(abs(r - p[0]) < 1e-4 for p in self.points):
+            return None  # a ratio measured already: the search has nothing new to try
+        return r
+
+    def _guess(self) -> float | None:
         if len(self.points) >= self.tries:
             return None
         if not self.points:
