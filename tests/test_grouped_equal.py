@@ -149,6 +149,18 @@ def test_compress_equal_reaches_half_flops(build):
     assert measured_macs(slim, x) <= 0.5 * measured_macs(model, x) * 1.01
 
 
+def test_an_equal_count_result_saves_and_loads_back(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.resnext50_32x4d(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    slim = fxprune.compress(model, "l1", x, flops=0.5, grouped="equal")
+    fxprune.save(slim, tmp_path / "art")
+    loaded = fxprune.load(tmp_path / "art")
+    assert _grouped_convs(loaded) == _grouped_convs(slim)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), slim(x), rtol=1e-5, atol=1e-6)
+
+
 def test_grouped_option_is_checked():
     with pytest.raises(ConfigError, match="grouped="):
         fxprune.compress(resnext_small(), "l1", torch.randn(1, 3, 32, 32), grouped="half")
