@@ -120,3 +120,29 @@ def test_bench_with_a_latency_target_and_round_to_auto(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["round_to"] == "auto" and result["models"][0]["macs"]["slim"] <= 0.5 * result["models"][0]["macs"][
         "original"] * (1 + 1e-9)
+
+
+def test_a_fraction_target_is_judged_on_the_ratio_measured_now(monkeypatch):
+    """The slim model is timed side by side with the original and scaled to the profile's original:
+    a machine twice as busy as when the profile was taken changes nothing."""
+    from types import SimpleNamespace
+
+    from fxprune.constraints import Constraints, MeasureOn
+    from fxprune.methods import latency_target
+    from fxprune.passes.plan import PruningPlan
+
+    model, x = _resnet18()
+    analysis = fxprune.analyze(model, x)
+    seen = []
+
+    def fake_measure_models(models, inputs, **how):
+        seen.append(len(models))
+        return [2.0, 8.0]  # slim 2 s, original 8 s now (the profile said 4 s)
+
+    monkeypatch.setattr(latency_target, "measure_models", fake_measure_models)
+    monkeypatch.setattr(latency_target, "measure_model", lambda *a, **k: 3.0)
+    profile = SimpleNamespace(original_s=4.0)
+    for constraints, expected in ((Constraints(flops=1.0, latency=0.5), 1.0), (Constraints(flops=1.0, latency_ms=5.0), 3.0)):
+        context = SimpleNamespace(analysis=analysis, constraints=constraints, measure_on=MeasureOn())
+        assert latency_target.slim_latency(context, PruningPlan(), profile) == expected
+    assert seen == [2]

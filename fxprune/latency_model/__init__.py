@@ -39,8 +39,8 @@ from __future__ import annotations
 
 from .layers import Axis, LayerSpec
 from .model import LatencyModel
-from .profile import TimedCall, cache_path, measure_model, profile_latency
+from .profile import TimedCall, cache_path, measure_model, measure_models, profile_latency
 from .steps import detect_steps, monotone_envelope
 
-__all__ = ["Axis", "LatencyModel", "LayerSpec", "TimedCall", "cache_path", "detect_steps", "measure_model",
+__all__ = ["Axis", "LatencyModel", "LayerSpec", "TimedCall", "cache_path", "detect_steps", "measure_model", "measure_models",
            "monotone_envelope", "profile_latency"]

@@ -561,17 +561,25 @@ def measure_model(model: nn.Module, inputs: Any, *, device="cpu", dtype=None, ch
     """End-to-end seconds per forward of a private copy of `model` on `inputs` (converted to the
     device / dtype / memory format), with the stable measurer (`latency.LatencyMeasurer`, default
     settings: warm-up, interleaved repeats, re-measured while unstable), median."""
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return measure_models([model], inputs, device=device, dtype=dtype, channels_last=channels_last, compile=compile,
+                          measurer=measurer)[0]
+
+
+def measure_models(models: list[nn.Module], inputs: Any, *, device="cpu", dtype=None, channels_last: bool = False,
+                   compile: bool = False, measurer: LatencyMeasurer | None = None) -> list[float]:
+    """`measure_model` of several models timed round-robin in one measurement (side by side: a
+    ratio of two of them is what the machine does now, whatever else runs on it)."""
+    if not models or not all(isinstance(m, nn.Module) for m in models):
+        raise ConfigError(f"models must be torch.nn.Modules, got {[type(m).__name__ for m in models]}")
     inputs = ExampleInputs.normalize(inputs)
     s = settings_of(device=device, dtype=dtype, batch=None, channels_last=channels_last, compile=compile,
-                    threads=None, rounds=1, points=2, default_dtype=_default_dtype(model, inputs))
+                    threads=None, rounds=1, points=2, default_dtype=_default_dtype(models[0], inputs))
     x = on_device(inputs, s)
-    fn = prepared_call(copy.deepcopy(model), x, s)
+    fns = [prepared_call(copy.deepcopy(m), x, s) for m in models]
     with steady_heap():
-        times, _ = _round_robin([fn], s, measurer or LatencyMeasurer())
-    return times[0]
+        times, _ = _round_robin(fns, s, measurer or LatencyMeasurer())
+    return times
 
 
-__all__ = ["CPU_POINTS", "UNSTABLE_TTL_S", "Settings", "TimedCall", "cache_path", "is_stable", "measure_model",
+__all__ = ["CPU_POINTS", "UNSTABLE_TTL_S", "Settings", "TimedCall", "cache_path", "is_stable", "measure_model", "measure_models",
            "profile_latency"]

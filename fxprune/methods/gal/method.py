@@ -520,7 +520,7 @@ class GALMethod:
         if context.constraints.has_latency:
             model = profile_latency(context.analysis, **asdict(context.measure_on))
             goal = LatencyGoal(model, context.constraints.latency_target_s(model.original_s),
-                               lambda plan: slim_latency(context, plan))
+                               lambda plan: slim_latency(context, plan, model))
         work = context.private_copy()
         state, details = gal(work, context.data, context.constraints, context.options, context.original, goal)
         if goal is not None:

@@ -270,7 +270,7 @@ class GateDecoratorMethod:
         latency = _LatencyStop(work, context)
         plan = gate_decorator(work.channels, work.cost, context.data, c, opts, targets_from=context.original, log=log,
                               fits=latency.fits, one_shot_select=latency.select)
-        measured = latency.checks[-1]["measured_s"] if latency.checks else slim_latency(context, plan)
+        measured = latency.checks[-1]["measured_s"] if latency.checks else slim_latency(context, plan, latency.model)
         details = {"schedule": opts.schedule, "ticks": log,
                    "latency": latency_details(latency.model, context, plan, measured, {"checks": latency.checks})}
         return MethodResult(plan, details, weights=work.traced.graph_module.state_dict())
@@ -297,7 +297,7 @@ class _LatencyStop:
         predicted = predict_plan(self.model, plan)
         if predicted > self.budget:
             return False
-        measured = slim_latency(self.context, plan)
+        measured = slim_latency(self.context, plan, self.model)
         self.checks.append({"budget_s": self.budget, "predicted_s": predicted, "measured_s": measured})
         if measured <= self.target:
             return True
@@ -309,6 +309,6 @@ class _LatencyStop:
                             min_ratio=self.context.options.min_keep_ratio)
         channels, cost = self.work.channels, self.work.cost
         fit = fit_measured(lambda b: select_under_latency(channels, cost, scores, rules, self.model, b),
-                           lambda plan: slim_latency(self.context, plan), self.target, latency_model=self.model)
+                           lambda plan: slim_latency(self.context, plan, self.model), self.target, latency_model=self.model)
         self.checks.extend(fit.rounds)
         return fit.plan

@@ -50,12 +50,12 @@ class MagnitudeMethod:
         if not c.has_latency:  # round_to="auto" for a FLOPs target
             plan = select(analysis.channels, analysis.cost, scores, c, uniform=self.uniform)
             plan, compared = auto_round(analysis.channels, analysis.cost, scores, plan, model, c)
-            return MethodResult(plan, {"latency": latency_details(model, context, plan, slim_latency(context, plan),
+            return MethodResult(plan, {"latency": latency_details(model, context, plan, slim_latency(context, plan, model),
                                                                   {"round_to_auto": compared})})
         target = c.latency_target_s(model.original_s)
         fit = fit_measured(
             lambda budget: select_under_latency(analysis.channels, analysis.cost, scores, c, model, budget),
-            lambda plan: slim_latency(context, plan), target, latency_model=model)
+            lambda plan: slim_latency(context, plan, model), target, latency_model=model)
         return MethodResult(fit.plan, {"latency": latency_details(model, context, fit.plan, fit.measured_s,
                                                                   {"rounds": fit.rounds})})
 

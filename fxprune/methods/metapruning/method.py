@@ -410,7 +410,7 @@ def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: M
                     "total": time.perf_counter() - t0},
     })
     if latency_model is not None:
-        measured = slim_latency(context, plan)  # the slim model with its final weights, end to end
+        measured = slim_latency(context, plan, latency_model)  # end to end, side by side with the original
         details["latency"] = latency_details(latency_model, context, plan, measured, {
             "fraction": constraints.latency, "genome_predicted_s": constraint.predicted_s(best),
             "measured_within_target": measured <= latency,
