@@ -27,6 +27,9 @@ from .arguments import real_number, whole_number
 from .errors import ConfigError
 
 SLACK = 1e-9  # relative: the product flops x total is a float
+DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+               "half": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float64": torch.float64, "double": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,11 @@ class MeasureOn:
             raise ConfigError(f"device={self.device!r} but CUDA is not available here: measure where the model will "
                               "run, or use device='cpu'")
         whole_number(self.batch, "batch", optional=True)
+        if isinstance(self.dtype, str):  # the names the CLI and profile_latency take
+            name = self.dtype.lower().removeprefix("torch.")
+            if name not in DTYPE_NAMES:
+                raise ConfigError(f"dtype={self.dtype!r} is not a floating dtype name: one of {sorted(DTYPE_NAMES)}")
+            object.__setattr__(self, "dtype", DTYPE_NAMES[name])
         if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
             raise ConfigError(f"dtype={self.dtype!r} must be a floating torch.dtype, e.g. torch.bfloat16")
         for name in ("channels_last", "compile"):

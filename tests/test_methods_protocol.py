@@ -139,3 +139,7 @@ def test_latency_constraints_and_where_they_are_measured():
                              data=_data())
     with pytest.raises(fxprune.ConfigError, match="dtype=torch.int8 must be a floating"):
         MeasureOn(dtype=torch.int8)
+    assert MeasureOn(dtype="bf16").dtype is MeasureOn(dtype="bfloat16").dtype is torch.bfloat16  # as the CLI takes
+    assert MeasureOn(dtype="torch.float16").dtype is torch.float16
+    with pytest.raises(fxprune.ConfigError, match="not a floating dtype name"):
+        MeasureOn(dtype="int8")
