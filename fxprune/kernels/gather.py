@@ -115,7 +115,8 @@ def select_live(out: Live, in_: Live | None, groups: int, cin: int, cout: int) -
 
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor, in_mask: Tensor | None,
-            stride, padding, dilation, groups: int, *, channels_last: bool = False) -> Tensor:
+            stride, padding, dilation, groups: int, *, channels_last: bool = False, out_live: Live | None = None,
+            in_live: Live | None = None) -> Tensor:
     """Convolve the live filters only and write them into a preallocated output (dead channels: zeros).
 
     `channels_last` runs the gathered conv in NHWC (oneDNN/cuDNN are often faster there) and writes
@@ -125,8 +126,9 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor, in
     cout, _, kh, kw = weight.shape
     oh, ow = conv_output_size(h, w_, kh, kw, stride, padding, dilation)
     fmt = output_format(x)
-    out_live = live(out_mask)
-    sel = select_live(out_live, None if in_mask is None else live(in_mask), groups, cin, cout)
+    out_live = out_live if out_live is not None else live(out_mask)
+    in_live = in_live if in_live is not None or in_mask is None else live(in_mask)
+    sel = select_live(out_live, in_live, groups, cin, cout)
     if sel.n_out == 0:
         return torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt).zero_()
     xs, ws, bs, ms = _gathered(sel, x, weight, bias, out_mask)
