@@ -1,8 +1,9 @@
 """Which implementation runs a masked conv: measured once per call class, like ``cudnn.benchmark``.
 
 Why measure: no single implementation wins everywhere. Convolving the gathered live filters and
-writing them into a preallocated output is best at low density; one dense conv with the mask folded
-into the filters is best when nearly every channel is live (no gather, no scatter); channels_last
+writing them into a preallocated output is best at low density (by runs of channels: `gather`; or
+one ``index_select`` over the live channels plus a zero plane: `gather_zero_row`); one dense conv
+with the mask folded into the filters is best when nearly every channel is live (`dense`); channels_last
 helps oneDNN and cuDNN on some shapes and hurts on others; the Triton kernel needs no host
 synchronisation. Which is fastest depends on the device, dtype, shape and density, so the first call
 of each class times every valid candidate (interleaved rounds, median) and the winner is remembered
@@ -35,10 +36,12 @@ from torch import Tensor
 
 from ..errors import InputError
 
-IMPLEMENTATIONS = ("gather", "gather_cl", "dense", "triton")
+IMPLEMENTATIONS = ("gather", "gather_cl", "gather_zero_row", "dense", "triton")
 BACKENDS = ("auto",) + IMPLEMENTATIONS
 DENSITY_STEPS = 16
-ROUNDS = 3
+ROUNDS = 5
+SAMPLE_S = 2e-3  # seconds of calls per timed sample
+MAX_CALLS = 64
 
 _state: dict = {"forced": None, "last": None, "disk_loaded": None}
 _cache: dict[str, str] = {}
@@ -133,21 +136,30 @@ def _sync(device: torch.device) -> None:
 
 def measure(runners: dict[str, Callable[[], Tensor]], device: torch.device,
             rounds: int = ROUNDS) -> tuple[str, Tensor, dict[str, float]]:
-    """Time every runner (one warm-up call, then `rounds` interleaved rounds); the fastest by median.
+    """Time every runner (a warm-up call, then `rounds` interleaved rounds); the fastest by median.
 
-    Returns the winner, its last output (so the measuring call costs no extra run) and the medians.
+    Each sample averages enough calls to last about `SAMPLE_S` (small layers take tens of
+    microseconds, where one call is mostly timer and scheduler noise). Returns the winner, its last
+    output (so the measuring call costs no extra run) and the medians.
     """
     outputs: dict[str, Tensor] = {}
+    calls: dict[str, int] = {}
     for name, fn in runners.items():  # warm-up: Triton compiles and autotunes, oneDNN builds primitives
         outputs[name] = fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        outputs[name] = fn()
+        _sync(device)
+        calls[name] = max(1, min(MAX_CALLS, int(SAMPLE_S / max(time.perf_counter() - t0, 1e-7))))
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, fn in runners.items():
             _sync(device)
             t0 = time.perf_counter()
-            outputs[name] = fn()
+            for _ in range(calls[name]):
+                outputs[name] = fn()
             _sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append((time.perf_counter() - t0) / calls[name])
     medians = {name: statistics.median(t) for name, t in times.items()}
     best = min(medians, key=medians.get)
     return best, outputs[best], medians

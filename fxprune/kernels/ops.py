@@ -63,6 +63,9 @@ def _forward(x, weight, bias, out_mask, stride, padding, dilation, groups, in_ma
     if gather.output_format(x) == torch.contiguous_format and x.shape[1] > 1:
         runners["gather_cl"] = lambda: gather.forward(x, weight, bias, out_mask, in_mask, *conf, channels_last=True,
                                                       out_live=out_live, in_live=in_live)
+    if groups == 1 and gather.output_format(x) == torch.contiguous_format and in_mask is None:
+        runners["gather_zero_row"] = lambda: gather.forward(x, weight, bias, out_mask, in_mask, *conf, zero_row=True,
+                                                            out_live=out_live, in_live=in_live)
     if _triton_valid(x, interpreted_ok=dispatch.forced() == "triton"):
         def run_triton():
             with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
