@@ -2,8 +2,9 @@
 
 Why one object: the forward needs the live indices (to gather), their count (for the dispatcher's
 density bucket), whether every live value is exactly 1 (a 0/1 mask needs no filter scaling), the
-dead indices or the runs of consecutive live channels (to write the output) - each a device read on
-CUDA. `Live` reads the mask once and derives the rest lazily.
+dead indices or the runs of consecutive live channels (to write the output). On CUDA each would be
+a device read; `Live` copies the (small) mask to the host once, derives everything there, and moves
+the index tensors back to the device without waiting.
 
 Not cached across calls on purpose: masks are changed through ``.data`` (gradcheck, user code),
 which the version counter does not see, so a cache keyed on it could return a stale live set.
@@ -22,7 +23,7 @@ class Live:
     """The live (non-zero) entries of a mask: sorted indices (on the mask's device) and their count."""
 
     mask: Tensor
-    idx: Tensor
+    host: Tensor  # the mask's values on the CPU
     count: int
 
     @property
@@ -33,24 +34,35 @@ class Live:
     def density(self) -> float:
         return self.count / max(self.total, 1)
 
+    def _device(self, t: Tensor) -> Tensor:
+        return t if self.mask.device.type == "cpu" else t.to(self.mask.device, non_blocking=True)
+
+    @cached_property
+    def host_idx(self) -> Tensor:
+        return (self.host != 0).nonzero().reshape(-1)
+
+    @cached_property
+    def idx(self) -> Tensor:
+        return self._device(self.host_idx)
+
     @cached_property
     def all_ones(self) -> bool:
         """Every live value is exactly 1 (a 0/1 mask needs no scaling of the live filters)."""
-        return bool((self.mask.index_select(0, self.idx) == 1).all())
+        return bool((self.host.index_select(0, self.host_idx) == 1).all())
 
     @cached_property
     def flags(self) -> Tensor:
-        return self.mask != 0
+        return self._device(self.host != 0)
 
     @cached_property
     def dead_idx(self) -> Tensor:
-        return (~self.flags).nonzero().reshape(-1)
+        return self._device((self.host == 0).nonzero().reshape(-1))
 
     @cached_property
     def runs(self) -> list[tuple[int, int]]:
         """(first, length) of each run of consecutive live channels."""
         out: list[list[int]] = []
-        for i in self.idx.tolist():
+        for i in self.host_idx.tolist():
             if out and out[-1][0] + out[-1][1] == i:
                 out[-1][1] += 1
             else:
@@ -59,6 +71,8 @@ class Live:
 
 
 def live(mask: Tensor) -> Live:
-    """The live channels of `mask` (a 1-D tensor)."""
-    idx = (mask != 0).nonzero().reshape(-1)
-    return Live(mask, idx, int(idx.numel()))
+    """The live channels of `mask` (a 1-D tensor): one read of its values."""
+    host = mask.detach()
+    if host.device.type != "cpu":
+        host = host.to("cpu")
+    return Live(mask, host, int((host != 0).sum()))

@@ -127,14 +127,21 @@ def _igemm_kernel(x_ptr, wp_ptr, b_ptr, m_ptr, s_ptr, t_ptr, perm_ptr, cnt_ptr, 
 
 
 def _configs():
-    out = []
-    for bm, bn, bk, warps, stages in ((128, 64, 32, 4, 3), (64, 64, 32, 4, 3), (128, 128, 32, 8, 3),
-                                      (64, 32, 32, 4, 4), (128, 64, 64, 8, 3), (256, 64, 32, 8, 3)):
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
-    return out
+    """Tile shapes for the autotuner: pixels x channels x reduction block, warps, pipeline stages."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+            for bm, bn, bk, warps, stages in ((128, 64, 32, 4, 3), (64, 64, 32, 4, 4), (128, 128, 32, 8, 3),
+                                              (64, 32, 64, 4, 3))]
 
 
-_igemm_tuned = triton.autotune(configs=_configs(),
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles wider than the group's channels (pure padding) and deep K blocks on thin inputs."""
+    opg, ipg = named_args.get("OPG", kwargs.get("OPG")), named_args.get("IPG", kwargs.get("IPG"))
+    keep = [c for c in configs if c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(opg))
+            and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(ipg))]
+    return keep or configs[:1]
+
+
+_igemm_tuned = triton.autotune(configs=_configs(), prune_configs_by={"early_config_prune": _prune},
                                key=["N", "H", "W", "OH", "OW", "IPG", "OPG", "KH", "KW", "PRECISION", "IN_MASK"])(
     _igemm_kernel)
 
