@@ -117,30 +117,37 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = [time.perf_counter]
+
+
 def measure(fns: dict, device: str, threads: int, round_time: float, rounds: int) -> dict:
     """Seconds per call of each callable: the median over `rounds` interleaved rounds.
 
     Interleaving the methods puts every one of them under the same background load; the median
-    ignores the rounds another job disturbed.
+    ignores the rounds another job disturbed. ``--clock cpu`` times this process's CPU time instead
+    of the wall clock: on a machine shared with other jobs (more runnable threads than cores) the
+    wall clock mostly measures the scheduler; with one thread and a quiet machine both agree.
     """
     torch.set_num_threads(threads)
+    now = _clock[0]
     number = {}
     for k, fn in fns.items():  # warm up (the dispatcher measures here), then calibrate calls per round
         fn()
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
         _sync(device)
-        number[k] = max(1, int(round_time / max(time.perf_counter() - t0, 1e-6)))
+        number[k] = max(1, int(round_time / max(now() - t0, 1e-6)))
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(number[k]):
                 fn()
             _sync(device)
-            times[k].append((time.perf_counter() - t0) / number[k])
+            times[k].append((now() - t0) / number[k])
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -323,13 +330,17 @@ def main(argv=None) -> None:
     ap.add_argument("--io", action="store_true", help="also mask the input channels (fp32 rows only)")
     ap.add_argument("--gd", action="store_true", help="also time Gate Decorator and GAL training steps")
     ap.add_argument("--gd-batch", type=int, default=64)
+    ap.add_argument("--clock", choices=tuple(CLOCK), default="wall",
+                    help="wall clock, or this process's CPU time (robust on a shared CPU; use with --threads 1)")
     ap.add_argument("--json", metavar="FILE", help="write every row (and the dispatcher's choices) to FILE")
     ap.add_argument("--summarize", metavar="FILE", help="print the summary tables of a saved sweep and exit")
     args = ap.parse_args(argv)
+    _clock[0] = CLOCK[args.clock]
     if args.layers == "all":
         args.layers = ",".join(LAYERS)
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU"
-    head = f"device: {dev}; torch {torch.__version__}; batch {args.batch}; threads {args.threads}"
+    head = (f"device: {dev}; torch {torch.__version__}; batch {args.batch}; threads {args.threads}; "
+            f"clock {args.clock}")
     print(head + "\n")
     if args.summarize:
         print(summarize(parse_rows(Path(args.summarize).read_text())))
@@ -343,7 +354,7 @@ def main(argv=None) -> None:
         steps = gd_steps(args)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": dev, "torch": torch.__version__, "batch": args.batch,
-                                               "threads": args.threads, "rows": rows, "training_steps": steps,
+                                               "threads": args.threads, "clock": args.clock, "rows": rows, "training_steps": steps,
                                                "dispatch": dispatch.decisions()}, indent=1))
 
 

@@ -75,4 +75,4 @@ def live(mask: Tensor) -> Live:
     host = mask.detach()
     if host.device.type != "cpu":
         host = host.to("cpu")
-    return Live(mask, host, int((host != 0).sum()))
+    return Live(mask, host, int(torch.count_nonzero(host)))
