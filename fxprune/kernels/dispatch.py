@@ -6,7 +6,7 @@ one ``index_select`` over the live channels plus a zero plane: `gather_zero_row`
 with the mask folded into the filters is best when nearly every channel is live (`dense`); channels_last
 helps oneDNN and cuDNN on some shapes and hurts on others; the Triton kernel needs no host
 synchronisation. Which is fastest depends on the device, dtype, shape and density, so the first call
-of each class times every valid candidate (interleaved rounds, median) and the winner is remembered
+of each class times every valid candidate (interleaved rounds, best round) and the winner is remembered
 for the process (and, with ``FXPRUNE_KERNEL_CACHE_FILE=path.json``, on disk across processes).
 
 A call class is (device and its name or thread count, dtype, input and filter shape, stride,
@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -136,11 +135,13 @@ def _sync(device: torch.device) -> None:
 
 def measure(runners: dict[str, Callable[[], Tensor]], device: torch.device,
             rounds: int = ROUNDS) -> tuple[str, Tensor, dict[str, float]]:
-    """Time every runner (a warm-up call, then `rounds` interleaved rounds); the fastest by median.
+    """Time every runner (a warm-up call, then `rounds` interleaved rounds); the fastest by its best round.
 
     Each sample averages enough calls to last about `SAMPLE_S` (small layers take tens of
-    microseconds, where one call is mostly timer and scheduler noise). Returns the winner, its last
-    output (so the measuring call costs no extra run) and the medians.
+    microseconds, where one call is mostly timer and scheduler noise). The best round, not the
+    median, is compared: other jobs on the machine only ever add time, so the minimum is the closest
+    to each candidate's own cost. Returns the winner, its last output (so the measuring call costs
+    no extra run) and the best times.
     """
     outputs: dict[str, Tensor] = {}
     calls: dict[str, int] = {}
@@ -160,9 +161,9 @@ def measure(runners: dict[str, Callable[[], Tensor]], device: torch.device,
                 outputs[name] = fn()
             _sync(device)
             times[name].append((time.perf_counter() - t0) / calls[name])
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    best = min(medians, key=medians.get)
-    return best, outputs[best], medians
+    fastest = {name: min(t) for name, t in times.items()}
+    best = min(fastest, key=fastest.get)
+    return best, outputs[best], fastest
 
 
 def heuristic(candidates: list[str], density: float) -> str:
