@@ -297,7 +297,8 @@ def backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, out_m
                 gs, xs, ws * ms.reshape(-1, 1, 1, 1), None, stride, padding, dilation, False, [0, 0],
                 sel.groups, [need_x, need_w or need_m, False])
             if need_x:
-                gx = _scatter(x.shape, x, sel.in_idx, gxs.contiguous(), 1)
+                # written once: the live input channels copied in, only the others zeroed
+                gx = gxs.contiguous() if sel.in_idx is None else _scatter_channels(gxs.contiguous(), sel.in_idx, cin)
             if need_w:
                 gws = dws * ms.reshape(-1, 1, 1, 1)
                 if sel.col_flag is not None:
