@@ -122,10 +122,11 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor, in
     `channels_last` runs the gathered conv in NHWC (oneDNN/cuDNN are often faster there) and writes
     the result into the output's own layout in the same pass that places the channels.
 
-    `zero_row` (ungrouped convs, NCHW output) convolves one extra all-zero filter and builds the
-    output with a single ``index_select`` over channels (dead channels read the zero plane): one op
-    writing the output at memcpy speed, instead of one copy or fill per run of live/dead channels.
-    The zero plane is exact for finite inputs (an infinite input gives NaN there, like conv * 0).
+    `zero_row` (ungrouped convs, NCHW output) builds the output with a single ``index_select`` over
+    channels from the compact result plus one zero plane (dead channels read it): one op writing the
+    output at memcpy speed, instead of one copy or fill per run of live/dead channels. The zero
+    plane comes from one extra all-zero filter where that fits in the last channel block (exact for
+    finite inputs; an infinite input gives NaN there, like conv * 0), else from appending zeros.
     """
     n, cin, h, w_ = x.shape
     cout, _, kh, kw = weight.shape
@@ -145,9 +146,13 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor, in
         xs = xs.contiguous(memory_format=torch.channels_last)
     if (zero_row and sel.groups == 1 and sel.out_idx is not None and xs.shape[1]
             and fmt == torch.contiguous_format):
-        ws = torch.cat([ws, ws.new_zeros((1, *ws.shape[1:]))])
-        bs = None if bs is None else torch.cat([bs, bs.new_zeros(1)])
-        z = F.conv2d(xs, ws, bs, stride, padding, dilation, 1)
+        if sel.n_out % CHANNEL_BLOCK:  # the zero filter fits in the last, partly used channel block
+            ws = torch.cat([ws, ws.new_zeros((1, *ws.shape[1:]))])
+            bs = None if bs is None else torch.cat([bs, bs.new_zeros(1)])
+            z = F.conv2d(xs, ws, bs, stride, padding, dilation, 1)
+        else:  # a whole new block would cost 16 channels of compute: append a zero plane instead
+            z = F.conv2d(xs, ws, bs, stride, padding, dilation, 1)
+            z = torch.cat([z, z.new_zeros((n, 1, oh, ow))], 1)
         where = torch.full((cout,), sel.n_out, dtype=torch.long, device=x.device)
         where[sel.out_idx] = torch.arange(sel.n_out, device=x.device)
         return z.index_select(1, where)
@@ -178,6 +183,9 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tens
     y = F.conv2d(x, wm, bm, stride, padding, dilation, groups)
     return y.contiguous(memory_format=output_format(x))
 
+
+# oneDNN and cuDNN compute output channels in blocks of this many (fp32 AVX-512 / tensor-core tiles)
+CHANNEL_BLOCK = 16
 
 # Channel planes at least this large are scattered by slice copies (memcpy speed) instead of
 # index_copy_, whose per-element indexing is about 3x slower on large planes.

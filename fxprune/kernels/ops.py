@@ -44,9 +44,6 @@ def cuda_backend(name: str):
         yield
 
 
-_CHANNEL_BLOCK = 16
-
-
 def _triton_valid(x: Tensor, interpreted_ok: bool) -> bool:
     """Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (only when forced: it is slow)."""
     if triton_conv is None or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -66,10 +63,7 @@ def _forward(x, weight, bias, out_mask, stride, padding, dilation, groups, in_ma
     if gather.output_format(x) == torch.contiguous_format and x.shape[1] > 1:
         runners["gather_cl"] = lambda: gather.forward(x, weight, bias, out_mask, in_mask, *conf, channels_last=True,
                                                       out_live=out_live, in_live=in_live)
-    # the extra zero filter must not open a new channel block of oneDNN/cuDNN (16 wide): with
-    # 16k live channels it would cost a whole block, not one channel
-    if (groups == 1 and gather.output_format(x) == torch.contiguous_format and in_mask is None
-            and out_live.count % _CHANNEL_BLOCK):
+    if groups == 1 and gather.output_format(x) == torch.contiguous_format:
         runners["gather_zero_row"] = lambda: gather.forward(x, weight, bias, out_mask, in_mask, *conf, zero_row=True,
                                                             out_live=out_live, in_live=in_live)
     if _triton_valid(x, interpreted_ok=dispatch.forced() == "triton"):
