@@ -9,10 +9,12 @@ where output channels with ``out_mask == 0`` are not computed at all and come ou
 and input channels with ``in_mask == 0`` (optional) are skipped in the reduction (treated as zero:
 pass it only where the input is known to be zero there, e.g. after a masked layer).
 
-Kernels: CUDA forward in Triton (`triton_conv`: implicit GEMM over the live channels, bias and
-mask in the epilogue, fp32/fp16/bf16, no host synchronisation); every other device, and the
-backward everywhere, gather the live filters, convolve with stock PyTorch and scatter (`gather`).
-Registration, fake implementations, autograd and FLOP formulas: `ops`.
+Implementations of the forward, chosen per call class by measuring them once (`dispatch`, like
+``torch.backends.cudnn.benchmark``; `backend(name)` forces one): the live filters gathered and
+convolved by cuDNN/oneDNN, written into a preallocated output (`gather`, in the input's layout or
+channels_last); one dense conv with the mask folded into the filters (nearly all channels live);
+the Triton implicit-GEMM kernel on CUDA (`triton_conv`). The backward runs over the live channels
+only (`gather.backward`). Registration, fake implementations, autograd and FLOP formulas: `ops`.
 
 Gradient semantics for ``out_mask == 0`` channels (``hard=``, chosen by the method pass):
 
@@ -40,7 +42,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import gather, ops
+from . import dispatch, gather, ops
+from .dispatch import backend
 from .gather import conv_output_size
 from .ops import cuda_backend, live_macs
 
@@ -58,4 +61,5 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_mask: T
                                            _pair(dilation), int(groups), in_mask, hard)
 
 
-__all__ = ["masked_conv2d", "conv_output_size", "cuda_backend", "live_macs", "triton_available", "gather"]
+__all__ = ["masked_conv2d", "backend", "conv_output_size", "cuda_backend", "dispatch", "live_macs",
+           "triton_available", "gather"]

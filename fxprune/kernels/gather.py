@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .live import Live, live
+
 
 def conv_output_size(h: int, w: int, kh: int, kw: int, stride, padding, dilation) -> tuple[int, int]:
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -93,41 +95,114 @@ def _active(mask: Tensor | None) -> Tensor | None:
     return None if mask is None else mask != 0
 
 
+def output_format(x: Tensor) -> torch.memory_format:
+    """The memory format of the op's output: channels_last exactly when the input is (like conv2d)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def select_live(out: Live, in_: Live | None, groups: int, cin: int, cout: int) -> Selection:
+    """`select` from remembered live sets: no device read for ungrouped and depthwise convs."""
+    if groups == 1:
+        out_idx = None if out.count == cout else out.idx
+        in_idx = None if in_ is None or in_.count == cin else in_.idx
+        return Selection(out_idx, in_idx, 1, None, out.count, gather_cols=in_idx is not None)
+    if groups == cin == cout and (in_ is None or in_.count == cin):  # depthwise: the live channels
+        idx = None if out.count == cout else out.idx
+        return Selection(idx, idx, out.count, None, out.count)
+    return select(out.flags, None if in_ is None else in_.flags, groups, cin, cout)
+
+
 def forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor, in_mask: Tensor | None,
-            stride, padding, dilation, groups: int) -> Tensor:
+            stride, padding, dilation, groups: int, *, channels_last: bool = False, zero_row: bool = False,
+            out_live: Live | None = None, in_live: Live | None = None) -> Tensor:
+    """Convolve the live filters only and write them into a preallocated output (dead channels: zeros).
+
+    `channels_last` runs the gathered conv in NHWC (oneDNN/cuDNN are often faster there) and writes
+    the result into the output's own layout in the same pass that places the channels.
+
+    `zero_row` (ungrouped convs, NCHW output) builds the output with a single ``index_select`` over
+    channels from the compact result plus one zero plane (dead channels read it): one op writing the
+    output at memcpy speed, instead of one copy or fill per run of live/dead channels. The zero
+    plane comes from one extra all-zero filter where that fits in the last channel block (exact for
+    finite inputs; an infinite input gives NaN there, like conv * 0), else from appending zeros.
+    """
     n, cin, h, w_ = x.shape
     cout, _, kh, kw = weight.shape
     oh, ow = conv_output_size(h, w_, kh, kw, stride, padding, dilation)
-    out_active = out_mask != 0
-    sel = select(out_active, _active(in_mask), groups, cin, cout)
+    fmt = output_format(x)
+    out_live = out_live if out_live is not None else live(out_mask)
+    in_live = in_live if in_live is not None or in_mask is None else live(in_mask)
+    sel = select_live(out_live, in_live, groups, cin, cout)
     if sel.n_out == 0:
-        return x.new_zeros((n, cout, oh, ow))
+        return torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt).zero_()
     xs, ws, bs, ms = _gathered(sel, x, weight, bias, out_mask)
-    if not bool((ms == 1).all()):  # a 0/1 mask (Gate Decorator) needs no scaling of the live filters
+    exact = sel.n_out == out_live.count  # gathered exactly the live channels (not whole groups)
+    if not (exact and out_live.all_ones):  # a 0/1 mask (Gate Decorator) needs no scaling of the live filters
         ws = ws * ms.reshape(-1, 1, 1, 1)
         bs = None if bs is None else bs * ms
+    if channels_last:
+        xs = xs.contiguous(memory_format=torch.channels_last)
+    if (zero_row and sel.groups == 1 and sel.out_idx is not None and xs.shape[1]
+            and fmt == torch.contiguous_format):
+        if sel.n_out % CHANNEL_BLOCK:  # the zero filter fits in the last, partly used channel block
+            ws = torch.cat([ws, ws.new_zeros((1, *ws.shape[1:]))])
+            bs = None if bs is None else torch.cat([bs, bs.new_zeros(1)])
+            z = F.conv2d(xs, ws, bs, stride, padding, dilation, 1)
+        else:  # a whole new block would cost 16 channels of compute: append a zero plane instead
+            z = F.conv2d(xs, ws, bs, stride, padding, dilation, 1)
+            z = torch.cat([z, z.new_zeros((n, 1, oh, ow))], 1)
+        where = torch.full((cout,), sel.n_out, dtype=torch.long, device=x.device)
+        where[sel.out_idx] = torch.arange(sel.n_out, device=x.device)
+        return z.index_select(1, where)
     if xs.shape[1] == 0:  # every input channel masked: only the bias is left
         z = torch.zeros((n, ws.shape[0], oh, ow), dtype=x.dtype, device=x.device)
         z = z if bs is None else z + bs.reshape(1, -1, 1, 1)
     else:
         z = F.conv2d(xs, ws, bs, stride, padding, dilation, sel.groups)
     if sel.out_idx is None:
-        return z.contiguous()
-    return _scatter_channels(z, sel.out_idx, cout)
+        return z.contiguous(memory_format=fmt)
+    return _scatter_channels(z, sel.out_idx, cout, fmt, out_live if groups == 1 or sel.groups == sel.n_out else None)
 
+
+def dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor, in_mask: Tensor | None,
+                  stride, padding, dilation, groups: int) -> Tensor:
+    """Every channel computed, the mask folded into the filters: conv(x, W * m) + b * m.
+
+    The fastest choice when nearly all channels are live (one conv, no gather, no scatter). A dead
+    channel's filter is all zeros, so it comes out as exact zeros for finite inputs.
+    """
+    cout, ipg = weight.shape[:2]
+    scale = out_mask.reshape(-1, 1, 1, 1)
+    if in_mask is not None:
+        cols = (in_mask != 0).reshape(groups, ipg).repeat_interleave(cout // groups, 0)
+        scale = scale * cols[:, :, None, None].to(weight.dtype)
+    wm = weight * scale
+    bm = None if bias is None else bias * out_mask
+    y = F.conv2d(x, wm, bm, stride, padding, dilation, groups)
+    return y.contiguous(memory_format=output_format(x))
+
+
+# oneDNN and cuDNN compute output channels in blocks of this many (fp32 AVX-512 / tensor-core tiles)
+CHANNEL_BLOCK = 16
 
 # Channel planes at least this large are scattered by slice copies (memcpy speed) instead of
 # index_copy_, whose per-element indexing is about 3x slower on large planes.
 _PLANE_COPY_MIN = 16384
 
 
-def _scatter_channels(z: Tensor, idx: Tensor, cout: int) -> Tensor:
-    """[N, cout, H, W] with z's channels at `idx` (sorted) and exact zeros elsewhere."""
+def _scatter_channels(z: Tensor, idx: Tensor, cout: int, fmt=torch.contiguous_format,
+                      out_live: Live | None = None) -> Tensor:
+    """[N, cout, H, W] in `fmt` with z's channels at `idx` (sorted) and exact zeros elsewhere.
+
+    One pass over the output: the live channels are copied in, only the dead ones are zeroed (never a
+    dense zero fill followed by a copy)."""
     n, _, oh, ow = z.shape
-    y = torch.empty((n, cout, oh, ow), dtype=z.dtype, device=z.device)
-    if z.device.type == "cpu" and n * oh * ow >= _PLANE_COPY_MIN:
+    y = torch.empty((n, cout, oh, ow), dtype=z.dtype, device=z.device, memory_format=fmt)
+    if z.device.type == "cpu" and fmt == torch.contiguous_format and n * oh * ow >= _PLANE_COPY_MIN:
         pos, start = 0, 0
-        for first, length in _runs(idx.tolist()):
+        for first, length in (out_live.runs if out_live is not None else _runs(idx.tolist())):
             if first > start:
                 y[:, start:first].zero_()
             y[:, first:first + length].copy_(z[:, pos:pos + length])
@@ -136,9 +211,12 @@ def _scatter_channels(z: Tensor, idx: Tensor, cout: int) -> Tensor:
             y[:, start:].zero_()
         return y
     y.index_copy_(1, idx, z)
-    rest = torch.ones(cout, dtype=torch.bool, device=z.device)
-    rest[idx] = False
-    y.index_fill_(1, _nonzero(rest), 0)
+    dead = out_live.dead_idx if out_live is not None else None
+    if dead is None:
+        rest = torch.ones(cout, dtype=torch.bool, device=z.device)
+        rest[idx] = False
+        dead = _nonzero(rest)
+    y.index_fill_(1, dead, 0)
     return y
 
 
@@ -227,7 +305,8 @@ def backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, out_m
                 gs, xs, ws * ms.reshape(-1, 1, 1, 1), None, stride, padding, dilation, False, [0, 0],
                 sel.groups, [need_x, need_w or need_m, False])
             if need_x:
-                gx = _scatter(x.shape, x, sel.in_idx, gxs.contiguous(), 1)
+                # written once: the live input channels copied in, only the others zeroed
+                gx = gxs.contiguous() if sel.in_idx is None else _scatter_channels(gxs.contiguous(), sel.in_idx, cin)
             if need_w:
                 gws = dws * ms.reshape(-1, 1, 1, 1)
                 if sel.col_flag is not None:

@@ -1,16 +1,16 @@
 """Registration of ``torch.ops.fxprune.masked_conv2d`` and its backward with `torch.library`.
 
 Why `custom_op` and not `triton_op`: a `triton_op` is decomposed into its Python body under
-`torch.compile` on every device, and the CPU path (gather/compute/scatter) has data-dependent
-shapes that would make the compiled graph depend on the mask's values. A `custom_op` is opaque to
-compile and export (they see one node with a fake implementation), the CPU path stays eager and
-the CUDA kernel is the Triton launch (`register_kernel("cuda")`), which never synchronises.
+`torch.compile` on every device, and the gather path has data-dependent shapes that would make
+the compiled graph depend on the mask's values. A `custom_op` is opaque to compile and export (they
+see one node with a fake implementation) and its body runs eagerly.
 
-Registered here: the op (default kernel: `gather.forward`, any device), the CUDA kernel (Triton
-when importable, else the gather path), fake implementations of both ops (shapes only, so
-`torch.compile` / `torch.export` work), `register_autograd` (the backward is a second opaque op,
-`fxprune::masked_conv2d_backward`, implemented by `gather.backward` on every device), and FLOP
-formulas for both so `FlopCounterMode` counts only the live channels.
+Registered here: the op, whose body (every device) dispatches among the implementations by
+measurement (`dispatch`: gather path in the input's layout or channels_last, dense conv with the
+mask folded in, the Triton kernel on CUDA when triton is importable); fake implementations of both
+ops (shapes and memory format only, so `torch.compile` / `torch.export` work); `register_autograd`
+(the backward is a second opaque op, `fxprune::masked_conv2d_backward`, `gather.backward` on every
+device); and FLOP formulas for both so `FlopCounterMode` counts only the live channels.
 """
 from __future__ import annotations
 
@@ -22,29 +22,59 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ..errors import InputError
-from . import gather
+from . import dispatch, gather
+from .live import live
 
 try:  # triton is optional: the CPU-only torch wheel may come without it
     from . import triton_conv
 except ImportError:  # pragma: no cover - depends on the install
     triton_conv = None
 
-BACKENDS = ("auto", "triton", "torch")
-_backend = {"cuda": "auto"}
+_CUDA_NAMES = {"auto": "auto", "torch": "gather", "triton": "triton"}
 
 
 @contextlib.contextmanager
 def cuda_backend(name: str):
-    """Force the CUDA forward to ``"triton"`` or ``"torch"`` (gather path) inside the block."""
-    if name not in BACKENDS:
-        raise InputError(f"unknown masked-conv backend {name!r}: choose from {', '.join(BACKENDS)}")
+    """Force ``"triton"`` or ``"torch"`` (the gather path) inside the block; `dispatch.backend` names more."""
+    if name not in _CUDA_NAMES:
+        raise InputError(f"unknown masked-conv backend {name!r}: choose from {', '.join(_CUDA_NAMES)}")
     if name == "triton" and triton_conv is None:
         raise InputError("the triton backend needs the triton package: pip install triton")
-    old, _backend["cuda"] = _backend["cuda"], name
-    try:
+    with dispatch.backend(_CUDA_NAMES[name]):
         yield
-    finally:
-        _backend["cuda"] = old
+
+
+def _triton_valid(x: Tensor, interpreted_ok: bool) -> bool:
+    """Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (only when forced: it is slow)."""
+    if triton_conv is None or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    return x.device.type == "cuda" or (interpreted_ok and x.device.type == "cpu" and triton_conv._interpreted())
+
+
+def _forward(x, weight, bias, out_mask, stride, padding, dilation, groups, in_mask):
+    """Dispatch the forward among the valid implementations (see `dispatch`)."""
+    out_live = live(out_mask)
+    in_live = None if in_mask is None else live(in_mask)
+    conf = (stride, padding, dilation, groups)
+    runners = {
+        "gather": lambda: gather.forward(x, weight, bias, out_mask, in_mask, *conf, out_live=out_live, in_live=in_live),
+        "dense": lambda: gather.dense_forward(x, weight, bias, out_mask, in_mask, *conf),
+    }
+    if gather.output_format(x) == torch.contiguous_format and x.shape[1] > 1:
+        runners["gather_cl"] = lambda: gather.forward(x, weight, bias, out_mask, in_mask, *conf, channels_last=True,
+                                                      out_live=out_live, in_live=in_live)
+    if groups == 1 and gather.output_format(x) == torch.contiguous_format:
+        runners["gather_zero_row"] = lambda: gather.forward(x, weight, bias, out_mask, in_mask, *conf, zero_row=True,
+                                                            out_live=out_live, in_live=in_live)
+    if _triton_valid(x, interpreted_ok=dispatch.forced() == "triton"):
+        def run_triton():
+            with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+                return triton_conv.masked_conv2d(x, weight, bias, out_mask, in_mask, *conf)
+        runners["triton"] = run_triton
+    training = any(t is not None and t.requires_grad for t in (x, weight, bias, out_mask))
+    key = dispatch.call_class(x, weight, stride, padding, dilation, groups,
+                              None if in_live is None else in_live.density, out_live.density, training)
+    return dispatch.run(key, runners, x.device, out_live.density)
 
 
 def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_mask: Tensor, in_mask: Optional[Tensor],
@@ -88,18 +118,7 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_mask: T
                   hard: bool = True) -> Tensor:
     """y = (conv2d(x * [in_mask != 0], weight) + bias) * out_mask; zero-mask channels are skipped."""
     _check(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups)
-    return gather.forward(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups)
-
-
-@masked_conv2d.register_kernel("cuda")
-def _masked_conv2d_cuda(x, weight, bias, out_mask, stride, padding, dilation, groups, in_mask=None, hard=True):
-    _check(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups)
-    use_triton = (_backend["cuda"] != "torch" and triton_conv is not None
-                  and x.dtype in (torch.float32, torch.float16, torch.bfloat16))
-    if not use_triton:
-        return gather.forward(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups)
-    with torch.cuda.device(x.device):
-        return triton_conv.masked_conv2d(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups)
+    return _forward(x, weight, bias, out_mask, stride, padding, dilation, groups, in_mask)
 
 
 @masked_conv2d.register_fake
@@ -107,7 +126,8 @@ def _masked_conv2d_fake(x, weight, bias, out_mask, stride, padding, dilation, gr
     _check(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups)
     oh, ow = gather.conv_output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3],
                                      stride, padding, dilation)
-    return x.new_empty((x.shape[0], weight.shape[0], oh, ow))
+    return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=gather.output_format(x))
 
 
 @torch.library.custom_op("fxprune::masked_conv2d_backward", mutates_args=())

@@ -18,7 +18,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-# name: (n, cin, cout, h, w, k, stride, padding, dilation, groups, density, in_mask, bias, dtype)
+# name: (n, cin, cout, h, w, k, stride, padding, dilation, groups, density, in_mask, bias, dtype[, extras])
+# extras: nhwc (channels_last input), affine (eval-BN scale/shift in the epilogue), relu
 CASES = {
     "3x3": (2, 8, 24, 9, 7, 3, 1, 1, 1, 1, 0.5, False, True, "float32"),
     "stride2_pad0_dil2": (2, 8, 24, 11, 9, 3, 2, 0, 2, 1, 0.5, False, True, "float32"),
@@ -37,6 +38,13 @@ CASES = {
     "fp16": (2, 8, 24, 9, 7, 3, 1, 1, 1, 1, 0.5, True, True, "float16"),
     "bf16": (2, 8, 24, 9, 7, 3, 1, 1, 1, 1, 0.5, False, True, "bfloat16"),
     "bf16_depthwise": (2, 16, 16, 9, 9, 3, 1, 1, 1, 16, 0.5, False, True, "bfloat16"),
+    # tensor-core path: several K blocks per tap, channels_last activations, fused epilogue
+    "wide_k_nhwc": (2, 40, 24, 6, 5, 3, 1, 1, 1, 1, 0.5, False, True, "float32", {"nhwc": True}),
+    "wide_k_in_mask_nhwc": (2, 40, 24, 6, 5, 3, 2, 1, 1, 1, 0.5, True, True, "float32", {"nhwc": True}),
+    "bf16_tensor_core_nhwc": (2, 48, 40, 6, 6, 3, 1, 1, 1, 1, 0.6, False, True, "bfloat16", {"nhwc": True}),
+    "fp16_tensor_core_in_mask": (2, 48, 40, 6, 6, 1, 1, 0, 1, 1, 0.6, True, False, "float16", {}),
+    "epilogue_bn_relu": (2, 24, 24, 6, 6, 3, 1, 1, 1, 1, 0.5, False, True, "float32", {"affine": True, "relu": True}),
+    "epilogue_relu_depthwise": (2, 16, 16, 7, 7, 3, 1, 1, 1, 16, 0.5, False, True, "float32", {"relu": True}),
 }
 TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 8e-3}  # output rounding + fp32 accumulation
 
@@ -48,7 +56,8 @@ def _pair(v):
 def run_case(name: str, device: str, seed: int = 0) -> dict:
     from . import triton_conv
 
-    n, cin, cout, h, w, k, s, p, d, g, density, use_in, use_bias, dtype_name = CASES[name]
+    n, cin, cout, h, w, k, s, p, d, g, density, use_in, use_bias, dtype_name, *more = CASES[name]
+    extras = more[0] if more else {}
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator().manual_seed(seed)
     kh, kw = _pair(k)
@@ -58,6 +67,8 @@ def run_case(name: str, device: str, seed: int = 0) -> dict:
     live = torch.rand(cout, generator=gen) < density
     mask = live.float() * (torch.rand(cout, generator=gen) + 0.5)
     in_mask = (torch.rand(cin, generator=gen) < 0.6).float() if use_in else None
+    scale = torch.rand(cout, generator=gen) + 0.5 if extras.get("affine") else None
+    shift = torch.randn(cout, generator=gen) if extras.get("affine") else None
 
     def dev(t):
         return None if t is None else t.to(device=device, dtype=dtype)
@@ -68,15 +79,25 @@ def run_case(name: str, device: str, seed: int = 0) -> dict:
     xr = exact(x) if in_mask is None else exact(x) * in_mask.double()[None, :, None, None]
     ref = F.conv2d(xr, exact(weight), exact(bias), _pair(s), _pair(p), _pair(d), g)
     ref = ref * exact(mask)[None, :, None, None]
+    if scale is not None:
+        ref = ref * exact(scale)[None, :, None, None] + exact(shift)[None, :, None, None]
+    if extras.get("relu"):
+        ref = ref.clamp_min(0)
+    ref = ref * live.double()[None, :, None, None]  # dead channels are exact zeros, also after a shift
+    xd = dev(x)
+    if extras.get("nhwc"):
+        xd = xd.contiguous(memory_format=torch.channels_last)
 
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # fp32 tiles in IEEE, not TF32
-        y = triton_conv.masked_conv2d(dev(x), dev(weight), dev(bias), dev(mask), dev(in_mask), _pair(s),
-                                      _pair(p), _pair(d), g)
+        y = triton_conv.masked_conv2d(xd, dev(weight), dev(bias), dev(mask), dev(in_mask), _pair(s),
+                                      _pair(p), _pair(d), g, scale=dev(scale), shift=dev(shift),
+                                      relu=bool(extras.get("relu")))
+    same_layout = y.is_contiguous(memory_format=torch.channels_last if extras.get("nhwc") else torch.contiguous_format)
     y = y.double().cpu()
     scale = max(ref.abs().max().item(), 1e-30)
     return {"case": name, "dtype": dtype_name, "shape": list(y.shape), "ref_shape": list(ref.shape),
             "rel_err": (y - ref).abs().max().item() / scale, "tolerance": TOLERANCE[dtype_name],
-            "masked_exact_zero": bool((y[:, ~live] == 0).all()),
+            "masked_exact_zero": bool((y[:, ~live] == 0).all()), "layout_kept": same_layout,
             "kernel": "gemm" if triton_conv.uses_gemm(cin, cout, kh, kw, g) else "direct",
             "interpreted": triton_conv._interpreted()}
 
@@ -90,7 +111,8 @@ def main(argv=None) -> int:
     for name in args.cases.split(","):
         try:
             r = run_case(name, args.device)
-            ok = r["rel_err"] <= r["tolerance"] and r["masked_exact_zero"] and r["shape"] == r["ref_shape"]
+            ok = (r["rel_err"] <= r["tolerance"] and r["masked_exact_zero"] and r["shape"] == r["ref_shape"]
+                  and r["layout_kept"])
         except Exception as e:  # report every case, then fail
             r, ok = {"case": name, "error": f"{type(e).__name__}: {e}"}, False
         r["ok"] = ok

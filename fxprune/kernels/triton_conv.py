@@ -1,29 +1,35 @@
-"""Triton forward kernels of the masked conv: implicit GEMM over the active output channels only.
+"""Triton forward kernels of the masked conv: implicit GEMM on tensor cores over the live channels only.
 
-Nothing here synchronises with the host. The launcher sorts each group's output channels so the
-active ones come first (`perm`) and counts them (`count`) on the device; the grid covers every
-channel tile, and a program whose tile starts past its group's count writes zeros instead of
-computing. So the grid and all shapes are static, compute falls with the number of live channels,
-and masked channels come out as exact zeros without a separate memset. An input-channel mask is
-compacted the same way: the reduction (K) loop runs over the live input channels only.
+Nothing here synchronises with the host. The launcher orders each group's output channels live
+first (`perm`) and counts them (`count`) on the device, and packs the filters in that order; the
+grid covers every channel tile, and a program whose tile starts past its group's count writes zeros
+instead of computing. So grid and shapes are static, every computing tile but the last one of a
+group is full of live channels, and dead channels come out as exact zeros without a memset. An
+input-channel mask is compacted the same way: the reduction runs over the live input channels only.
 
 Two kernels:
 
-* `_gemm_kernel` (``groups == 1`` and grouped convs with at least 16 channels per group and
-  K >= 16): a [pixels x channels] tile accumulated with `tl.dot` over K = live input channels x
-  KH x KW, per group (grid axis 2); bias and mask scale in the epilogue; fp32 accumulation.
-  (Triton's interpreter cannot `tl.dot` bfloat16 (numpy has no bfloat16), so under
-  ``TRITON_INTERPRET=1`` bf16 tiles are upcast to fp32 first; on a GPU they go to the MMA as bf16.)
-* `_direct_kernel` (depthwise and small-group convs, where a dot product would be mostly padding):
-  per-channel FMAs over the group's input channels and taps, each live channel reading its own
-  input channels; an input mask zeroes the skipped input columns.
+* `_igemm_kernel` (ungrouped convs and grouped convs with >= 16 output channels per group): a
+  [pixels x channels] tile accumulated with `tl.dot` (tensor cores: fp16/bf16 inputs with fp32
+  accumulation; fp32 inputs as TF32 exactly when cuDNN convolutions are allowed to,
+  ``torch.backends.cudnn.allow_tf32``). The reduction runs tap by tap (the input position is
+  computed once per tap, not per element) and, inside a tap, over blocks of input channels; with
+  channels_last (NHWC) activations those loads are contiguous. Filters are packed per call as
+  [group, tap, input channel (live first), output channel (live first)], so weight tiles are
+  contiguous too. Epilogue: bias, mask scale, optional per-channel affine (an eval-mode
+  BatchNorm) and ReLU, in fp32, stored in the output dtype.
+  On a GPU the block sizes, warps and stages are chosen by `triton.autotune`, keyed on the shape.
+  Under ``TRITON_INTERPRET=1`` one fixed configuration runs, and bf16 tiles are upcast to fp32
+  before `tl.dot` (numpy has no bfloat16); on a GPU they go to the MMA as bf16.
+* `_direct_kernel` (depthwise and small-group convs, where a dot tile would be mostly padding):
+  per-channel FMAs over the group's input channels and taps.
 
-Inputs are NCHW with any strides; weights are made contiguous; the output is contiguous NCHW.
-fp32 inputs use TF32 in `tl.dot` exactly when cuDNN convolutions do
-(``torch.backends.cudnn.allow_tf32``), so the kernel matches `F.conv2d`'s default precision.
+Loop bounds are compile-time constants (`tl.constexpr`): Triton 3.6's interpreter turns runtime
+scalars into one-element numpy arrays, which ``range()`` cannot take under NumPy >= 2.4
+("only 0-dimensional arrays can be converted to Python scalars"). Runtime counts (live input
+channels) guard the loop body instead.
 
-Block sizes are fixed heuristics (below), not autotuned: they have not been tuned on a GPU yet.
-Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (that is how CI checks them).
+Inputs may have any strides (NCHW or NHWC); the output has the input's memory format.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gather import conv_output_size
+from .gather import conv_output_size, output_format
 
 
 @triton.jit
@@ -45,23 +51,32 @@ def _pixels(pid_m, N, OH, OW, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, y_ptr, y_off, out_ok, m_ptr, b_ptr, ch, n_ok, live, HAS_BIAS: tl.constexpr):
-    """(acc + bias) * mask, exact zeros outside the live channels, stored in the output dtype."""
-    scale = tl.load(m_ptr + ch, mask=n_ok, other=0.0).to(tl.float32)
+def _epilogue(acc, y_ptr, y_off, out_ok, m_ptr, b_ptr, s_ptr, t_ptr, ch, n_ok, live,
+              HAS_BIAS: tl.constexpr, AFFINE: tl.constexpr, RELU: tl.constexpr):
+    """((acc + bias) * mask) [* scale + shift] [relu], exact zeros outside the live channels."""
+    mval = tl.load(m_ptr + ch, mask=n_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
         acc = acc + tl.load(b_ptr + ch, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    acc = tl.where(live[None, :], acc * scale[None, :], 0.0)
+    acc = acc * mval[None, :]
+    if AFFINE:
+        sc = tl.load(s_ptr + ch, mask=n_ok, other=0.0).to(tl.float32)
+        sh = tl.load(t_ptr + ch, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc * sc[None, :] + sh[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    acc = tl.where(live[None, :], acc, 0.0)
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, b_ptr, m_ptr, perm_ptr, cnt_ptr, iperm_ptr, icnt_ptr, y_ptr,
-                 N, H, W, OH, OW, IPG, OPG, K_FULL,
-                 sxn, sxc, sxh, sxw, syn, syc, syh, syw,
-                 stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                 KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, IN_MASK: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _igemm_kernel(x_ptr, wp_ptr, b_ptr, m_ptr, s_ptr, t_ptr, perm_ptr, cnt_ptr, ich_ptr, icnt_ptr, y_ptr,
+                  N, H, W, OH, OW,
+                  sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+                  stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                  IPG: tl.constexpr, OPG: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, IN_MASK: tl.constexpr, AFFINE: tl.constexpr, RELU: tl.constexpr,
+                  PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
@@ -78,46 +93,66 @@ def _gemm_kernel(x_ptr, w_ptr, b_ptr, m_ptr, perm_ptr, cnt_ptr, iperm_ptr, icnt_
         ih0 = oh * stride_h - pad_h
         iw0 = ow * stride_w - pad_w
         x_img = img * sxn
-        taps = KH * KW
         if IN_MASK:
-            k_end = tl.load(icnt_ptr + g) * taps
+            c_end = tl.load(icnt_ptr + g)
         else:
-            k_end = IPG * taps
-        for k0 in range(0, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < k_end
-            slot = offs_k // taps
-            r = offs_k % taps
-            if IN_MASK:
-                cin_local = tl.load(iperm_ptr + g * IPG + slot, mask=k_ok, other=0)
-            else:
-                cin_local = slot
-            kh = r // KW
-            kw = r % KW
-            ih = ih0[:, None] + (kh * dil_h)[None, :]
-            iw = iw0[:, None] + (kw * dil_w)[None, :]
-            a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            cin = g * IPG + cin_local
-            a = tl.load(x_ptr + x_img[:, None] + (cin.to(tl.int64) * sxc)[None, :] + ih * sxh + iw * sxw,
-                        mask=a_ok, other=0.0)
-            wk = cin_local * taps + r
-            b = tl.load(w_ptr + ch[None, :].to(tl.int64) * K_FULL + wk[:, None],
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        _epilogue(acc, y_ptr, y_off, out_ok, m_ptr, b_ptr, ch, n_ok, offs_n < cnt, HAS_BIAS)
+            c_end = IPG
+        offs_k0 = tl.arange(0, BLOCK_K)
+        for t in range(0, KH * KW):
+            ih = ih0 + (t // KW) * dil_h
+            iw = iw0 + (t % KW) * dil_w
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_row = x_img + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            w_tap = wp_ptr + (g * (KH * KW) + t).to(tl.int64) * (IPG * OPG)
+            for c0 in range(0, IPG, BLOCK_K):
+                if c0 < c_end:
+                    offs_k = c0 + offs_k0
+                    k_ok = offs_k < c_end
+                    if IN_MASK:
+                        cin = tl.load(ich_ptr + g * IPG + offs_k, mask=k_ok, other=0)
+                    else:
+                        cin = g * IPG + offs_k
+                    a = tl.load(x_ptr + x_row[:, None] + (cin.to(tl.int64) * sxc)[None, :],
+                                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    b = tl.load(w_tap + offs_k[:, None] * OPG + offs_n[None, :],
+                                mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                    if UPCAST:
+                        a = a.to(tl.float32)
+                        b = b.to(tl.float32)
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        _epilogue(acc, y_ptr, y_off, out_ok, m_ptr, b_ptr, s_ptr, t_ptr, ch, n_ok, offs_n < cnt,
+                  HAS_BIAS, AFFINE, RELU)
     else:
         tl.store(y_ptr + y_off, tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty), mask=out_ok)
 
 
+def _configs():
+    """Tile shapes for the autotuner: pixels x channels x reduction block, warps, pipeline stages."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+            for bm, bn, bk, warps, stages in ((128, 64, 32, 4, 3), (64, 64, 32, 4, 4), (128, 128, 32, 8, 3),
+                                              (64, 32, 64, 4, 3))]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles wider than the group's channels (pure padding) and deep K blocks on thin inputs."""
+    opg, ipg = named_args.get("OPG", kwargs.get("OPG")), named_args.get("IPG", kwargs.get("IPG"))
+    keep = [c for c in configs if c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(opg))
+            and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(ipg))]
+    return keep or configs[:1]
+
+
+_igemm_tuned = triton.autotune(configs=_configs(), prune_configs_by={"early_config_prune": _prune},
+                               key=["N", "H", "W", "OH", "OW", "IPG", "OPG", "KH", "KW", "PRECISION", "IN_MASK"])(
+    _igemm_kernel)
+
+
 @triton.jit
-def _direct_kernel(x_ptr, w_ptr, b_ptr, m_ptr, perm_ptr, cnt_ptr, ia_ptr, y_ptr,
-                   N, H, W, OH, OW, IPG, OPG, C_OUT, K_FULL,
+def _direct_kernel(x_ptr, w_ptr, b_ptr, m_ptr, s_ptr, t_ptr, perm_ptr, cnt_ptr, ia_ptr, y_ptr,
+                   N, H, W, OH, OW, C_OUT,
                    sxn, sxc, sxh, sxw, syn, syc, syh, syw,
                    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                   KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, IN_MASK: tl.constexpr,
+                   IPG: tl.constexpr, OPG: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, IN_MASK: tl.constexpr, AFFINE: tl.constexpr, RELU: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -148,10 +183,11 @@ def _direct_kernel(x_ptr, w_ptr, b_ptr, m_ptr, perm_ptr, cnt_ptr, ia_ptr, y_ptr,
                     row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                     a = tl.load(x_ptr + (img * sxn + ih * sxh + iw * sxw)[:, None] + x_ch,
                                 mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                    wv = tl.load(w_ptr + ch.to(tl.int64) * K_FULL + (ci * KH + kh) * KW + kw,
+                    wv = tl.load(w_ptr + ch.to(tl.int64) * (IPG * KH * KW) + (ci * KH + kh) * KW + kw,
                                  mask=col_ok, other=0.0)
                     acc += a.to(tl.float32) * wv.to(tl.float32)[None, :]
-        _epilogue(acc, y_ptr, y_off, out_ok, m_ptr, b_ptr, ch, n_ok, offs_n < cnt, HAS_BIAS)
+        _epilogue(acc, y_ptr, y_off, out_ok, m_ptr, b_ptr, s_ptr, t_ptr, ch, n_ok, offs_n < cnt,
+                  HAS_BIAS, AFFINE, RELU)
     else:
         tl.store(y_ptr + y_off, tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty), mask=out_ok)
 
@@ -168,55 +204,84 @@ def _compact(active: Tensor, groups: int, local: bool = False) -> tuple[Tensor, 
     return order.reshape(-1).to(torch.int32), per.sum(1, dtype=torch.int32)
 
 
+def _pack(weight: Tensor, perm: Tensor, iperm_local: Tensor | None, groups: int) -> Tensor:
+    """Filters as [group, tap, input channel, output channel], both channel axes in live-first order."""
+    cout, ipg, kh, kw = weight.shape
+    opg = cout // groups
+    w = weight.index_select(0, perm.long()).reshape(groups, opg, ipg, kh * kw)
+    if iperm_local is not None:
+        w = torch.gather(w, 2, iperm_local.long().reshape(groups, 1, ipg, 1).expand(groups, opg, ipg, kh * kw))
+    return w.permute(0, 3, 2, 1).contiguous()
+
+
 def _interpreted() -> bool:
     """True under TRITON_INTERPRET=1 (decided by triton when the kernels were decorated)."""
-    return type(_gemm_kernel).__name__ == "InterpretedFunction"
+    return type(_igemm_kernel).__name__ == "InterpretedFunction"
 
 
 def uses_gemm(cin: int, cout: int, kh: int, kw: int, groups: int) -> bool:
-    opg, ipg = cout // groups, cin // groups
-    return groups == 1 or (opg >= 16 and ipg * kh * kw >= 16)
+    """The tensor-core kernel for ungrouped convs and groups of >= 16 output channels, else direct."""
+    return groups == 1 or (cout // groups >= 16 and (cin // groups) * kh * kw >= 16)
 
 
 def _precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
 
 
+# the configuration run under the interpreter (no autotuning there: it times on a GPU)
+INTERPRETED_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
+
+
 def masked_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor, in_mask: Tensor | None,
-                  stride, padding, dilation, groups: int) -> Tensor:
-    """Launch the forward kernel (no host synchronisation); same semantics as `gather.forward`."""
+                  stride, padding, dilation, groups: int, *, scale: Tensor | None = None,
+                  shift: Tensor | None = None, relu: bool = False, config: dict | None = None) -> Tensor:
+    """Launch the forward kernel (no host synchronisation); same semantics as `gather.forward`.
+
+    `scale`/`shift` (per output channel, both or neither) and `relu` apply after the mask:
+    ``relu(((conv + b) * m) * scale + shift)`` on live channels (an eval BatchNorm and its ReLU);
+    dead channels stay exact zeros. `config` forces the block sizes (skips autotuning).
+    """
     n, cin, h, w_ = x.shape
     cout, ipg, kh, kw = weight.shape
     oh, ow = conv_output_size(h, w_, kh, kw, stride, padding, dilation)
-    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device)
+    y = torch.empty((n, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=output_format(x))
     if y.numel() == 0:
         return y
-    wc = weight.contiguous()
     opg = cout // groups
     has_bias = bias is not None
+    affine = scale is not None
     b = bias if has_bias else out_mask  # a valid pointer, never read
+    s = scale if affine else out_mask
+    t = shift if affine else out_mask
     geometry = (*x.stride(), *y.stride(), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
     m_total = n * oh * ow
     in_active = None if in_mask is None else in_mask != 0
+    flags = dict(IPG=ipg, OPG=opg, KH=kh, KW=kw, HAS_BIAS=has_bias, IN_MASK=in_active is not None,
+                 AFFINE=affine, RELU=bool(relu))
     if uses_gemm(cin, cout, kh, kw, groups):
         perm, cnt = _compact(out_mask != 0, groups)
-        iperm, icnt = _compact(in_active, groups, local=True) if in_active is not None else (perm, cnt)
-        block_m = 64 if m_total >= 64 else 32
-        block_n = 64 if opg >= 64 else 32 if opg >= 32 else 16
-        block_k = 32
-        grid = (triton.cdiv(m_total, block_m), triton.cdiv(opg, block_n), groups)
-        _gemm_kernel[grid](
-            x, wc, b, out_mask, perm, cnt, iperm, icnt, y, n, h, w_, oh, ow, ipg, opg, ipg * kh * kw, *geometry,
-            KH=kh, KW=kw, HAS_BIAS=has_bias, IN_MASK=in_active is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            PRECISION=_precision(x.dtype), UPCAST=x.dtype == torch.bfloat16 and _interpreted(), num_warps=4)
+        if in_active is not None:
+            iperm, icnt = _compact(in_active, groups, local=True)
+            ich = (iperm.reshape(groups, ipg) + torch.arange(groups, device=x.device)[:, None] * ipg).reshape(-1)
+            ich = ich.to(torch.int32)
+        else:
+            iperm, icnt, ich = None, cnt, perm  # valid pointers, never read
+        wp = _pack(weight, perm, iperm, groups)
+        args = (x, wp, b, out_mask, s, t, perm, cnt, ich, icnt, y, n, h, w_, oh, ow, *geometry)
+        flags.update(PRECISION=_precision(x.dtype), UPCAST=x.dtype == torch.bfloat16 and _interpreted())
+        if config is None and not _interpreted():
+            grid = lambda meta: (triton.cdiv(m_total, meta["BLOCK_M"]), triton.cdiv(opg, meta["BLOCK_N"]), groups)
+            _igemm_tuned[grid](*args, **flags)
+        else:
+            conf = dict(INTERPRETED_CONFIG, **(config or {}))
+            grid = (triton.cdiv(m_total, conf["BLOCK_M"]), triton.cdiv(opg, conf["BLOCK_N"]), groups)
+            _igemm_kernel[grid](*args, **flags, **conf, num_warps=4)
     else:
         perm, cnt = _compact(out_mask != 0, 1)
         ia = in_active.to(torch.int8) if in_active is not None else perm
         block_m, block_n = 64, 32
         grid = (triton.cdiv(m_total, block_m), triton.cdiv(cout, block_n))
         _direct_kernel[grid](
-            x, wc, b, out_mask, perm, cnt, ia, y, n, h, w_, oh, ow, ipg, opg, cout, ipg * kh * kw, *geometry,
-            KH=kh, KW=kw, HAS_BIAS=has_bias, IN_MASK=in_active is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+            x, weight.contiguous(), b, out_mask, s, t, perm, cnt, ia, y, n, h, w_, oh, ow, cout, *geometry,
+            **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return y

@@ -1,0 +1,155 @@
+"""The measured dispatcher of torch.ops.fxprune.masked_conv2d: every implementation it may pick gives
+the op's result (values, exact zeros, memory format) for every geometry, dtype and layout; the first
+call of a class measures and later calls reuse the choice (also from the disk cache); forcing works
+and falls back where the forced implementation cannot run (no Triton, CPU tensors)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fxprune
+from fxprune.kernels import backend, dispatch, ops
+from tests.test_kernels import GEOMETRIES, make, op, reference
+
+CPU_IMPLEMENTATIONS = ("gather", "gather_cl", "gather_zero_row", "dense")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dispatcher(monkeypatch):
+    monkeypatch.delenv("FXPRUNE_KERNEL_CACHE_FILE", raising=False)
+    monkeypatch.delenv("FXPRUNE_KERNEL_DISPATCH", raising=False)
+    dispatch.clear()
+    yield
+    dispatch.clear()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", CPU_IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_every_implementation_equals_the_reference(name, impl, dtype, layout):
+    x, w, b, m, im, conf = make(name, 0.5, torch.float32)
+    x, w, m = x.to(dtype), w.to(dtype), m.to(dtype)
+    b = None if b is None else b.to(dtype)
+    im = None if im is None else im.to(dtype)
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    with backend(impl):
+        y = op(x, w, b, m, im, conf)
+    valid = {"gather_cl": layout == "nchw", "gather_zero_row": layout == "nchw" and conf["groups"] == 1}
+    if valid.get(impl, True):  # otherwise not a candidate for this call: the measured choice ran
+        assert dispatch.last()[1] == impl
+    ref = reference(x.double(), w.double(), None if b is None else b.double(), m.double(),
+                    None if im is None else im.double(), conf)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert (y.double() - ref).abs().max() <= tol * ref.abs().max() + 1e-30
+    assert torch.equal(y[:, m == 0], torch.zeros_like(y[:, m == 0]))
+    assert y.is_contiguous(memory_format=fmt)  # the output keeps the input's layout (as conv2d does)
+
+
+def test_zero_row_with_a_full_channel_block(monkeypatch):
+    """16k live channels: the zero plane is appended instead of a 17th filter; same result."""
+    from fxprune.kernels import gather
+
+    x, w, b, m, im, conf = make("3x3", 0.5, torch.float32)
+    live = int((m != 0).sum())
+    monkeypatch.setattr(gather, "CHANNEL_BLOCK", live)
+    with backend("gather_zero_row"):
+        y = op(x, w, b, m, im, conf)
+    assert dispatch.last()[1] == "gather_zero_row"
+    ref = reference(x, w, b, m, im, conf)
+    assert torch.allclose(y, ref, atol=1e-5 * ref.abs().max().item())
+    assert torch.equal(y[:, m == 0], torch.zeros_like(y[:, m == 0]))
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLEMENTATIONS)
+def test_every_implementation_passes_gradcheck(impl):
+    x, w, b, m, im, conf = make("in_mask")
+    with backend(impl):
+        assert torch.autograd.gradcheck(lambda x, w, m: op(x, w, b, m, im, conf, hard=False),
+                                        tuple(t.requires_grad_() for t in (x, w, m)), fast_mode=True)
+
+
+def test_first_call_measures_later_calls_reuse_the_choice(monkeypatch):
+    x, w, b, m, im, conf = make("3x3", 0.5, torch.float32)
+    calls = []
+    real = dispatch.measure
+    monkeypatch.setattr(dispatch, "measure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    op(x, w, b, m, im, conf)
+    key, choice = dispatch.last()
+    assert calls == [1] and choice in CPU_IMPLEMENTATIONS and dispatch.decisions() == {key: choice}
+    assert "density=8/16" in key and "float32" in key and "nchw" in key and "eval" in key
+    op(x, w, b, m, im, conf)
+    assert calls == [1]  # remembered
+    op(x.contiguous(memory_format=torch.channels_last), w, b, m, im, conf)
+    assert calls == [1, 1] and "nhwc" in dispatch.last()[0]  # another layout is another class
+    m2 = m.clone()
+    m2[m2 == 0] = 1.0  # density 1: another class
+    op(x, w, b, m2, im, conf)
+    assert len(calls) == 3 and "density=16/16" in dispatch.last()[0]
+    op(x, w.requires_grad_(), b, m, im, conf)
+    assert len(calls) == 4 and "train" in dispatch.last()[0]
+
+
+def test_disk_cache_is_read_by_a_new_process(tmp_path, monkeypatch):
+    path = tmp_path / "dispatch.json"
+    monkeypatch.setenv("FXPRUNE_KERNEL_CACHE_FILE", str(path))
+    x, w, b, m, im, conf = make("grouped", 0.5, torch.float32)
+    op(x, w, b, m, im, conf)
+    key, choice = dispatch.last()
+    data = json.loads(path.read_text())
+    assert data["choices"] == {key: choice} and data["torch"] == torch.__version__
+    # a new process (simulated: forget the memory) reads the file instead of measuring
+    dispatch.clear()
+    other = next(i for i in CPU_IMPLEMENTATIONS if i != choice)
+    path.write_text(json.dumps({"torch": torch.__version__, "choices": {key: other}}))
+    monkeypatch.setattr(dispatch, "measure", lambda *a, **k: pytest.fail("measured despite the cache file"))
+    op(x, w, b, m, im, conf)
+    assert dispatch.last() == (key, other)
+
+
+def test_heuristic_mode_does_not_measure(monkeypatch):
+    monkeypatch.setenv("FXPRUNE_KERNEL_DISPATCH", "heuristic")
+    monkeypatch.setattr(dispatch, "measure", lambda *a, **k: pytest.fail("measured in heuristic mode"))
+    x, w, b, m, im, conf = make("3x3", 0.5, torch.float32)
+    op(x, w, b, m, im, conf)
+    assert dispatch.last()[1] == "gather"
+    op(x, w, b, torch.ones_like(m), im, conf)
+    assert dispatch.last()[1] == "dense"
+
+
+def test_falls_back_when_triton_is_missing_or_cannot_run(monkeypatch):
+    x, w, b, m, im, conf = make("3x3", 0.5, torch.float32)
+    ref = reference(x, w, b, m, im, conf)
+    with backend("triton"):  # CPU tensors without the interpreter: Triton is not a candidate
+        y = op(x, w, b, m, im, conf)
+    assert dispatch.last()[1] in CPU_IMPLEMENTATIONS and torch.allclose(y, ref, atol=1e-5)
+    monkeypatch.setattr(ops, "triton_conv", None)
+    assert not ops._triton_valid(x.cuda() if torch.cuda.is_available() else x, interpreted_ok=True)
+    with pytest.raises(fxprune.InputError, match="needs the triton package"):
+        with ops.cuda_backend("triton"):
+            pass
+    with backend("triton"):
+        y = op(x, w, b, m, im, conf)
+    assert dispatch.last()[1] in CPU_IMPLEMENTATIONS and torch.allclose(y, ref, atol=1e-5)
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(fxprune.InputError, match="unknown masked-conv backend 'cudnn'"):
+        with backend("cudnn"):
+            pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_dispatcher_picks_a_valid_implementation(dtype):
+    x, w, b, m, im, conf = (t.cuda().to(dtype) if isinstance(t, torch.Tensor) else t
+                            for t in make("3x3", 0.5, torch.float32, n=4))
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        y = op(xl, w, b, m, im, conf)
+        assert dispatch.last()[1] in dispatch.IMPLEMENTATIONS and y.is_contiguous(memory_format=layout)
+        ref = reference(xl.double(), w.double(), b.double(), m.double(), None, conf)
+        assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
