@@ -253,6 +253,10 @@ def cache_files(cache: Path) -> int:
 # ------------------------------------------------------------------------------ one model
 
 
+class _Skipped(Exception):
+    """(b) not run this pass (--skip-latency-target)."""
+
+
 def run_model(name: str, args, cache_root: Path) -> dict:
     entry: dict = {"model": name, "batch": args.batch, "threads": args.threads, "dtype": "float32",
                    "input": [1, 3, args.size, args.size], "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -312,6 +316,8 @@ def run_model(name: str, args, cache_root: Path) -> dict:
     lt: dict = {"target": LATENCY_TARGET, "flops": 1.0}
     files = cache_files(cache)
     try:
+        if args.skip_latency_target:
+            raise _Skipped()
         # the method measures slim models itself: done again when other processes were busy meanwhile
         lt["attempts"] = []
         for attempt in range(args.attempts):
@@ -344,6 +350,8 @@ def run_model(name: str, args, cache_root: Path) -> dict:
     except FxpruneError as exc:
         lt.update({"ok": False, "compress_s": time.perf_counter() - t0, "error": error_json(exc)})
         log(f"  latency {LATENCY_TARGET}: {type(exc).__name__}: {exc}")
+    except _Skipped:
+        lt["skipped"] = "--skip-latency-target"
     lt["profiled_again"] = cache_files(cache) != files
     entry["latency_target"] = lt
     if lt.get("ok"):
@@ -437,7 +445,9 @@ def table(results: dict) -> str:
         pair = (f"{lt['paired']['ratio_median']:.3f}" if lt.get("paired") else "—")
         d = lt.get("latency_details") or {}
         own = (f"{d['measured_after_s'] / d['measured_before_s']:.3f}" if d.get("measured_after_s") else "—")
-        if not lt.get("ok"):
+        if lt.get("skipped"):
+            own = "skipped"
+        elif not lt.get("ok"):
             err = lt.get("error", {})
             own = err.get("type", "error")
             if lt.get("best_ms") and p.get("original_ms"):
@@ -494,6 +504,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=str(REPO / "docs" / "latency_goals.json"))
     ap.add_argument("--cache", default=None, help="folder for the latency caches (default: a new temp folder)")
     ap.add_argument("--force", action="store_true", help="measure models already in the JSON again")
+    ap.add_argument("--skip-latency-target", action="store_true", help="goal (b) not run: only (a) and (c)")
     ap.add_argument("--stop-after-min", type=float, default=None,
                     help="start no new model after this many minutes (the rest are recorded as not run)")
     ap.add_argument("--label", default=None,
