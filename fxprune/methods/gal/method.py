@@ -521,6 +521,10 @@ class GALMethod:
             model = profile_latency(context.analysis, **asdict(context.measure_on))
             goal = LatencyGoal(model, context.constraints.latency_target_s(model.original_s),
                                lambda plan: slim_latency(context, plan, model))
+            floor = model.predict({g: 1 for g in model.n_units})
+            if tuple(context.options.structures) == ("channel",) and not floor <= goal.target_s:
+                raise LatencyUnreachableError(goal.target_s, floor, model.original_s,
+                                              " with every channel group at one channel, before training")
         work = context.private_copy()
         state, details = gal(work, context.data, context.constraints, context.options, context.original, goal)
         if goal is not None:
