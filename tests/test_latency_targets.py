@@ -67,7 +67,7 @@ def test_gate_decorator_stops_ticking_under_a_measured_latency():
     data = DataLoader(TensorDataset(torch.randn(16, 3, 48, 48, generator=g), torch.randint(0, 4, (16,), generator=g)),
                       batch_size=8)  # big enough images that compute, not call overhead, sets the latency
     slim = fxprune.compress(ResidualClassifier().eval(), "gate_decorator", torch.randn(8, 3, 48, 48), 1.0,
-                            latency=0.8, data=data, options=dict(schedule="one_shot", finetune_epochs=0))
+                            latency=0.85, data=data, options=dict(schedule="one_shot", finetune_epochs=0))
     lat = slim.fxprune_report.details["latency"]
     assert lat["measured_after_s"] <= lat["target_s"]
 

@@ -78,7 +78,7 @@ def test_method_leaves_model_and_analysis_unchanged(name):
     ("gate_decorator", {"round_to": 8}, "'gate_decorator' does not support round_to"),
     ("gal", {"min_channels": 2}, "'gal' does not support min_channels"),
     ("uniform", {"latency": 0.5}, "'uniform' does not support latency"),
-    ("gal", {"latency_ms": 5.0}, "'gal' does not support latency"),
+    ("gal", {"round_to": 8}, "'gal' does not support round_to"),
     ("l1", {"params": 0.5}, "'l1' does not support params"),
 ])
 def test_unsupported_constraints_are_refused(method, kwargs, message):
