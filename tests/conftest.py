@@ -73,11 +73,15 @@ def random_plan(analysis, seed: int = 0, fraction: float = 0.5):
     return PruningPlan(keep=keep)
 
 
-def prune_and_check(model: nn.Module, x, seed: int = 0, fraction: float = 0.5, rtol: float = 1e-5, **kw):
-    """Random plan -> slim; asserts equivalence with the masked original, MACs and params fell."""
+def prune_and_check(model: nn.Module, x, seed: int = 0, fraction: float = 0.5, rtol: float = 1e-5, *,
+                    grouped: str = "whole", return_plan: bool = False, **kw):
+    """Random plan -> slim; asserts equivalence with the masked original, MACs and params fell.
+    `grouped`: how grouped convs are pruned (`fxprune.analysis.with_grouped`). Returns (analysis,
+    slim), and the plan too with `return_plan`."""
+    from fxprune.analysis import with_grouped
     from fxprune.passes.mask import masked_reference
 
-    analysis = fxprune.analyze(model, x, **kw)
+    analysis = with_grouped(fxprune.analyze(model, x, **kw), grouped)
     plan = random_plan(analysis, seed, fraction)
     assert plan.keep, "nothing prunable"
     slim, _ = fxprune.prune_with_plan(analysis, plan, verify_output=False)
@@ -86,7 +90,7 @@ def prune_and_check(model: nn.Module, x, seed: int = 0, fraction: float = 0.5, r
     assert_module_attributes_consistent(slim)
     assert measured_macs(slim, x) < measured_macs(model, x)
     assert n_params(slim) < n_params(model)
-    return analysis, slim
+    return (analysis, slim, plan) if return_plan else (analysis, slim)
 
 
 def assert_module_attributes_consistent(model: nn.Module) -> None:

@@ -21,10 +21,8 @@ from fxprune.passes.mask import masked_reference
 from fxprune.verify import compare
 
 from .conftest import (
-    assert_close_outputs,
-    assert_module_attributes_consistent,
     measured_macs,
-    n_params,
+    prune_and_check,
     random_plan,
 )
 
@@ -58,15 +56,7 @@ def _grouped_convs(model):
 
 
 def _check(model, x, grouped, seed=0):
-    analysis = with_grouped(fxprune.analyze(model, x), grouped)
-    plan = random_plan(analysis, seed)
-    slim, _ = fxprune.prune_with_plan(analysis, plan, verify_output=False)
-    ref = masked_reference(analysis.channels, plan)
-    assert_close_outputs(ref, slim, x, rtol=1e-5)
-    assert_module_attributes_consistent(slim)
-    assert measured_macs(slim, x) < measured_macs(model, x)
-    assert n_params(slim) < n_params(model)
-    return analysis, slim
+    return prune_and_check(model, x, seed, grouped=grouped)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -16,7 +16,7 @@ from fxprune.api import with_grouped
 from fxprune.passes.mask import masked_reference
 from fxprune.verify import compare
 
-from .conftest import assert_close_outputs, assert_module_attributes_consistent, measured_macs, n_params, random_plan
+from .conftest import prune_and_check
 from .structured_models import Shuffle, SplitAttnNet, Unflattens
 
 MODELS = {
@@ -30,15 +30,7 @@ MODELS = {
 
 
 def _check(model, x, grouped="whole", seed=0):
-    analysis = with_grouped(fxprune.analyze(model, x), grouped)
-    plan = random_plan(analysis, seed)
-    slim, _ = fxprune.prune_with_plan(analysis, plan, verify_output=False)
-    ref = masked_reference(analysis.channels, plan)
-    assert_close_outputs(ref, slim, x, rtol=1e-5)
-    assert_module_attributes_consistent(slim)
-    assert measured_macs(slim, x) < measured_macs(model, x)
-    assert n_params(slim) < n_params(model)
-    return analysis, slim, plan
+    return prune_and_check(model, x, seed, grouped=grouped, return_plan=True)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
