@@ -56,7 +56,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from importlib import metadata
 from pathlib import Path
 
@@ -73,6 +72,7 @@ from fxprune.nets import NETS
 from fxprune.passes.inputs import ExampleInputs
 from fxprune.train import TrainConfig, evaluate, train
 
+from benches.experiments.latency_goals import error_json  # one error record for both experiment files
 from benches.harness.machine import cpu_model
 from benches.harness.metrics import count_macs
 from benches.harness.peer import classifier_layers, prune_once, torch_pruning_status
@@ -97,12 +97,6 @@ def load_average() -> float | None:
     except OSError:
         return None
 
-
-def error_json(exc: BaseException) -> dict:
-    out = {"type": type(exc).__name__, "message": str(exc)[:1500]}
-    if not isinstance(exc, FxpruneError):
-        out["traceback"] = traceback.format_exc()[-2500:]
-    return out
 
 
 def torch_dtype(name: str | None) -> torch.dtype | None:
