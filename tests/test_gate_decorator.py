@@ -122,6 +122,25 @@ def test_schedules_meet_the_flops_target(schedule):
     assert sum(p.numel() for p in model.parameters()) == r.params_before  # the user's model is untouched
 
 
+@pytest.mark.parametrize("schedule", ["tick_only", "tick_tock"])
+def test_the_last_tick_lands_within_one_percent_of_the_target(schedule):
+    """Ticks of p = 0.3 of the remaining units would overshoot a 0.4 target by far; the crossing
+    Tick prunes only as many of its lowest-scored units as the target needs."""
+    from fxprune.nets import resnet20
+
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(32, 1, 16, 16, generator=g), torch.randint(0, 10, (32,), generator=g)),
+                      batch_size=16)
+    slim = fxprune.compress(model, "gate_decorator", torch.randn(2, 1, 16, 16), 0.4, data=data,
+                            options=dict(schedule=schedule, p=0.3, T=2, tock_epochs=1, finetune_epochs=0))
+    r = slim.fxprune_report
+    assert 0.99 * 0.4 <= r.macs_ratio <= 0.4, r.macs_ratio
+    ticks = r.details["ticks"]
+    assert len(ticks) >= 2 and ticks[-2]["macs_ratio"] > 0.4
+
+
 def test_unlabelled_batches_are_labelled_by_the_original_model():
     model, _ = _analysis()
     slim = fxprune.compress(model, "gate_decorator", torch.randn(2, 3, 8, 8), 0.7, data=_data(labels=False),

@@ -114,3 +114,20 @@ def test_norm_scores_are_the_group_norm_of_every_slice(resnet_analysis, method, 
             np.add.at(expected, m.unit_of_position, per_slice.numpy()[m.positions])
         expected = np.sqrt(expected) if p == 2 else expected
         np.testing.assert_allclose(scores[g.index], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flops", [0.4, 0.1, 0.05])
+def test_uniform_lands_within_one_percent_of_the_budget(flops):
+    """Equal budgets when methods are compared: uniform's common ratio leaves rounding slack, which
+    goes one step at a time to the groups nearest their next count; every group still keeps
+    ceil(r x units) or one unit more."""
+    from fxprune.nets import resnet20
+
+    a = fxprune.analyze(resnet20().eval(), torch.randn(1, 1, 28, 28))
+    scores = get_method("uniform").criterion.scores(a.channels)
+    plan = select(a.channels, a.cost, scores, Constraints(flops=flops), uniform=True)
+    macs = a.cost.macs(a.channels.keep_roots(plan.keep))
+    assert 0.99 * flops * a.cost.total_macs <= macs <= flops * a.cost.total_macs
+    fractions = [len(k) / a.groups[gi].n_units for gi, k in plan.keep.items()]
+    sizes = {a.groups[gi].n_units for gi in plan.keep}
+    assert max(fractions) - min(fractions) <= 1 / min(sizes) + 1e-9

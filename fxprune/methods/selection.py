@@ -3,7 +3,10 @@
 Units of all prunable groups are ranked together by their normalised score. The pruned set is
 the k lowest-ranked units (never taking a group below its minimum); k is found by binary search
 so that the recounted MACs (rounding included) are at or under the budget with as much kept as
-possible. `uniform` instead searches one keep ratio shared by every group.
+possible. `uniform` instead searches one keep ratio shared by every group, then gives the budget
+that ratio's rounding leaves to the groups nearest their next allowed count, one step each: every
+group keeps ceil(r x units) or one step more, and the MACs land as near the budget as one step of
+one group allows (equal budgets when methods are compared: 0.391 instead of 0.4 before on ResNet-20).
 """
 from __future__ import annotations
 
@@ -84,4 +87,19 @@ def _uniform(choices, fits) -> PruningPlan:
             lo = mid
         else:
             hi = mid
-    return _plan(choices, counts(lo))
+    return _plan(choices, _fill_remainder(choices, counts(lo), lo, fits))
+
+
+def _fill_remainder(choices, kept: list[int], ratio: float, fits) -> list[int]:
+    """One more step for each group, nearest its next count first (largest fractional part of
+    ratio x units), skipping any that no longer fits: the budget the common ratio leaves unused."""
+    kept = list(kept)
+    order = sorted(range(len(choices)), key=lambda i: -((ratio * len(choices[i].units)) % 1.0))
+    for i in order:
+        more = kept_count(choices[i], kept[i] + choices[i].step)
+        if more == kept[i]:
+            continue
+        trial = kept[:i] + [more] + kept[i + 1:]
+        if fits(trial):
+            kept = trial
+    return kept
