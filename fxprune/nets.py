@@ -5,6 +5,9 @@
   Downsampling shortcuts are 1x1 conv + BN ("option B"): the zero-padding shortcut ("option A")
   pads the channel dim, which makes every stage a boundary for structured pruning.
 * ``vgg_bn``: a small VGG with BatchNorm.
+* ``mobilenetv2_mini``: a MobileNetV2-style net for 28x28 inputs: inverted residual blocks
+  (1x1 expand x4 - 3x3 depthwise - 1x1 linear projection, residual add when the shape allows),
+  widths 16-24-32-64, the depthwise convs tying each block's expansion channels into one group.
 * ``inception_mini``: a stem and two Inception modules (1x1 | 1x1-3x3 | 1x1-3x3-3x3 | pool-1x1,
   concatenated), the small branch-pruning test bed of GAL's GoogLeNet experiment.
 
@@ -118,6 +121,39 @@ class InceptionMini(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(self.b(x), 1).flatten(1))
 
 
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int = 4):
+        super().__init__()
+        mid = cin * expand
+        self.expand = nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6())
+        self.depthwise = nn.Sequential(nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid),
+                                       nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        out = self.project(self.depthwise(self.expand(x)))
+        return x + out if self.residual else out
+
+
+class MobileNetV2Mini(nn.Module):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        blocks, cin = [], 16
+        for cout, stride, repeats in ((16, 1, 1), (24, 2, 2), (32, 2, 3), (64, 1, 2)):
+            for i in range(repeats):
+                blocks.append(InvertedResidual(cin, cout, stride if i == 0 else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Conv2d(cin, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU6())
+        self.fc = nn.Linear(256, num_classes)
+
+    def forward(self, x):
+        x = self.head(self.blocks(self.stem(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 def lenet5(**kw) -> nn.Module:
     return LeNet5(**kw)
 
@@ -138,6 +174,10 @@ def inception_mini(**kw) -> nn.Module:
     return InceptionMini(**kw)
 
 
+def mobilenetv2_mini(**kw) -> nn.Module:
+    return MobileNetV2Mini(**kw)
+
+
 NETS = {"lenet5": lenet5, "resnet20": resnet20, "resnet56": resnet56, "vgg_bn": vgg_bn,
-        "inception_mini": inception_mini}
+        "inception_mini": inception_mini, "mobilenetv2_mini": mobilenetv2_mini}
 INPUT_SHAPE = (1, 1, 28, 28)

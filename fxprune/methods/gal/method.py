@@ -179,6 +179,7 @@ class _Run:
     frozen: bool = False
     since_step: int = 0
     history: list = field(default_factory=list)
+    last: list | None = None  # per mask entry, its last nonzero value before a FISTA step (revival)
 
 
 def _bce(logits, value: float) -> torch.Tensor:
@@ -258,24 +259,45 @@ def _largest_fitting(analysis, cost, masked: SoftMaskedModel, base: list[torch.T
     return lo
 
 
-def _revive(analysis, cost, masked: SoftMaskedModel, before: list[torch.Tensor], budget: float) -> None:
-    """After a step that crossed the budget: give back the newly zeroed masks with the largest
-    previous values, as many as fit under the budget (binary search on exact MACs)."""
+def _revive(analysis, cost, masked: SoftMaskedModel, before: list[torch.Tensor], budget: float,
+            last: list[torch.Tensor] | None = None) -> None:
+    """After a step that crossed the budget: give back zeroed masks while the exact MACs stay at or
+    under the budget, so the structure lands on the target (the rule of Gate Decorator's last Tick):
+    first the newly zeroed ones with the largest previous values (binary search on the prefix),
+    then, one by one, every entry that still fits, newly zeroed before older ones (`last`: each
+    entry's last nonzero value, its revived value)."""
     newly = _entries(masked, lambda i, p: (p == 0) & (before[i].reshape(-1) != 0))
     newly = sorted(((float(before[i].reshape(-1)[j]), i, j) for _, i, j in newly), reverse=True)
     after = [p.detach().clone() for p in masked.params()]
-    _largest_fitting(analysis, cost, masked, after, newly, lambda v: v, budget, more_is_cheaper=False)
+    k = _largest_fitting(analysis, cost, masked, after, newly, lambda v: v, budget, more_is_cheaper=False)
+    older = []
+    if last is not None:
+        older = _entries(masked, lambda i, p: (p == 0) & (before[i].reshape(-1) == 0) & (last[i].reshape(-1) != 0))
+        older = sorted(((float(last[i].reshape(-1)[j]), i, j) for _, i, j in older), reverse=True)
+    _fill(analysis, cost, masked, newly[k + 1:] + older, budget)  # newly[k] did not fit
+
+
+def _fill(analysis, cost, masked: SoftMaskedModel, entries, budget: float) -> None:
+    """Give each zeroed entry (value, param, index) its value back, in order, if the exact MACs stay
+    at or under the budget: what a prefix search leaves when one big entry does not fit."""
+    params = masked.params()
+    for v, i, j in entries:
+        with torch.no_grad():
+            params[i].view(-1)[j] = v
+            if state_macs(cost, mask_state(analysis, masked)) > budget:
+                params[i].view(-1)[j] = 0.0
 
 
 def _threshold_to(analysis, cost, masked: SoftMaskedModel, budget: float, flops: float) -> None:
     """Zero the smallest masks (one entry at a time, ties in mask order) until the exact MACs are at
-    or under `budget`."""
+    or under `budget`, then give back, largest first, the zeroed ones that still fit (`_fill`)."""
     alive = sorted(_entries(masked, lambda i, p: p != 0), key=lambda e: abs(e[0]))
     current = [p.detach().clone() for p in masked.params()]
     k = _largest_fitting(analysis, cost, masked, current, alive, lambda v: 0.0, budget, more_is_cheaper=True)
     if k == len(alive) and state_macs(cost, mask_state(analysis, masked)) > budget:
         minimum = state_macs(cost, mask_state(analysis, masked))
         raise TargetUnreachableError(flops, minimum / cost.total_macs, " (every GAL mask at zero)")
+    _fill(analysis, cost, masked, alive[:max(k - 1, 0)][::-1], budget)  # alive[k - 1] made it fit
 
 
 @dataclass
@@ -331,6 +353,7 @@ def _mask_step(run: _Run, opts: GALOptions, analysis, cost, progress: float, it:
             if m.grad is not None:
                 m.grad /= run.since_step
     before = [m.detach().clone() for m in masks]
+    run.last = [torch.where(b != 0, b, prev) for b, prev in zip(before, run.last)] if run.last else before
     for g in run.fista.param_groups:
         g["lam"] = run.lam
     run.fista.step()
@@ -340,7 +363,7 @@ def _mask_step(run: _Run, opts: GALOptions, analysis, cost, progress: float, it:
     ratio = state_macs(cost, mask_state(analysis, run.masked)) / cost.total_macs
     if run.budget is not None:
         if ratio * cost.total_macs <= run.budget:
-            _revive(analysis, cost, run.masked, before, run.budget)
+            _revive(analysis, cost, run.masked, before, run.budget, run.last)
             ratio = state_macs(cost, mask_state(analysis, run.masked)) / cost.total_macs
             _freeze(run)
         else:

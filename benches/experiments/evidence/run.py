@@ -1,0 +1,224 @@
+"""Run the cells of a spec: one JSON record per (experiment, method, target, seed), resumable.
+
+Per seed, every method of an experiment starts from the same trained baseline (cached under
+``<out>/baselines``), sees the same data subsets in the same order, and every pruned model gets the
+same fine-tune (and, for ``scratch``, the same from-scratch training). Methods run with their own
+post-pruning training switched off (`_NO_OWN_FINETUNE`), so the shared fine-tune is the only one.
+A record already on disk is not run again; a failing run writes a record with its ``error`` and the
+batch goes on.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+import fxprune
+from fxprune.nets import NETS
+from fxprune.passes.pruningnet import reinitialize
+from fxprune.train import TrainConfig, evaluate, train
+
+from .spec import Experiment, MethodSpec, Spec
+
+_NO_OWN_FINETUNE = {"gate_decorator": {"finetune_epochs": 0}, "gal": {"finetune_epochs": 0},
+                    "metapruning": {"final": "none"}}
+BUDGET_TOLERANCE = 0.01  # a compared model's MACs within 1 % of the target
+
+
+# -- data ---------------------------------------------------------------------------------------
+def synthetic(n: int, seed: int) -> TensorDataset:
+    """Ten noisy 28x28 class templates: a data set any method learns in seconds (tests)."""
+    g = torch.Generator().manual_seed(1000)
+    templates = torch.nn.functional.interpolate(torch.randn(10, 1, 7, 7, generator=g).sign(), size=28)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return TensorDataset(templates[y] + torch.randn(n, 1, 28, 28, generator=g), y)
+
+
+class Data:
+    """The training pool (a fixed permutation of the train split) and the test split."""
+
+    def __init__(self, spec: Spec):
+        s = spec.settings
+        self.batch = int(s.get("batch", 128))
+        largest = max(max(spec.sizes("full").values()), *(max(spec.sizes(e.data).values()) for e in spec.experiments))
+        if s.get("dataset", "mnist") == "synthetic":
+            self.pool, self.test = synthetic(largest, 1), synthetic(int(s["test_images"]), 2)
+        else:
+            from fxprune import data as fxdata
+
+            train_set = fxdata.mnist("train")
+            perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(1234))
+            self.pool = Subset(train_set, perm[:largest].tolist())
+            self.test = Subset(fxdata.mnist("test"), range(int(s["test_images"])))
+
+    def loader(self, n: int, seed: int, labelled: bool = True) -> DataLoader:
+        """The first `n` pool images, shuffled by `seed`; inputs only when not `labelled`."""
+        subset = Subset(self.pool, range(n))
+        if not labelled:
+            subset = _InputsOnly(subset)
+        return DataLoader(subset, batch_size=self.batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+    def test_loader(self) -> DataLoader:
+        return DataLoader(self.test, batch_size=1000)
+
+
+class _InputsOnly(torch.utils.data.Dataset):
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i][0]
+
+
+# -- training -----------------------------------------------------------------------------------
+def _config(table: dict, seed: int) -> TrainConfig:
+    t = dict(table)
+    t.pop("images", None)
+    if "milestones" in t:
+        t["milestones"] = tuple(t["milestones"])
+    return TrainConfig(seed=seed, progress=False, **t)
+
+
+def _write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def baseline(spec: Spec, data: Data, model_name: str, seed: int, out: Path):
+    """The trained baseline of `model_name` for `seed` (cached: trained once per spec and seed)."""
+    sched = spec.schedule("baseline")
+    n = spec.sizes("full")["baseline"]
+    tag = spec.digest(model_name, sched, n)
+    weights, info = out / "baselines" / f"{model_name}-s{seed}-{tag}.pt", out / "baselines" / f"{model_name}-s{seed}-{tag}.json"
+    torch.manual_seed(seed)
+    model = NETS[model_name]()
+    if weights.exists() and info.exists():
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        return model.eval(), json.loads(info.read_text())
+    t0 = time.perf_counter()
+    train(model, data.loader(n, seed), _config(sched, seed))
+    model.eval()
+    record = {"accuracy": evaluate(model, data.test_loader())["accuracy"], "seconds": time.perf_counter() - t0}
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), weights)
+    _write_json(info, record)
+    return model, record
+
+
+def _method_options(ms: MethodSpec, target: float, seed: int, loaders: dict) -> dict:
+    opts = {**ms.options, **_NO_OWN_FINETUNE.get(ms.method, {}), "seed": seed}
+    if ms.tock_data:
+        opts["tock_data"] = loaders[ms.tock_data]
+    if ms.band is not None:
+        opts["min_flops"] = (1 - ms.band) * target
+    return opts
+
+
+def _summary(method: str, details: dict) -> dict:
+    """What a record keeps of a method's details (the rest is large and per-step)."""
+    if method == "gate_decorator":
+        return {"ticks": len(details.get("ticks", []))}
+    if method == "gal":
+        return {k: details.get(k) for k in ("reached_by", "removed_blocks", "removed_branches", "lam_final", "widths")}
+    if method == "metapruning":
+        search = details.get("search", {})
+        history = search.get("history", [])
+        training = details.get("pruningnet_training") or []
+        return {"widths": details.get("widths"), "search_best_accuracy": search.get("best", {}).get("accuracy"),
+                "first_generation_mean_accuracy": history[0].get("mean_accuracy") if history else None,
+                "pruningnet_train_accuracy": training[-1]["accuracy"] if isinstance(training, list) and training else None,
+                "evaluated": search.get("evaluated"), "rejected": search.get("rejected")}
+    return {}
+
+
+def run_one(spec: Spec, data: Data, exp: Experiment, ms: MethodSpec, target: float, seed: int, out: Path) -> dict:
+    """Compress the seed's baseline with one method at one target, then the evaluations of `exp.after`."""
+    base, base_info = baseline(spec, data, exp.model, seed, out)
+    sizes = spec.sizes(exp.data)
+    loaders = {role: data.loader(sizes[role], seed + 100, labelled=role != "unlabelled")
+               for role in ("method", "tick", "unlabelled") if role in sizes}
+    x = torch.randn(1, 1, 28, 28)
+    record = {"experiment": exp.name, "model": exp.model, "method": ms.key, "fxprune_method": ms.method,
+              "target": target, "seed": seed, "data": exp.data, "baseline_accuracy": base_info["accuracy"],
+              "accuracy": {}, "seconds": {}}
+    t0 = time.perf_counter()
+    kwargs = {}
+    if ms.data is not None:
+        kwargs = {"data": loaders[ms.data], "options": _method_options(ms, target, seed, loaders)}
+    slim = fxprune.compress(base, ms.method, x, target, seed=seed, **kwargs)
+    record["seconds"]["compress"] = time.perf_counter() - t0
+    report = slim.fxprune_report
+    record.update(macs_ratio=report.macs_ratio, params_ratio=report.params_after / report.params_before,
+                  macs=report.macs_after, flops=2 * report.macs_after, params=report.params_after,
+                  budget_ok=abs(report.macs_ratio / target - 1) <= BUDGET_TOLERANCE,
+                  summary=_summary(ms.method, report.details or {}))
+    test = data.test_loader()
+    if "none" in exp.after:
+        record["accuracy"]["none"] = evaluate(slim, test)["accuracy"]
+    if "finetune" in exp.after:
+        t1, tuned = time.perf_counter(), copy.deepcopy(slim)
+        train(tuned, data.loader(sizes["finetune"], seed + 200), _config(spec.schedule("finetune"), seed))
+        record["accuracy"]["finetune"] = evaluate(tuned, test)["accuracy"]
+        record["seconds"]["finetune"] = time.perf_counter() - t1
+    if "scratch" in exp.after:
+        t1, fresh = time.perf_counter(), copy.deepcopy(slim)
+        reinitialize(fresh, seed)
+        train(fresh, data.loader(spec.sizes("full")["baseline"], seed + 300), _config(spec.schedule("scratch"), seed))
+        record["accuracy"]["scratch"] = evaluate(fresh, test)["accuracy"]
+        record["seconds"]["scratch"] = time.perf_counter() - t1
+    return record
+
+
+def record_path(out: Path, exp: Experiment, key: str, target: float, seed: int) -> Path:
+    return out / "runs" / exp.name / f"{key}-t{target:g}-s{seed}.json"
+
+
+def run_all(spec: Spec, out: Path, only: set | None = None, seeds: tuple | None = None, deadline: float | None = None,
+            log=print) -> list[Path]:
+    """Every missing record of the spec (or of the experiments in `only`), in spec order. Stops
+    starting new runs after `deadline` (time.time()); returns the paths written."""
+    torch.set_num_threads(int(spec.settings.get("threads", torch.get_num_threads())))
+    data, written = Data(spec), []
+    for exp in spec.experiments:
+        if only and exp.name not in only:
+            continue
+        for seed in seeds or exp.seeds:
+            for target in exp.targets:
+                for key in exp.methods:
+                    path = record_path(out, exp, key, target, seed)
+                    if path.exists():
+                        continue
+                    if deadline is not None and time.time() > deadline:
+                        log(f"deadline reached: {path.name} and later runs left for the next call (resumable)")
+                        return written
+                    t0 = time.perf_counter()
+                    try:
+                        record = run_one(spec, data, exp, spec.methods[key], target, seed, out)
+                    except Exception as exc:  # a failing cell is recorded and the batch goes on
+                        record = {"experiment": exp.name, "model": exp.model, "method": key, "target": target,
+                                  "seed": seed, "data": exp.data, "error": f"{type(exc).__name__}: {exc}",
+                                  "traceback": traceback.format_exc(limit=8)}
+                    record["wall_seconds"] = time.perf_counter() - t0
+                    _write_json(path, record)
+                    written.append(path)
+                    acc = record.get("accuracy", {})
+                    log(f"{exp.name} {key} t={target:g} seed={seed}: "
+                        + (record["error"] if "error" in record else
+                           f"MACs {record['macs_ratio']:.4f} acc {acc} ({record['wall_seconds']:.0f} s)"))
+    return written
+
+
+def load_records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*.json"))]
