@@ -3,10 +3,12 @@
 Units of all prunable groups are ranked together by their normalised score. The pruned set is
 the k lowest-ranked units (never taking a group below its minimum); k is found by binary search
 so that the recounted MACs (rounding included) are at or under the budget with as much kept as
-possible. `uniform` instead searches one keep ratio shared by every group, then gives the budget
+possible; the budget the k-th unit did not fit into is then spent on the best missing units of
+groups whose next step still fits (`_fill`), so the MACs land within a unit of the cheapest kind
+of the target (equal budgets when methods are compared: l1 at 0.0987 instead of 0.1 before on
+ResNet-56). `uniform` instead searches one keep ratio shared by every group, then gives the budget
 that ratio's rounding leaves to the groups nearest their next allowed count, one step each: every
-group keeps ceil(r x units) or one step more, and the MACs land as near the budget as one step of
-one group allows (equal budgets when methods are compared: 0.391 instead of 0.4 before on ResNet-20).
+group keeps ceil(r x units) or one step more (0.391 instead of 0.4 before on ResNet-20).
 """
 from __future__ import annotations
 
@@ -73,7 +75,46 @@ def select(channels, cost, scores: dict[int, np.ndarray], constraints: Constrain
         return [kept_count(c, len(c.units) - int(r)) for c, r in zip(choices, removed)]
 
     k = _search(lambda k: fits(counts(k)), 0, len(group_of))
-    return _plan(choices, counts(k))
+    return _plan(choices, _fill(choices, counts(k), _next_unit_score(choices, scores), fits))
+
+
+def _next_unit_score(choices, scores):
+    """Priority of giving group `i` one more step: the normalised score of the best unit it lacks."""
+    norm = [normalize(scores[c.index]) for c in choices]
+
+    def priority(i: int, kept: int) -> float:
+        c = choices[i]
+        return float(norm[i][c.order[len(c.units) - kept - 1]])
+
+    return priority
+
+
+def _fill(choices, kept: list[int], priority, fits, once: bool = False) -> list[int]:
+    """Spend the budget a selection leaves: repeatedly give one more step to the group of highest
+    `priority(i, kept[i])` among those not yet refused, keeping it if the MACs still fit. A group
+    refused once stays refused (the slack only shrinks), so this costs at most one recount per
+    group plus one per step added. `once`: each group at most one more step (uniform)."""
+    kept, refused, grown = list(kept), set(), set()
+    while True:
+        best = None
+        for i, c in enumerate(choices):
+            if i in refused or (once and i in grown):
+                continue
+            more = kept_count(c, kept[i] + c.step)
+            if more == kept[i]:
+                continue
+            p = priority(i, kept[i])
+            if best is None or p > best[0]:
+                best = (p, i, more)
+        if best is None:
+            return kept
+        _, i, more = best
+        trial = kept[:i] + [more] + kept[i + 1:]
+        if fits(trial):
+            kept = trial
+            grown.add(i)
+        else:
+            refused.add(i)
 
 
 def _uniform(choices, fits) -> PruningPlan:
@@ -87,19 +128,8 @@ def _uniform(choices, fits) -> PruningPlan:
             lo = mid
         else:
             hi = mid
-    return _plan(choices, _fill_remainder(choices, counts(lo), lo, fits))
+    # the slack of the common ratio: one more step each, nearest its next count first
+    nearest = lambda i, _kept: (lo * len(choices[i].units)) % 1.0  # noqa: E731
+    return _plan(choices, _fill(choices, counts(lo), nearest, fits, once=True))
 
 
-def _fill_remainder(choices, kept: list[int], ratio: float, fits) -> list[int]:
-    """One more step for each group, nearest its next count first (largest fractional part of
-    ratio x units), skipping any that no longer fits: the budget the common ratio leaves unused."""
-    kept = list(kept)
-    order = sorted(range(len(choices)), key=lambda i: -((ratio * len(choices[i].units)) % 1.0))
-    for i in order:
-        more = kept_count(choices[i], kept[i] + choices[i].step)
-        if more == kept[i]:
-            continue
-        trial = kept[:i] + [more] + kept[i + 1:]
-        if fits(trial):
-            kept = trial
-    return kept
