@@ -18,6 +18,7 @@ Example (a script run with ``torchrun --nproc_per_node=2 script.py``)::
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 from collections.abc import Callable, Iterable, Sequence
@@ -104,6 +105,16 @@ def run_on_rank0(fn: Callable[[], Any]) -> Any:
     return payload
 
 
+def with_rank0_seed(options: Any) -> Any:
+    """`options` (a dataclass with a `seed`) with rank 0's seed; `options` itself without
+    distributed. A copy: the caller's options are not changed. Every seeded choice a method makes
+    (initial values, sampled structures, data splits, the search's random draws) is then the same
+    on every rank, even when each rank was started with a seed of its own."""
+    if not is_distributed():
+        return options
+    return dataclasses.replace(options, seed=rank0_value(options.seed))
+
+
 def _portable(exc: Exception) -> Exception:
     """`exc` when it survives pickling (what broadcast_object_list does), else a DistributedError."""
     try:
@@ -168,4 +179,4 @@ def map_over_ranks(fn: Callable[[Any], Any], items: Sequence) -> tuple[list, int
 
 
 __all__ = ["DistributedError", "average_across_ranks", "average_gradients", "init_distributed", "is_distributed",
-           "map_over_ranks", "rank0_value", "rank_and_world", "run_on_rank0", "sync_from_rank0"]
+           "map_over_ranks", "rank0_value", "rank_and_world", "run_on_rank0", "sync_from_rank0", "with_rank0_seed"]
