@@ -33,7 +33,7 @@ def _sharded(rank: int, world: int, n: int) -> DataLoader:
     return DataLoader(ds, batch_size=16, sampler=DistributedSampler(ds, world, rank, shuffle=True, seed=0))
 
 
-def _gate_decorator(rank: int, world: int) -> tuple:
+def _gate_decorator(rank: int, world: int, out_dir: str) -> tuple:
     import fxprune
 
     torch.manual_seed(0)
@@ -59,10 +59,37 @@ def _helpers(rank: int) -> dict:
             "mean": t.tolist(), "map": map_over_ranks(lambda v: (v, rank), list(range(5))), "raised": raised}
 
 
-def _gal(rank: int, world: int) -> tuple:
+class _RankTimer:
+    """A fake latency timer whose seconds differ per rank (as real wall times do)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __call__(self, call) -> float:
+        return (1 + self.rank) * (1e-5 if call.kind == "layer" else 1e-4)
+
+
+def _latency(rank: int, out_dir: str) -> dict:
+    """A latency profile and a slim model's measured seconds: rank 0's on every rank."""
+    from fxprune.passes.plan import PruningPlan
+
+    import fxprune
+    from fxprune.constraints import Constraints
+    from fxprune.latency_model import profile_latency
+    from fxprune.methods import latency_target
+    from fxprune.methods.base import MethodContext
+
+    analysis = fxprune.analyze(ResidualClassifier().eval(), X)
+    model = profile_latency(analysis, timer=_RankTimer(rank), points=3, cache_dir=os.path.join(out_dir, f"c{rank}"))
+    latency_target.measure_model = lambda *args, **kwargs: 1.0 + rank  # this process only
+    measured = latency_target.slim_latency(MethodContext(analysis, Constraints(flops=1.0), None), PruningPlan())
+    return {"original_s": model.original_s, "measured_s": measured}
+
+
+def _gal(rank: int, world: int, out_dir: str) -> tuple:
     import fxprune
 
-    helpers = _helpers(rank)
+    helpers = {**_helpers(rank), **_latency(rank, out_dir)}
     torch.manual_seed(0)
     slim = fxprune.compress(ResidualClassifier().eval(), "gal", X, 0.6, data=_sharded(rank, world, 64),
                             options=dict(structures=("channel", "block"), epochs=2, mask_step=1, lam=30.0,
@@ -72,7 +99,7 @@ def _gal(rank: int, world: int) -> tuple:
                   **{k: d[k] for k in ("removed_blocks", "widths", "mask_steps", "epochs", "reached_by")}}
 
 
-def _metapruning(rank: int, world: int) -> tuple:
+def _metapruning(rank: int, world: int, out_dir: str) -> tuple:
     import fxprune
 
     torch.manual_seed(0)
@@ -92,7 +119,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, case: str) -> N
     torch.set_num_threads(1)  # two processes on a shared CPU
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        slim, info = CASES[case](rank, world)
+        slim, info = CASES[case](rank, world, out_dir)
         torch.save({"state": {k: v.clone() for k, v in slim.state_dict().items()}, "info": info},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -134,6 +161,7 @@ def test_gal_on_two_cpu_ranks_is_bit_identical(tmp_path):
     assert h0["map"][0] == h1["map"][0] == [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0)]  # in order, gathered
     assert (h0["map"][1], h1["map"][1]) == (3, 2)
     assert h0["raised"] == h1["raised"] == "rank 0 refused"
+    assert h0["original_s"] == h1["original_s"] and h0["measured_s"] == h1["measured_s"] == 1.0  # rank 0's
 
 
 def test_metapruning_on_two_cpu_ranks_is_bit_identical(tmp_path):
