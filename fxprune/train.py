@@ -7,7 +7,10 @@
 * checkpoint and resume: model, optimizer, scheduler, epoch and RNG state, saved at the end of
   every epoch with ``torch.save`` and read back with ``torch.load(weights_only=True)``;
 * BN recalibration: reset running statistics, forward N batches in train mode without grad,
-  using a cumulative average (momentum None) so the result is the plain mean over those batches.
+  using a cumulative average (momentum None) so the result is the plain mean over those batches;
+* torch.distributed: under ``torchrun`` (`init_distributed`) `train` wraps the model in DDP; the
+  helpers the methods use to stay bit-identical across ranks live in `fxprune.distributed`
+  (`init_distributed`, `is_distributed` and `sync_from_rank0` are importable from here too).
 
 Example::
 

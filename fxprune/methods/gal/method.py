@@ -214,12 +214,11 @@ def _synced(params, losses: torch.Tensor) -> torch.Tensor:
     return losses
 
 
-def _check_finite(losses: torch.Tensor) -> None:
+def _check_finite(losses: torch.Tensor, what: str) -> None:
     """Refuse non-finite losses (rank-averaged ones: a NaN on any rank makes every rank raise,
     so none is left waiting in the next all-reduce)."""
     if not torch.isfinite(losses).all():
-        raise TrainingError(f"GAL loss became non-finite (discriminator, generator: {losses.tolist()[:2]}): "
-                            "lower lr / mu or check the data")
+        raise TrainingError(f"GAL {what} loss became non-finite ({losses.tolist()}): lower lr / mu or check the data")
 
 
 def _iteration(run: _Run, opts: GALOptions, inputs, targets, device, adversarial: bool, loss_kind: str):
@@ -236,8 +235,8 @@ def _iteration(run: _Run, opts: GALOptions, inputs, targets, device, adversarial
         loss_d = _bce(run.disc(ft), 1.0) + _bce(d_s, 0.0) + (_bce(d_s, 1.0) if opts.d_regularizer else 0.0)
         run.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
-        loss_d = _synced(run.disc.parameters(), loss_d.reshape(1))[0]
-        _check_finite(loss_d.reshape(1))
+        loss_d = _synced(run.disc.parameters(), loss_d.reshape(1))
+        _check_finite(loss_d, "discriminator")
         run.opt_d.step()
     if loss_kind == "ce":
         data_loss = F.cross_entropy(s, targets.to(device))
@@ -256,11 +255,10 @@ def _iteration(run: _Run, opts: GALOptions, inputs, targets, device, adversarial
             m.grad = None
     loss_g.backward()
     generator = [p for group in run.opt_g.param_groups for p in group["params"]]
-    values = torch.stack([v.detach().reshape(()).to(loss_g) for v in (loss_d, loss_g, data_loss)])
-    losses = _synced(generator, values)
-    _check_finite(losses)
+    losses = _synced(generator, torch.stack([loss_g.detach(), data_loss.detach().to(loss_g)]))
+    _check_finite(losses, "generator (total, data)")
     run.opt_g.step()
-    return tuple(float(v) for v in losses)
+    return float(loss_d.reshape(())), float(losses[0]), float(losses[1])
 
 
 def _entries(masked: SoftMaskedModel, where) -> list[tuple[float, int, int]]:

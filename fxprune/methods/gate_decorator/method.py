@@ -20,6 +20,11 @@ them, and so does the next conv for its zero input channels. Training is unchang
 pruned channels' BN running statistics differ, and those channels are removed); whether it is
 faster depends on the layer sizes and the device (`docs/kernels.md`).
 
+Under torch.distributed (``torchrun``, `fxprune.train.init_distributed()`, a DataLoader with a
+DistributedSampler): Ticks, Tocks and the fine-tune run under DDP, the Taylor scores are averaged
+over the ranks, rank 0's pruning decision is used by every rank (`fxprune.distributed`), a latency
+target is measured on rank 0, and rank 0's BN statistics are kept: every rank gets the same model.
+
 Authors' defaults (CIFAR ResNet-56): p=0.002, T=10, tock_epochs=10, tick lr 1e-3, Tock/fine-tune
 triangular 1e-3 -> 1e-2 -> 1e-3, sparse_lambda=1e-3, min keep 10%, fine-tune 40 epochs. They are
 the defaults here except p, tock_epochs and finetune_epochs, which small runs scale (see options).
