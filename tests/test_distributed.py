@@ -38,8 +38,8 @@ def _gate_decorator(rank: int, world: int, out_dir: str) -> tuple:
 
     torch.manual_seed(0)
     slim = fxprune.compress(ResidualClassifier().eval(), "gate_decorator", X, 0.6, data=_sharded(rank, world, 96),
-                            options=dict(schedule="tick_tock", p=0.2, T=2, tock_epochs=1, finetune_epochs=1,
-                                         seed=rank))
+                            options={"schedule": "tick_tock", "p": 0.2, "T": 2, "tock_epochs": 1, "finetune_epochs": 1,
+                                     "seed": rank})
     return slim, {}
 
 
@@ -92,8 +92,8 @@ def _gal(rank: int, world: int, out_dir: str) -> tuple:
     helpers = {**_helpers(rank), **_latency(rank, out_dir)}
     torch.manual_seed(0)
     slim = fxprune.compress(ResidualClassifier().eval(), "gal", X, 0.6, data=_sharded(rank, world, 64),
-                            options=dict(structures=("channel", "block"), epochs=2, mask_step=1, lam=30.0,
-                                         finetune_epochs=1, seed=rank))
+                            options={"structures": ("channel", "block"), "epochs": 2, "mask_step": 1, "lam": 30.0,
+                                     "finetune_epochs": 1, "seed": rank})
     d = slim.fxprune_report.details
     return slim, {"helpers": helpers, "macs_ratio": slim.fxprune_report.macs_ratio,
                   **{k: d[k] for k in ("removed_blocks", "widths", "mask_steps", "epochs", "reached_by")}}
@@ -104,9 +104,9 @@ def _metapruning(rank: int, world: int, out_dir: str) -> tuple:
 
     torch.manual_seed(0)
     slim = fxprune.compress(ResidualClassifier().eval(), "metapruning", X, 0.6, data=_sharded(rank, world, 96),
-                            options=dict(epochs=1, population=6, generations=2, parents=3, mutations=3,
-                                         crossovers=3, calib_batches=2, final="finetune", final_epochs=1,
-                                         seed=rank))
+                            options={"epochs": 1, "population": 6, "generations": 2, "parents": 3, "mutations": 3,
+                                     "crossovers": 3, "calib_batches": 2, "final": "finetune", "final_epochs": 1,
+                                     "seed": rank})
     d = slim.fxprune_report.details
     return slim, {"macs_ratio": slim.fxprune_report.macs_ratio, "genome": d["genome"], "widths": d["widths"],
                   "search": d["search"]}
