@@ -23,13 +23,10 @@ from typing import Any, Iterable
 import torch.fx as fx
 from torch import nn
 
-from fxprune.passes.cost import CostModel
-from fxprune.passes.dependency import analyze_dependencies
 from fxprune.passes.mask import masked_reference
 from fxprune.passes.module_copy import copy_sharing
 from fxprune.passes.plan import PruningPlan, ResolvedPlan, resolve
 from fxprune.passes.rewrite import apply_plan
-from fxprune.passes.structures import find_structures
 from fxprune.passes.tensors import set_tensor
 
 from . import report as _report

@@ -7,7 +7,10 @@
 * checkpoint and resume: model, optimizer, scheduler, epoch and RNG state, saved at the end of
   every epoch with ``torch.save`` and read back with ``torch.load(weights_only=True)``;
 * BN recalibration: reset running statistics, forward N batches in train mode without grad,
-  using a cumulative average (momentum None) so the result is the plain mean over those batches.
+  using a cumulative average (momentum None) so the result is the plain mean over those batches;
+* torch.distributed: under ``torchrun`` (`init_distributed`) `train` wraps the model in DDP; the
+  helpers the methods use to stay bit-identical across ranks live in `fxprune.distributed`
+  (`init_distributed`, `is_distributed` and `sync_from_rank0` are importable from here too).
 
 Example::
 
@@ -28,6 +31,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .distributed import init_distributed, is_distributed, sync_from_rank0  # noqa: F401 - re-exported
 from .errors import ConfigError, FxpruneError
 from .verify import eval_mode
 
@@ -155,18 +159,6 @@ def train(model: nn.Module, data: Iterable, cfg: TrainConfig, *, loss_fn: Callab
     return history
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun describes (RANK/WORLD_SIZE/MASTER_ADDR in the environment):
-    gloo on CPU, nccl on GPU. Returns (rank, world size); (0, 1) when not launched by torchrun."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
 def _bar(epoch: int, epochs: int, step: int, steps: int | None, loss: float) -> None:
     """A one-line progress bar on a terminal: epoch, steps done, running loss."""
     if steps:
@@ -178,30 +170,12 @@ def _bar(epoch: int, epochs: int, step: int, steps: int | None, loss: float) -> 
     sys.stderr.flush()
 
 
-def is_distributed() -> bool:
-    """True inside an initialised process group of more than one rank."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _distributed(model: nn.Module) -> nn.Module:
     """Under torch.distributed (torchrun), a DDP wrapper: gradients are averaged across ranks and
     buffers broadcast from rank 0 at every forward. Otherwise the model itself."""
     if not is_distributed():
         return model
     return nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-
-
-def sync_from_rank0(model: nn.Module) -> None:
-    """Make every rank's parameters and buffers identical to rank 0's (no-op without distributed)."""
-    import torch.distributed as dist
-
-    if not is_distributed():
-        return
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(t.data, src=0)
 
 
 def _split_batch(batch, targets_from: nn.Module | None):

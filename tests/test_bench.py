@@ -29,7 +29,7 @@ from benches.harness.suite import cuda_status, merge_results
 from fxprune import benchmark as generic_bench
 from fxprune.cli import main
 from fxprune.passes.inputs import ExampleInputs
-from fxprune.latency import (EXTRA_ROUNDS, MIN_WARMUP, LatencyMeasurement, _glibc, interleaved_latency_ms,
+from fxprune.latency import (EXTRA_ROUNDS, MIN_WARMUP, _glibc, interleaved_latency_ms,
                              paired_latency_ratio, steady_heap)
 from fxprune.models import build_model, example_input
 

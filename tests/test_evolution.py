@@ -134,3 +134,33 @@ def test_bad_configuration_and_impossible_constraints():
         evolve((4, 4), lambda g: {"score": 0.0}, lambda g: False, EvolutionConfig(population=4, parents=2))
     with pytest.raises(ConfigError, match="search space"):
         evolve((), lambda g: {"score": 0.0}, lambda g: True, EvolutionConfig())
+
+
+def test_scoring_a_whole_generation_at_once_gives_the_same_search():
+    """`evaluate_many` (how MetaPruning splits a generation over torchrun ranks) changes nothing."""
+    space = (9, 9, 9, 9)
+    cfg = EvolutionConfig(population=8, generations=4, parents=3, mutations=4, crossovers=4, seed=3)
+    calls = []
+
+    def score(g):
+        return {"score": -abs(sum(g) - 17) - 0.01 * g[0]}
+
+    def feasible(g):
+        return sum(g) <= 20
+
+    def many(genomes):
+        calls.append(len(genomes))
+        return [score(g) for g in genomes]
+
+    def steps(history):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+    one = evolve(space, score, feasible, cfg)
+    whole = evolve(space, None, feasible, cfg, evaluate_many=many)
+    assert whole.best == one.best and whole.cache == one.cache and whole.rejected == one.rejected
+    assert steps(whole.history) == steps(one.history)
+    assert calls == [r["evaluated"] for r in one.history]  # one call per generation
+    with pytest.raises(ConfigError, match="evaluate"):
+        evolve(space, None, feasible, cfg)
+    with pytest.raises(ConfigError, match="returned 0 results"):
+        evolve(space, None, feasible, cfg, evaluate_many=lambda genomes: [])

@@ -23,7 +23,7 @@ from fxprune.passes.gal_masks import insert_soft_masks
 from fxprune.passes.gal_plan import fold_masks, mask_state, state_macs
 from fxprune.passes.rewrite import apply_plan
 
-from .conftest import assert_close_outputs, measured_macs, n_params
+from .conftest import measured_macs, n_params
 
 X28 = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 

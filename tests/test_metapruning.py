@@ -385,3 +385,29 @@ def test_round_to_auto_is_refused():
     with pytest.raises(fxprune.ConfigError, match="metapruning does not support round_to='auto'"):
         fxprune.compress(_Head().eval(), "metapruning", torch.randn(2, 3, 8, 8), 0.5, data=_loader(),
                          round_to="auto", options=SMALL)
+
+
+def test_a_sharded_loader_keeps_its_training_part_sharded_and_scores_on_whole_batches():
+    """torchrun: the training part stays sharded like the user's loader; the held-out batches and
+    the BN-recalibration batches are the whole data on every rank, as without torchrun."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    from fxprune.methods.metapruning.method import _first, unsharded
+
+    plain = _loader()
+    single_train, single_held = split_data(plain, 0.25, seed=5)  # 72 training samples: 36 a rank
+    shards, seen = [], []
+    for rank in range(2):  # a DistributedSampler with explicit replicas/rank needs no process group
+        sampled = DataLoader(plain.dataset, batch_size=16, sampler=DistributedSampler(plain.dataset, 2, rank, seed=3))
+        train, held = split_data(sampled, 0.25, seed=5)
+        s = train.sampler
+        assert isinstance(s, DistributedSampler) and (s.num_replicas, s.rank, s.shuffle, s.seed) == (2, rank, True, 3)
+        assert train.dataset.indices == single_train.dataset.indices and len(train.dataset) == len(s) * 2
+        shards.append(set(s))
+        seen.append([torch.equal(a, b) for (a, _), (b, _) in zip(held, single_held)])
+        whole = [x for x, _ in _first(unsharded(train, 5), None, 5)]
+        alone = [x for x, _ in _first(single_train, None, 5)]
+        assert len(whole) == len(alone) and all(torch.equal(a, b) for a, b in zip(whole, alone))
+    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == len(single_train.dataset)
+    assert all(all(row) and row for row in seen)
+    assert unsharded(plain, 0) is plain

@@ -58,6 +58,7 @@ from torch import nn
 from fxprune.passes.plan import PruningPlan
 from fxprune.passes.rewrite import apply_plan
 
+from ..distributed import run_on_rank0
 from ..errors import ArtifactError, ConfigError
 from ..latency import LatencyMeasurer, steady_heap, time_call_ms
 from ..models import shape_digest
@@ -541,6 +542,13 @@ def profile_latency(analysis, *, device="cpu", batch=None, dtype=None, channels_
     inputs = batched(analysis.inputs, s.batch)
     key = make_key(analysis.channels, inputs, s, timer)
     path = cache_path(key, cache_dir)
+    # under torchrun, rank 0 alone reads the cache or profiles (one writer, no rank timing while
+    # another one runs), and every rank gets its model: the ranks' latency decisions agree
+    return run_on_rank0(functools.partial(_cached_or_profiled, analysis, s, inputs, key, path, refresh, timer))
+
+
+def _cached_or_profiled(analysis, s, inputs, key: dict, path, refresh: bool, timer) -> LatencyModel:
+    """The cached model of `key` (unless `refresh`), else the profiled one, then cached."""
     if not refresh:
         cached = load_cached(path, key, analysis.channels)
         if cached is not None:
@@ -551,7 +559,7 @@ def profile_latency(analysis, *, device="cpu", batch=None, dtype=None, channels_
     if not is_stable(model) and timer is None:
         warnings.warn(f"fxprune: the end-to-end latency measurements of this profile stayed unstable (other "
                       f"processes on the {s.device.type}?); it is cached for {UNSTABLE_TTL_S:.0f} s only. "
-                      f"Profile on a quiet machine for a lasting one.", stacklevel=2)
+                      f"Profile on a quiet machine for a lasting one.", stacklevel=4)  # profile_latency's caller
     save_cached(path, model)
     return model
 

@@ -2,6 +2,7 @@
 model was measured, and report predicted and measured latency before and after."""
 from __future__ import annotations
 
+from fxprune.distributed import run_on_rank0
 from fxprune.latency_model import measure_model, measure_models
 from fxprune.latency_model.profile import batched
 from fxprune.passes.plan import PruningPlan
@@ -31,7 +32,16 @@ def slim_latency(context: MethodContext, plan: PruningPlan, latency_model=None) 
     graph: the same module form as the slim model) is timed side by side with the slim model and
     the slim time is scaled to the profile's original: slim now / original now x original
     profiled. A profile cached from a quieter or busier hour then neither accepts a miss nor
-    refuses a hit: the target is judged on the ratio measured now."""
+    refuses a hit: the target is judged on the ratio measured now.
+
+    Under torchrun, rank 0 measures (the other ranks wait, so they neither disturb its timing nor
+    time on their own) and every rank gets its seconds: a decision taken on them is the same on
+    every rank (`fxprune.distributed.run_on_rank0`); a collective, so every rank calls it."""
+    return run_on_rank0(lambda: _measured_slim_s(context, plan, latency_model))
+
+
+def _measured_slim_s(context: MethodContext, plan: PruningPlan, latency_model) -> float:
+    """`slim_latency` on this process: the slim model timed alone, or side by side and scaled."""
     on, analysis = context.measure_on, context.analysis
     slim = apply_plan(analysis.channels, plan)
     x = batched(analysis.inputs, on.batch)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import operator
 
 import numpy as np
-import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn

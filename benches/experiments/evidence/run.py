@@ -108,12 +108,15 @@ def baseline(spec: Spec, data: Data, model_name: str, seed: int, out: Path):
         model.load_state_dict(torch.load(weights, weights_only=True))
         return model.eval(), json.loads(info.read_text())
     t0 = time.perf_counter()
-    train(model, data.loader(n, seed), _config(sched, seed))
+    cfg = _config(sched, seed)
+    cfg.checkpoint = str(weights.with_suffix(".ckpt"))  # an interrupted baseline resumes at its last epoch
+    train(model, data.loader(n, seed), cfg)
     model.eval()
     record = {"accuracy": evaluate(model, data.test_loader())["accuracy"], "seconds": time.perf_counter() - t0}
     weights.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), weights)
     _write_json(info, record)
+    Path(cfg.checkpoint).unlink(missing_ok=True)
     return model, record
 
 

@@ -39,6 +39,16 @@ Deliberate differences from the authors' code (each one an option):
   ``discriminator="authors"``;
 * the result is the final state, never a checkpoint picked by test accuracy (their model_best).
 
+Under torch.distributed (``torchrun``; the script calls `fxprune.train.init_distributed()` and
+passes a DataLoader with a DistributedSampler): every rank starts from rank 0's seed, masked model,
+baseline and discriminator; after each backward the discriminator's and the generator's gradients
+are averaged over the ranks (one flattened all-reduce each, the loss values riding along, so a
+non-finite loss on any rank stops every rank), and the masks' gradients at each FISTA step. The
+updates, FISTA steps, lam steering, freezing, revival and the final thresholding are then
+bit-identical on every rank: each rank's batch is a part of one larger batch. The logged losses
+(``details["epochs"]``) are those averages over the ranks; the BN running statistics folded and
+kept are rank 0's; a latency fit measures on rank 0 and every rank uses its seconds.
+
 Example::
 
     >>> slim = fxprune.compress(model, "gal", x, flops=0.25, data=loader,
@@ -59,6 +69,12 @@ from torch import nn
 
 from fxprune.analysis import ModelAnalysis
 from fxprune.constraints import Constraints
+from fxprune.distributed import (
+    average_across_ranks,
+    average_gradients,
+    sync_from_rank0,
+    with_rank0_seed,
+)
 from fxprune.errors import ConfigError, LatencyUnreachableError, TargetUnreachableError
 from fxprune.latency_model import profile_latency
 from fxprune.passes.fuse_masked_conv import fuse_masked_convs
@@ -190,7 +206,26 @@ def _lr_factor(opts: GALOptions, progress: float) -> float:
     return opts.lr_gamma ** sum(progress >= m for m in opts.lr_milestones)
 
 
+def _synced(params, losses: torch.Tensor) -> torch.Tensor:
+    """Average the gradients of `params` and the (detached) `losses` over the ranks, in one
+    all-reduce; returns the averaged losses (no-op without distributed). Every rank then steps
+    with the same gradients (bit-identical updates) and judges the same loss values."""
+    losses = losses.detach().clone()
+    average_across_ranks([*(p.grad for p in params), losses])
+    return losses
+
+
+def _check_finite(losses: torch.Tensor, what: str) -> None:
+    """Refuse non-finite losses (rank-averaged ones: a NaN on any rank makes every rank raise,
+    so none is left waiting in the next all-reduce)."""
+    if not torch.isfinite(losses).all():
+        raise TrainingError(f"GAL {what} loss became non-finite ({losses.tolist()}): lower lr / mu or check the data")
+
+
 def _iteration(run: _Run, opts: GALOptions, inputs, targets, device, adversarial: bool, loss_kind: str):
+    """One discriminator step (when `adversarial`) and one generator step; returns the losses
+    (discriminator, generator, data), averaged over the ranks under distributed. The masks'
+    gradients are averaged at the FISTA step (`_mask_step`), the only place they are used."""
     with torch.no_grad():
         t = _call(run.teacher, inputs, device)
     s = _call(run.forward, inputs, device)
@@ -201,6 +236,8 @@ def _iteration(run: _Run, opts: GALOptions, inputs, targets, device, adversarial
         loss_d = _bce(run.disc(ft), 1.0) + _bce(d_s, 0.0) + (_bce(d_s, 1.0) if opts.d_regularizer else 0.0)
         run.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
+        loss_d = _synced(run.disc.parameters(), loss_d.reshape(1))
+        _check_finite(loss_d, "discriminator")
         run.opt_d.step()
     if loss_kind == "ce":
         data_loss = F.cross_entropy(s, targets.to(device))
@@ -213,16 +250,16 @@ def _iteration(run: _Run, opts: GALOptions, inputs, targets, device, adversarial
     if not run.frozen and opts.l1_in_gradient and run.lam:
         weights = run.l1_weights or [1.0] * len(masks)
         loss_g = loss_g + run.lam * sum((w * m.abs()).sum() for m, w in zip(masks, weights))
-    if not torch.isfinite(loss_g) or not torch.isfinite(loss_d):
-        raise TrainingError(f"GAL loss became non-finite (generator {float(loss_g)}, discriminator "
-                            f"{float(loss_d)}): lower lr / mu or check the data")
     run.opt_g.zero_grad(set_to_none=True)
     if run.frozen or opts.mask_gradient == "batch":
         for m in masks:
             m.grad = None
     loss_g.backward()
+    generator = [p for group in run.opt_g.param_groups for p in group["params"]]
+    losses = _synced(generator, torch.stack([loss_g.detach(), data_loss.detach().to(loss_g)]))
+    _check_finite(losses, "generator (total, data)")
     run.opt_g.step()
-    return float(loss_d.detach()), float(loss_g.detach()), float(data_loss.detach())
+    return float(loss_d.reshape(())), float(losses[0]), float(losses[1])
 
 
 def _entries(masked: SoftMaskedModel, where) -> list[tuple[float, int, int]]:
@@ -348,6 +385,7 @@ def _fit_latency(analysis, cost, masked: SoftMaskedModel, goal: LatencyGoal):
 
 def _mask_step(run: _Run, opts: GALOptions, analysis, cost, progress: float, it: int) -> None:
     masks = run.masked.params()
+    average_gradients(masks)  # every rank's FISTA step then zeroes the same entries
     if opts.mask_gradient == "mean" and run.since_step:
         for m in masks:
             if m.grad is not None:
@@ -452,6 +490,7 @@ def gal(analysis: ModelAnalysis, data: Iterable, constraints: Constraints, opts:
     the target (`_fit_latency`), before the fine-tune; details["latency_fit"] holds the rounds."""
     if data is None:
         raise TrainingError("gal needs data=: an iterable of input batches (labels optional)")
+    opts = with_rank0_seed(opts)
     torch.manual_seed(opts.seed)
     channels, cost = analysis.channels, analysis.cost
     masked = insert_soft_masks(channels, opts.structures, opts.mask_init, opts.seed)
@@ -475,6 +514,8 @@ def gal(analysis: ModelAnalysis, data: Iterable, constraints: Constraints, opts:
     with torch.no_grad(), eval_mode(teacher):
         features = output_features(_call(teacher, _split(first)[0], device)).shape[1]
     disc = make_discriminator(opts.discriminator, features, dtype, device)
+    for module in (masked.module, teacher, disc):  # every rank starts from rank 0's networks
+        sync_from_rank0(module)
     opt_d = torch.optim.SGD(disc.parameters(), lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
     flops = constraints.flops
     budget = constraints.macs_limit(cost.total_macs) if flops < 1 else None
@@ -504,6 +545,7 @@ def gal(analysis: ModelAnalysis, data: Iterable, constraints: Constraints, opts:
                                     weight_decay=opts.weight_decay)
         rows += _loop(run, opts, channels, cost, data, opts.finetune_epochs, opts.finetune_lr, adversarial=False,
                       loss_kind="ce" if has_labels else "mse", device=device)
+    sync_from_rank0(masked.module)  # BN running statistics drift per rank; rank 0's are folded and kept
     state = mask_state(channels, masked)
     unfolded = fold_masks(channels, masked, state)
     state.plan.scale_inputs = list(unfolded)

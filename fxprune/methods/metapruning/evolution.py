@@ -141,19 +141,29 @@ def _summary(generation: int, new: list, cache: dict, key: Callable, summarize: 
     return row
 
 
-def evolve(space: tuple, evaluate: Callable[[tuple], dict], feasible: Callable[[tuple], bool],
+def evolve(space: tuple, evaluate: Callable[[tuple], dict] | None, feasible: Callable[[tuple], bool],
            cfg: EvolutionConfig, *, key: Callable[[dict], object] = lambda info: info["score"],
            summarize: tuple = (), ratio_sampler: Callable | None = None,
-           on_generation: Callable[[dict], None] | None = None) -> SearchResult:
+           on_generation: Callable[[dict], None] | None = None,
+           evaluate_many: Callable[[list], list] | None = None) -> SearchResult:
     """Search `space` for the feasible genome with the highest ``key(evaluate(genome))``.
 
     `evaluate` returns a dict (``score`` by default is what is maximised; `summarize` names the
-    numeric fields whose per-generation best/mean go into the history). `ratio_sampler(rng)`
-    replaces uniform sampling for the initial population (e.g. the authors' limited ratio range).
+    numeric fields whose per-generation best/mean go into the history). `evaluate_many(genomes)`,
+    when given, replaces it: the dicts of a whole generation at once, in its order (e.g. scored
+    in parts by several processes and gathered); the search is the same either way.
+    `ratio_sampler(rng)` replaces uniform sampling for the initial population (e.g. the authors'
+    limited ratio range).
     """
     space = tuple(int(n) for n in space)
     if not space or any(n < 1 for n in space):
         raise ConfigError(f"search space {space} must have at least one gene with at least one choice")
+    if evaluate_many is None:
+        if evaluate is None:
+            raise ConfigError("evolve needs evaluate= (one genome) or evaluate_many= (a generation)")
+
+        def evaluate_many(genomes: list) -> list:
+            return [evaluate(g) for g in genomes]
     rng = np.random.default_rng(cfg.seed)
     cache: dict[tuple, dict] = {}
     rejected: dict[str, int] = {}
@@ -165,8 +175,11 @@ def evolve(space: tuple, evaluate: Callable[[tuple], dict], feasible: Callable[[
     for generation in range(cfg.generations):
         t0 = time.perf_counter()
         new = gen.items
-        for g in new:
-            cache[g] = dict(evaluate(g))
+        infos = list(evaluate_many(new))
+        if len(infos) != len(new):
+            raise ConfigError(f"evaluate_many returned {len(infos)} results for {len(new)} genomes")
+        for g, info in zip(new, infos):
+            cache[g] = dict(info)
         row = _summary(generation, new, cache, key, summarize, cfg.population, time.perf_counter() - t0)
         history.append(row)
         if on_generation is not None:

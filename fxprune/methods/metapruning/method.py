@@ -27,6 +27,17 @@
    measured before and after, the target; the final model measured end to end as the latency
    model was) plus the chosen genome's predicted seconds as the search saw them.
 
+Under torch.distributed (``torchrun``; the script calls `fxprune.train.init_distributed()` and
+passes a DataLoader with a DistributedSampler): every rank uses rank 0's seed, so the split, the
+PruningNet's initial values, the structure sampled per mini-batch and the search's draws agree;
+the PruningNet trains under DDP on each rank's shard of the training part (gradients averaged,
+BN banks included); the held-out batches and the BN-recalibration batches are the whole data on
+every rank (`unsharded`), so a candidate scores the same on any rank (and as without torchrun).
+Each generation is scored in parts, rank r taking candidates r, r + world, ..., and gathered in
+order (`fxprune.distributed.map_over_ranks`): every rank holds the same scores and makes the same
+choices. The final training runs under DDP; rank 0's weights are kept. Latency is profiled and
+measured on rank 0. details["search"] adds ``ranks`` and ``scored_by_this_rank``.
+
 Example::
 
     >>> slim = fxprune.compress(model, "metapruning", x, flops=0.5, data=loader,
@@ -44,9 +55,17 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Subset
+from torch.utils.data.distributed import DistributedSampler
 
 from fxprune.analysis import ModelAnalysis, analyze
 from fxprune.constraints import Constraints, MeasureOn
+from fxprune.distributed import (
+    map_over_ranks,
+    rank0_value,
+    rank_and_world,
+    sync_from_rank0,
+    with_rank0_seed,
+)
 from fxprune.errors import ConfigError, LatencyUnreachableError, TargetUnreachableError
 from fxprune.latency_model import LatencyModel, profile_latency
 from fxprune.latency_model.profile import _default_dtype, batched, make_key, settings_of
@@ -139,25 +158,56 @@ class MetaPruningOptions:
 # -- data -----------------------------------------------------------------------------------------
 def split_data(data: Iterable, holdout: float, seed: int) -> tuple:
     """(training batches, held-out batches): a seeded split of a DataLoader's dataset, else of the
-    batches themselves (the last `holdout` of them)."""
+    batches themselves (the last `holdout` of them).
+
+    A DataLoader sharded by a DistributedSampler (torchrun) keeps its training part sharded (a
+    DistributedSampler over the training subset, with the same replicas, rank, shuffle and seed);
+    the held-out part is whole on every rank, so a candidate's score does not depend on the rank
+    that scored it. `seed` must be the same on every rank (`with_rank0_seed`): it draws the split."""
     if isinstance(data, DataLoader) and data.batch_size is not None and not isinstance(data.dataset, IterableDataset):
         n = len(data.dataset)
         n_hold = max(1, int(round(holdout * n)))
         if n - n_hold < 1:
             raise TrainingError(f"the training data has {n} samples: too few to hold out {holdout:.0%} for scoring")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-        shuffle = isinstance(data.sampler, RandomSampler)
-        kw = dict(batch_size=data.batch_size, collate_fn=data.collate_fn, num_workers=data.num_workers,
-                  pin_memory=data.pin_memory, drop_last=data.drop_last)
-        train_loader = DataLoader(Subset(data.dataset, perm[n_hold:]), shuffle=shuffle,
-                                  generator=torch.Generator().manual_seed(seed) if shuffle else None, **kw)
-        return train_loader, DataLoader(Subset(data.dataset, perm[:n_hold]), shuffle=False, **kw)
+        training, held = Subset(data.dataset, perm[n_hold:]), Subset(data.dataset, perm[:n_hold])
+        sampler = data.sampler
+        if isinstance(sampler, DistributedSampler):
+            shard = DistributedSampler(training, num_replicas=sampler.num_replicas, rank=sampler.rank,
+                                       shuffle=sampler.shuffle, seed=sampler.seed, drop_last=sampler.drop_last)
+            train_loader = DataLoader(training, sampler=shard, **_loader_settings(data))
+        else:
+            train_loader = _whole(data, training, isinstance(sampler, RandomSampler), seed)
+        return train_loader, _whole(data, held, False, seed)
     batches = list(data)
     if len(batches) < 2:
         raise TrainingError(f"metapruning needs at least 2 training batches (one is held out for scoring), got "
                             f"{len(batches)}: pass more data or search_data=")
     n_hold = min(len(batches) - 1, max(1, int(round(holdout * len(batches)))))
     return batches[:-n_hold], batches[-n_hold:]
+
+
+def _loader_settings(data: DataLoader) -> dict:
+    """What a loader over another part of `data`'s dataset keeps of `data`."""
+    return dict(batch_size=data.batch_size, collate_fn=data.collate_fn, num_workers=data.num_workers,
+                pin_memory=data.pin_memory, drop_last=data.drop_last)
+
+
+def _whole(data: DataLoader, dataset, shuffle: bool, seed: int) -> DataLoader:
+    """A loader over all of `dataset` with `data`'s settings, shuffled by a `seed`ed generator."""
+    return DataLoader(dataset, shuffle=shuffle, generator=torch.Generator().manual_seed(seed) if shuffle else None,
+                      **_loader_settings(data))
+
+
+def unsharded(data: Iterable, seed: int) -> Iterable:
+    """`data`, or when a DistributedSampler shards it, a loader over its whole dataset in the order
+    one process would read it (shuffled as the sampler shuffles, by a `seed`ed generator): the
+    batches that recalibrate and score the candidates are then the same on every rank, and the
+    same as without torchrun."""
+    sampler = getattr(data, "sampler", None)
+    if not isinstance(data, DataLoader) or not isinstance(sampler, DistributedSampler):
+        return data
+    return _whole(data, data.dataset, sampler.shuffle, seed)
 
 
 def _first(data: Iterable, n: int | None, seed: int):
@@ -190,7 +240,7 @@ def _encoding(channels, opts: MetaPruningOptions, selection: dict):
 
 def train_pruningnet(net: PruningNet, data: Iterable, opts: MetaPruningOptions, targets_from=None):
     """Train `net` in place with the harness, a random structure per mini-batch; returns the History."""
-    net.rng = np.random.default_rng(opts.seed)
+    net.rng = np.random.default_rng(rank0_value(opts.seed))  # under DDP: the same structure on every rank
     cfg = TrainConfig(epochs=opts.epochs, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay,
                       schedule="triangular", peak_at=0.0, label_smoothing=opts.label_smoothing, seed=opts.seed,
                       progress=opts.progress)
@@ -208,6 +258,7 @@ def pretrain(model: torch.nn.Module, example_inputs, data: Iterable, options: di
     """
 
     opts = options if isinstance(options, MetaPruningOptions) else MetaPruningOptions(**(options or {}))
+    opts = with_rank0_seed(opts)  # the same split on every rank
     analysis = analyze(copy.deepcopy(model), example_inputs)
     encoding = _encoding(analysis.channels, opts, {"round_to": round_to, "min_channels": min_channels,
                                                    "min_ratio": min_ratio})
@@ -258,7 +309,7 @@ def _reused_latency_model(latency_model: LatencyModel, analysis, on: MeasureOn) 
 def _latency_model(analysis, opts: MetaPruningOptions, on: MeasureOn) -> LatencyModel:
     """The reused `latency_model=` (checked), else the model profiled now (or read from the cache)."""
     if opts.latency_model is not None:
-        return _reused_latency_model(opts.latency_model, analysis, on)
+        return rank0_value(_reused_latency_model(opts.latency_model, analysis, on))  # one model for every rank
     rounds = {} if opts.latency_rounds is None else {"rounds": opts.latency_rounds}
     return profile_latency(analysis, **asdict(on), **rounds)
 
@@ -306,7 +357,8 @@ class _Scorer:
     """Accuracy and loss of a genome: PruningNet weights, BN recalibrated, held-out batches."""
 
     def __init__(self, net, calib, heldout, opts: MetaPruningOptions, targets_from):
-        self.net, self.calib, self.heldout, self.opts, self.targets_from = net, calib, heldout, opts, targets_from
+        self.net, self.opts, self.targets_from = net, opts, targets_from
+        self.calib, self.heldout = unsharded(calib, opts.seed), unsharded(heldout, opts.seed)  # same on every rank
 
     def network(self, genome):
         slim = self.net.materialize(genome)
@@ -349,6 +401,7 @@ def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: M
         constraints = dataclasses.replace(constraints, params=opts.params)
     if data is None:
         raise TrainingError("metapruning needs data=: an iterable of (inputs, targets) training batches")
+    opts = with_rank0_seed(opts)  # one split, one PruningNet, one search on every rank
     measure_on = MeasureOn() if measure_on is None else measure_on
     context = MethodContext(analysis, constraints, opts, data, targets_from, measure_on=measure_on)
     selection = constraints.selection()
@@ -382,11 +435,18 @@ def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: M
         info["macs_ratio"] = encoding.macs(cost, genome) / cost.total_macs
         return info
 
+    scored = []  # how many candidates of each generation this rank scored
+
+    def evaluate_generation(genomes: list) -> list:
+        infos, mine = map_over_ranks(evaluate_genome, genomes)  # rank r: genomes[r::world], then gathered
+        scored.append(mine)
+        return infos
+
     sampler = None
     if opts.init_ratio_range is not None:
         sampler = lambda rng: encoding.random(rng, opts.init_ratio_range)  # noqa: E731
-    result = evolve(encoding.space, evaluate_genome, constraint, opts.evolution(),
-                    summarize=("accuracy", "macs_ratio"), ratio_sampler=sampler)
+    result = evolve(encoding.space, None, constraint, opts.evolution(), summarize=("accuracy", "macs_ratio"),
+                    ratio_sampler=sampler, evaluate_many=evaluate_generation)
     t2 = time.perf_counter()
     best = result.best
     if not constraint(best):  # the search only ever scores feasible genomes; this guards that contract
@@ -396,6 +456,7 @@ def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: M
     if opts.final != "none":
         final_data = opts.final_data if opts.final_data is not None else train_data
         final_history = _final_training(slim, final_data, opts, targets_from)
+    sync_from_rank0(slim)  # rank 0's weights and BN statistics on every rank (they drift in DDP training)
     write_back(channels, slim, encoding.keep_roots(best))
     plan = PruningPlan(keep=encoding.keep(best))
     macs = encoding.macs(cost, best)
@@ -404,7 +465,8 @@ def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: M
         "macs": macs, "flops": 2 * macs, "macs_ratio": macs / cost.total_macs,
         "params_ratio": encoding.params(cost, best) / cost.total_params,
         "search": {"best": {"accuracy": result.best_info["accuracy"], "loss": result.best_info["loss"]},
-                   "evaluated": len(result.cache), "rejected": dict(result.rejected), "history": result.history},
+                   "evaluated": len(result.cache), "rejected": dict(result.rejected), "history": result.history,
+                   "ranks": rank_and_world()[1], "scored_by_this_rank": sum(scored)},
         "final": opts.final, "final_training": final_history,
         "seconds": {"limits": t_limits - t0, "pruningnet": t1 - t_limits, "search": t2 - t1,
                     "total": time.perf_counter() - t0},
