@@ -129,9 +129,10 @@ def train(model: nn.Module, data: Iterable, cfg: TrainConfig, *, loss_fn: Callab
             loss = loss_fn(out, targets)
             if extra_loss is not None:
                 loss = loss + extra_loss(model)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"the loss became {loss.item()} at epoch {epoch}, step {step}: lower the "
-                                    "learning rate or check the data")
+            if not _finite_on_every_rank(loss):
+                where = " on another rank" if torch.isfinite(loss) else ""
+                raise TrainingError(f"the loss became non-finite{where} at epoch {epoch}, step {step} (here "
+                                    f"{loss.item()}): lower the learning rate or check the data")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if after_backward is not None:
@@ -157,6 +158,20 @@ def train(model: nn.Module, data: Iterable, cfg: TrainConfig, *, loss_fn: Callab
         if cfg.checkpoint:
             _save(cfg.checkpoint, model, optimizer, epoch + 1, step, history)
     return history
+
+
+def _finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank: under torch.distributed one small all-reduce, so a
+    rank whose loss diverged stops every rank with it instead of leaving them waiting in the next
+    collective."""
+    finite = bool(torch.isfinite(loss))
+    if not is_distributed():
+        return finite
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if finite else 0.0], device=loss.device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
 
 
 def _bar(epoch: int, epochs: int, step: int, steps: int | None, loss: float) -> None:

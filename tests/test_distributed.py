@@ -179,3 +179,39 @@ def test_metapruning_on_two_cpu_ranks_is_bit_identical(tmp_path):
         for row in s["history"]:
             row.pop("seconds")  # wall time of the rank
     assert sa == sb  # the same best score, history, rejections on both ranks
+
+
+def _diverging_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Rank 1's data holds a NaN: both ranks must stop with a TrainingError, neither may wait."""
+    from fxprune.train import TrainConfig, TrainingError, train
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(rank))
+        if rank == 1:
+            x[5] = float("nan")
+        data = DataLoader(TensorDataset(x, torch.randint(0, 4, (32,))), batch_size=32)
+        try:
+            train(ResidualClassifier(), data, TrainConfig(epochs=2, lr=0.01, progress=False))
+            outcome = "trained"
+        except TrainingError as exc:
+            outcome = str(exc)
+        torch.save(outcome, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_loss_that_diverges_on_one_rank_stops_every_rank(tmp_path):
+    context = mp.spawn(_diverging_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    import time
+
+    deadline = time.monotonic() + 60
+    while not context.join(timeout=5):  # True once every rank has exited
+        if time.monotonic() > deadline:  # a hang: a rank waiting in the next collective
+            for p in context.processes:
+                p.kill()
+            raise AssertionError("a rank kept waiting after the other's loss became non-finite")
+    outcomes = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert "non-finite on another rank" in outcomes[0], outcomes
+    assert "non-finite at epoch 0" in outcomes[1] and "nan" in outcomes[1], outcomes
