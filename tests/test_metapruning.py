@@ -217,6 +217,23 @@ def test_params_and_min_flops_limits_hold():
     assert 0.3 * r.macs_before <= r.macs_after <= 0.8 * r.macs_before
 
 
+def test_pruningnet_trains_in_rounds_until_sampled_structures_score_the_target():
+    """An unreachable accuracy runs every round and reports each; a reachable one stops early."""
+    torch.manual_seed(0)
+    model, x = _Head().eval(), torch.randn(2, 3, 8, 8)
+    opts = dict(SMALL, epochs=1, pruningnet_until=1.0, pruningnet_max_rounds=3, pruningnet_probe=2)
+    d = fxprune.compress(model, "metapruning", x, 0.6, data=_loader(), options=opts).fxprune_report.details
+    rounds = d["pruningnet_heldout"]
+    assert [r["epochs"] for r in rounds] == [1, 2, 3] and len(d["pruningnet_training"]) == 3
+    assert all(r["structures"] == 2 and 0 <= r["heldout_accuracy"] <= 1 for r in rounds)
+    first = rounds[0]["heldout_accuracy"]
+    d = fxprune.compress(model, "metapruning", x, 0.6, data=_loader(),
+                         options=dict(opts, pruningnet_until=max(first, 1e-6))).fxprune_report.details
+    assert len(d["pruningnet_heldout"]) == 1 and len(d["pruningnet_training"]) == 1
+    with pytest.raises(fxprune.ConfigError, match="pruningnet_until"):
+        fxprune.compress(model, "metapruning", x, 0.6, data=_loader(), options=dict(SMALL, pruningnet_until=1.5))
+
+
 def test_reused_pruningnet_and_final_training():
     torch.manual_seed(0)
     model, x = _Head().eval(), torch.randn(2, 3, 8, 8)

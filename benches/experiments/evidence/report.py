@@ -39,9 +39,13 @@ def _note(records: list) -> str:
         return "; ".join(parts)
     if method == "metapruning":
         acc = [x.get("search_best_accuracy") for x in s if x.get("search_best_accuracy") is not None]
-        net = [x.get("pruningnet_train_accuracy") for x in s if x.get("pruningnet_train_accuracy") is not None]
-        return (f"search best held-out acc {min(acc):.3f}-{max(acc):.3f}" if acc else "") + \
-               (f"; PruningNet train acc {min(net):.3f}-{max(net):.3f}" if net else "")
+        held = [x["pruningnet_heldout"][-1] for x in s if x.get("pruningnet_heldout")]
+        text = f"search best held-out acc {min(acc):.3f}-{max(acc):.3f}" if acc else ""
+        if held:
+            text += (f"; PruningNet on sampled structures {min(h['heldout_accuracy'] for h in held):.3f}-"
+                     f"{max(h['heldout_accuracy'] for h in held):.3f} held-out after "
+                     f"{'/'.join(str(h['epochs']) for h in held)} epochs")
+        return text
     if method == "gate_decorator":
         ticks = [x.get("ticks") for x in s if x.get("ticks") is not None]
         return f"ticks {min(ticks)}-{max(ticks)}" if ticks and max(ticks) else ""

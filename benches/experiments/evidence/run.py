@@ -142,6 +142,7 @@ def _summary(method: str, details: dict) -> dict:
         return {"widths": details.get("widths"), "search_best_accuracy": search.get("best", {}).get("accuracy"),
                 "first_generation_mean_accuracy": history[0].get("mean_accuracy") if history else None,
                 "pruningnet_train_accuracy": training[-1]["accuracy"] if isinstance(training, list) and training else None,
+                "pruningnet_heldout": details.get("pruningnet_heldout"),
                 "evaluated": search.get("evaluated"), "rejected": search.get("rejected")}
     return {}
 

@@ -83,7 +83,7 @@ from fxprune.train import (
 
 from ..base import MethodContext, MethodResult
 from ..latency_target import latency_details, slim_latency
-from .evolution import EvolutionConfig, evolve
+from .evolution import EvolutionConfig, evolve, repair
 
 FINAL = ("none", "finetune", "scratch")
 
@@ -101,6 +101,11 @@ class MetaPruningOptions:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     pruningnet: Any = None  # a trained PruningNet to reuse (see `pretrain`): skips training
+    # train the PruningNet again (another `epochs`, the LR schedule restarted) until sampled feasible
+    # structures reach this held-out accuracy, at most `pruningnet_max_rounds` rounds in all
+    pruningnet_until: float | None = None
+    pruningnet_max_rounds: int = 3
+    pruningnet_probe: int = 4  # sampled feasible structures per check
     # evolutionary search (authors' defaults)
     population: int = 50
     generations: int = 20
@@ -145,6 +150,10 @@ class MetaPruningOptions:
         if self.latency_model is not None and not isinstance(self.latency_model, LatencyModel):
             raise ConfigError(f"latency_model must be a fxprune.latency_model.LatencyModel (from profile_latency), "
                               f"got {type(self.latency_model).__name__}")
+        if self.pruningnet_until is not None and not 0 < self.pruningnet_until <= 1:
+            raise ConfigError(f"pruningnet_until={self.pruningnet_until} must be an accuracy in (0, 1] or None")
+        if self.pruningnet_max_rounds < 1 or self.pruningnet_probe < 1:
+            raise ConfigError("pruningnet_max_rounds and pruningnet_probe must be >= 1")
         r = self.latency_rounds
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
             raise ConfigError(f"latency_rounds must be an integer >= 1 or None, got {r!r}")
@@ -247,6 +256,36 @@ def train_pruningnet(net: PruningNet, data: Iterable, opts: MetaPruningOptions, 
     history = train(net, data, cfg, targets_from=targets_from)
     net.eval()
     return history
+
+
+def _train_until(net, scorer, encoding, constraint, data, opts: MetaPruningOptions, targets_from):
+    """Train the PruningNet in rounds of `epochs` until `pruningnet_probe` sampled feasible
+    structures reach `pruningnet_until` mean held-out accuracy (or `pruningnet_max_rounds` rounds):
+    the search can only rank structures as well as the PruningNet's weights let them score. Returns
+    (per-epoch history, per-round held-out accuracy); one round and no check without a target."""
+    history, rounds = [], []
+    for r in range(opts.pruningnet_max_rounds if opts.pruningnet_until is not None else 1):
+        history += train_pruningnet(net, data, dataclasses.replace(opts, seed=opts.seed + r), targets_from).epochs
+        if opts.pruningnet_until is None:
+            break
+        probes = sampled_structures(encoding, constraint, opts.pruningnet_probe, opts.seed)
+        accuracy = float(np.mean([scorer(g)["accuracy"] for g in probes])) if probes else 0.0
+        rounds.append({"epochs": (r + 1) * opts.epochs, "heldout_accuracy": accuracy, "structures": len(probes)})
+        if accuracy >= opts.pruningnet_until:
+            break
+    return history, rounds
+
+
+def sampled_structures(encoding, feasible, n: int, seed: int) -> list:
+    """`n` random genomes that meet the constraint (random widths stepped down until they do)."""
+    rng, found = np.random.default_rng(seed + 7919), []
+    for _ in range(20 * n):
+        if len(found) >= n:
+            break
+        g = repair(encoding.random(rng), feasible, rng)
+        if g is not None and g not in found:
+            found.append(g)
+    return found
 
 
 def pretrain(model: torch.nn.Module, example_inputs, data: Iterable, options: dict | MetaPruningOptions | None = None,
@@ -423,12 +462,14 @@ def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: M
     net = opts.pruningnet
     if net is None:
         net = PruningNet(channels, encoding, opts.hidden, opts.bn_banks, opts.seed)
-        details["pruningnet_training"] = train_pruningnet(net, train_data, opts, targets_from).epochs
+    scorer = _Scorer(net, train_data, heldout, opts, targets_from)
+    if opts.pruningnet is None:
+        details["pruningnet_training"], details["pruningnet_heldout"] = _train_until(
+            net, scorer, encoding, constraint, train_data, opts, targets_from)
     else:
         net.check_compatible(channels, encoding)
         details["pruningnet_training"] = "reused"
     t1 = time.perf_counter()
-    scorer = _Scorer(net, train_data, heldout, opts, targets_from)
 
     def evaluate_genome(genome):
         info = scorer(genome)
