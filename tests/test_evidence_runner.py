@@ -150,7 +150,7 @@ def test_a_failing_cell_is_recorded_and_the_batch_goes_on(tmp_path):
     bad = SPEC.replace('options = { schedule = "tick_tock", p = 0.3', 'options = { schedule = "nope", p = 0.3')
     (tmp_path / "spec.toml").write_text(bad.replace("seeds = [0, 1]", "seeds = [0]"))
     spec = load_spec(tmp_path / "spec.toml")
-    written = run_all(spec, tmp_path / "out", only={"tiny"}, log=lambda _m: None)
+    written = run_all(spec, tmp_path / "out", only=["tiny"], log=lambda _m: None)
     records = {r["method"]: r for r in load_records(tmp_path / "out")}
     assert len(written) == 5 and "unknown gate_decorator schedule" in records["gd_tick_tock"]["error"]
     assert "error" not in records["l1"]

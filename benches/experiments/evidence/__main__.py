@@ -26,16 +26,21 @@ def main(argv=None) -> int:
     p.add_argument("--docs", default=None, help="markdown file whose evidence section is regenerated "
                                                 "(default docs/results.md; 'none' to skip)")
     p.add_argument("--report-only", action="store_true", help="regenerate the tables from the records; run nothing")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the spec's settings.threads)")
     p.add_argument("--hours", type=float, default=None, help="start no new run after this many hours (resume later)")
     args = p.parse_args(argv)
     spec = load_spec(args.spec, quick=args.quick)
     out = Path(args.out or ROOT / "benches" / "results" / ("evidence-quick" if args.quick else "evidence"))
-    only = {s for s in args.only.split(",") if s} or None
+    only = [s for s in args.only.split(",") if s] or None
     seeds = tuple(int(s) for s in args.seeds.split(",") if s) or None
     t0 = time.time()
     if not args.report_only:
         deadline = None if args.hours is None else t0 + 3600 * args.hours
-        run_all(spec, out, only, seeds, deadline, log=lambda m: print(m, file=sys.stderr, flush=True))
+        unknown = sorted(set(only or ()) - {e.name for e in spec.experiments})
+        if unknown:
+            p.error(f"--only names unknown experiments {unknown}; the spec has {[e.name for e in spec.experiments]}")
+        run_all(spec, out, only, seeds, deadline, log=lambda m: print(m, file=sys.stderr, flush=True),
+                threads=args.threads)
     records = load_records(out)
     body = experiment_tables(spec, records)
     if args.docs != "none":

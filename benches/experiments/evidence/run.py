@@ -10,6 +10,7 @@ batch goes on.
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import os
 import time
@@ -102,6 +103,13 @@ def baseline(spec: Spec, data: Data, model_name: str, seed: int, out: Path):
     n = spec.sizes("full")["baseline"]
     tag = spec.digest(model_name, sched, n)
     weights, info = out / "baselines" / f"{model_name}-s{seed}-{tag}.pt", out / "baselines" / f"{model_name}-s{seed}-{tag}.json"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    with open(weights.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two runner processes never train the same baseline twice
+        return _trained_baseline(model_name, seed, data, n, sched, weights, info)
+
+
+def _trained_baseline(model_name, seed, data, n, sched, weights: Path, info: Path):
     torch.manual_seed(seed)
     model = NETS[model_name]()
     if weights.exists() and info.exists():
@@ -189,15 +197,16 @@ def record_path(out: Path, exp: Experiment, key: str, target: float, seed: int) 
     return out / "runs" / exp.name / f"{key}-t{target:g}-s{seed}.json"
 
 
-def run_all(spec: Spec, out: Path, only: set | None = None, seeds: tuple | None = None, deadline: float | None = None,
-            log=print) -> list[Path]:
-    """Every missing record of the spec (or of the experiments in `only`), in spec order. Stops
-    starting new runs after `deadline` (time.time()); returns the paths written."""
-    torch.set_num_threads(int(spec.settings.get("threads", torch.get_num_threads())))
+def run_all(spec: Spec, out: Path, only: list | None = None, seeds: tuple | None = None, deadline: float | None = None,
+            log=print, threads: int | None = None) -> list[Path]:
+    """Every missing record of the spec (or of the experiments in `only`, in that order), in spec
+    order. Stops starting new runs after `deadline` (time.time()); returns the paths written.
+    Several processes may share `out` (baselines are trained under a file lock, records written
+    atomically), e.g. two one-thread processes on two cores."""
+    torch.set_num_threads(threads or int(spec.settings.get("threads", torch.get_num_threads())))
     data, written = Data(spec), []
-    for exp in spec.experiments:
-        if only and exp.name not in only:
-            continue
+    experiments = [e for name in only for e in spec.experiments if e.name == name] if only else spec.experiments
+    for exp in experiments:
         for seed in seeds or exp.seeds:
             for target in exp.targets:
                 for key in exp.methods:
