@@ -169,6 +169,20 @@ def test_bad_specs_are_refused_with_the_fix(tmp_path):
         load_spec(path)
 
 
+def test_unknown_experiments_are_refused_before_anything_runs(tmp_path, capsys):
+    (tmp_path / "spec.toml").write_text(SPEC)
+    with pytest.raises(SystemExit) as exc:
+        main(["--spec", str(tmp_path / "spec.toml"), "--out", str(tmp_path / "out"), "--only", "tiny,nope"])
+    assert exc.value.code == 2 and "unknown experiments ['nope']" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_experiment_may_lengthen_its_fine_tune(tmp_path):
+    (tmp_path / "spec.toml").write_text(SPEC.replace('seeds = [0]', 'seeds = [0]\nfinetune = { epochs = 3 }'))
+    spec = load_spec(tmp_path / "spec.toml")
+    assert [e.finetune for e in spec.experiments] == [{}, {"epochs": 3}]
+
+
 def test_quick_merges_its_tables_over_the_spec(tmp_path):
     (tmp_path / "spec.toml").write_text(SPEC)
     assert load_spec(tmp_path / "spec.toml", quick=True).sizes("full")["baseline"] == 256

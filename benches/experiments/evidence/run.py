@@ -181,7 +181,7 @@ def run_one(spec: Spec, data: Data, exp: Experiment, ms: MethodSpec, target: flo
         record["accuracy"]["none"] = evaluate(slim, test)["accuracy"]
     if "finetune" in exp.after:
         t1, tuned = time.perf_counter(), copy.deepcopy(slim)
-        train(tuned, data.loader(sizes["finetune"], seed + 200), _config(spec.schedule("finetune"), seed))
+        train(tuned, data.loader(sizes["finetune"], seed + 200), _config({**spec.schedule("finetune"), **exp.finetune}, seed))
         record["accuracy"]["finetune"] = evaluate(tuned, test)["accuracy"]
         record["seconds"]["finetune"] = time.perf_counter() - t1
     if "scratch" in exp.after:

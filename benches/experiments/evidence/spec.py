@@ -14,7 +14,8 @@ A spec has
 * ``[[experiments]]``: ``name``, ``model`` (an ``fxprune.nets`` name), ``targets`` (fractions of
   the MACs), ``methods`` (keys), ``after`` (which evaluations: ``none`` = straight out of the
   method, ``finetune``, ``scratch`` = the structure re-initialised and trained from scratch),
-  ``data`` (a regime name or ``full``), optional ``seeds``;
+  ``data`` (a regime name or ``full``), optional ``seeds`` and ``finetune`` (fields replacing the
+  shared fine-tune's, for experiments that compare against the baseline only);
 * ``[quick]``: tables merged over the above by ``--quick`` (smaller data, shorter schedules).
 """
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Experiment:
     after: tuple
     data: str
     seeds: tuple
+    finetune: dict = field(default_factory=dict)  # replaces fields of [finetune] for this experiment
 
 
 @dataclass(frozen=True)
@@ -129,5 +131,6 @@ def load_spec(path: str | Path = DEFAULT_SPEC, quick: bool = False) -> Spec:
         if regime != "full" and not isinstance(raw["data"].get(regime), dict):
             raise ConfigError(f"experiment {name}: data regime {regime!r} has no [data.{regime}] table")
         experiments.append(Experiment(name, model, tuple(float(t) for t in _require(e, "targets", f"experiment {name}")),
-                                      tuple(e["methods"]), after, regime, tuple(e.get("seeds", settings["seeds"]))))
+                                      tuple(e["methods"]), after, regime, tuple(e.get("seeds", settings["seeds"])),
+                                      dict(e.get("finetune", {}))))
     return Spec(raw, settings, tuple(experiments), methods, quick)
