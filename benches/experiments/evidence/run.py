@@ -43,21 +43,24 @@ def synthetic(n: int, seed: int) -> TensorDataset:
 
 
 class Data:
-    """The training pool (a fixed permutation of the train split) and the test split."""
+    """The training pool (a fixed permutation of the train split) and the test split, as tensors
+    on the spec's device (``settings.device``: batches are then made there, no copies per step)."""
 
     def __init__(self, spec: Spec):
         s = spec.settings
         self.batch = int(s.get("batch", 128))
+        self.device = torch.device(s.get("device", "cpu"))
         largest = max(max(spec.sizes("full").values()), *(max(spec.sizes(e.data).values()) for e in spec.experiments))
         if s.get("dataset", "mnist") == "synthetic":
-            self.pool, self.test = synthetic(largest, 1), synthetic(int(s["test_images"]), 2)
+            pool, test = synthetic(largest, 1), synthetic(int(s["test_images"]), 2)
         else:
             from fxprune import data as fxdata
 
             train_set = fxdata.mnist("train")
-            perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(1234))
-            self.pool = Subset(train_set, perm[:largest].tolist())
-            self.test = Subset(fxdata.mnist("test"), range(int(s["test_images"])))
+            perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(1234))[:largest]
+            pool = TensorDataset(*(t[perm] for t in train_set.tensors))
+            test = TensorDataset(*(t[:int(s["test_images"])] for t in fxdata.mnist("test").tensors))
+        self.pool, self.test = (TensorDataset(*(t.to(self.device) for t in ds.tensors)) for ds in (pool, test))
 
     def loader(self, n: int, seed: int, labelled: bool = True) -> DataLoader:
         """The first `n` pool images, shuffled by `seed`; inputs only when not `labelled`."""
@@ -98,7 +101,8 @@ def _write_json(path: Path, record: dict) -> None:
 
 
 def baseline(spec: Spec, data: Data, model_name: str, seed: int, out: Path):
-    """The trained baseline of `model_name` for `seed` (cached: trained once per spec and seed)."""
+    """The trained baseline of `model_name` for `seed` (cached: trained once per spec and seed),
+    on the data's device."""
     sched = spec.schedule("baseline")
     n = spec.sizes("full")["baseline"]
     tag = spec.digest(model_name, sched, n)
@@ -111,9 +115,9 @@ def baseline(spec: Spec, data: Data, model_name: str, seed: int, out: Path):
 
 def _trained_baseline(model_name, seed, data, n, sched, weights: Path, info: Path):
     torch.manual_seed(seed)
-    model = NETS[model_name]()
+    model = NETS[model_name]().to(data.device)
     if weights.exists() and info.exists():
-        model.load_state_dict(torch.load(weights, weights_only=True))
+        model.load_state_dict(torch.load(weights, weights_only=True, map_location=data.device))
         return model.eval(), json.loads(info.read_text())
     t0 = time.perf_counter()
     cfg = _config(sched, seed)
@@ -161,9 +165,10 @@ def run_one(spec: Spec, data: Data, exp: Experiment, ms: MethodSpec, target: flo
     sizes = spec.sizes(exp.data)
     loaders = {role: data.loader(sizes[role], seed + 100, labelled=role != "unlabelled")
                for role in ("method", "tick", "unlabelled") if role in sizes}
-    x = torch.randn(1, 1, 28, 28)
+    x = torch.randn(1, 1, 28, 28, device=data.device)
     record = {"experiment": exp.name, "model": exp.model, "method": ms.key, "fxprune_method": ms.method,
-              "target": target, "seed": seed, "data": exp.data, "baseline_accuracy": base_info["accuracy"],
+              "target": target, "seed": seed, "data": exp.data, "device": str(data.device),
+              "baseline_accuracy": base_info["accuracy"],
               "accuracy": {}, "seconds": {}}
     t0 = time.perf_counter()
     kwargs = {}
