@@ -122,8 +122,8 @@ def test_schedules_meet_the_flops_target(schedule):
     assert sum(p.numel() for p in model.parameters()) == r.params_before  # the user's model is untouched
 
 
-@pytest.mark.parametrize("schedule", ["tick_only", "tick_tock"])
-def test_the_last_tick_lands_within_one_percent_of_the_target(schedule):
+@pytest.mark.parametrize("schedule,flops", [("tick_only", 0.4), ("tick_tock", 0.4), ("tick_only", 0.1)])
+def test_the_last_tick_lands_within_one_percent_of_the_target(schedule, flops):
     """Ticks of p = 0.3 of the remaining units would overshoot a 0.4 target by far; the crossing
     Tick prunes only as many of its lowest-scored units as the target needs."""
     from fxprune.nets import resnet20
@@ -133,12 +133,12 @@ def test_the_last_tick_lands_within_one_percent_of_the_target(schedule):
     g = torch.Generator().manual_seed(0)
     data = DataLoader(TensorDataset(torch.randn(32, 1, 16, 16, generator=g), torch.randint(0, 10, (32,), generator=g)),
                       batch_size=16)
-    slim = fxprune.compress(model, "gate_decorator", torch.randn(2, 1, 16, 16), 0.4, data=data,
+    slim = fxprune.compress(model, "gate_decorator", torch.randn(2, 1, 16, 16), flops, data=data,
                             options=dict(schedule=schedule, p=0.3, T=2, tock_epochs=1, finetune_epochs=0))
     r = slim.fxprune_report
-    assert 0.99 * 0.4 <= r.macs_ratio <= 0.4, r.macs_ratio
+    assert 0.99 * flops <= r.macs_ratio <= flops, r.macs_ratio
     ticks = r.details["ticks"]
-    assert len(ticks) >= 2 and ticks[-2]["macs_ratio"] > 0.4
+    assert len(ticks) >= 2 and ticks[-2]["macs_ratio"] > flops
 
 
 def test_unlabelled_batches_are_labelled_by_the_original_model():
