@@ -29,10 +29,12 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..context import Layout
-from .registry import OpHandler, get_arg, get_attr_target, register_function, set_arg
+from ..tracer import register_leaf_module
+from .conv import WEIGHT_SOURCE
+from .registry import OpHandler, get_arg, get_attr_target, register_function, register_module, set_arg
 
 _STREAM = "the residual stream of Swin's window attention stays (its heads are pruned)"
 
@@ -129,18 +131,21 @@ def _heads_axis(ctx, arg, num_heads: int, heads: np.ndarray, node: fx.Node, what
     spec = ctx.spec(arg)
     if spec is None or not hasattr(spec, "shape"):
         return f"its {what} is not a tensor fxprune follows"
-    shape = tuple(spec.shape)
-    if (len(shape) < 3 and math.prod(shape) == 1) or (len(shape) >= 3 and shape[-3] == 1):
-        return None  # the same for every head
-    if len(shape) < 3 or shape[-3] != num_heads:
-        return f"its {what} (shape {shape}) is not per head"
+    shape, lay = tuple(spec.shape), ctx.layout(arg)
     dim = len(shape) - 3
+    if len(shape) < 3 or shape[-3] != num_heads or (isinstance(lay, Layout) and lay.dim != dim):
+        ctx.mark_all(lay, f"{node.name} reads {arg.name} whole")  # its own channels, if any, stay
+        if (len(shape) < 3 and math.prod(shape) == 1) or (len(shape) >= 3 and shape[-3] == 1):
+            return None  # the same for every head
+        return f"its {what} (shape {shape}) is not per head"
     target = get_attr_target(arg)
     if target is not None:
         ctx.member(target, dim, heads, "channel", node)
         return None
-    ctx.couple(heads, ctx.ids_on(arg, dim, node))  # untracked: fresh marked ids, so the heads stay
-    return None
+    if isinstance(lay, Layout):
+        ctx.couple(heads, lay.ids)
+        return None
+    return f"its {what} is computed where fxprune does not follow the heads"
 
 
 def _swin_parts(node: fx.Node):
@@ -233,13 +238,89 @@ class RelativePositionBiasFunction(OpHandler):
         return Layout(1, ids)
 
 
+class PrunedRelativePositionalMultiHeadAttention(nn.Module):
+    """torchvision's MaxViT `RelativePositionalMultiHeadAttention` with `n_heads` heads of
+    `head_dim` on a `feat_dim` stream (n_heads * head_dim may be less than feat_dim): the same
+    tensors and scale (feat_dim ** -0.5, as torchvision computes it), the output reshaped to the
+    kept heads' width before `merge`."""
+
+    def __init__(self, attn: nn.Module, n_heads: int):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, attn.head_dim
+        self.size, self.max_seq_len, self.scale_factor = attn.size, attn.max_seq_len, attn.scale_factor
+        self.to_qkv, self.merge = attn.to_qkv, attn.merge
+        self.relative_position_bias_table = attn.relative_position_bias_table
+        self.register_buffer("relative_position_index", attn.relative_position_index)
+        self.to_qkv.out_features = 3 * n_heads * attn.head_dim
+        self.merge.in_features = n_heads * attn.head_dim
+
+    def get_relative_positional_bias(self) -> Tensor:
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(self.max_seq_len, self.max_seq_len, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, G, P, _ = x.shape
+        H, DH = self.n_heads, self.head_dim
+        q, k, v = torch.chunk(self.to_qkv(x), 3, dim=-1)
+        q = q.reshape(B, G, P, H, DH).permute(0, 1, 3, 2, 4)
+        k = k.reshape(B, G, P, H, DH).permute(0, 1, 3, 2, 4) * self.scale_factor
+        v = v.reshape(B, G, P, H, DH).permute(0, 1, 3, 2, 4)
+        attn = F.softmax(torch.einsum("bghid,bghjd->bghij", q, k) + self.get_relative_positional_bias(), dim=-1)
+        out = torch.einsum("bghij,bghjd->bghid", attn, v).permute(0, 1, 3, 2, 4).reshape(B, G, P, H * DH)
+        return self.merge(out)
+
+
+class RelativePositionalAttentionModule(OpHandler):
+    """MaxViT's `RelativePositionalMultiHeadAttention` (a leaf of the trace: its code reshapes the
+    heads' output to the input width, which the rewrite must change): a head owns its q, k, v rows
+    of `to_qkv`, its `merge` columns and its column of `relative_position_bias_table`."""
+
+    def analyze(self, ctx, node):
+        attn, t = ctx.get_submodule(node.target), node.target
+        x = node.args[0]
+        dim = ctx.spec(x).ndim - 1
+        in_ids = ctx.ids_on(x, dim, node)
+        ctx.mark(in_ids, _STREAM_MAXVIT)
+        heads = ctx.new_ids(attn.n_heads)
+        per_row = np.repeat(heads, attn.head_dim)
+        ctx.member(f"{t}.to_qkv.weight", 1, in_ids, "in", node)
+        ctx.member(f"{t}.to_qkv.weight", 0, np.tile(per_row, 3), "out", node)
+        if attn.to_qkv.bias is not None:
+            ctx.member(f"{t}.to_qkv.bias", 0, np.tile(per_row, 3), "channel", node)
+        ctx.member(f"{t}.merge.weight", 1, per_row, "in", node)
+        out_ids = ctx.member(f"{t}.merge.weight", 0, None, "out", node, size=attn.merge.out_features)
+        ctx.mark(out_ids, _STREAM_MAXVIT)
+        if attn.merge.bias is not None:
+            ctx.member(f"{t}.merge.bias", 0, out_ids, "channel", node)
+        ctx.member(f"{t}.relative_position_bias_table", 1, heads, "channel", node)
+        node.meta[WEIGHT_SOURCE] = f"{t}.to_qkv.weight"  # its MACs scale with the kept heads
+        return Layout(dim, out_ids)
+
+    def rewrite(self, rctx, node):
+        attn = rctx.get_submodule(node.target)
+        kept = rctx.kept_count(rctx.channels.members[(f"{node.target}.merge.weight", 1)].ids) // attn.head_dim
+        if kept == attn.n_heads:
+            return
+        parent, _, name = node.target.rpartition(".")
+        setattr(rctx.get_submodule(parent) if parent else rctx.gm, name,
+                PrunedRelativePositionalMultiHeadAttention(attn, kept))
+        rctx.forget_module(node.target)
+
+
+_STREAM_MAXVIT = "the residual stream of MaxViT's attention stays (its heads are pruned)"
+
 try:  # torchvision is optional
+    from torchvision.models import maxvit as _maxvit
     from torchvision.models import swin_transformer as _swin
 except ImportError:  # pragma: no cover
-    _swin = None
+    _swin = _maxvit = None
 if _swin is not None:
     register_function(_swin.shifted_window_attention)(ShiftedWindowAttentionFunction)
     register_function(_swin._get_relative_position_bias)(RelativePositionBiasFunction)
+if _maxvit is not None:
+    for _cls in (_maxvit.RelativePositionalMultiHeadAttention, PrunedRelativePositionalMultiHeadAttention):
+        register_leaf_module(_cls, "MaxViT attention: its heads are pruned whole (passes/ops/window_attention.py)")
+        register_module(_cls)(RelativePositionalAttentionModule)
 register_function(pruned_shifted_window_attention)(ShiftedWindowAttentionFunction)
 
-__all__ = ["pruned_shifted_window_attention"]
+__all__ = ["PrunedRelativePositionalMultiHeadAttention", "pruned_shifted_window_attention"]
