@@ -7,7 +7,7 @@ columns, v2's logit scale and cpb_mlp rows), MACs counted by FlopCounterMode fel
 cost model's recount, params fell; heads stay, with a reason, where the per-head bias is not
 followed; non-finite values fail. Swin runs at 64x64 (stage 1 pads 16x16 to 21x21 windows and
 shifts; stage 4's 2x2 map fits one window, no shift); MaxViT as a two-stage 32x32 MaxVit, and
-maxvit_t at 224 once (marked slow).
+maxvit_t at 224 once.
 """
 from __future__ import annotations
 
@@ -230,8 +230,7 @@ def test_maxvit_compress_l1_and_non_finite():
     assert not compare(masked_reference(analysis.channels, plan), slim, analysis.inputs).passed
 
 
-@pytest.mark.slow
-def test_maxvit_t_224_half_flops():
+def test_maxvit_t_224_half_flops():  # ~3 s single-threaded
     torch.manual_seed(0)
     model = torchvision.models.maxvit_t().eval()
     x = torch.randn(1, 3, 224, 224)
