@@ -1,4 +1,4 @@
-"""Window attention of torchvision's Swin (v1 and v2): whole heads are pruned.
+"""Window attention of torchvision's Swin (v1 and v2) and MaxViT: whole heads are pruned.
 
 torchvision marks `shifted_window_attention` and `_get_relative_position_bias` with
 `torch.fx.wrap`, so a `ShiftedWindowAttention` traces to a call of each (v2 traces its `cpb_mlp`,
@@ -16,9 +16,19 @@ once heads go: the rewrite calls `pruned_shifted_window_attention` instead (the 
 the head width passed explicitly). v2's zeroed k block of `qkv.bias` is kept (the function zeroes
 the middle third of the sliced bias, which is the kept heads' k block).
 
-Heads stay (with the reason in the report) where the bias, the logit scale or the number of heads
-does not come per head from tracked tensors; a call whose q/k/v or output projection weights are
-computed rather than parameters is a boundary.
+Heads stay (with the reason in the report) where the bias or the logit scale is not per head or
+is computed by code whose heads fxprune does not follow; a call whose q/k/v or output projection
+weights are computed rather than parameters, or whose head count it cannot read, is a boundary.
+
+MaxViT's `RelativePositionalMultiHeadAttention` reshapes the heads' output to the input width
+(`reshape(B, G, P, D)` with D read from `x.shape`), so it is traced as a leaf (registered here)
+and handled like nn.MultiheadAttention: a head owns its q, k, v rows of `to_qkv`, its `merge`
+columns and its column of `relative_position_bias_table`; the rewrite puts a
+`PrunedRelativePositionalMultiHeadAttention` (same tensors, plain ops) in its place. Its MACs all
+scale with the kept heads: the node names `to_qkv.weight` for the cost model (`WEIGHT_SOURCE`).
+
+MViT's attention and the video Swin3D's (`torchvision.models.video.swin_transformer`, its own
+functions) are not handled: they stay boundaries.
 """
 from __future__ import annotations
 
