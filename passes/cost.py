@@ -27,7 +27,7 @@ class _Scaled:
 
 
 def _weight_target(node: fx.Node, gm: fx.GraphModule) -> str | None:
-    if "fxprune_weight_source" in node.meta:  # a conv whose weight is computed from this parameter
+    if "fxprune_weight_source" in node.meta:  # a conv whose weight is computed from this parameter, an attention leaf
         return node.meta["fxprune_weight_source"]
     if node.op == "call_module":
         return f"{node.target}.weight"

@@ -2,7 +2,7 @@
 
 Importing this package fills the registry; an op without a handler is a boundary.
 """
-from . import attention, conv, elementwise, linear, norm, passthrough, reduce, reshape, slicing  # noqa: F401
+from . import attention, conv, elementwise, linear, norm, passthrough, reduce, reshape, slicing, window_attention  # noqa: F401
 from .registry import (
     OpHandler,
     handler_for,

@@ -13,6 +13,8 @@ kdim/vdim projections, `add_bias_kv`, `add_zero_attn`, masks or `is_causal` pass
 attention weights that the code reads (`need_weights` left True and output 1 used).
 nn.MultiheadAttention cannot hold fewer heads than `embed_dim` allows, so the rewrite puts a
 `PrunedMultiheadAttention` (same tensors, same call signature, plain ops) in its place.
+
+Swin's and MaxViT's window attention heads: `window_attention.py`.
 """
 from __future__ import annotations
 

@@ -133,7 +133,8 @@ class ConvModule(OpHandler):
 
 
 # Set on a conv whose weight is computed: the parameter it is computed from (the cost model scales
-# the conv's MACs with that parameter's kept rows).
+# the conv's MACs with that parameter's kept rows). Attention leaves whose MACs all scale with the
+# kept heads (MaxViT's, ops/window_attention.py) name their q/k/v weight here too.
 WEIGHT_SOURCE = "fxprune_weight_source"
 
 
