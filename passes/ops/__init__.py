@@ -2,7 +2,19 @@
 
 Importing this package fills the registry; an op without a handler is a boundary.
 """
-from . import attention, conv, elementwise, linear, norm, passthrough, reduce, reshape, slicing, window_attention  # noqa: F401
+from . import (  # noqa: F401
+    attention,
+    conv,
+    elementwise,
+    linear,
+    mvit_attention,
+    norm,
+    passthrough,
+    reduce,
+    reshape,
+    slicing,
+    window_attention,
+)
 from .registry import (
     OpHandler,
     handler_for,

@@ -27,8 +27,8 @@ columns and its column of `relative_position_bias_table`; the rewrite puts a
 `PrunedRelativePositionalMultiHeadAttention` (same tensors, plain ops) in its place. Its MACs all
 scale with the kept heads: the node names `to_qkv.weight` for the cost model (`WEIGHT_SOURCE`).
 
-MViT's attention and the video Swin3D's (`torchvision.models.video.swin_transformer`, its own
-functions) are not handled: they stay boundaries.
+MViT's attention: `mvit_attention.py`. The video Swin3D's (`torchvision.models.video.swin_transformer`,
+its own functions) is not handled: it stays a boundary.
 """
 from __future__ import annotations
 
