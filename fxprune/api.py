@@ -31,7 +31,7 @@ from fxprune.passes.tensors import set_tensor
 
 from . import report as _report
 from .analysis import ModelAnalysis, analyze, with_grouped
-from .arguments import grouped_option
+from .arguments import grouped_option, heads_option
 from .constraints import Constraints, MeasureOn
 from .errors import ConfigError, NothingToPruneError
 from .hooks import carry_root_hooks, preserve_through_deepcopy
@@ -113,7 +113,7 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
              data: Any = None, options: dict | None = None, latency: float | None = None,
              latency_ms: float | None = None, params: float | None = None, device: str = "cpu",
              batch: int | None = None, dtype: Any = None, channels_last: bool = False,
-             compile: bool = False, grouped: str = "whole") -> fx.GraphModule:
+             compile: bool = False, grouped: str = "whole", heads: str = "whole") -> fx.GraphModule:
     """Return a slim copy of `model` keeping at most `flops` of its FLOPs.
 
     Args:
@@ -140,6 +140,11 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
             group keeps the same channel positions (its group count stays), ``"auto"``: equal where the
             groups are wide enough (per-group width >= number of groups), whole elsewhere. Depthwise
             convs always lose whole groups. (A recipe of an equal/auto result cannot be replayed yet.)
+        heads: how nn.MultiheadAttention (and so torchvision's ViT) is pruned: ``"whole"`` heads go (the
+            default), ``"width"``: every head stays and keeps the same q/k positions (fewer terms in its
+            q k^T, scaled as before) and the same v positions (narrower outputs), ``"auto"``: width where
+            a head is at least as wide as the number of heads, whole elsewhere. Swin, MaxViT and MViT
+            attention always lose whole heads.
         options: method options, a dict or the method's options object (``fxprune.methods``:
             ``GateDecoratorOptions``, ``GALOptions``, ``MetaPruningOptions``).
 
@@ -156,10 +161,10 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
     measure_on = MeasureOn(device=device, batch=batch, dtype=dtype, channels_last=channels_last, compile=compile)
     constraints.require_supported(chosen.name, chosen.supports)
     opts = make_options(chosen, options, seed)
-    grouped = grouped_option(grouped)
+    grouped, heads = grouped_option(grouped), heads_option(heads)
     t0 = time.perf_counter()
     analysis = analyze(model, example_inputs, ignore=ignore, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    analysis = with_grouped(analysis, grouped)
+    analysis = with_grouped(analysis, grouped, heads)
     if not analysis.channels.prunable_groups:
         reason = _report.main_boundary_reason(analysis.channels)
         raise NothingToPruneError(

@@ -89,6 +89,18 @@ def whole_number(value: Any, argument: str, *, low: int = 1, optional: bool = Fa
 GROUPED = ("whole", "equal", "auto")
 
 
+HEADS = ("whole", "width", "auto")
+
+
+def heads_option(value: Any) -> str:
+    """`heads=`: how nn.MultiheadAttention is pruned ("whole" heads, per-head "width", "auto")."""
+    if not isinstance(value, str) or value not in HEADS:
+        raise ConfigError(f"heads={value!r} must be one of 'whole' (remove whole attention heads), 'width' "
+                          "(every head keeps the same q/k and v positions) or 'auto' (width where a head is at "
+                          "least as wide as the number of heads)")
+    return value
+
+
 def grouped_option(value: Any) -> str:
     """`grouped=`: how grouped convs are pruned ("whole" groups, an "equal" count per group, "auto")."""
     if not isinstance(value, str) or value not in GROUPED:

@@ -14,7 +14,7 @@ import torch
 
 from . import profile_report
 from .api import DATA_FREE_METHODS, _check_options, analyze, compress
-from .arguments import GROUPED
+from .arguments import GROUPED, HEADS
 from .benchmark import DTYPES as BENCH_DTYPES
 from .benchmark import bench_models, render_table, write_json
 from .errors import ConfigError, FxpruneError
@@ -96,7 +96,7 @@ def cmd_compress(args) -> int:
     start = time.perf_counter()
     slim = compress(model, args.method, x, args.flops, round_to=args.round_to, ignore=args.ignore or (),
                     min_channels=args.min_channels, min_ratio=args.min_ratio, verify=not args.no_verify,
-                    latency=args.latency, latency_ms=args.latency_ms, grouped=args.grouped, **_measure_on(args))
+                    latency=args.latency, latency_ms=args.latency_ms, grouped=args.grouped, heads=args.heads, **_measure_on(args))
     print(f"{args.model}: {args.method} at flops={args.flops} in {time.perf_counter() - start:.2f}s")
     print(slim.fxprune_report.table())
     return 0
@@ -239,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-ratio", type=float, default=0.0)
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with the masked original")
     _grouped_option(p)
+    p.add_argument("--heads", default="whole", choices=HEADS,
+                   help="nn.MultiheadAttention: remove whole heads (default), keep the same q/k and v "
+                        "positions in every head (width), or auto (width where a head is at least as wide "
+                        "as the number of heads)")
     _measure_options(p)
     p.set_defaults(func=cmd_compress)
 

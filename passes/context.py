@@ -62,6 +62,7 @@ class AnalysisContext:
     modules: dict = field(default_factory=dict)  # memo of get_submodule: handlers ask twice per node
     weight_sources: dict = field(default_factory=dict)  # parameter -> conv computing its weight from it (ops/conv.py)
     grouped: str = "whole"  # grouped convs: "whole" groups, "equal" positions per group, or "auto" (ops/conv.py)
+    heads: str = "whole"  # nn.MultiheadAttention: "whole" heads, per-head "width", or "auto" (ops/attention.py)
 
     def get_submodule(self, target: str) -> nn.Module:
         mod = self.modules.get(target)

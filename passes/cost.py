@@ -16,6 +16,11 @@ import torch.fx as fx
 
 from .shapes import MACS
 
+# A node whose MACs are a sum of parts that scale with different channels (nn.MultiheadAttention
+# pruned per head width: the q/k part with the kept q/k positions, the v part with the kept v
+# positions) lists them as [(share of its MACs, [element ids whose kept fraction multiplies it])].
+MACS_TERMS = "fxprune_macs_terms"
+
 if TYPE_CHECKING:  # the analysis' type, for annotations only (dependency imports the handlers)
     from .dependency import ChannelAnalysis
 
@@ -48,9 +53,16 @@ class CostModel:
         for (target, _dim), m in channels.members.items():
             by_target.setdefault(target, []).append(root[m.ids])
         self.node_macs: dict[str, _Scaled] = {}
+        terms_of: dict[str, list[str]] = {}  # node -> its node_macs keys, where it has several terms
         for node in channels.gm.graph.nodes:
             macs = node.meta.get(MACS, 0)
             if not macs:
+                continue
+            if node.meta.get(MACS_TERMS):
+                keys = terms_of[node.name] = []
+                for i, (share, ids) in enumerate(node.meta[MACS_TERMS]):
+                    keys.append(node.name if i == 0 else f"{node.name}#{i}")
+                    self.node_macs[keys[-1]] = _Scaled(float(macs) * share, [root[np.asarray(a)] for a in ids])
                 continue
             target = _weight_target(node, channels.gm)
             if node.op == "call_module" and target not in by_target and f"{node.target}.in_proj_weight" in by_target:
@@ -65,7 +77,9 @@ class CostModel:
         self.total_params = sum(s.base for s in self.param_sizes)
         self._macs_sum = _ScaledSum(list(self.node_macs.values()))
         self._params_sum = _ScaledSum(self.param_sizes)
-        self._macs_index = {name: i for i, name in enumerate(self.node_macs)}
+        self._macs_index = {name: [i] for i, name in enumerate(self.node_macs)}
+        for name, keys in terms_of.items():
+            self._macs_index[name] = [i for key in keys for i in self._macs_index[key]]
         self._params_index = {name: i for i, name in enumerate(self.param_owner)}
 
     @staticmethod
@@ -78,7 +92,7 @@ class CostModel:
         return v
 
     def macs(self, keep: np.ndarray | None = None, removed_nodes: frozenset = frozenset()) -> float:
-        return self._macs_sum.total(keep, [self._macs_index[n] for n in removed_nodes if n in self._macs_index])
+        return self._macs_sum.total(keep, [i for n in removed_nodes for i in self._macs_index.get(n, ())])
 
     def params(self, keep: np.ndarray | None = None, removed_params: frozenset = frozenset()) -> float:
         return self._params_sum.total(keep, [self._params_index[n] for n in removed_params

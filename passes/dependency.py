@@ -32,6 +32,7 @@ from fxprune.errors import ConfigError
 
 from .context import LAYOUT, AnalysisContext, Boundary, Layout, Member
 from .ops import handler_for
+from .ops.attention import HEADS_MODES
 from .ops.conv import GROUPED_MODES, computed_weight_sources
 from .ops.reshape import PARAM_SIZE_READ
 from .shapes import VALUE
@@ -354,12 +355,16 @@ def _build_groups(members: list[Member], root: np.ndarray, reason_of: np.ndarray
 
 
 def analyze_dependencies(gm: fx.GraphModule, ignore: Iterable = (),
-                         auto_leaves: dict[str, str] | None = None, grouped: str = "whole") -> ChannelAnalysis:
+                         auto_leaves: dict[str, str] | None = None, grouped: str = "whole",
+                         heads: str = "whole") -> ChannelAnalysis:
     """Channel groups of a shape-propagated GraphModule (see module docstring).
 
     `grouped` says how grouped convs are pruned (`passes.ops.conv`): ``"whole"`` groups (the
     default), an ``"equal"`` count in every group (the same positions), or ``"auto"`` (equal where
-    the groups are wide enough).
+    the groups are wide enough). `heads` says how nn.MultiheadAttention is pruned
+    (`passes.ops.attention`): ``"whole"`` heads (the default), per-head ``"width"`` (every head keeps
+    the same q/k and v positions), or ``"auto"`` (width where a head is at least as wide as the
+    number of heads).
 
     Raises ConfigError where a prunable group would slice a tensor that a reparametrization
     computes and slicing cannot follow (spectral norm, orthogonal, ...): the message names the
@@ -367,7 +372,9 @@ def analyze_dependencies(gm: fx.GraphModule, ignore: Iterable = (),
     """
     if grouped not in GROUPED_MODES:
         raise ConfigError(f"grouped={grouped!r} must be one of {', '.join(map(repr, GROUPED_MODES))}")
-    ctx = AnalysisContext(gm, grouped=grouped, weight_sources=computed_weight_sources(gm))
+    if heads not in HEADS_MODES:
+        raise ConfigError(f"heads={heads!r} must be one of {', '.join(map(repr, HEADS_MODES))}")
+    ctx = AnalysisContext(gm, grouped=grouped, heads=heads, weight_sources=computed_weight_sources(gm))
     for node in gm.graph.nodes:
         if node.op == "placeholder" and VALUE not in node.meta:
             raise ValueError("run fxprune.passes.shapes.propagate(gm, inputs) before the analysis")

@@ -26,24 +26,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..context import Layout
+from ..cost import MACS_TERMS
 from .registry import OpHandler, get_arg, register_module
+
+HEADS_MODES = ("whole", "width", "auto")
 
 _STREAM = "the embedding dim of nn.MultiheadAttention stays (its heads are pruned)"
 
 
 class PrunedMultiheadAttention(nn.Module):
-    """nn.MultiheadAttention with `num_heads` heads of `head_dim` on an `embed_dim` stream, where
-    num_heads * head_dim may be less than embed_dim. Called like nn.MultiheadAttention (self or
-    cross attention, no masks); returns (output, None)."""
+    """nn.MultiheadAttention with `num_heads` heads on an `embed_dim` stream, each with `qk_dim` q/k
+    positions and `v_dim` v positions (num_heads * head width may be less than embed_dim). The
+    scores are scaled by `scale` (1/sqrt of the original head width: a head pruned to fewer q/k
+    positions computes what the masked original computes). Called like nn.MultiheadAttention (self
+    or cross attention, no masks); returns (output, None)."""
 
-    def __init__(self, mha: nn.MultiheadAttention, num_heads: int):
+    def __init__(self, mha: nn.MultiheadAttention, num_heads: int, qk_dim: int | None = None,
+                 v_dim: int | None = None):
         super().__init__()
         self.embed_dim, self.head_dim, self.num_heads = mha.embed_dim, mha.head_dim, num_heads
+        self.qk_dim = mha.head_dim if qk_dim is None else qk_dim
+        self.v_dim = mha.head_dim if v_dim is None else v_dim
+        self.scale = getattr(mha, "scale", None) or mha.head_dim ** -0.5
         self.batch_first, self.dropout = mha.batch_first, mha.dropout
         self.in_proj_weight = mha.in_proj_weight
         self.in_proj_bias = mha.in_proj_bias
         self.out_proj = mha.out_proj
-        self.out_proj.in_features = num_heads * mha.head_dim
+        self.out_proj.in_features = num_heads * self.v_dim
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -54,17 +63,19 @@ class PrunedMultiheadAttention(nn.Module):
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
         elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = (None, None, None) if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
+        qk, v = self.num_heads * self.qk_dim, self.num_heads * self.v_dim
+        w_q, w_k, w_v = self.in_proj_weight.split([qk, qk, v])
+        b_q, b_k, b_v = (None, None, None) if self.in_proj_bias is None else self.in_proj_bias.split([qk, qk, v])
 
-        def heads(x, w, b):
+        def heads(x, w, b, width):
             n, length, _ = x.shape
-            return F.linear(x, w, b).view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+            return F.linear(x, w, b).view(n, length, self.num_heads, width).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(heads(query, w_q, b_q), heads(key, w_k, b_k), heads(value, w_v, b_v),
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            heads(query, w_q, b_q, self.qk_dim), heads(key, w_k, b_k, self.qk_dim), heads(value, w_v, b_v, self.v_dim),
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
         n, _, length, _ = out.shape
-        out = self.out_proj(out.transpose(1, 2).reshape(n, length, self.num_heads * self.head_dim))
+        out = self.out_proj(out.transpose(1, 2).reshape(n, length, v))
         if unbatched:
             out = out.squeeze(0)
         elif not self.batch_first:
@@ -95,6 +106,31 @@ def _weights_read(node: fx.Node) -> bool:
     return False
 
 
+def heads_mode(ctx, num_heads: int, head_dim: int) -> str:
+    """'whole' or 'width' for one attention under the analysis' `heads` option (module docstring)."""
+    mode = getattr(ctx, "heads", "whole")
+    if mode == "auto":
+        return "width" if head_dim >= num_heads else "whole"
+    return mode
+
+
+def _macs_shares(ctx, node: fx.Node, mha: nn.MultiheadAttention) -> tuple[float, float]:
+    """The shares of the q/k part (q and k projections, q k^T) and of the v part (v projection,
+    attn v, output projection) of the attention's MACs, from its shapes: each part is the same
+    sum of token counts times heads x head width."""
+    q, k = (tuple(ctx.spec(get_arg(node, i, n)).shape) for i, n in ((0, "query"), (1, "key")))
+    if len(q) == 2:
+        batch, lq, lk = 1, q[0], k[0]
+    elif mha.batch_first:
+        batch, lq, lk = q[0], q[1], k[1]
+    else:
+        batch, lq, lk = q[1], q[0], k[0]
+    e = mha.embed_dim
+    qk = batch * (lq * e + lk * e + lq * lk)
+    v = batch * (lk * e + lq * lk + lq * e)
+    return qk / (qk + v), v / (qk + v)
+
+
 @register_module(nn.MultiheadAttention)
 class MultiheadAttentionModule(OpHandler):
     def analyze(self, ctx, node):
@@ -111,30 +147,50 @@ class MultiheadAttentionModule(OpHandler):
                 in_ids = ids
             else:
                 ctx.couple(in_ids, ids)  # q, k and v read the same columns
-        heads = ctx.new_ids(mha.num_heads)
-        per_row = np.repeat(heads, mha.head_dim)
+        node.meta.pop(MACS_TERMS, None)  # an earlier analysis of this graph may have set it
         ctx.member(f"{t}.in_proj_weight", 1, in_ids, "in", node)
-        ctx.member(f"{t}.in_proj_weight", 0, np.tile(per_row, 3), "out", node)
-        if mha.in_proj_bias is not None:
-            ctx.member(f"{t}.in_proj_bias", 0, np.tile(per_row, 3), "channel", node)
-        ctx.member(f"{t}.out_proj.weight", 1, per_row, "in", node)
+        if heads_mode(ctx, mha.num_heads, mha.head_dim) == "width":
+            qk, v = ctx.new_ids(mha.head_dim), ctx.new_ids(mha.head_dim)  # positions, the same in every head
+            rows_qk, rows_v = np.tile(qk, mha.num_heads), np.tile(v, mha.num_heads)
+            rows = np.concatenate([rows_qk, rows_qk, rows_v])
+            # role "in": the masked reference zeroes the removed q, k and v rows (a zero q/k position
+            # adds nothing to q k^T, a zero v position gives zero output columns)
+            ctx.member(f"{t}.in_proj_weight", 0, rows, "in", node)
+            if mha.in_proj_bias is not None:
+                ctx.member(f"{t}.in_proj_bias", 0, rows, "in", node)
+            ctx.member(f"{t}.out_proj.weight", 1, rows_v, "in", node)
+            share_qk, share_v = _macs_shares(ctx, node, mha)
+            node.meta[MACS_TERMS] = [(share_qk, [in_ids, qk]), (share_v, [in_ids, v])]
+            units = np.concatenate([qk, v])
+        else:
+            heads = ctx.new_ids(mha.num_heads)
+            per_row = np.repeat(heads, mha.head_dim)
+            ctx.member(f"{t}.in_proj_weight", 0, np.tile(per_row, 3), "out", node)
+            if mha.in_proj_bias is not None:
+                ctx.member(f"{t}.in_proj_bias", 0, np.tile(per_row, 3), "channel", node)
+            ctx.member(f"{t}.out_proj.weight", 1, per_row, "in", node)
+            units = heads
         out_ids = ctx.member(f"{t}.out_proj.weight", 0, None, "out", node, size=mha.embed_dim)
         ctx.mark(out_ids, _STREAM)
         if mha.out_proj.bias is not None:
             ctx.member(f"{t}.out_proj.bias", 0, out_ids, "channel", node)
         why = _unsupported(mha, node)
         if why is not None:
-            ctx.mark(heads, f"{node.name}: heads stay: {why}")
+            ctx.mark(units, f"{node.name}: heads stay: {why}")
         return (Layout(dim, out_ids), None)
 
     def rewrite(self, rctx, node):
-        ids = rctx.channels.members[(f"{node.target}.out_proj.weight", 1)].ids
         mha = rctx.get_submodule(node.target)
-        kept = rctx.kept_count(ids) // mha.head_dim
-        if kept == mha.num_heads:
+        h, d, e = mha.num_heads, mha.head_dim, mha.embed_dim
+        kept = rctx.kept(rctx.channels.members[(f"{node.target}.in_proj_weight", 0)].ids)
+        q, v = kept[:e].reshape(h, d), kept[2 * e:].reshape(h, d)
+        heads = int((q.any(1) | v.any(1)).sum())
+        qk_dim, v_dim = int(q.sum()) // max(heads, 1), int(v.sum()) // max(heads, 1)
+        if (heads, qk_dim, v_dim) == (h, d, d):
             return
         parent, _, name = node.target.rpartition(".")
-        setattr(rctx.get_submodule(parent) if parent else rctx.gm, name, PrunedMultiheadAttention(mha, kept))
+        setattr(rctx.get_submodule(parent) if parent else rctx.gm, name,
+                PrunedMultiheadAttention(mha, heads, qk_dim, v_dim))
         rctx.forget_module(node.target)
 
 
