@@ -136,3 +136,13 @@ def test_whole_is_the_default():
     groups = [g for g in analysis.groups if any(m.target == "attn.in_proj_weight" and m.dim == 0 for m in g.members)]
     assert len(groups) == 1 and groups[0].n_units == 8
     assert np.all([m.role != "in" for m in groups[0].members if m.target == "attn.in_proj_weight"])
+
+
+def test_width_recipe_round_trip(tmp_path):
+    """The recipe records heads="width"; loading it re-analyses the base model that way."""
+    x = torch.randn(1, 3, 32, 32)
+    slim = fxprune.compress(tiny_vit(), "l1", x, flops=0.5, heads="width")
+    fxprune.save(slim, tmp_path / "w")
+    again = fxprune.load(tmp_path / "w", base_model=tiny_vit())
+    assert_close_outputs(slim, again, x, rtol=0.0)
+    assert [(m.qk_dim, m.v_dim) for m in _pruned(again)] == [(m.qk_dim, m.v_dim) for m in _pruned(slim)]

@@ -129,3 +129,13 @@ def test_compress_mvit_half_flops(name):
     assert report.macs_after <= 0.5 * report.macs_before and report.max_rel_error <= 1e-4
     assert sum(_heads(slim).values()) < sum(_heads(model).values())
     assert report.params_after < report.params_before
+
+
+def test_tiny_mvit_recipe_round_trip(tmp_path):
+    x = torch.randn(1, 3, 4, 32, 32)
+    slim = fxprune.compress(tiny_mvit(True), "l1", x, flops=0.5)
+    assert slim.fxprune_report.macs_after <= 0.5 * slim.fxprune_report.macs_before
+    fxprune.save(slim, tmp_path / "m")
+    again = fxprune.load(tmp_path / "m", base_model=tiny_mvit(True))
+    assert_close_outputs(slim, again, x, rtol=0.0)
+    assert _heads(again) == _heads(slim)
