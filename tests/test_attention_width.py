@@ -146,3 +146,14 @@ def test_width_recipe_round_trip(tmp_path):
     again = fxprune.load(tmp_path / "w", base_model=tiny_vit())
     assert_close_outputs(slim, again, x, rtol=0.0)
     assert [(m.qk_dim, m.v_dim) for m in _pruned(again)] == [(m.qk_dim, m.v_dim) for m in _pruned(slim)]
+
+
+def test_compress_vit_b_16_width_half_flops():
+    """torchvision's vit_b_16 at 32x32 (4 patches + the class token; ~4 s single-threaded)."""
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(image_size=32).eval()
+    slim = fxprune.compress(model, "l1", torch.randn(1, 3, 32, 32), flops=0.5, heads="width")
+    report = slim.fxprune_report
+    assert report.macs_after <= 0.5 * report.macs_before and report.max_rel_error <= 1e-4
+    heads = [(m.num_heads, m.qk_dim, m.v_dim) for m in _pruned(slim)]
+    assert len(heads) == 12 and all(h == 12 and q < 64 and v < 64 for h, q, v in heads)

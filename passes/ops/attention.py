@@ -1,6 +1,6 @@
-"""nn.MultiheadAttention: whole heads are pruned.
+"""nn.MultiheadAttention: whole heads are pruned, or every head is narrowed (the `heads` option).
 
-A head h owns rows [h*d, (h+1)*d) of each of the q, k and v blocks of `in_proj_weight` (and of
+``heads="whole"`` (the default): a head h owns rows [h*d, (h+1)*d) of each of the q, k and v blocks of `in_proj_weight` (and of
 `in_proj_bias`) and the same columns of `out_proj.weight`; removing it removes its term from the
 sum the output projection computes, so the masked reference zeroes those output-projection columns
 (role "in") and the slim model computes with fewer heads of the same width. The embedding dim (the
@@ -8,13 +8,27 @@ columns `in_proj_weight` reads and the rows `out_proj` writes) stays: every tran
 over it with a LayerNorm anyway, and it keeps the attention's MACs a product of the kept heads'
 fraction (exact in the cost model).
 
+``heads="width"``: every head stays and keeps the same positions. Position j of the q and k blocks
+of every head is one unit (q and k must keep the same positions: their dot product sums over
+them); position j of the v block of every head is another, with the out-projection columns it
+feeds. Every head so keeps the same q/k count and the same v count (the reshape to (B, H, N, d)
+needs it). The masked reference zeroes the removed q, k and v rows of `in_proj_weight` and
+`in_proj_bias` (role "in"): a zero q/k position adds nothing to q k^T and a zero v position gives a
+zero output column; the slim attention scales the scores by 1/sqrt(original head_dim), so it equals
+the reference. The attention's MACs are two parts (the q and k projections and q k^T; the v
+projection, attn v and the output projection), each a product of its kept fraction: the node lists
+them for the cost model (`cost.MACS_TERMS`, shares from the query and key lengths), so the count is
+exact. ``heads="auto"``: width where head_dim >= num_heads (more units than whole heads), whole
+elsewhere. Whole heads and widths are not combined: a unit is one set of channels, and a kept
+(head, position) pair would need both its head's unit and its position's.
+
 Heads stay where pruning them would change what the module computes or returns: separate
 kdim/vdim projections, `add_bias_kv`, `add_zero_attn`, masks or `is_causal` passed, or averaged
 attention weights that the code reads (`need_weights` left True and output 1 used).
 nn.MultiheadAttention cannot hold fewer heads than `embed_dim` allows, so the rewrite puts a
 `PrunedMultiheadAttention` (same tensors, same call signature, plain ops) in its place.
 
-Swin's and MaxViT's window attention heads: `window_attention.py`.
+Swin's and MaxViT's window attention heads: `window_attention.py`; MViT's: `mvit_attention.py`.
 """
 from __future__ import annotations
 
