@@ -79,6 +79,14 @@ methods = ["uniform", "l1", "gd_tick_tock", "gal_channel", "metapruning"]
 after = ["none", "finetune", "scratch"]
 
 [[experiments]]
+name = "tiny_mp"
+model = "vgg_bn"
+targets = [0.3, 0.2]
+methods = ["metapruning"]
+after = ["none"]
+seeds = [0]
+
+[[experiments]]
 name = "tiny_lowdata"
 model = "vgg_bn"
 targets = [0.3]
@@ -102,7 +110,7 @@ def ran(tmp_path_factory):
 
 def test_every_cell_runs_once_at_equal_macs(ran):
     root, spec, written = ran
-    assert len(written) == 5 * 2 + 1
+    assert len(written) == 5 * 2 + 2 + 1
     records = load_records(root / "out")
     assert [r for r in records if "error" in r] == []
     for r in records:
@@ -117,6 +125,10 @@ def test_every_cell_runs_once_at_equal_macs(ran):
     assert len({(r["seed"], r["baseline_accuracy"]) for r in tiny}) == 2
     mp = next(r for r in tiny if r["method"] == "metapruning")
     assert mp["summary"]["evaluated"] >= 1
+    # one PruningNet per seed serves both targets of an experiment
+    shared = [r["summary"] for r in records if r["experiment"] == "tiny_mp"]
+    assert len(shared) == 2 and all(s["pruningnet_shared"] for s in shared)
+    assert shared[0]["pruningnet_train_accuracy"] is None
 
 
 def test_finished_runs_are_kept_and_only_missing_ones_rerun(ran):
@@ -141,6 +153,7 @@ def test_docs_tables_are_regenerated_between_markers(ran):
     assert text.count(BEGIN) == 1 and text.count(END) == 1
     assert "### tiny: vgg_bn at 0.3 of the MACs (full data)" in text
     assert "### tiny_lowdata: vgg_bn at 0.3 of the MACs (lowdata regime)" in text
+    assert "### tiny_mp: vgg_bn at 0.2 of the MACs (full data)" in text
     for method in ("uniform", "l1", "gd_tick_tock", "gal_channel", "metapruning"):
         assert f"| {method} " in text
     assert "Δ vs uniform" in text and "acc % from scratch" in text
@@ -178,9 +191,9 @@ def test_unknown_experiments_are_refused_before_anything_runs(tmp_path, capsys):
 
 
 def test_an_experiment_may_lengthen_its_fine_tune(tmp_path):
-    (tmp_path / "spec.toml").write_text(SPEC.replace('seeds = [0]', 'seeds = [0]\nfinetune = { epochs = 3 }'))
+    (tmp_path / "spec.toml").write_text(SPEC.replace('data = "lowdata"\nseeds = [0]', 'data = "lowdata"\nseeds = [0]\nfinetune = { epochs = 3 }'))
     spec = load_spec(tmp_path / "spec.toml")
-    assert [e.finetune for e in spec.experiments] == [{}, {"epochs": 3}]
+    assert [e.finetune for e in spec.experiments] == [{}, {}, {"epochs": 3}]
 
 
 def test_quick_merges_its_tables_over_the_spec(tmp_path):

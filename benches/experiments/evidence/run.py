@@ -155,8 +155,22 @@ def _summary(method: str, details: dict) -> dict:
                 "first_generation_mean_accuracy": history[0].get("mean_accuracy") if history else None,
                 "pruningnet_train_accuracy": training[-1]["accuracy"] if isinstance(training, list) and training else None,
                 "pruningnet_heldout": details.get("pruningnet_heldout"),
+                "pruningnet_shared": details.get("pruningnet_training") == "reused",
                 "evaluated": search.get("evaluated"), "rejected": search.get("rejected")}
     return {}
+
+
+_PRUNINGNETS: dict = {}
+
+
+def _shared_pruningnet(key: tuple, base, x, data, options: dict):
+    """The PruningNet of (experiment, method, seed), trained on first use (the latest one kept)."""
+    if key not in _PRUNINGNETS:
+        from fxprune.methods.metapruning import pretrain
+
+        _PRUNINGNETS.clear()
+        _PRUNINGNETS[key] = pretrain(base, x, data, {k: v for k, v in options.items() if k != "min_flops"})
+    return _PRUNINGNETS[key]
 
 
 def run_one(spec: Spec, data: Data, exp: Experiment, ms: MethodSpec, target: float, seed: int, out: Path) -> dict:
@@ -174,6 +188,9 @@ def run_one(spec: Spec, data: Data, exp: Experiment, ms: MethodSpec, target: flo
     kwargs = {}
     if ms.data is not None:
         kwargs = {"data": loaders[ms.data], "options": _method_options(ms, target, seed, loaders)}
+    if ms.method == "metapruning":  # one PruningNet per seed serves every target, as the authors' search
+        kwargs["options"]["pruningnet"] = _shared_pruningnet((exp.name, ms.key, seed), base, x, loaders[ms.data],
+                                                             kwargs["options"])
     slim = fxprune.compress(base, ms.method, x, target, seed=seed, **kwargs)
     record["seconds"]["compress"] = time.perf_counter() - t0
     report = slim.fxprune_report

@@ -73,6 +73,7 @@ from fxprune.passes.plan import PruningPlan
 from fxprune.passes.pruningnet import PruningNet, reinitialize, write_back
 from fxprune.passes.width_encoding import DEFAULT_RATIOS, build_encoding
 from fxprune.train import (
+    History,
     TrainConfig,
     TrainingError,
     _split_batch,
@@ -293,7 +294,9 @@ def pretrain(model: torch.nn.Module, example_inputs, data: Iterable, options: di
     """Train a PruningNet for `model` once, to reuse in several searches (``options={"pruningnet": net}``).
 
     It trains on the same split `compress` would make (same `holdout` and `seed`), so the held-out
-    batches stay unseen.
+    batches stay unseen, and in rounds until `pruningnet_until` as `compress` does (any structure
+    counts as feasible for the check: one PruningNet serves several targets). `net.history` holds
+    the epochs, `net.heldout` the per-round held-out accuracy.
     """
 
     opts = options if isinstance(options, MetaPruningOptions) else MetaPruningOptions(**(options or {}))
@@ -301,9 +304,14 @@ def pretrain(model: torch.nn.Module, example_inputs, data: Iterable, options: di
     analysis = analyze(copy.deepcopy(model), example_inputs)
     encoding = _encoding(analysis.channels, opts, {"round_to": round_to, "min_channels": min_channels,
                                                    "min_ratio": min_ratio})
-    train_data = data if opts.search_data is not None else split_data(data, opts.holdout, opts.seed)[0]
+    if opts.search_data is not None:
+        train_data, heldout = data, opts.search_data
+    else:
+        train_data, heldout = split_data(data, opts.holdout, opts.seed)
     net = PruningNet(analysis.channels, encoding, opts.hidden, opts.bn_banks, opts.seed)
-    net.history = train_pruningnet(net, train_data, opts, targets_from=model)
+    scorer = _Scorer(net, train_data, heldout, opts, model)
+    epochs, net.heldout = _train_until(net, scorer, encoding, lambda _g: True, train_data, opts, model)
+    net.history = History(epochs=epochs)
     return net
 
 
@@ -469,6 +477,7 @@ def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: M
     else:
         net.check_compatible(channels, encoding)
         details["pruningnet_training"] = "reused"
+        details["pruningnet_heldout"] = getattr(net, "heldout", None)  # from `pretrain`
     t1 = time.perf_counter()
 
     def evaluate_genome(genome):
