@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import platform
 import sys
 import time
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default=None, choices=("mnist", "synthetic"), help="replaces settings.dataset")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the spec's settings.threads)")
     p.add_argument("--hours", type=float, default=None, help="start no new run after this many hours (resume later)")
+    p.add_argument("--until", default=None, help="start no new run after this local time (ISO, e.g. 2026-11-27T16:40)")
     args = p.parse_args(argv)
     spec = load_spec(args.spec, quick=args.quick)
     for key in ("device", "dataset"):
@@ -43,6 +45,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     if not args.report_only:
         deadline = None if args.hours is None else t0 + 3600 * args.hours
+        if args.until:
+            until = datetime.datetime.fromisoformat(args.until).timestamp()
+            deadline = until if deadline is None else min(deadline, until)
         unknown = sorted(set(only or ()) - {e.name for e in spec.experiments})
         if unknown:
             p.error(f"--only names unknown experiments {unknown}; the spec has {[e.name for e in spec.experiments]}")
