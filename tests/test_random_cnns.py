@@ -1,6 +1,7 @@
-"""Property test: random CNNs (residual adds, nested concat, split, depthwise and grouped convs,
-SE blocks, transposed convs, flatten->linear) with random keep-sets are rewritten equivalently
-(rel. tol 1e-5 in fp32) — or refused with a typed fxprune error, never silently wrong."""
+"""Property test: random CNNs (residual adds, nested concat, split, depthwise and grouped convs
+pruned as whole groups or equal counts, channel shuffles, SE blocks, transposed convs,
+flatten->linear) with random keep-sets are rewritten equivalently (rel. tol 1e-5 in fp32) — or
+refused with a typed fxprune error, never silently wrong."""
 from __future__ import annotations
 
 import os
@@ -13,13 +14,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxprune
+from fxprune.analysis import with_grouped
 from fxprune.passes.mask import masked_reference
 from fxprune.passes.plan import PruningPlan
 
 from .conftest import assert_close_outputs, measured_macs
 
 OPS = ("conv", "depthwise", "grouped", "residual", "concat", "nested_concat", "split", "se", "transposed",
-       "groupnorm", "chunk", "channels_last")
+       "groupnorm", "chunk", "channels_last", "shuffle")
 
 
 class RandomCNN(nn.Module):
@@ -70,6 +72,11 @@ class RandomCNN(nn.Module):
             return nn.Conv2d(c // 2, w, 3, padding=1) if c % 2 == 0 else nn.Identity(), (w + c // 2 if c % 2 == 0 else c)
         if op == "channels_last":  # ConvNeXt-style MLP on the last dim
             return nn.Sequential(nn.Linear(c, 2 * w), nn.GELU(), nn.Linear(2 * w, c)), c
+        if op == "shuffle":  # ShuffleNet's channel shuffle (2 groups) after a grouped conv; needs even c
+            if c % 2:
+                return nn.Identity(), c
+            return nn.Sequential(nn.Conv2d(c, 2 * max(w // 2, 1), 1, groups=2), nn.BatchNorm2d(2 * max(w // 2, 1))), \
+                2 * max(w // 2, 1)
         if op == "transposed":
             return nn.Sequential(nn.ConvTranspose2d(c, w, 2, stride=2), nn.BatchNorm2d(w), nn.MaxPool2d(2)), w
         raise ValueError(op)
@@ -94,6 +101,11 @@ class RandomCNN(nn.Module):
                     x = torch.cat([block(p), q], 1)
             elif op == "channels_last":
                 x = x + block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            elif op == "shuffle":
+                x = block(x)
+                if c % 2 == 0:
+                    n, ch, h, w = x.size()
+                    x = x.view(n, 2, ch // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
             elif op == "se":
                 s = torch.sigmoid(block[1](F.relu(block[0](F.adaptive_avg_pool2d(x, 1)))))
                 x = x * s
@@ -111,12 +123,13 @@ def random_cnn(draw):
 
 
 @settings(max_examples=int(os.environ.get("FXPRUNE_HYPOTHESIS_EXAMPLES", "40")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(spec=random_cnn(), seed=st.integers(0, 2**16), fraction=st.floats(0.1, 0.9))
-def test_random_cnn_random_keep_set(spec, seed, fraction):
+@given(spec=random_cnn(), seed=st.integers(0, 2**16), fraction=st.floats(0.1, 0.9),
+       grouped=st.sampled_from(["whole", "equal"]))
+def test_random_cnn_random_keep_set(spec, seed, fraction, grouped):
     torch.manual_seed(seed)
     model = RandomCNN(*spec).eval()
     x = torch.randn(2, 3, 8, 8)
-    analysis = fxprune.analyze(model, x)
+    analysis = with_grouped(fxprune.analyze(model, x), grouped)
     rng = np.random.default_rng(seed)
     keep = {}
     for g in analysis.channels.prunable_groups:
