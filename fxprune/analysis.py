@@ -17,7 +17,7 @@ from fxprune.passes.dependency import ChannelAnalysis, analyze_dependencies
 from fxprune.passes.structures import Structures, find_structures
 
 from . import report as _report
-from .arguments import grouped_option, heads_option, module_selectors
+from .arguments import grouped_option, heads_option, layernorm_option, module_selectors
 from .errors import ConfigError
 from .hooks import carry_root_hooks
 from .models import model_source, shape_digest
@@ -92,17 +92,22 @@ def analyze(model: nn.Module, example_inputs: Any, *, ignore: Iterable = (), lea
                          f"{type(model).__module__}.{type(model).__qualname__}")
 
 
-def with_grouped(analysis: ModelAnalysis, grouped: str, heads: str = "whole") -> ModelAnalysis:
-    """The analysis with grouped convs pruned as `grouped` says and nn.MultiheadAttention as `heads`
-    says ("whole" and "whole" return it unchanged): the channel groups, structures and cost of the
-    same traced graph, analysed once more."""
-    grouped, heads = grouped_option(grouped), heads_option(heads)
-    if grouped == analysis.options.get("grouped", "whole") and heads == analysis.options.get("heads", "whole"):
+def with_grouped(analysis: ModelAnalysis, grouped: str, heads: str = "whole",
+                 layernorm: str = "boundary") -> ModelAnalysis:
+    """The analysis with grouped convs pruned as `grouped` says, nn.MultiheadAttention as `heads`
+    says and LayerNorm over the channel dim as `layernorm` says ("whole", "whole" and "boundary"
+    return it unchanged): the channel groups, structures and cost of the same traced graph,
+    analysed once more. ``layernorm="prune"`` is not function-preserving (`compress`)."""
+    grouped, heads, layernorm = grouped_option(grouped), heads_option(heads), layernorm_option(layernorm)
+    if (grouped == analysis.options.get("grouped", "whole") and heads == analysis.options.get("heads", "whole")
+            and layernorm == analysis.options.get("layernorm", "boundary")):
         return analysis
     t0 = time.perf_counter()
     channels = analyze_dependencies(analysis.traced.graph_module, ignore=analysis.options.get("ignore", ()),
-                                    auto_leaves=analysis.traced.auto_leaves, grouped=grouped, heads=heads)
+                                    auto_leaves=analysis.traced.auto_leaves, grouped=grouped, heads=heads,
+                                    layernorm=layernorm)
     structures = find_structures(channels)
     timings = {**analysis.timings, "analysis": analysis.timings.get("analysis", 0.0) + time.perf_counter() - t0}
     return dataclasses.replace(analysis, channels=channels, structures=structures, cost=CostModel(channels),
-                               timings=timings, options={**analysis.options, "grouped": grouped, "heads": heads})
+                               timings=timings, options={**analysis.options, "grouped": grouped, "heads": heads,
+                                                         "layernorm": layernorm})

@@ -31,7 +31,7 @@ from fxprune.passes.tensors import set_tensor
 
 from . import report as _report
 from .analysis import ModelAnalysis, analyze, with_grouped
-from .arguments import grouped_option, heads_option
+from .arguments import grouped_option, heads_option, layernorm_option
 from .constraints import Constraints, MeasureOn
 from .errors import ConfigError, NothingToPruneError
 from .hooks import carry_root_hooks, preserve_through_deepcopy
@@ -113,7 +113,8 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
              data: Any = None, options: dict | None = None, latency: float | None = None,
              latency_ms: float | None = None, params: float | None = None, device: str = "cpu",
              batch: int | None = None, dtype: Any = None, channels_last: bool = False,
-             compile: bool = False, grouped: str = "whole", heads: str = "whole") -> fx.GraphModule:
+             compile: bool = False, grouped: str = "whole", heads: str = "whole",
+             layernorm: str = "boundary") -> fx.GraphModule:
     """Return a slim copy of `model` keeping at most `flops` of its FLOPs.
 
     Args:
@@ -145,6 +146,16 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
             q k^T, scaled as before) and the same v positions (narrower outputs), ``"auto"``: width where
             a head is at least as wide as the number of heads, whole elsewhere. Swin, MaxViT and MViT
             attention always lose whole heads.
+        layernorm: ``"boundary"`` (the default): a LayerNorm (or F.layer_norm, or a channels-first
+            LayerNorm2d) over the channel dim keeps its channels, so transformers keep their residual
+            stream width. ``"prune"``: the stream is pruned through it, as Torch-Pruning does: the slim
+            LayerNorm has the kept channels' weight, bias and normalized_shape and computes its
+            statistics over the kept channels only. **This is not function-preserving** with respect to
+            the original model (a removed channel with nonzero values changed the mean and variance of
+            every other): the verification compares with a masked reference whose LayerNorms normalise
+            over the kept channels only (`fxprune.passes.mask`), which the slim model equals; plan to
+            fine-tune. nn.MultiheadAttention then loses stream width too; a ViT's class token and
+            positional embedding are sliced with it.
         options: method options, a dict or the method's options object (``fxprune.methods``:
             ``GateDecoratorOptions``, ``GALOptions``, ``MetaPruningOptions``).
 
@@ -161,10 +172,10 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
     measure_on = MeasureOn(device=device, batch=batch, dtype=dtype, channels_last=channels_last, compile=compile)
     constraints.require_supported(chosen.name, chosen.supports)
     opts = make_options(chosen, options, seed)
-    grouped, heads = grouped_option(grouped), heads_option(heads)
+    grouped, heads, layernorm = grouped_option(grouped), heads_option(heads), layernorm_option(layernorm)
     t0 = time.perf_counter()
     analysis = analyze(model, example_inputs, ignore=ignore, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    analysis = with_grouped(analysis, grouped, heads)
+    analysis = with_grouped(analysis, grouped, heads, layernorm)
     if not analysis.channels.prunable_groups:
         reason = _report.main_boundary_reason(analysis.channels)
         raise NothingToPruneError(

@@ -101,6 +101,19 @@ def heads_option(value: Any) -> str:
     return value
 
 
+LAYERNORM = ("boundary", "prune")
+
+
+def layernorm_option(value: Any) -> str:
+    """`layernorm=`: whether a LayerNorm over the channel dim stays a "boundary" (its channels stay)
+    or lets them be pruned ("prune": it normalises over the kept channels, not function-preserving)."""
+    if not isinstance(value, str) or value not in LAYERNORM:
+        raise ConfigError(f"layernorm={value!r} must be one of 'boundary' (a LayerNorm over the channel dim keeps "
+                          "its channels, the default) or 'prune' (the residual stream is pruned through LayerNorm, "
+                          "which then normalises over the kept channels only: not function-preserving)")
+    return value
+
+
 def grouped_option(value: Any) -> str:
     """`grouped=`: how grouped convs are pruned ("whole" groups, an "equal" count per group, "auto")."""
     if not isinstance(value, str) or value not in GROUPED:

@@ -14,7 +14,7 @@ import torch
 
 from . import profile_report
 from .api import DATA_FREE_METHODS, _check_options, analyze, compress
-from .arguments import GROUPED, HEADS
+from .arguments import GROUPED, HEADS, LAYERNORM
 from .benchmark import DTYPES as BENCH_DTYPES
 from .benchmark import bench_models, render_table, write_json
 from .errors import ConfigError, FxpruneError
@@ -96,7 +96,8 @@ def cmd_compress(args) -> int:
     start = time.perf_counter()
     slim = compress(model, args.method, x, args.flops, round_to=args.round_to, ignore=args.ignore or (),
                     min_channels=args.min_channels, min_ratio=args.min_ratio, verify=not args.no_verify,
-                    latency=args.latency, latency_ms=args.latency_ms, grouped=args.grouped, heads=args.heads, **_measure_on(args))
+                    latency=args.latency, latency_ms=args.latency_ms, grouped=args.grouped, heads=args.heads,
+                    layernorm=args.layernorm, **_measure_on(args))
     print(f"{args.model}: {args.method} at flops={args.flops} in {time.perf_counter() - start:.2f}s")
     print(slim.fxprune_report.table())
     return 0
@@ -243,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nn.MultiheadAttention: remove whole heads (default), keep the same q/k and v "
                         "positions in every head (width), or auto (width where a head is at least as wide "
                         "as the number of heads)")
+    p.add_argument("--layernorm", default="boundary", choices=LAYERNORM,
+                   help="LayerNorm over the channel dim: keep its channels (boundary, default) or prune the "
+                        "residual stream through it (prune: it then normalises over the kept channels only, "
+                        "which is NOT function-preserving; verified against a reference that does the same)")
     _measure_options(p)
     p.set_defaults(func=cmd_compress)
 

@@ -113,6 +113,7 @@ def make_recipe(analysis: ModelAnalysis, plan: PruningPlan, model: nn.Module | N
         "ignore": [_encode_entry(e, model) for e in opts.get("ignore", ())],
         "grouped": opts.get("grouped", "whole"),
         **({"heads": opts["heads"]} if opts.get("heads", "whole") != "whole" else {}),
+        **({"layernorm": opts["layernorm"]} if opts.get("layernorm", "boundary") != "boundary" else {}),
         "groups": fingerprint(analysis.channels),
         "plan": {
             "keep": {str(k): [int(i) for i in np.asarray(list(v))] for k, v in plan.keep.items()},
@@ -171,7 +172,8 @@ def replay(recipe: dict, base: nn.Module, *, trust_code: bool = False) -> fx.Gra
                            ignore=[_decode_entry(e, trust_code) for e in recipe["ignore"]],
                            leaf_modules=[_decode_entry(e, trust_code) for e in recipe["trace"]["leaf_modules"]],
                            concrete_args=recipe["trace"]["concrete_args"] or None)
-        analysis = with_grouped(analysis, recipe.get("grouped", "whole"), recipe.get("heads", "whole"))
+        analysis = with_grouped(analysis, recipe.get("grouped", "whole"), recipe.get("heads", "whole"),
+                                recipe.get("layernorm", "boundary"))
     except ArtifactError:
         raise
     except FxpruneError as exc:

@@ -25,7 +25,7 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*")  # an fx node name or a dotted
 _SPEC = re.compile(r"[^\x00-\x1f]{1,500}")
 MAX_RANK = 8
 MAX_TEXT = 1000
-TOP_LEVEL = {"format", "base", "inputs", "dtype", "training", "trace", "ignore", "grouped", "heads", "groups", "plan", "weights",
+TOP_LEVEL = {"format", "base", "inputs", "dtype", "training", "trace", "ignore", "grouped", "heads", "layernorm", "groups", "plan", "weights",
              "versions", "report", "checksum", "signature", "check"}
 
 
@@ -219,6 +219,8 @@ def validate(recipe: Any, *, max_bytes: int) -> dict:
         raise fail("grouped", "must be one of 'whole', 'equal', 'auto'")
     if recipe.get("heads", "whole") not in ("whole", "width", "auto"):
         raise fail("heads", "must be one of 'whole', 'width', 'auto'")
+    if recipe.get("layernorm", "boundary") not in ("boundary", "prune"):
+        raise fail("layernorm", "must be one of 'boundary', 'prune'")
     _plan(recipe["plan"], _groups(recipe["groups"]))
     weights = _expect(recipe["weights"], dict, "weights", "an object")
     if set(weights) != {"file", "sha256", "bytes"}:

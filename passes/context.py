@@ -63,6 +63,7 @@ class AnalysisContext:
     weight_sources: dict = field(default_factory=dict)  # parameter -> conv computing its weight from it (ops/conv.py)
     grouped: str = "whole"  # grouped convs: "whole" groups, "equal" positions per group, or "auto" (ops/conv.py)
     heads: str = "whole"  # nn.MultiheadAttention: "whole" heads, per-head "width", or "auto" (ops/attention.py)
+    layernorm: str = "boundary"  # LayerNorm over the channel dim: a "boundary", or "prune" it (ops/norm.py)
 
     def get_submodule(self, target: str) -> nn.Module:
         mod = self.modules.get(target)

@@ -34,6 +34,7 @@ from .context import LAYOUT, AnalysisContext, Boundary, Layout, Member
 from .ops import handler_for
 from .ops.attention import HEADS_MODES
 from .ops.conv import GROUPED_MODES, computed_weight_sources
+from .ops.norm import LAYERNORM_MODES
 from .ops.reshape import PARAM_SIZE_READ
 from .shapes import VALUE
 from .tensors import is_parametrized
@@ -356,7 +357,7 @@ def _build_groups(members: list[Member], root: np.ndarray, reason_of: np.ndarray
 
 def analyze_dependencies(gm: fx.GraphModule, ignore: Iterable = (),
                          auto_leaves: dict[str, str] | None = None, grouped: str = "whole",
-                         heads: str = "whole") -> ChannelAnalysis:
+                         heads: str = "whole", layernorm: str = "boundary") -> ChannelAnalysis:
     """Channel groups of a shape-propagated GraphModule (see module docstring).
 
     `grouped` says how grouped convs are pruned (`passes.ops.conv`): ``"whole"`` groups (the
@@ -364,7 +365,10 @@ def analyze_dependencies(gm: fx.GraphModule, ignore: Iterable = (),
     the groups are wide enough). `heads` says how nn.MultiheadAttention is pruned
     (`passes.ops.attention`): ``"whole"`` heads (the default), per-head ``"width"`` (every head keeps
     the same q/k and v positions), or ``"auto"`` (width where a head is at least as wide as the
-    number of heads).
+    number of heads). `layernorm` says whether a LayerNorm over the channel dim is a ``"boundary"``
+    (the default: its channels stay) or lets them be pruned (``"prune"``, `passes.ops.norm`: the
+    slim LayerNorm normalises over the kept channels only, which is not function-preserving; the
+    masked reference does the same, `passes.mask`).
 
     Raises ConfigError where a prunable group would slice a tensor that a reparametrization
     computes and slicing cannot follow (spectral norm, orthogonal, ...): the message names the
@@ -374,7 +378,10 @@ def analyze_dependencies(gm: fx.GraphModule, ignore: Iterable = (),
         raise ConfigError(f"grouped={grouped!r} must be one of {', '.join(map(repr, GROUPED_MODES))}")
     if heads not in HEADS_MODES:
         raise ConfigError(f"heads={heads!r} must be one of {', '.join(map(repr, HEADS_MODES))}")
-    ctx = AnalysisContext(gm, grouped=grouped, heads=heads, weight_sources=computed_weight_sources(gm))
+    if layernorm not in LAYERNORM_MODES:
+        raise ConfigError(f"layernorm={layernorm!r} must be one of {', '.join(map(repr, LAYERNORM_MODES))}")
+    ctx = AnalysisContext(gm, grouped=grouped, heads=heads, layernorm=layernorm,
+                          weight_sources=computed_weight_sources(gm))
     for node in gm.graph.nodes:
         if node.op == "placeholder" and VALUE not in node.meta:
             raise ValueError("run fxprune.passes.shapes.propagate(gm, inputs) before the analysis")

@@ -5,6 +5,12 @@ the input columns (`role == "in"` members) that read pruned channels; everything
 and consumer acts per channel, so the rest of the network is untouched. A removed residual branch
 is replaced by zeros. The slim model must equal this reference up to float rounding: that is the
 verification contract.
+
+Ops whose slim form is not "the original with zeroed inputs" edit the reference through their
+handler's `reference` hook: with ``layernorm="prune"`` a LayerNorm over pruned channels becomes a
+`MaskedLayerNorm` (`ops/norm.py`) whose statistics cover the kept channels only, as the slim
+LayerNorm's do. That reference is then not the original model's function (the pruned channels
+changed the original's statistics): the option is not function-preserving, by design.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from .module_copy import copy_sharing
+from .ops import handler_for
 from .plan import PruningPlan, ResolvedPlan, insert_input_scales, resolve
 from .tensors import get_tensor, set_tensor
 
@@ -37,6 +44,11 @@ def masked_reference(channels: ChannelAnalysis, plan: PruningPlan | ResolvedPlan
             tensor = get_tensor(ref, target)
             index = torch.as_tensor(np.nonzero(~kept)[0], device=tensor.device)
             set_tensor(ref, target, tensor.detach().index_fill(dim, index, 0))
+    for node in list(ref.graph.nodes):
+        if node.op in ("call_module", "call_function", "call_method"):
+            handler = handler_for(node, ref)
+            if handler is not None:
+                handler.reference(channels, ref, node, keep_root)
     nodes = {n.name: n for n in ref.graph.nodes}
     for add_name, operand in plan.remove_branches:
         add = nodes[add_name]

@@ -28,6 +28,11 @@ attention weights that the code reads (`need_weights` left True and output 1 use
 nn.MultiheadAttention cannot hold fewer heads than `embed_dim` allows, so the rewrite puts a
 `PrunedMultiheadAttention` (same tensors, same call signature, plain ops) in its place.
 
+With ``layernorm="prune"`` (`norm.py`) the embedding dim is pruned too (the residual stream of a
+transformer, through its LayerNorms): the columns `in_proj_weight` reads and the rows `out_proj`
+writes are then ordinary "in" / "out" members of the stream's group, and the rewrite puts a
+`PrunedMultiheadAttention` in place whenever the stream lost channels.
+
 Swin's and MaxViT's window attention heads: `window_attention.py`; MViT's: `mvit_attention.py`.
 """
 from __future__ import annotations
@@ -67,6 +72,7 @@ class PrunedMultiheadAttention(nn.Module):
         self.in_proj_bias = mha.in_proj_bias
         self.out_proj = mha.out_proj
         self.out_proj.in_features = num_heads * self.v_dim
+        self.out_proj.out_features = self.out_proj.weight.shape[0]  # less than embed_dim: a pruned stream
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -145,6 +151,25 @@ def _macs_shares(ctx, node: fx.Node, mha: nn.MultiheadAttention) -> tuple[float,
     return qk / (qk + v), v / (qk + v)
 
 
+def _stream_terms(ctx, node, mha, in_ids, out_ids, qk_rows, v_rows) -> list:
+    """MACS_TERMS of an attention whose embedding dim is pruned too (``layernorm="prune"``): the q
+    and k projections scale with the kept stream and q/k rows, q k^T with the q/k rows only, the v
+    projection with the stream and the v rows, attn v with the v rows, the output projection with
+    the v rows and the kept output stream."""
+    q, k = (tuple(ctx.spec(get_arg(node, i, n)).shape) for i, n in ((0, "query"), (1, "key")))
+    if len(q) == 2:
+        lq, lk = q[0], k[0]
+    elif mha.batch_first:
+        lq, lk = q[1], k[1]
+    else:
+        lq, lk = q[0], k[0]
+    e = mha.embed_dim
+    parts = [(lq * e + lk * e, [in_ids, qk_rows]), (lq * lk, [qk_rows]), (lk * e, [in_ids, v_rows]),
+             (lq * lk, [v_rows]), (lq * e, [out_ids, v_rows])]
+    total = sum(p for p, _ in parts)
+    return [(p / total, ids) for p, ids in parts]
+
+
 @register_module(nn.MultiheadAttention)
 class MultiheadAttentionModule(OpHandler):
     def analyze(self, ctx, node):
@@ -153,10 +178,12 @@ class MultiheadAttentionModule(OpHandler):
         query = get_arg(node, 0, "query")
         inputs = [query, get_arg(node, 1, "key"), get_arg(node, 2, "value")]
         dim = ctx.spec(query).ndim - 1
+        stream_stays = getattr(ctx, "layernorm", "boundary") != "prune"
         in_ids = None
         for x in inputs:
             ids = ctx.ids_on(x, ctx.spec(x).ndim - 1, node)
-            ctx.mark(ids, _STREAM)
+            if stream_stays:
+                ctx.mark(ids, _STREAM)
             if in_ids is None:
                 in_ids = ids
             else:
@@ -176,6 +203,7 @@ class MultiheadAttentionModule(OpHandler):
             share_qk, share_v = _macs_shares(ctx, node, mha)
             node.meta[MACS_TERMS] = [(share_qk, [in_ids, qk]), (share_v, [in_ids, v])]
             units = np.concatenate([qk, v])
+            qk_rows, v_rows = rows_qk, rows_v
         else:
             heads = ctx.new_ids(mha.num_heads)
             per_row = np.repeat(heads, mha.head_dim)
@@ -184,8 +212,12 @@ class MultiheadAttentionModule(OpHandler):
                 ctx.member(f"{t}.in_proj_bias", 0, np.tile(per_row, 3), "channel", node)
             ctx.member(f"{t}.out_proj.weight", 1, per_row, "in", node)
             units = heads
+            qk_rows = v_rows = per_row
         out_ids = ctx.member(f"{t}.out_proj.weight", 0, None, "out", node, size=mha.embed_dim)
-        ctx.mark(out_ids, _STREAM)
+        if stream_stays:
+            ctx.mark(out_ids, _STREAM)
+        else:
+            node.meta[MACS_TERMS] = _stream_terms(ctx, node, mha, in_ids, out_ids, qk_rows, v_rows)
         if mha.out_proj.bias is not None:
             ctx.member(f"{t}.out_proj.bias", 0, out_ids, "channel", node)
         why = _unsupported(mha, node)
@@ -200,7 +232,8 @@ class MultiheadAttentionModule(OpHandler):
         q, v = kept[:e].reshape(h, d), kept[2 * e:].reshape(h, d)
         heads = int((q.any(1) | v.any(1)).sum())
         qk_dim, v_dim = int(q.sum()) // max(heads, 1), int(v.sum()) // max(heads, 1)
-        if (heads, qk_dim, v_dim) == (h, d, d):
+        stream = (mha.in_proj_weight.shape[1], mha.out_proj.weight.shape[0])  # sliced already
+        if (heads, qk_dim, v_dim) == (h, d, d) and stream == (e, e):
             return
         parent, _, name = node.target.rpartition(".")
         setattr(rctx.get_submodule(parent) if parent else rctx.gm, name,

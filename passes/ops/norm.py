@@ -1,15 +1,30 @@
 """Normalisations. BatchNorm/InstanceNorm are per channel; GroupNorm can lose whole groups only
 (its statistics are per group); LayerNorm over the channel dim mixes every channel's statistics,
-so those channels stay (pruning one would change every other channel's output).
+so by default (``layernorm="boundary"``) those channels stay (pruning one would change every other
+channel's output).
+
+``layernorm="prune"`` (opt-in, the `layernorm` option of `compress`/`with_grouped`): a LayerNorm
+(nn.LayerNorm, F.layer_norm, and so the permute / F.layer_norm / permute of a channels-first
+LayerNorm2d) whose normalized_shape is the channel dim alone (the last dim) joins the channel
+group of its input, as Torch-Pruning does: the rewrite slices its weight, bias and
+normalized_shape. **This is not function-preserving** for removed channels with nonzero values:
+the slim LayerNorm computes its mean and variance over the kept channels only. The masked
+reference therefore does the same (`reference`: a `MaskedLayerNorm` normalising over the kept
+positions and writing zeros elsewhere), so the verification checks that the slim model equals
+"the original with its LayerNorms over the kept channels", not the original. A LayerNorm over
+several dims that include the channel dim stays a boundary.
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from ..context import Layout
-from ..tensors import present, read_tensor
+from ..shapes import VALUE
+from ..tensors import get_tensor, present, read_tensor
 from .registry import (
     OpHandler,
     get_arg,
@@ -20,6 +35,8 @@ from .registry import (
 )
 
 _BN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+LAYERNORM_MODES = ("boundary", "prune")
 
 
 def _per_channel(ctx, node, x, targets: list[str]) -> Layout:
@@ -112,10 +129,56 @@ def _layer_norm(ctx, node, x, n_norm_dims: int, targets: list[str]):
     first_normalised = spec.ndim - n_norm_dims
     if lay.dim < first_normalised:
         return lay  # normalises trailing non-channel dims only: per channel, passes through
-    ctx.mark(lay.ids, f"{node.name}: LayerNorm normalises over the channel dim (statistics mix channels)")
+    if getattr(ctx, "layernorm", "boundary") == "prune" and n_norm_dims == 1:
+        for t in targets:  # statistics over the kept channels (module docstring): not function-preserving
+            ctx.member(t, 0, lay.ids, "channel", node)
+        return lay
+    why = ("LayerNorm normalises over the channel dim (statistics mix channels)" if n_norm_dims == 1 else
+           "LayerNorm normalises over several dims including the channel dim (statistics mix channels)")
+    ctx.mark(lay.ids, f"{node.name}: {why}")
     for t in targets:
         ctx.member(t, lay.dim - first_normalised, lay.ids, "channel", node)
     return lay
+
+
+class MaskedLayerNorm(nn.Module):
+    """The masked reference's LayerNorm over the last dim with only the positions `kept` (a long
+    tensor) left: mean and variance over those positions, the kept weight and bias, zeros at the
+    removed positions (which every later reader ignores). The slim LayerNorm computes exactly this
+    on its kept channels."""
+
+    def __init__(self, kept: torch.Tensor, eps: float, weight: torch.Tensor | None, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("kept", kept)
+        self.eps = eps
+        self.register_buffer("weight", None if weight is None else weight.detach().index_select(0, kept))
+        self.register_buffer("bias", None if bias is None else bias.detach().index_select(0, kept))
+
+    def forward(self, x):
+        y = F.layer_norm(x.index_select(-1, self.kept), (len(self.kept),), self.weight, self.bias, self.eps)
+        return torch.zeros_like(x).index_copy(-1, self.kept, y.to(x.dtype))
+
+
+def _masked_layer_norm(channels, ref, node, keep_root, n_norm_dims: int, eps: float, weight, bias) -> None:
+    """Replace the LayerNorm at `node` of the masked reference `ref` by a `MaskedLayerNorm` where its
+    channel dim (the last, alone normalised) lost positions."""
+    lay = channels.layouts.get(node.name)
+    x = node.args[0]
+    ndim = getattr(x.meta.get(VALUE) if isinstance(x, fx.Node) else None, "ndim", None)
+    if not isinstance(lay, Layout) or n_norm_dims != 1 or ndim is None or lay.dim != ndim - 1:
+        return
+    kept = keep_root[channels.root[lay.ids]]
+    if kept.all():
+        return
+    index = torch.as_tensor(np.nonzero(kept)[0], dtype=torch.long)
+    if weight is not None:
+        index = index.to(weight.device)
+    name = f"fxprune_masked_{node.name}"
+    ref.add_submodule(name, MaskedLayerNorm(index, eps, weight, bias))
+    with ref.graph.inserting_before(node):
+        masked = ref.graph.call_module(name, (x,))
+    node.replace_all_uses_with(masked)
+    ref.graph.erase_node(node)
 
 
 @register_module(nn.LayerNorm)
@@ -124,6 +187,17 @@ class LayerNormModule(OpHandler):
         ln = ctx.get_submodule(node.target)
         names = [f"{node.target}.{a}" for a in ("weight", "bias") if present(ln, a)]
         return _layer_norm(ctx, node, node.args[0], len(ln.normalized_shape), names)
+
+    def rewrite(self, rctx, node):
+        ln = rctx.get_submodule(node.target)
+        lay = rctx.layout(node)
+        if len(ln.normalized_shape) == 1 and isinstance(lay, Layout) and lay.dim == len(rctx.spec(node).shape) - 1:
+            ln.normalized_shape = (rctx.kept_count(lay.ids),)
+
+    def reference(self, channels, ref, node, keep_root):
+        ln = ref.get_submodule(node.target)
+        _masked_layer_norm(channels, ref, node, keep_root, len(ln.normalized_shape), ln.eps,
+                           ln.weight if present(ln, "weight") else None, ln.bias if present(ln, "bias") else None)
 
 
 @register_function(F.layer_norm)
@@ -137,4 +211,21 @@ class LayerNormFunction(OpHandler):
             return None
         return _layer_norm(ctx, node, node.args[0], len(shape), [t for t in targets if t])
 
+    def rewrite(self, rctx, node):
+        shape = get_arg(node, 1, "normalized_shape")
+        lay = rctx.layout(node)
+        if (isinstance(shape, (list, tuple)) and len(shape) == 1 and isinstance(lay, Layout)
+                and lay.dim == len(rctx.spec(node).shape) - 1):
+            set_arg(node, 1, "normalized_shape", type(shape)([rctx.kept_count(lay.ids)]))
 
+    def reference(self, channels, ref, node, keep_root):
+        shape = get_arg(node, 1, "normalized_shape")
+        if not isinstance(shape, (list, tuple)):
+            return
+        weight, bias = (get_attr_target(get_arg(node, i, n)) for i, n in ((2, "weight"), (3, "bias")))
+        _masked_layer_norm(channels, ref, node, keep_root, len(shape), get_arg(node, 4, "eps", 1e-5),
+                           None if weight is None else get_tensor(ref, weight),
+                           None if bias is None else get_tensor(ref, bias))
+
+
+__all__ = ["LAYERNORM_MODES", "MaskedLayerNorm"]

@@ -26,6 +26,10 @@ class OpHandler:
     def rewrite(self, rctx, node: fx.Node) -> None:
         """Fix module attributes or node arguments after the member tensors were sliced."""
 
+    def reference(self, channels, ref, node: fx.Node, keep_root) -> None:
+        """Edit the masked reference `ref` (a copy of the analysed GraphModule) at `node`, for an op
+        whose slim form is not the original with zeroed inputs (`passes.mask`); most ops need nothing."""
+
 
 def register_module(*types: type) -> Callable:
     def deco(cls):

@@ -17,8 +17,26 @@ from ..context import Layout
 from .registry import OpHandler, get_arg, register_function, register_method, set_arg
 
 
+def _parameter_slot(ctx, x, dim: int) -> tuple[str, int] | None:
+    """(parameter, its dim) when `x` is a parameter, or one broadcast by `.expand(n, -1, -1)` (a
+    ViT's class token), whose `dim` may be sliced with the channels it is joined to."""
+    if not isinstance(x, fx.Node):
+        return None
+    if x.op == "call_method" and x.target == "expand" and isinstance(x.args[0], fx.Node):
+        src, sizes = x.args[0], x.args[1:]
+        sizes = sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)) else sizes
+        if dim >= len(sizes) or sizes[dim] != -1:
+            return None  # the channel count is written in the code
+        dim -= ctx.spec(x).ndim - ctx.spec(src).ndim
+        x = src
+    if x.op == "get_attr" and x.target not in ctx.tainted and dim >= 0 and ctx.is_tensor(x):
+        return x.target, dim
+    return None
+
+
 def _couple_same_dim(ctx, node, inputs, out_dim_of) -> Layout | None:
-    """Inputs joined along a non-channel dim: their channels coincide in the output."""
+    """Inputs joined along a non-channel dim: their channels coincide in the output. A parameter
+    input (a ViT's class token, possibly `.expand`ed over the batch) is sliced with them."""
     ids, d = None, None
     for x in inputs:
         lay = ctx.layout(x)
@@ -28,8 +46,11 @@ def _couple_same_dim(ctx, node, inputs, out_dim_of) -> Layout | None:
         return None
     for x in inputs:
         lay = ctx.layout(x)
+        slot = None if isinstance(lay, Layout) else _parameter_slot(ctx, x, d)
         if isinstance(lay, Layout) and lay.dim == d and len(lay.ids) == len(ids):
             ctx.couple(ids, lay.ids)
+        elif slot is not None and ctx.spec(x).shape[d] == len(ids):
+            ctx.member(slot[0], slot[1], ids, "channel", node)
         else:
             ctx.mark_all(lay, f"{node.name}: inputs have channels on different dims")
             ctx.mark(ids, f"{node.name}: an input's channels are not tracked")
