@@ -130,9 +130,9 @@ def train(model: nn.Module, data: Iterable, cfg: TrainConfig, *, loss_fn: Callab
             if extra_loss is not None:
                 loss = loss + extra_loss(model)
             if not _finite_on_every_rank(loss):
-                where = " on another rank" if torch.isfinite(loss) else ""
-                raise TrainingError(f"the loss became non-finite{where} at epoch {epoch}, step {step} (here "
-                                    f"{loss.item()}): lower the learning rate or check the data")
+                value = "non-finite on another rank" if torch.isfinite(loss) else loss.item()
+                raise TrainingError(f"the loss became {value} at epoch {epoch}, step {step}: lower the learning "
+                                    "rate or check the data")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if after_backward is not None:

@@ -214,4 +214,4 @@ def test_a_loss_that_diverges_on_one_rank_stops_every_rank(tmp_path):
             raise AssertionError("a rank kept waiting after the other's loss became non-finite")
     outcomes = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert "non-finite on another rank" in outcomes[0], outcomes
-    assert "non-finite at epoch 0" in outcomes[1] and "nan" in outcomes[1], outcomes
+    assert "loss became nan at epoch 0" in outcomes[1], outcomes

@@ -122,7 +122,7 @@ def test_schedules_meet_the_flops_target(schedule):
     assert sum(p.numel() for p in model.parameters()) == r.params_before  # the user's model is untouched
 
 
-@pytest.mark.parametrize("schedule,flops", [("tick_only", 0.4), ("tick_tock", 0.4), ("tick_only", 0.1)])
+@pytest.mark.parametrize("schedule,flops", [("tick_only", 0.4), ("tick_tock", 0.4), ("tick_tock", 0.2)])
 def test_the_last_tick_lands_within_one_percent_of_the_target(schedule, flops):
     """Ticks of p = 0.3 of the remaining units would overshoot a 0.4 target by far; the crossing
     Tick prunes only as many of its lowest-scored units as the target needs."""

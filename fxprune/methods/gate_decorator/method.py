@@ -216,7 +216,7 @@ def gate_decorator(channels, cost, data: Iterable, constraints: Constraints, opt
     else:
         if opts.schedule == "tick_tock":
             _tock(gated, data, opts, opts.tock_epochs, opts.sparse_lambda, targets_from)
-        ticks, pruned = 0, []  # pruned: (group, unit) in the order the Ticks removed them
+        ticks = 0
         while not fits(keep):
             if ticks >= opts.max_ticks:
                 raise TargetUnreachableError(flops, _macs(channels, cost, keep) / cost.total_macs,
@@ -224,8 +224,7 @@ def gate_decorator(channels, cost, data: Iterable, constraints: Constraints, opt
             _tick(gated, scores, data, opts, targets_from)
             new = _prune_step(channels, scores, keep, opts, repeats)
             if land and fits(new):  # the last Tick: only as many units as it takes to reach the target
-                new = _last_tick(channels, scores, keep, opts, repeats, fits, pruned[::-1])
-            pruned += [(g, int(u)) for g in keep for u in np.setdiff1d(keep[g], new[g])]
+                new = _last_tick(channels, scores, keep, opts, repeats, fits)
             if all(len(new[g]) == len(keep[g]) for g in keep):
                 raise TargetUnreachableError(flops, _macs(channels, cost, keep) / cost.total_macs,
                                              " (every group is at its 10% minimum)")
@@ -243,7 +242,7 @@ def gate_decorator(channels, cost, data: Iterable, constraints: Constraints, opt
     return PruningPlan(keep=keep)
 
 
-def _last_tick(channels, scores, keep, opts, repeats, fits, earlier=()) -> dict[int, np.ndarray]:
+def _last_tick(channels, scores, keep, opts, repeats, fits) -> dict[int, np.ndarray]:
     """The Tick that crosses the target prunes the fewest lowest-scored units that fit (binary
     search on the count, same ranking): the result lands within one unit of the MACs target
     instead of overshooting by up to p of the remaining units (0.369 for a 0.4 target before), so
@@ -255,18 +254,19 @@ def _last_tick(channels, scores, keep, opts, repeats, fits, earlier=()) -> dict[
             hi = mid
         else:
             lo = mid + 1
-    return _give_back(keep, _prune_step(channels, scores, keep, opts, repeats, n=lo), scores, fits, earlier)
+    return _give_back(keep, _prune_step(channels, scores, keep, opts, repeats, n=lo), scores, fits)
 
 
-def _give_back(before: dict, after: dict, scores, fits, earlier=()) -> dict[int, np.ndarray]:
-    """Units back into the model while the target still fits: first those the last Tick removed,
-    best-scored first, then those earlier Ticks removed, latest first (`earlier`). One unit of a
-    coupled stream can cost several % of a small target, so the fewest units by count may still
-    overshoot it; cheaper units fill what it leaves."""
+def _give_back(before: dict, after: dict, scores, fits) -> dict[int, np.ndarray]:
+    """The units the last Tick removed back into the model, best-scored first, while the target
+    still fits: one unit of a coupled stream can cost several % of a small target, so the fewest
+    units by count may still overshoot it; cheaper units it removed with it fill what it leaves.
+    Units of earlier Ticks never come back: their weights and BatchNorm statistics went on
+    changing differently under `fused_kernels` (hard masks skip them) and plain masks."""
     after = {g: np.asarray(k) for g, k in after.items()}
     removed = [(float(scores.per_group[g][u]), g, int(u)) for g in before
                for u in np.setdiff1d(before[g], after[g])]
-    for g, u in [(g, u) for _, g, u in sorted(removed, reverse=True)] + list(earlier):
+    for _, g, u in sorted(removed, reverse=True):
         trial = dict(after)
         trial[g] = np.sort(np.append(after[g], u))
         if fits(trial):
