@@ -21,6 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import fxprune
+from fxprune import data as fxdata
+from fxprune.methods.metapruning import pretrain
 from fxprune.nets import NETS
 from fxprune.passes.pruningnet import reinitialize
 from fxprune.train import TrainConfig, evaluate, train
@@ -54,8 +56,6 @@ class Data:
         if s.get("dataset", "mnist") == "synthetic":
             pool, test = synthetic(largest, 1), synthetic(int(s["test_images"]), 2)
         else:
-            from fxprune import data as fxdata
-
             train_set = fxdata.mnist("train")
             perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(1234))[:largest]
             pool = TensorDataset(*(t[perm] for t in train_set.tensors))
@@ -166,8 +166,6 @@ _PRUNINGNETS: dict = {}
 def _shared_pruningnet(key: tuple, base, x, data, options: dict):
     """The PruningNet of (experiment, method, seed), trained on first use (the latest one kept)."""
     if key not in _PRUNINGNETS:
-        from fxprune.methods.metapruning import pretrain
-
         _PRUNINGNETS.clear()
         _PRUNINGNETS[key] = pretrain(base, x, data, {k: v for k, v in options.items() if k != "min_flops"})
     return _PRUNINGNETS[key]
