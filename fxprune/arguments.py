@@ -90,34 +90,32 @@ GROUPED = ("whole", "equal", "auto")
 
 
 HEADS = ("whole", "width", "auto")
+LAYERNORM = ("boundary", "prune")
+
+
+def _one_of(name: str, value: Any, choices: tuple, described: str) -> str:
+    """`value` when it is one of `choices`, else a ConfigError naming each choice (`described`)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{name}={value!r} must be one of {described}")
+    return value
 
 
 def heads_option(value: Any) -> str:
     """`heads=`: how nn.MultiheadAttention is pruned ("whole" heads, per-head "width", "auto")."""
-    if not isinstance(value, str) or value not in HEADS:
-        raise ConfigError(f"heads={value!r} must be one of 'whole' (remove whole attention heads), 'width' "
-                          "(every head keeps the same q/k and v positions) or 'auto' (width where a head is at "
-                          "least as wide as the number of heads)")
-    return value
-
-
-LAYERNORM = ("boundary", "prune")
+    return _one_of("heads", value, HEADS, "'whole' (remove whole attention heads), 'width' (every head keeps the "
+                   "same q/k and v positions) or 'auto' (width where a head is at least as wide as the number of "
+                   "heads)")
 
 
 def layernorm_option(value: Any) -> str:
     """`layernorm=`: whether a LayerNorm over the channel dim stays a "boundary" (its channels stay)
     or lets them be pruned ("prune": it normalises over the kept channels, not function-preserving)."""
-    if not isinstance(value, str) or value not in LAYERNORM:
-        raise ConfigError(f"layernorm={value!r} must be one of 'boundary' (a LayerNorm over the channel dim keeps "
-                          "its channels, the default) or 'prune' (the residual stream is pruned through LayerNorm, "
-                          "which then normalises over the kept channels only: not function-preserving)")
-    return value
+    return _one_of("layernorm", value, LAYERNORM, "'boundary' (a LayerNorm over the channel dim keeps its channels, "
+                   "the default) or 'prune' (the residual stream is pruned through LayerNorm, which then normalises "
+                   "over the kept channels only: not function-preserving)")
 
 
 def grouped_option(value: Any) -> str:
     """`grouped=`: how grouped convs are pruned ("whole" groups, an "equal" count per group, "auto")."""
-    if not isinstance(value, str) or value not in GROUPED:
-        raise ConfigError(f"grouped={value!r} must be one of 'whole' (remove whole groups of grouped convs), "
-                          "'equal' (every group keeps the same channels) or 'auto' (equal where the groups "
-                          "are wide enough)")
-    return value
+    return _one_of("grouped", value, GROUPED, "'whole' (remove whole groups of grouped convs), 'equal' (every group "
+                   "keeps the same channels) or 'auto' (equal where the groups are wide enough)")
