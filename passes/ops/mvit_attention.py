@@ -24,7 +24,6 @@ boundary.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -32,6 +31,7 @@ from ..context import Layout
 from ..tracer import register_leaf_module
 from .conv import WEIGHT_SOURCE
 from .registry import OpHandler, get_arg, register_module
+from .window_attention import head_members
 
 _STREAM = "the residual stream of MViT's attention stays (its heads are pruned)"
 
@@ -92,14 +92,8 @@ class MultiscaleAttentionModule(OpHandler):
         dim = ctx.spec(x).ndim - 1
         in_ids = ctx.ids_on(x, dim, node)
         ctx.mark(in_ids, _STREAM)
-        heads = ctx.new_ids(attn.num_heads)
-        per_row = np.repeat(heads, attn.head_dim)
-        ctx.member(f"{t}.qkv.weight", 1, in_ids, "in", node)
-        ctx.member(f"{t}.qkv.weight", 0, np.tile(per_row, 3), "out", node)
-        if attn.qkv.bias is not None:
-            ctx.member(f"{t}.qkv.bias", 0, np.tile(per_row, 3), "channel", node)
-        ctx.member(f"{t}.project.0.weight", 1, per_row, "in", node)
-        out_ids = ctx.member(f"{t}.project.0.weight", 0, None, "out", node, size=project.out_features)
+        heads, out_ids = head_members(ctx, node, in_ids, f"{t}.qkv", attn.qkv.bias is not None, f"{t}.project.0",
+                                      project.out_features, attn.num_heads, attn.head_dim)
         ctx.mark(out_ids, _STREAM)
         if project.bias is not None:
             ctx.member(f"{t}.project.0.bias", 0, out_ids, "channel", node)

@@ -49,6 +49,20 @@ from .registry import OpHandler, get_arg, get_attr_target, register_function, re
 _STREAM = "the residual stream of Swin's window attention stays (its heads are pruned)"
 
 
+
+def head_members(ctx, node, in_ids, qkv: str, qkv_bias: bool, proj: str, proj_out: int, n_heads: int, head_dim: int):
+    """The members of an attention block with one fused q/k/v Linear and an output projection:
+    a head owns its rows of each q, k and v block (and bias) and the same columns of the
+    projection. Returns (head ids, the projection's output ids)."""
+    heads = ctx.new_ids(n_heads)
+    per_row = np.repeat(heads, head_dim)
+    ctx.member(f"{qkv}.weight", 1, in_ids, "in", node)
+    ctx.member(f"{qkv}.weight", 0, np.tile(per_row, 3), "out", node)
+    if qkv_bias:
+        ctx.member(f"{qkv}.bias", 0, np.tile(per_row, 3), "channel", node)
+    ctx.member(f"{proj}.weight", 1, per_row, "in", node)
+    return heads, ctx.member(f"{proj}.weight", 0, None, "out", node, size=proj_out)
+
 def pruned_shifted_window_attention(
     input: Tensor,
     qkv_weight: Tensor,
@@ -291,14 +305,8 @@ class RelativePositionalAttentionModule(OpHandler):
         dim = ctx.spec(x).ndim - 1
         in_ids = ctx.ids_on(x, dim, node)
         ctx.mark(in_ids, _STREAM_MAXVIT)
-        heads = ctx.new_ids(attn.n_heads)
-        per_row = np.repeat(heads, attn.head_dim)
-        ctx.member(f"{t}.to_qkv.weight", 1, in_ids, "in", node)
-        ctx.member(f"{t}.to_qkv.weight", 0, np.tile(per_row, 3), "out", node)
-        if attn.to_qkv.bias is not None:
-            ctx.member(f"{t}.to_qkv.bias", 0, np.tile(per_row, 3), "channel", node)
-        ctx.member(f"{t}.merge.weight", 1, per_row, "in", node)
-        out_ids = ctx.member(f"{t}.merge.weight", 0, None, "out", node, size=attn.merge.out_features)
+        heads, out_ids = head_members(ctx, node, in_ids, f"{t}.to_qkv", attn.to_qkv.bias is not None, f"{t}.merge",
+                                      attn.merge.out_features, attn.n_heads, attn.head_dim)
         ctx.mark(out_ids, _STREAM_MAXVIT)
         if attn.merge.bias is not None:
             ctx.member(f"{t}.merge.bias", 0, out_ids, "channel", node)
