@@ -21,10 +21,7 @@ from fxprune.passes.plan import PruningPlan
 from .conftest import assert_close_outputs, measured_macs
 
 OPS = ("conv", "depthwise", "grouped", "residual", "concat", "nested_concat", "split", "se", "transposed",
-       "groupnorm", "chunk", "channels_last")
-# "shuffle" (built below) is left out of the draw: with 2 groups of 1 channel the rewrite keeps a
-# view(n, 2, C // 2, h, w) whose C // 2 becomes 0 (open bug, issue 17; failing example:
-# (["shuffle"], [2, 2], "linear"), seed=129, fraction=0.5)
+       "groupnorm", "chunk", "channels_last", "shuffle")
 
 
 class RandomCNN(nn.Module):

@@ -111,3 +111,29 @@ def test_non_finite_fails():
     with torch.no_grad():
         slim.c.bias[1] = float("nan")
     assert not compare(masked_reference(analysis.channels, plan), slim, analysis.inputs).passed
+
+
+def test_shuffle_of_one_channel_blocks_is_a_boundary_not_a_wrong_view():
+    """With g blocks of width 1, `view(n, g, c // g, h, w)` lands C whole in the group dim; pruning
+    it would leave the slim `c // g` at 0 (found by the random-CNN property test). The reshape is a
+    boundary, and compress keeps the model exact."""
+    class OneWide(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 2, 1, groups=1)
+            self.b = torch.nn.Conv2d(2, 8, 1)
+            self.c = torch.nn.Conv2d(8, 3, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            n, c, h, w = y.size()
+            y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+            return self.c(torch.relu(self.b(y)))
+
+    model, x = OneWide().eval(), torch.randn(2, 3, 4, 4)
+    analysis = fxprune.analyze(model, x)
+    assert any("from the channel count" in b.reason for b in analysis.boundaries)
+    assert not any(m.target == "a.weight" for g in analysis.channels.prunable_groups for m in g.members)
+    slim = fxprune.compress(model, "l1", x, flops=0.7)  # only b's channels can go
+    assert slim.a.out_channels == 2 and slim.b.out_channels < 8
+    assert slim.fxprune_report.max_rel_error <= 1e-5

@@ -99,6 +99,31 @@ def fix_split_sizes(rctx, node, sizes: list, offset: int = 0) -> list:
     return sizes
 
 
+def _reads_channel_count(ctx, entry, depth: int = 0) -> bool:
+    """`entry` (a shape argument) is computed at run time from the channel dim's size of a tensor
+    that carries channels: `c // 2` where `n, c, h, w = x.size()`."""
+    if not isinstance(entry, fx.Node) or depth > 16:
+        return False
+    if entry.op == "call_function" and entry.target is operator.getitem:
+        source, index = entry.args
+        if isinstance(source, fx.Node) and isinstance(index, int) and _is_size_tuple(source):
+            tensor = source.args[0]
+            lay, ndim = ctx.layout(tensor), ctx.spec(tensor).ndim
+            return isinstance(lay, Layout) and index % ndim == lay.dim
+    if entry.op == "call_method" and entry.target == "size" and len(entry.args) > 1:
+        lay, ndim = ctx.layout(entry.args[0]), ctx.spec(entry.args[0]).ndim
+        return isinstance(lay, Layout) and isinstance(entry.args[1], int) and entry.args[1] % ndim == lay.dim
+    if entry.op == "call_function" and _target_in(entry.target, _SIZE_ARITHMETIC):
+        return any(_reads_channel_count(ctx, a, depth + 1) for a in entry.args)
+    return False
+
+
+def _is_size_tuple(node: fx.Node) -> bool:
+    """`x.size()` or `x.shape`."""
+    return ((node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs)
+            or (node.op == "call_function" and node.target is getattr and node.args[1] == "shape"))
+
+
 _VIEWS = ("view", "reshape")
 
 
@@ -122,9 +147,16 @@ class ViewReshape(OpHandler):
 
     def analyze(self, ctx, node):
         lay = reshape_layout(ctx, node, node.args[0])
-        if SPLIT in node.meta and len(self._shape(node)[0]) != ctx.spec(node).ndim:
+        shape = self._shape(node)[0]
+        if SPLIT in node.meta and len(shape) != ctx.spec(node).ndim:
             node.meta.pop(SPLIT)
             ctx.boundary(node, "reshape splits the channel dim with a shape given as one value")
+            return None
+        if isinstance(lay, Layout) and SPLIT not in node.meta and any(
+                j != lay.dim and _reads_channel_count(ctx, entry) for j, entry in enumerate(shape)):
+            # `view(n, 2, c // 2, h, w)` with blocks of one channel lands C whole in the group dim;
+            # the slim `c // 2` would then follow the kept count into the wrong dim
+            ctx.boundary(node, "reshape computes a dim other than the channel dim from the channel count")
             return None
         return lay
 
