@@ -649,3 +649,21 @@ def test_macs_removed_by_moves_equals_a_full_recount(resnet):
         for i in range(len(pos)):
             want = 0.0 if pos[i] == 0 else s.macs(pos) - s.macs(_moved(pos, i, -1))
             assert got[i] == pytest.approx(want, rel=1e-9, abs=1e-3)
+
+def test_auto_round_speed_plans_keep_the_speed_floor(resnet):
+    """Priced per MAC, a slow group would go to one channel; the speed candidates keep at least
+    SPEED_MIN_RATIO of every group (the snapped plan follows the user's rules only)."""
+    from fxprune.methods.latency_selection import SPEED_MIN_RATIO
+
+    a, scores = resnet
+    model = MemoryBoundModel(a)
+    c = Constraints(flops=0.5, round_to="auto")
+    plan, compared = auto_round(a.channels, a.cost, scores, select(a.channels, a.cost, scores, c), model, c)
+    assert compared["chosen"] != "snapped"
+    n_units = {g.index: g.n_units for g in a.channels.prunable_groups}
+    assert all(len(k) >= math.ceil(SPEED_MIN_RATIO * n_units[g]) for g, k in plan.keep.items())
+    # a budget the floor cannot reach leaves the snapped plan alone
+    low = Constraints(flops=0.02, round_to="auto")
+    ref = select(a.channels, a.cost, scores, low)  # reachable without the floor (0.99 x 2 %)
+    _, compared = auto_round(a.channels, a.cost, scores, ref, model, low)
+    assert list(compared) == ["snapped", "chosen"]

@@ -37,6 +37,7 @@ latency step edge next to it (its docstring states the rule).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -440,6 +441,11 @@ SPEED_PLANS = (("time-first", 0.0, 1.0), ("per-mac", 1.0, 1.0), ("per-mac-half",
                ("per-mac-time", 1.0, 0.0))
 # A candidate is "efficient" when its predicted time falls at least in proportion to its MACs
 EFFICIENT = 1.0
+# The speed candidates keep at least this fraction of every group (or the user's min_ratio if
+# higher): priced per MAC, a slow group otherwise goes to one channel (densenet121 at flops=0.5:
+# 1 of 256), a network no fine-tune recovers. At 0.2 regnet_y_800mf / densenet121 lose 1-2 % of
+# predicted efficiency against no floor.
+SPEED_MIN_RATIO = 0.2
 
 
 def importance_lost(channels, scores: dict[int, np.ndarray], plan: PruningPlan) -> float:
@@ -457,19 +463,24 @@ def auto_round(channels, cost, scores: dict[int, np.ndarray], plan: PruningPlan,
                constraints: Constraints) -> tuple[PruningPlan, dict]:
     """round_to="auto" for a FLOPs target. Candidates, all within the MACs budget, from the most
     importance-minded to the most time-minded: `snap_to_steps(plan)` (the FLOPs ranking's allocation
-    on step edges), then the `SPEED_PLANS` allocations. Each gets a predicted efficiency (MACs kept /
+    on step edges), then the `SPEED_PLANS` allocations (each group kept at `SPEED_MIN_RATIO` at
+    least; skipped when that floor does not fit the MACs budget). Each gets a predicted efficiency (MACs kept /
     predicted latency, both as fractions of the original); the first at least `EFFICIENT` (its time
     falls in proportion to its MACs or faster) is taken, and the later ones are not built. If none
     is, the most efficient one (ties: the earlier). Returns the plan and what was compared (with
     each candidate's `importance_lost`, so the price of the speed is in the report)."""
     total, original = cost.total_macs, latency_model.original_s
+    floored = dataclasses.replace(constraints, min_ratio=max(constraints.min_ratio, SPEED_MIN_RATIO))
     makers = [("snapped", lambda: snap_to_steps(channels, cost, scores, plan, latency_model, constraints))]
-    makers += [(name, functools.partial(allocate_for_speed, channels, cost, scores, constraints, latency_model,
+    makers += [(name, functools.partial(allocate_for_speed, channels, cost, scores, floored, latency_model,
                                         per_mac=per_mac, per_importance=per_importance))
                for name, per_mac, per_importance in SPEED_PLANS]
     compared, best = {}, None
     for name, make in makers:
-        candidate = make()
+        try:
+            candidate = make()
+        except TargetUnreachableError:  # the speed floor leaves too many MACs: every speed plan
+            break  # shares it, so none of them can be built
         macs = cost.macs(channels.keep_roots(candidate.keep))
         predicted = predict_plan(latency_model, candidate)
         efficiency = (macs / total) / (predicted / original) if predicted > 0 else 0.0
@@ -485,6 +496,6 @@ def auto_round(channels, cost, scores: dict[int, np.ndarray], plan: PruningPlan,
     return best[2], compared
 
 
-__all__ = ["EFFICIENT", "SPEED_PLANS", "LatencyModelLike", "LatencyUnreachableError", "MeasuredFit",
+__all__ = ["EFFICIENT", "SPEED_MIN_RATIO", "SPEED_PLANS", "LatencyModelLike", "LatencyUnreachableError", "MeasuredFit",
            "allocate_for_speed", "auto_round", "fit_measured", "importance_lost",
            "plan_counts", "predict_plan", "select_under_latency", "snap_to_steps"]
