@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterable
 
 import numpy as np
@@ -111,13 +111,22 @@ class _Scores:
             np.add.at(self.per_group[s.group], s.unit_of_channel, score)
 
 
+def _kept(channels, group: int, keep: dict[int, np.ndarray]) -> np.ndarray:
+    kept = np.zeros(channels.groups[group].n_units, dtype=bool)
+    kept[keep[group]] = True
+    return kept
+
+
 def _mask_units(channels, gated: GatedModel, keep: dict[int, np.ndarray]) -> None:
+    """Set every site's mask (and the per-unit masks its LayerNorms read) to `keep`."""
     with torch.no_grad():
         for s in gated.sites:
             mask = getattr(gated.module, s.mask)
-            kept = np.zeros(channels.groups[s.group].n_units, dtype=bool)
-            kept[keep[s.group]] = True
+            kept = _kept(channels, s.group, keep)
             mask.copy_(torch.as_tensor(kept[s.unit_of_channel], dtype=mask.dtype).reshape(mask.shape))
+        for group, name in gated.unit_masks.items():
+            mask = getattr(gated.module, name)
+            mask.copy_(torch.as_tensor(_kept(channels, group, keep), dtype=mask.dtype))
 
 
 def _macs(channels, cost, keep) -> float:
@@ -183,13 +192,15 @@ def _prune_step(channels, scores, keep, opts, repeats: dict[int, int], n: int | 
 def gate_decorator(channels, cost, data: Iterable, constraints: Constraints, opts: GateDecoratorOptions,
                    targets_from: nn.Module | None = None, log: list | None = None,
                    fits: Callable[[dict], bool] | None = None,
-                   one_shot_select: Callable[[dict], PruningPlan] | None = None) -> PruningPlan:
+                   one_shot_select: Callable[[dict], PruningPlan] | None = None,
+                   ungated: list | None = None) -> PruningPlan:
     """Run the method on `analysis.gm`'s modules (trained in place) and return the plan.
 
     The caller passes an analysis of its own private copy (`MethodContext.private_copy`): training
     changes its weights, and the gates are folded into them at the end. Each Tick appends a row to
     `log`. Ticks go on until `fits(keep)` (default: the MACs fit `constraints`); `one_shot_select`
     replaces the one-shot schedule's FLOPs selection (both are how a latency target plugs in).
+    The prunable groups no gate could be placed on (kept whole) are appended to `ungated`.
     """
     log = [] if log is None else log
     if data is None:
@@ -197,9 +208,12 @@ def gate_decorator(channels, cost, data: Iterable, constraints: Constraints, opt
     torch.manual_seed(opts.seed)
     gated = insert_gates(channels)
     if opts.fused_kernels:  # same parameters and mask buffers; masked convs skip their pruned channels
-        gated = GatedModel(fuse_masked_convs(gated.module, mode="hard"), gated.sites)
+        gated = replace(gated, module=fuse_masked_convs(gated.module, mode="hard"))
     scores = _Scores(channels, gated)
-    keep = {g.index: np.arange(g.n_units) for g in channels.prunable_groups}
+    # a group no gate could be placed on has no score: it stays whole (`GatedModel.ungated`)
+    keep = {g.index: np.arange(g.n_units) for g in channels.prunable_groups if g.index not in gated.ungated}
+    if ungated is not None:
+        ungated.extend(gated.ungated)
     flops, budget = constraints.flops, constraints.macs_limit(cost.total_macs)
     land = fits is None  # a MACs target: the last Tick lands on it (a latency stop measures instead)
     if fits is None:
@@ -288,18 +302,26 @@ class GateDecoratorMethod:
         opts, c = context.options, context.constraints
         work = context.private_copy()
         log: list = []
+        ungated: list = []
         if not c.has_latency:
             plan = gate_decorator(work.channels, work.cost, context.data, c, opts, targets_from=context.original,
-                                  log=log)
-            return MethodResult(plan, {"schedule": opts.schedule, "ticks": log},
+                                  log=log, ungated=ungated)
+            return MethodResult(plan, {"schedule": opts.schedule, "ticks": log, **_ungated(work, ungated)},
                                 weights=work.traced.graph_module.state_dict())
         latency = _LatencyStop(work, context)
         plan = gate_decorator(work.channels, work.cost, context.data, c, opts, targets_from=context.original, log=log,
-                              fits=latency.fits, one_shot_select=latency.select)
+                              fits=latency.fits, one_shot_select=latency.select, ungated=ungated)
         measured = latency.checks[-1]["measured_s"] if latency.checks else slim_latency(context, plan, latency.model)
-        details = {"schedule": opts.schedule, "ticks": log,
+        details = {"schedule": opts.schedule, "ticks": log, **_ungated(work, ungated),
                    "latency": latency_details(latency.model, context, plan, measured, {"checks": latency.checks})}
         return MethodResult(plan, details, weights=work.traced.graph_module.state_dict())
+
+
+def _ungated(work, groups: list[int]) -> dict:
+    """The report's note of the prunable groups kept whole because no gate could score them."""
+    if not groups:
+        return {}
+    return {"ungated_groups": {str(gi): work.channels.groups[gi].leading.target for gi in groups}}
 
 
 class _LatencyStop:
