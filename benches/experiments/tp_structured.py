@@ -481,6 +481,7 @@ def main(argv=None) -> int:
         print(f"bad model names: {unknown}", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    st = setting(args, command)  # once: the commit is the code's, whatever is committed during the run
     work = Path(tempfile.mkdtemp(prefix="tp-structured-"))
     done = 0
     for name in names:
@@ -491,10 +492,10 @@ def main(argv=None) -> int:
             continue
         t0 = time.perf_counter()
         entry = run_model(name, args, work)
-        entry["seconds"] = time.perf_counter() - t0
+        entry.update(seconds=time.perf_counter() - t0, commit=st["commit"])
         results = json.loads(path.read_text()) if path.exists() else {}  # re-read: keep what others wrote
         results.setdefault("models", {})[name] = entry
-        results["setting"] = setting(args, command)
+        results["setting"] = st
         save(path, results)
         md.write_text(markdown(results))
         done += 1
