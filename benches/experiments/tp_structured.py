@@ -341,8 +341,15 @@ HEAD = ["model", "input", "MACs", "FLOPs (2×MACs)", "fxprune converted", "fxpru
         "share of the cut (%)", "structured groups pruned / all pruned (kinds)"]
 
 
+def _error_text(error: str, setting: dict) -> str:
+    """An error for the table: a bare MemoryError says which limit it ran into."""
+    if re.fullmatch(r"MemoryError:?\s*", error or "") and setting.get("max_memory_gib"):
+        return f"MemoryError (over the {setting['max_memory_gib']:g} GiB address-space limit of its process)"
+    return _cell(error)
+
+
 def table(results: dict, order: list | None = None) -> str:
-    models = results.get("models", {})
+    models, st_run = results.get("models", {}), results.get("setting", {})
     names = [m for m in (order or MODELS) if m in models] + [m for m in models if m not in (order or MODELS)]
     lines = ["| " + " | ".join(HEAD) + " |", "|" + "|".join("---" for _ in HEAD) + "|"]
     for name in names:
@@ -356,12 +363,12 @@ def table(results: dict, order: list | None = None) -> str:
         tries = tp.get("tries") or []
         row = [
             name, "x".join(map(str, e.get("input", []))) or "—", _g(macs), _g(None if macs is None else 2 * macs),
-            "yes" if fx.get("converted") else f"no: {_cell(fx.get('error', '?'))}",
+            "yes" if fx.get("converted") else f"no: {_error_text(fx.get('error', '?'), st_run)}",
             _f(fx.get("macs_fraction"), ".4f"), _f(fx.get("max_rel_error"), ".1e"), _f(fx.get("seconds"), ".1f"),
             "yes" if tp.get("converted") else "no", _f(tp.get("macs_fraction"), ".4f"),
             f"{_f(tp.get('pruning_ratio'), '.4f')} ({len(tries)})" if tries else "—",
-            _cell(tp.get("error", "")) if not tp.get("converted") else ("" if tp.get("in_band", True)
-                                                                        else "MACs outside 0.5 ± band"),
+            _error_text(tp.get("error", ""), st_run) if not tp.get("converted") else (
+                "" if tp.get("in_band", True) else f"converted, but no try within 0.5 ± {st_run.get('band', 0.01):g}"),
             _g(st.get("macs_removed")), _g(None if st.get("macs_removed") is None else 2 * st["macs_removed"]),
             _g(st.get("macs_removed_structured")), _f(st.get("share_structured_pct"), ".1f"), cut,
         ]
