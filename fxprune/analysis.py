@@ -16,6 +16,12 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune.passes.context import Layout
+from fxprune.passes.ops.attention import MultiheadAttentionModule
+from fxprune.passes.ops.conv import WEIGHT_SOURCE, ConvFunction, ConvModule
+from fxprune.passes.ops.mvit_attention import MultiscaleAttentionModule
+from fxprune.passes.ops.registry import get_arg, get_attr_target, handler_for
+from fxprune.passes.ops.reshape import SPLIT
+from fxprune.passes.ops.window_attention import RelativePositionalAttentionModule, ShiftedWindowAttentionFunction
 from fxprune.passes.dependency import ChannelAnalysis, analyze_dependencies
 from fxprune.passes.structures import Structures, find_structures
 
@@ -122,10 +128,6 @@ STRUCTURE_KINDS = ("split", "grouped_equal", "heads", "computed_weight")
 
 def _head_handlers() -> tuple:
     """The handler classes of the attention ops whose heads are channel groups."""
-    from fxprune.passes.ops.attention import MultiheadAttentionModule
-    from fxprune.passes.ops.mvit_attention import MultiscaleAttentionModule
-    from fxprune.passes.ops.window_attention import RelativePositionalAttentionModule, ShiftedWindowAttentionFunction
-
     return MultiheadAttentionModule, ShiftedWindowAttentionFunction, RelativePositionalAttentionModule, \
         MultiscaleAttentionModule
 
@@ -169,10 +171,6 @@ def group_structures(analysis: ModelAnalysis | ChannelAnalysis) -> dict[int, fro
         >>> sorted({k for kinds in group_structures(a).values() for k in kinds})
         ['split']
     """
-    from fxprune.passes.ops.conv import WEIGHT_SOURCE, ConvFunction
-    from fxprune.passes.ops.registry import get_arg, handler_for
-    from fxprune.passes.ops.reshape import SPLIT
-
     channels = getattr(analysis, "channels", analysis)
     gm = channels.gm
     group_of = np.full(len(channels.root), -1, dtype=np.int64)
@@ -220,9 +218,6 @@ def group_structures(analysis: ModelAnalysis | ChannelAnalysis) -> dict[int, fro
 
 def _conv_weight_and_groups(node, gm, handler) -> tuple[str | None, int]:
     """(weight parameter, groups) of a non-transposed conv node (module or functional), else (None, 1)."""
-    from fxprune.passes.ops.conv import ConvFunction, ConvModule
-    from fxprune.passes.ops.registry import get_arg, get_attr_target
-
     if isinstance(handler, ConvModule):
         conv = gm.get_submodule(node.target)
         if isinstance(conv, nn.modules.conv._ConvTransposeNd):

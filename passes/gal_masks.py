@@ -42,7 +42,7 @@ import torch.fx as fx
 from torch import nn
 
 from .context import Layout
-from .gates import _unit_index
+from .param_sites import _unit_index
 from .param_sites import (
     ParamSite,
     consumer_sites,

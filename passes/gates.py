@@ -34,6 +34,7 @@ from torch import nn
 
 from .context import Layout
 from .fold import fold_into
+from .param_sites import _unit_index
 from .param_sites import (
     ParamSite,
     consumer_sites,
@@ -70,13 +71,6 @@ class GatedModel:
 
     def gates(self) -> list[nn.Parameter]:
         return [getattr(self.module, s.gate) for s in self.sites]
-
-
-def _unit_index(channels: ChannelAnalysis, group, ids: np.ndarray) -> np.ndarray | None:
-    roots = channels.root[ids]
-    lookup = {int(u): i for i, u in enumerate(group.units)}
-    units = [lookup.get(int(r)) for r in roots]
-    return None if any(u is None for u in units) else np.asarray(units, dtype=np.int64)
 
 
 def _sites(channels: ChannelAnalysis) -> list[tuple[fx.Node, int, np.ndarray, int]]:

@@ -281,11 +281,17 @@ def masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor 
     return y * keep
 
 
+def _unit_index(channels, group, ids: np.ndarray) -> np.ndarray | None:
+    """The unit (position in `group.units`) of each element id, or None if one is not in the group."""
+    roots = channels.root[ids]
+    lookup = {int(u): i for i, u in enumerate(group.units)}
+    units = [lookup.get(int(r)) for r in roots]
+    return None if any(u is None for u in units) else np.asarray(units, dtype=np.int64)
+
+
 def layer_norms_of(channels: ChannelAnalysis, groups: set[int]) -> list[tuple[fx.Node, int, np.ndarray]]:
     """The LayerNorms over the channel dim alone (last dim) whose channels are in `groups` (pruned
     through them: ``layernorm="prune"``), each with its group and the unit of each channel."""
-    from .gates import _unit_index
-
     group_of_root = {int(u): g.index for g in channels.prunable_groups for u in g.units}
     out = []
     for node in channels.gm.graph.nodes:
