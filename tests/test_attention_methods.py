@@ -33,6 +33,7 @@ from fxprune.passes.rewrite import apply_plan
 from fxprune.verify import randomize_degenerate_weights
 
 from .conftest import assert_close_outputs
+from .test_layernorm_stream import PreNormBlock
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,20 +45,9 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-class Block(nn.Module):
-    """Pre-norm: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.ln_2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def forward(self, t):
-        h = self.ln_1(t)
-        t = t + self.attn(h, h, h, need_weights=False)[0]
-        return t + self.mlp(self.ln_2(t))
+def Block(dim: int, heads: int) -> nn.Module:
+    """Pre-norm: x + attn(ln_1(x)), then x + mlp(ln_2(x)), batch first (test_layernorm_stream's block)."""
+    return PreNormBlock(dim, heads, batch_first=True)
 
 
 class TinyViT(nn.Module):
