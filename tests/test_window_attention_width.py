@@ -1,0 +1,245 @@
+"""Swin (v1, v2) and MaxViT attention pruned per head width (`heads="width"`, passes/ops/window_attention.py).
+
+As for nn.MultiheadAttention (`test_attention_width.py`): every head stays; q and k keep the same
+positions in every head (one unit per position), v keeps its own. Structural checks: the slim output
+equals the masked original (relative tolerance 1e-5, float32, random inputs: the reference zeroes
+the removed q, k, v rows and output-projection columns; the slim attention keeps the original scale
+1/sqrt(head_dim), v2's cosine attention normalises over the kept q/k positions, which is what the
+zeroed ones give), the attention holds all its heads with narrower q/k and v, the per-head bias table
+and logit scale stay whole, MACs counted by FlopCounterMode fell and equal the cost model's recount
+(its q/k and v parts scale apart), params fell; non-finite values fail; Gate Decorator's consumer-side
+gates touch only the q rows and the projection columns (the output stays linear in a gate).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models import swin_transformer as swin
+
+import fxprune
+from fxprune.analysis import with_grouped
+from fxprune.passes.mask import masked_reference
+from fxprune.passes.ops.window_attention import (
+    PrunedRelativePositionalMultiHeadAttention,
+    pruned_shifted_window_attention,
+)
+from fxprune.passes.param_sites import consumer_sites
+from fxprune.passes.plan import PruningPlan, resolve
+from fxprune.passes.tensors import get_tensor
+from fxprune.verify import compare
+
+from .conftest import assert_close_outputs, measured_macs, n_params, prune_and_check
+from .test_swin_heads import SWINS, _SWA, _small_maxvit, _swin
+
+X_SWIN = (1, 3, 64, 64)
+
+
+def _calls(gm):
+    """{attention path: (num_heads, head_dim, v_dim, scale)} of the graph's window attention calls."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _SWA:
+            kw = node.kwargs
+            out[node.args[1].target.rsplit(".", 2)[0]] = (node.args[5], kw.get("head_dim"), kw.get("v_dim"),
+                                                          kw.get("scale"))
+    return out
+
+
+def _width_groups(analysis, qkv: str, proj: str):
+    """(q/k group, v group) of the attention whose fused projection is `qkv`."""
+    groups = [g for g in analysis.groups if any(m.target == qkv and m.dim == 0 for m in g.members)]
+    v = next(g for g in groups if any(m.target == proj and m.dim == 1 for m in g.members))
+    return next(g for g in groups if g is not v), v
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", SWINS)
+def test_swin_width_slim_equals_masked(name, seed):
+    model = _swin(name)
+    x = torch.randn(X_SWIN)
+    analysis, slim, plan = prune_and_check(model, x, seed=seed, heads="width", return_plan=True)
+    macs = measured_macs(slim, x)
+    assert abs(analysis.cost.macs(resolve(analysis.channels, plan).keep_roots) - macs) <= 1e-6 * macs
+    calls = _calls(slim)
+    assert len(calls) == 12
+    narrower = 0
+    for path, (heads, qk, v, scale) in calls.items():
+        attn = model.get_submodule(path)
+        d = attn.qkv.in_features // attn.num_heads
+        assert heads == attn.num_heads  # every head stays
+        if qk is None:
+            continue  # untouched: torchvision's own call
+        narrower += 1
+        assert scale == d ** -0.5 and qk <= d and v <= d and (qk, v) != (d, d)
+        assert get_tensor(slim, f"{path}.qkv.weight").shape[0] == heads * (2 * qk + v)
+        assert get_tensor(slim, f"{path}.proj.weight").shape[1] == heads * v
+        table = "relative_position_bias_table" if name == "swin_t" else "logit_scale"
+        assert get_tensor(slim, f"{path}.{table}").shape == get_tensor(model, f"{path}.{table}").shape
+    assert narrower >= 6
+
+
+@pytest.mark.parametrize("name", SWINS)
+def test_swin_width_units_and_chosen_plan(name):
+    """Each attention has a q/k group and a v group of head_dim units; a plan keeping q/k positions
+    {0, 5} and v positions {1, 2, 3} of the first block narrows every head to exactly those."""
+    model = _swin(name)
+    x = torch.randn(2, *X_SWIN[1:])
+    analysis = with_grouped(fxprune.analyze(model, x), "whole", "width")
+    assert analysis.boundaries == []
+    path = "features.1.0.attn"
+    qk, v = _width_groups(analysis, f"{path}.qkv.weight", f"{path}.proj.weight")
+    assert qk.prunable and v.prunable and qk.n_units == v.n_units == 32
+    heads = next(g for g in analysis.groups if any(m.target in (f"{path}.relative_position_bias_table",
+                                                                f"{path}.logit_scale") for m in g.members))
+    assert not heads.prunable and "heads='width'" in heads.reason
+    plan = PruningPlan(keep={qk.index: [0, 5], v.index: [1, 2, 3]})
+    slim, _ = fxprune.prune_with_plan(analysis, plan, verify_output=False)
+    assert_close_outputs(masked_reference(analysis.channels, plan), slim, x, rtol=1e-5)
+    assert _calls(slim)[path][:3] == (3, 2, 3)
+    full = get_tensor(model, f"{path}.qkv.weight")
+    rows = [block + h * 32 + j for block in (0, 96) for h in range(3) for j in (0, 5)]  # q, then k
+    rows += [192 + h * 32 + j for h in range(3) for j in (1, 2, 3)]  # v
+    assert torch.equal(get_tensor(slim, f"{path}.qkv.weight"), full[rows])
+    assert measured_macs(slim, x) < measured_macs(model, x) and n_params(slim) < n_params(model)
+
+
+def test_swin_auto_is_width_and_compress_prunes_twice():
+    """heads="auto" narrows Swin-T's heads (32 wide, at most 24 heads); compress reaches its target
+    with them; the slim model (pruned calls) is analysed and pruned again."""
+    model = _swin("swin_t")
+    x = torch.randn(X_SWIN)
+    slim = fxprune.compress(model, "l1", x, flops=0.6, heads="auto")
+    report = slim.fxprune_report
+    assert report.macs_after <= 0.6 * report.macs_before and report.max_rel_error <= 1e-4
+    assert measured_macs(slim, x) <= 0.6 * measured_macs(model, x) * 1.001
+    calls = _calls(slim)
+    assert all(heads == model.get_submodule(p).num_heads for p, (heads, *_) in calls.items())
+    assert any(qk is not None for _, qk, _, _ in calls.values())
+    again = fxprune.compress(slim, "l1", x, flops=0.8, heads="width")
+    assert again.fxprune_report.max_rel_error <= 1e-4
+    before, after = _calls(slim), _calls(again)
+    assert all(after[p][3] == before[p][3] for p in before if before[p][3] is not None)  # the scale stays
+
+
+def test_swin_width_gates_are_linear():
+    """Gate Decorator's consumer-side gates on a width group: the q rows and the projection columns
+    take the gate, the k and v rows the mask only (the output stays linear in each gate)."""
+    model = _swin("swin_t")
+    analysis = with_grouped(fxprune.analyze(model, torch.randn(X_SWIN)), "whole", "width")
+    path = "features.1.0.attn"
+    qk, v = _width_groups(analysis, f"{path}.qkv.weight", f"{path}.proj.weight")
+    e = 3 * 32
+    for group, gated_rows, columns in ((qk, np.arange(e), False), (v, np.zeros(0, int), True)):
+        sites = consumer_sites(analysis.channels, group)
+        assert sites is not None
+        for site in sites:
+            for s in site.slices:
+                if s.dim == 0:
+                    assert set(s.positions[s.gated].tolist()) == set(gated_rows.tolist()), (site.key, group.index)
+                else:
+                    assert columns and s.gated.all()
+
+
+# -- MaxViT ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_maxvit_width_slim_equals_masked(seed):
+    model = _small_maxvit()
+    x = torch.randn(2, 3, 32, 32)
+    analysis, slim, plan = prune_and_check(model, x, seed=seed, heads="width", return_plan=True)
+    assert analysis.boundaries == []
+    macs = measured_macs(slim, x)
+    assert abs(analysis.cost.macs(resolve(analysis.channels, plan).keep_roots) - macs) <= 1e-6 * macs
+    pruned = [m for m in slim.modules() if isinstance(m, PrunedRelativePositionalMultiHeadAttention)]
+    assert pruned
+    for m in pruned:
+        assert m.n_heads == m.relative_position_bias_table.shape[1]  # every head and its bias column stay
+        assert (m.qk_dim, m.v_dim) != (m.head_dim, m.head_dim)
+        assert m.to_qkv.weight.shape[0] == m.n_heads * (2 * m.qk_dim + m.v_dim)
+        assert m.merge.weight.shape[1] == m.n_heads * m.v_dim
+    assert fxprune.analyze(slim, x).boundaries == []  # the narrowed leaf has a handler too
+    again = with_grouped(fxprune.analyze(slim, x), "whole", "width")
+    assert any(g.prunable for g in again.groups)
+    with torch.no_grad():
+        pruned[0].to_qkv.weight[0, 0] = float("nan")
+    assert not compare(masked_reference(analysis.channels, plan), slim, analysis.inputs).passed
+
+
+def test_window_attention_width_keeps_pruned_signature():
+    """The pruned function with default widths is torchvision's own (same output, bit for bit)."""
+    torch.manual_seed(0)
+    attn = swin.ShiftedWindowAttention(32, [4, 4], [2, 2], num_heads=4).eval()
+    x = torch.randn(1, 8, 8, 32)
+    args = (x, attn.qkv.weight, attn.proj.weight, attn.get_relative_position_bias(), [4, 4], 4, [2, 2])
+    kw = dict(qkv_bias=attn.qkv.bias, proj_bias=attn.proj.bias, training=False)
+    assert torch.equal(swin.shifted_window_attention(*args, **kw), pruned_shifted_window_attention(*args, **kw))
+
+
+# -- the data-driven methods' training networks ------------------------------------------------------
+
+def _tiny_swin(v2: bool):
+    torch.manual_seed(0)
+    extra = dict(block=swin.SwinTransformerBlockV2, downsample_layer=swin.PatchMergingV2) if v2 else {}
+    from fxprune.verify import randomize_degenerate_weights
+
+    return randomize_degenerate_weights(swin.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=[4, 4], num_classes=5,
+        **extra).eval())
+
+
+TINY = {"swin": (lambda: _tiny_swin(False), (2, 3, 32, 32)), "swin_v2": (lambda: _tiny_swin(True), (2, 3, 32, 32)),
+        "maxvit": (_small_maxvit, (2, 3, 32, 32))}
+
+
+def _random_keep(analysis, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {g.index: np.sort(rng.choice(g.n_units, max(1, g.n_units // 2), replace=False))
+            for g in analysis.channels.prunable_groups}
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_width_gated_and_gal_networks_are_the_slim_model(name):
+    """Gate Decorator: random gates with half the units masked, folded, = the slim model; GAL: random
+    soft masks with zeros, folded, = the slim model (relative tolerance 1e-5). Every width group is
+    gated or masked (on the reading side: q rows, projection columns)."""
+    import copy
+
+    from fxprune.methods.gate_decorator.method import _mask_units
+    from fxprune.passes.gal_masks import insert_soft_masks
+    from fxprune.passes.gal_plan import fold_masks, mask_state
+    from fxprune.passes.gates import fold_gates, insert_gates
+    from fxprune.passes.rewrite import apply_plan
+
+    build, shape = TINY[name]
+    model = build()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    analysis = with_grouped(fxprune.analyze(copy.deepcopy(model), x), "whole", "width")
+    gated = insert_gates(analysis.channels)
+    assert gated.ungated == [] and {s.group for s in gated.sites} == {g.index for g in analysis.channels.prunable_groups}
+    assert_close_outputs(model, gated.module, x, rtol=0)
+    keep = _random_keep(analysis)
+    with torch.no_grad():
+        for p in gated.gates():
+            p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(2)) + 0.5)
+    _mask_units(analysis.channels, gated, keep)
+    reference = copy.deepcopy(gated.module)
+    fold_gates(analysis.channels, gated)
+    slim, check = fxprune.prune_with_plan(analysis, PruningPlan(keep=keep))
+    assert check.passed
+    assert_close_outputs(reference, slim, x, rtol=1e-5)
+
+    analysis = with_grouped(fxprune.analyze(copy.deepcopy(model), x), "whole", "width")
+    masked = insert_soft_masks(analysis.channels, ("channel",))
+    assert masked.skipped == {} and len(masked.channel) == len(analysis.channels.prunable_groups)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in masked.params():
+            v = torch.rand(p.shape, generator=g) + 0.5
+            v[torch.rand(p.shape, generator=g) < 0.3] = 0
+            p.copy_(v)
+    reference = copy.deepcopy(masked.module)
+    state = mask_state(analysis.channels, masked)
+    state.plan.scale_inputs = fold_masks(analysis.channels, masked, state)
+    slim = apply_plan(analysis.channels, state.plan).eval()
+    assert_close_outputs(reference, slim, x, rtol=1e-5)
