@@ -30,6 +30,7 @@ from fxprune.passes.tensors import get_tensor
 from fxprune.verify import compare
 
 from .conftest import assert_close_outputs, measured_macs, n_params, prune_and_check
+from .test_attention_methods import check_gal_network_is_the_slim_model, check_gated_network_is_the_slim_model
 from .test_swin_heads import SWINS, _SWA, _small_maxvit, _swin
 
 X_SWIN = (1, 3, 64, 64)
@@ -192,54 +193,17 @@ TINY = {"swin": (lambda: _tiny_swin(False), (2, 3, 32, 32)), "swin_v2": (lambda:
         "maxvit": (_small_maxvit, (2, 3, 32, 32))}
 
 
-def _random_keep(analysis, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {g.index: np.sort(rng.choice(g.n_units, max(1, g.n_units // 2), replace=False))
-            for g in analysis.channels.prunable_groups}
-
-
 @pytest.mark.parametrize("name", list(TINY))
 def test_width_gated_and_gal_networks_are_the_slim_model(name):
-    """Gate Decorator: random gates with half the units masked, folded, = the slim model; GAL: random
-    soft masks with zeros, folded, = the slim model (relative tolerance 1e-5). Every width group is
-    gated or masked (on the reading side: q rows, projection columns)."""
-    import copy
-
-    from fxprune.methods.gate_decorator.method import _mask_units
-    from fxprune.passes.gal_masks import insert_soft_masks
-    from fxprune.passes.gal_plan import fold_masks, mask_state
-    from fxprune.passes.gates import fold_gates, insert_gates
-    from fxprune.passes.rewrite import apply_plan
-
+    """Gate Decorator's gated and GAL's masked training networks at random gates / masks (with
+    zeros) equal the slim models folded from them (relative tolerance 1e-5): every width group is
+    gated or masked on the reading side (q rows, projection columns; v2's k rows go with a dead
+    GAL unit, its cosine attention normalising over them)."""
     build, shape = TINY[name]
-    model = build()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    analysis = with_grouped(fxprune.analyze(copy.deepcopy(model), x), "whole", "width")
-    gated = insert_gates(analysis.channels)
-    assert gated.ungated == [] and {s.group for s in gated.sites} == {g.index for g in analysis.channels.prunable_groups}
-    assert_close_outputs(model, gated.module, x, rtol=0)
-    keep = _random_keep(analysis)
-    with torch.no_grad():
-        for p in gated.gates():
-            p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(2)) + 0.5)
-    _mask_units(analysis.channels, gated, keep)
-    reference = copy.deepcopy(gated.module)
-    fold_gates(analysis.channels, gated)
-    slim, check = fxprune.prune_with_plan(analysis, PruningPlan(keep=keep))
-    assert check.passed
-    assert_close_outputs(reference, slim, x, rtol=1e-5)
 
-    analysis = with_grouped(fxprune.analyze(copy.deepcopy(model), x), "whole", "width")
-    masked = insert_soft_masks(analysis.channels, ("channel",))
-    assert masked.skipped == {} and len(masked.channel) == len(analysis.channels.prunable_groups)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in masked.params():
-            v = torch.rand(p.shape, generator=g) + 0.5
-            v[torch.rand(p.shape, generator=g) < 0.3] = 0
-            p.copy_(v)
-    reference = copy.deepcopy(masked.module)
-    state = mask_state(analysis.channels, masked)
-    state.plan.scale_inputs = fold_masks(analysis.channels, masked, state)
-    slim = apply_plan(analysis.channels, state.plan).eval()
-    assert_close_outputs(reference, slim, x, rtol=1e-5)
+    def analyse(m):
+        return with_grouped(fxprune.analyze(m, x), "whole", "width")
+
+    check_gated_network_is_the_slim_model(build(), analyse, x)
+    check_gal_network_is_the_slim_model(build(), analyse, x, ("channel",))
