@@ -27,7 +27,7 @@ from fxprune.passes.ops.window_attention import (
 from fxprune.passes.param_sites import consumer_sites
 from fxprune.passes.plan import PruningPlan, resolve
 from fxprune.passes.tensors import get_tensor
-from fxprune.verify import compare
+from fxprune.verify import compare, randomize_degenerate_weights
 
 from .conftest import assert_close_outputs, measured_macs, n_params, prune_and_check
 from .test_attention_methods import check_gal_network_is_the_slim_model, check_gated_network_is_the_slim_model
@@ -181,8 +181,6 @@ def test_window_attention_width_keeps_pruned_signature():
 def _tiny_swin(v2: bool):
     torch.manual_seed(0)
     extra = dict(block=swin.SwinTransformerBlockV2, downsample_layer=swin.PatchMergingV2) if v2 else {}
-    from fxprune.verify import randomize_degenerate_weights
-
     return randomize_degenerate_weights(swin.SwinTransformer(
         patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=[4, 4], num_classes=5,
         **extra).eval())
