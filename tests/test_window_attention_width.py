@@ -15,25 +15,33 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torchvision.models import swin_transformer as swin
-
-import fxprune
-from fxprune.analysis import with_grouped
 from fxprune.passes.mask import masked_reference
 from fxprune.passes.ops.window_attention import (
     PrunedRelativePositionalMultiHeadAttention,
     pruned_shifted_window_attention,
+    pruned_shifted_window_attention_3d,
+    window_and_shift_size,
 )
 from fxprune.passes.param_sites import consumer_sites
 from fxprune.passes.plan import PruningPlan, resolve
 from fxprune.passes.tensors import get_tensor
+from torchvision.models import swin_transformer as swin
+from torchvision.models.video import swin_transformer as swin3d
+
+import fxprune
+from fxprune.analysis import with_grouped
+from fxprune.export import check_exports
 from fxprune.verify import compare, randomize_degenerate_weights
 
 from .conftest import assert_close_outputs, measured_macs, n_params, prune_and_check
-from .test_attention_methods import check_gal_network_is_the_slim_model, check_gated_network_is_the_slim_model
-from .test_swin_heads import SWINS, _SWA, _small_maxvit, _swin
+from .test_attention_methods import (
+    check_gal_network_is_the_slim_model,
+    check_gated_network_is_the_slim_model,
+)
+from .test_swin_heads import _SWA, SWINS, _small_maxvit, _swin
 
 X_SWIN = (1, 3, 64, 64)
+_SWA3D = (swin3d.shifted_window_attention_3d, pruned_shifted_window_attention_3d)
 
 
 def _calls(gm):
@@ -204,3 +212,64 @@ def test_width_gated_and_gal_networks_are_the_slim_model(name):
 
     check_gated_network_is_the_slim_model(build(), analyse, x)
     check_gal_network_is_the_slim_model(build(), analyse, x, ("channel",))
+
+
+# -- Swin3D (video) ----------------------------------------------------------------------------------
+
+def _tiny_swin3d():
+    torch.manual_seed(0)
+    return randomize_degenerate_weights(swin3d.SwinTransformer3d(
+        patch_size=[2, 4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=[2, 4, 4],
+        stochastic_depth_prob=0.0, num_classes=5).eval())
+
+
+def _calls_3d(gm):
+    return {n.args[1].target.rsplit(".", 2)[0]: (n.args[5], n.kwargs.get("head_dim"), n.kwargs.get("v_dim"))
+            for n in gm.graph.nodes if n.op == "call_function" and n.target in _SWA3D}
+
+
+@pytest.mark.parametrize("heads", ["whole", "width"])
+def test_swin3d_heads_slim_equals_masked(heads):
+    """Swin3D's `shifted_window_attention_3d` and its relative position bias are followed (no
+    boundary): whole heads go (the bias table's columns with them) or every head is narrowed; slim ==
+    masked (rtol 1e-5), the cost model's recount equals the measured MACs, the slim calls are the
+    pruned function (shifted windows, and a last stage whose map is one window, unshifted)."""
+    model = _tiny_swin3d()
+    x = torch.randn(1, 3, 4, 32, 32)
+    analysis, slim, plan = prune_and_check(model, x, heads=heads, return_plan=True)
+    assert analysis.boundaries == []
+    macs = measured_macs(slim, x)
+    assert abs(analysis.cost.macs(resolve(analysis.channels, plan).keep_roots) - macs) <= 1e-6 * macs
+    calls, original = _calls_3d(slim), _calls_3d(analysis.channels.gm)
+    assert len(calls) == 3 and set(calls) == set(original)
+    for path, (n, qk, v) in calls.items():
+        attn = model.get_submodule(path)
+        table = get_tensor(slim, f"{path}.relative_position_bias_table")
+        assert table.shape[1] == n
+        if heads == "width":
+            assert n == attn.num_heads
+        if qk is not None:
+            assert get_tensor(slim, f"{path}.qkv.weight").shape[0] == n * (2 * qk + v)
+    assert any(c[1] is not None for c in calls.values())  # some attention was pruned
+
+
+def test_swin3d_pruned_function_defaults_are_torchvisions():
+    torch.manual_seed(0)
+    attn = swin3d.ShiftedWindowAttention3d(32, [2, 4, 4], [1, 2, 2], num_heads=4).eval()
+    x = torch.randn(1, 4, 8, 8, 32)
+    args = (x, attn.qkv.weight, attn.proj.weight, attn.get_relative_position_bias([2, 4, 4]), [2, 4, 4], 4, [1, 2, 2])
+    kw = dict(qkv_bias=attn.qkv.bias, proj_bias=attn.proj.bias, training=False)
+    assert torch.equal(attn(x), pruned_shifted_window_attention_3d(*args, **kw))
+
+
+def test_swin3d_slim_model_exports():
+    """The slim Swin3D's graph calls `window_and_shift_size` (torchvision's `_get_window_and_shift_size`
+    edits its list arguments, the graph's constants): `torch.export` runs it and agrees with eager
+    (relative tolerance 1e-3, `check_exports`); the slim model analyses again with no boundary."""
+    model = _tiny_swin3d()
+    x = torch.randn(1, 3, 4, 32, 32)
+    slim = fxprune.compress(model, "l1", x, flops=0.5, heads="width")
+    assert slim.fxprune_report.max_rel_error <= 1e-4
+    assert any(n.target is window_and_shift_size for n in slim.graph.nodes)
+    assert check_exports(slim, fxprune.ExampleInputs.normalize(x), ("export",)) == {"export": "ok"}
+    assert fxprune.analyze(slim, x).boundaries == []

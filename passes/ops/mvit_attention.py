@@ -25,8 +25,7 @@ relative-position einsums, so a narrower head is not the original with positions
 exact masked reference); the handler registers whole heads whatever the option.
 
 `RankAdjust` follows MViT's `_unsqueeze` / `_squeeze` (a size-1 dim added or removed around the
-skip pooling and at the input). The video Swin3D's attention
-(`torchvision.models.video.swin_transformer`) is not handled: a boundary.
+skip pooling and at the input). The video Swin3D's attention: `window_attention.py`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Window attention of torchvision's Swin (v1 and v2) and MaxViT: whole heads, or every head narrower.
+"""Window attention of torchvision's Swin (v1, v2, video Swin3D) and MaxViT: whole heads, or every head narrower.
 
 torchvision marks `shifted_window_attention` and `_get_relative_position_bias` with
 `torch.fx.wrap`, so a `ShiftedWindowAttention` traces to a call of each (v2 traces its `cpb_mlp`,
@@ -39,8 +39,10 @@ for the cost model (`attention_terms`; the tokens of a window from `window_size`
 partition from the input), so the count is exact.
 
 `PatchMergingPad` follows the stream through Swin's patch merging (four neighbours concatenated on
-the channel dim). MViT's attention: `mvit_attention.py`. The video Swin3D's (`torchvision.models.video.swin_transformer`,
-its own functions) is not handled: it stays a boundary.
+the channel dim). MViT's attention: `mvit_attention.py`. The video Swin3D's
+(`torchvision.models.video.swin_transformer`: `shifted_window_attention_3d` and its own
+`_get_relative_position_bias`, both wrapped) is handled the same way (`ShiftedWindowAttention3dFunction`,
+`pruned_shifted_window_attention_3d`); its window size is a traced value (`_get_window_and_shift_size`).
 """
 from __future__ import annotations
 
@@ -154,6 +156,79 @@ def pruned_shifted_window_attention(
 torch.fx.wrap("pruned_shifted_window_attention")
 
 
+def pruned_shifted_window_attention_3d(
+    input: Tensor,
+    qkv_weight: Tensor,
+    proj_weight: Tensor,
+    relative_position_bias: Tensor,
+    window_size: list[int],
+    num_heads: int,
+    shift_size: list[int],
+    attention_dropout: float = 0.0,
+    dropout: float = 0.0,
+    qkv_bias: Optional[Tensor] = None,
+    proj_bias: Optional[Tensor] = None,
+    training: bool = True,
+    head_dim: Optional[int] = None,
+    v_dim: Optional[int] = None,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """torchvision's video `shifted_window_attention_3d` (Swin3D) with `num_heads` heads of
+    `head_dim` q/k positions and `v_dim` v positions on a C-wide stream, the scores scaled by
+    `scale` (defaults as `pruned_shifted_window_attention`). Same arguments, plus those three."""
+    b, t, h, w, c = input.shape
+    d = c // num_heads if head_dim is None else head_dim
+    dv = d if v_dim is None else v_dim
+    inner = num_heads * dv
+    pad_size = _swin3d._compute_pad_size_3d((t, h, w), (window_size[0], window_size[1], window_size[2]))
+    x = F.pad(input, (0, 0, 0, pad_size[2], 0, pad_size[1], 0, pad_size[0]))
+    _, tp, hp, wp, _ = x.shape
+    padded_size = (tp, hp, wp)
+    if sum(shift_size) > 0:
+        x = torch.roll(x, shifts=(-shift_size[0], -shift_size[1], -shift_size[2]), dims=(1, 2, 3))
+    num_windows = math.prod(padded_size[i] // window_size[i] for i in range(3))
+    x = x.view(b, padded_size[0] // window_size[0], window_size[0], padded_size[1] // window_size[1], window_size[1],
+               padded_size[2] // window_size[2], window_size[2], c)
+    x = x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b * num_windows, window_size[0] * window_size[1] * window_size[2], c)
+
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    q, k, v = (part.reshape(x.size(0), x.size(1), num_heads, width).transpose(1, 2) for part, width in
+               zip(qkv.split([num_heads * d, num_heads * d, inner], dim=-1), (d, d, dv)))
+    attn = (q * (d ** -0.5 if scale is None else scale)).matmul(k.transpose(-2, -1))
+    attn = attn + relative_position_bias
+    if sum(shift_size) > 0:
+        attn_mask = _swin3d._compute_attention_mask_3d(x, padded_size, (window_size[0], window_size[1], window_size[2]),
+                                               (shift_size[0], shift_size[1], shift_size[2]))
+        attn = attn.view(x.size(0) // num_windows, num_windows, num_heads, x.size(1), x.size(1))
+        attn = attn + attn_mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, x.size(1), x.size(1))
+    attn = F.softmax(attn, dim=-1)
+    attn = F.dropout(attn, p=attention_dropout, training=training)
+
+    x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), x.size(1), inner)
+    x = F.linear(x, proj_weight, proj_bias)
+    x = F.dropout(x, p=dropout, training=training)
+    x = x.view(b, padded_size[0] // window_size[0], padded_size[1] // window_size[1], padded_size[2] // window_size[2],
+               window_size[0], window_size[1], window_size[2], c)
+    x = x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, tp, hp, wp, c)
+    if sum(shift_size) > 0:
+        x = torch.roll(x, shifts=(shift_size[0], shift_size[1], shift_size[2]), dims=(1, 2, 3))
+    return x[:, :t, :h, :w, :].contiguous()
+
+
+torch.fx.wrap("pruned_shifted_window_attention_3d")
+
+
+def window_and_shift_size(shift_size: list[int], size_dhw: list[int], window_size: list[int]):
+    """Swin3D's `_get_window_and_shift_size` on copies of its lists: torchvision's edits them in
+    place (its module passes fresh `.copy()`s), and in a traced graph they are the node's constant
+    arguments, immutable under `torch.export`'s interpreter (and shared by every call)."""
+    return _swin3d._get_window_and_shift_size(list(shift_size), list(size_dhw), list(window_size))
+
+
+torch.fx.wrap("window_and_shift_size")
+
+
 def _heads_axis(ctx, arg, num_heads: int, heads: np.ndarray, node: fx.Node, what: str) -> str | None:
     """Tie the heads axis (dim -3) of a per-head tensor `arg` (bias (1, nH, N, N), logit scale
     (nH, 1, 1)) to `heads`; a reason why the heads must stay, or None."""
@@ -177,14 +252,17 @@ def _heads_axis(ctx, arg, num_heads: int, heads: np.ndarray, node: fx.Node, what
     return f"its {what} is computed where fxprune does not follow the heads"
 
 
-def _swin_parts(node: fx.Node):
-    return dict(
-        x=get_arg(node, 0, "input"), qkv_weight=get_arg(node, 1, "qkv_weight"),
-        proj_weight=get_arg(node, 2, "proj_weight"), bias=get_arg(node, 3, "relative_position_bias"),
-        window_size=get_arg(node, 4, "window_size"), num_heads=get_arg(node, 5, "num_heads"),
-        qkv_bias=get_arg(node, 9, "qkv_bias"), proj_bias=get_arg(node, 10, "proj_bias"),
-        logit_scale=get_arg(node, 11, "logit_scale"), head_dim=get_arg(node, 13, "head_dim"),
-        v_dim=get_arg(node, 14, "v_dim"), scale=get_arg(node, 15, "scale"))
+# positional index of each argument of `shifted_window_attention` (and of the pruned function);
+# Swin3D's has no logit_scale, so its training flag and the pruned extras come one earlier
+_POSITIONS_2D = dict(input=0, qkv_weight=1, proj_weight=2, relative_position_bias=3, window_size=4, num_heads=5,
+                     qkv_bias=9, proj_bias=10, logit_scale=11, head_dim=13, v_dim=14, scale=15)
+_POSITIONS_3D = {**_POSITIONS_2D, "logit_scale": None, "head_dim": 12, "v_dim": 13, "scale": 14}
+
+
+def _swin_parts(node: fx.Node, positions: dict = _POSITIONS_2D):
+    p = {name: (None if i is None else get_arg(node, i, name)) for name, i in positions.items()}
+    p["x"], p["bias"] = p.pop("input"), p.pop("relative_position_bias")
+    return p
 
 
 def _widths(p: dict, c: int) -> tuple[int, int] | None:
@@ -211,8 +289,11 @@ class ShiftedWindowAttentionFunction(OpHandler):
     heads, or every head narrowed (``heads="width"``, as nn.MultiheadAttention; the per-head bias and
     logit scale then stay whole)."""
 
+    positions = _POSITIONS_2D
+    pruned = staticmethod(pruned_shifted_window_attention)
+
     def analyze(self, ctx, node):
-        p = _swin_parts(node)
+        p = _swin_parts(node, self.positions)
         weights = {k: get_attr_target(p[k]) for k in ("qkv_weight", "proj_weight", "qkv_bias", "proj_bias")}
         if any(weights[k] is None and p[k] is not None for k in weights):
             ctx.boundary(node, "window attention whose qkv/proj weights or biases are computed, not parameters")
@@ -226,7 +307,7 @@ class ShiftedWindowAttentionFunction(OpHandler):
             ctx.boundary(node, "window attention whose number of heads or weight shapes fxprune cannot read")
             return None
         node.meta.pop(MACS_TERMS, None)  # an earlier analysis of this graph may have set it
-        tokens = _window_tokens(p["window_size"])
+        tokens = _window_tokens(ctx.spec(p["window_size"]))
         mode = heads_mode(ctx, num_heads, widths[0]) if tokens is not None else "whole"
         dim = len(shape) - 1
         in_ids = ctx.ids_on(x, dim, node)
@@ -249,7 +330,7 @@ class ShiftedWindowAttentionFunction(OpHandler):
         return Layout(dim, heads.out_ids)
 
     def rewrite(self, rctx, node):
-        p = _swin_parts(node)
+        p = _swin_parts(node, self.positions)
         key = (get_attr_target(p["qkv_weight"]), 0)
         if key not in rctx.channels.members:
             return  # a boundary
@@ -257,10 +338,31 @@ class ShiftedWindowAttentionFunction(OpHandler):
         kept = kept_heads(rctx.kept(rctx.channels.members[key].ids), p["num_heads"], d, dv)
         if kept == (p["num_heads"], d, dv):
             return
-        node.target = pruned_shifted_window_attention
+        node.target = self.pruned
         set_arg(node, 5, "num_heads", kept[0])
         scale = d ** -0.5 if p["scale"] is None else p["scale"]  # the original head width's
         node.kwargs = {**node.kwargs, "head_dim": kept[1], "v_dim": kept[2], "scale": scale}
+
+
+class ShiftedWindowAttention3dFunction(ShiftedWindowAttentionFunction):
+    """Swin3D's `shifted_window_attention_3d` (torchvision.models.video): the same heads and widths
+    on (B, T, H, W, C) windows; its window size comes out of `_get_window_and_shift_size` (the
+    traced value gives the window's tokens for the cost model)."""
+
+    positions = _POSITIONS_3D
+    pruned = staticmethod(pruned_shifted_window_attention_3d)
+
+
+class WindowAndShiftSize(OpHandler):
+    """Swin3D's `_get_window_and_shift_size` (lists in, lists out: no channels). The rewrite calls
+    `window_and_shift_size` instead, which leaves the graph's constant lists alone, so that the slim
+    model exports (`torch.export`, ONNX)."""
+
+    def analyze(self, ctx, node):
+        return None
+
+    def rewrite(self, rctx, node):
+        node.target = window_and_shift_size
 
 
 class RelativePositionBiasFunction(OpHandler):
@@ -383,16 +485,23 @@ class PatchMergingPad(OpHandler):
 try:  # torchvision is optional
     from torchvision.models import maxvit as _maxvit
     from torchvision.models import swin_transformer as _swin
+    from torchvision.models.video import swin_transformer as _swin3d
 except ImportError:  # pragma: no cover
-    _swin = _maxvit = None
+    _swin = _maxvit = _swin3d = None
 if _swin is not None:
     register_function(_swin.shifted_window_attention)(ShiftedWindowAttentionFunction)
     register_function(_swin._get_relative_position_bias)(RelativePositionBiasFunction)
     register_function(_swin._patch_merging_pad)(PatchMergingPad)
+if _swin3d is not None:
+    register_function(_swin3d.shifted_window_attention_3d)(ShiftedWindowAttention3dFunction)
+    register_function(_swin3d._get_relative_position_bias)(RelativePositionBiasFunction)
+    register_function(_swin3d._get_window_and_shift_size, window_and_shift_size)(WindowAndShiftSize)
 if _maxvit is not None:
     for _cls in (_maxvit.RelativePositionalMultiHeadAttention, PrunedRelativePositionalMultiHeadAttention):
         register_leaf_module(_cls, "MaxViT attention: its heads are pruned whole (passes/ops/window_attention.py)")
         register_module(_cls)(RelativePositionalAttentionModule)
 register_function(pruned_shifted_window_attention)(ShiftedWindowAttentionFunction)
+register_function(pruned_shifted_window_attention_3d)(ShiftedWindowAttention3dFunction)
 
-__all__ = ["PrunedRelativePositionalMultiHeadAttention", "pruned_shifted_window_attention"]
+__all__ = ["PrunedRelativePositionalMultiHeadAttention", "pruned_shifted_window_attention",
+           "pruned_shifted_window_attention_3d", "window_and_shift_size"]
