@@ -68,7 +68,8 @@ class ParamSite:
 
 def consumer_sites(channels: ChannelAnalysis, group: ChannelGroup) -> list[ParamSite] | None:
     """The sites scaling every role-"in" member of `group`, or None when one cannot be scaled (a
-    parametrized tensor, or one read by neither a called module nor a get_attr)."""
+    parametrized tensor, one read by neither a called module nor a get_attr, or a group whose
+    positions are all gate-free)."""
     gm = channels.gm
     calls = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
@@ -98,6 +99,8 @@ def consumer_sites(channels: ChannelAnalysis, group: ChannelGroup) -> list[Param
             target = s.name if site.module is None else f"{site.module}.{s.name}"
             free = channels.gate_free.get((target, s.dim))
             s.gated = gated if free is None else gated & ~free[s.positions]
+    if not any(s.gated.any() for site in found.values() for s in site.slices):
+        return None  # every position gate-free: no site can take the gate (MViT's narrowed heads)
     return list(found.values())
 
 

@@ -74,14 +74,16 @@ def random_plan(analysis, seed: int = 0, fraction: float = 0.5):
 
 
 def prune_and_check(model: nn.Module, x, seed: int = 0, fraction: float = 0.5, rtol: float = 1e-5, *,
-                    grouped: str = "whole", heads: str = "whole", return_plan: bool = False, **kw):
+                    grouped: str = "whole", heads: str = "whole", layernorm: str = "boundary",
+                    return_plan: bool = False, **kw):
     """Random plan -> slim; asserts equivalence with the masked original, MACs and params fell.
-    `grouped` / `heads`: how grouped convs / attention heads are pruned (`fxprune.analysis.with_grouped`). Returns (analysis,
+    `grouped` / `heads` / `layernorm`: how grouped convs / attention heads / LayerNorm streams are
+    pruned (`fxprune.analysis.with_grouped`). Returns (analysis,
     slim), and the plan too with `return_plan`."""
     from fxprune.analysis import with_grouped
     from fxprune.passes.mask import masked_reference
 
-    analysis = with_grouped(fxprune.analyze(model, x, **kw), grouped, heads)
+    analysis = with_grouped(fxprune.analyze(model, x, **kw), grouped, heads, layernorm)
     plan = random_plan(analysis, seed, fraction)
     assert plan.keep, "nothing prunable"
     slim, _ = fxprune.prune_with_plan(analysis, plan, verify_output=False)

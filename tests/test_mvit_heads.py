@@ -16,6 +16,8 @@ import torchvision
 from torchvision.models.video.mvit import MSBlockConfig, MultiscaleAttention, MViT
 
 import fxprune
+from fxprune.analysis import with_grouped
+from fxprune.passes.gates import insert_gates
 from fxprune.passes.mask import masked_reference
 from fxprune.passes.ops.mvit_attention import PrunedMultiscaleAttention
 from fxprune.passes.plan import PruningPlan, resolve
@@ -140,3 +142,64 @@ def test_tiny_mvit_recipe_round_trip(tmp_path):
     again = fxprune.load(tmp_path / "m", base_model=tiny_mvit(True))
     assert_close_outputs(slim, again, x, rtol=0.0)
     assert _heads(again) == _heads(slim)
+
+
+# -- per-head width (heads="width"; the pooling LayerNorms need layernorm="prune") --------------------
+
+def _widths(model) -> dict:
+    return {n: (m.num_heads, m.head_dim) for n, m in model.named_modules() if isinstance(m, _ATTN)}
+
+
+@pytest.mark.parametrize("layernorm", ["boundary", "prune"])
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_tiny_mvit_width(v2, layernorm):
+    """heads="width": with layernorm="prune" every attention keeps its heads and is narrowed (the
+    pooling convs, LayerNorms and v2's rel_pos tables sliced with the positions; the masked
+    reference normalises the pools over the kept positions); with the default "boundary" only the
+    attention without pooling norms (the last block) is narrowed, the others lose whole heads. Slim
+    == masked (rtol 1e-5), the cost model's recount equals the measured MACs, the scale stays the
+    original head width's, the slim model analyses again."""
+    model = tiny_mvit(v2)
+    x = torch.randn(2, 3, 4, 32, 32)
+    analysis, slim, plan = prune_and_check(model, x, heads="width", layernorm=layernorm, return_plan=True)
+    macs = measured_macs(slim, x)
+    assert abs(analysis.cost.macs(resolve(analysis.channels, plan).keep_roots) - macs) <= 1e-6 * macs
+    before, after = _widths(model), _widths(slim)
+    for path, (heads, width) in after.items():
+        n, d = before[path]
+        module = slim.get_submodule(path)
+        narrowed = layernorm == "prune" or path == "blocks.3.attn"
+        assert heads == n if narrowed else width == d, (path, heads, width)
+        assert module.scaler == model.get_submodule(path).scaler
+        assert get_tensor(slim, f"{path}.qkv.weight").shape[0] == 3 * heads * width
+        for name in ("pool_q", "pool_k", "pool_v"):
+            pool = getattr(module, name)
+            if pool is not None and isinstance(pool.pool, torch.nn.Conv3d):
+                assert pool.pool.weight.shape[0] == pool.pool.groups == width
+                assert pool.norm_act[0].weight.shape == (width,)
+        if v2:
+            assert module.rel_pos_h.shape[1] == width
+    assert any(w < before[p][1] for p, (_, w) in after.items())
+    again = with_grouped(fxprune.analyze(slim, x), "whole", "width", layernorm)
+    assert again.boundaries == [] and again.channels.prunable_groups
+
+
+def test_tiny_mvit_width_groups_are_not_gated():
+    """Gate Decorator cannot gate a narrowed MViT head's positions (the pooling LayerNorms inside the
+    leaf would see the masked ones): the groups are listed as ungated, so the methods keep them whole."""
+    model = tiny_mvit(True)
+    analysis = with_grouped(fxprune.analyze(model, torch.randn(1, 3, 4, 32, 32)), "whole", "width", "prune")
+    widths = [g.index for g in analysis.channels.prunable_groups
+              if any(m.target.endswith("pool_q.norm_act.0.weight") or m.target.endswith("pool_k.norm_act.0.weight")
+                     for m in g.members)]
+    assert widths and set(widths) <= set(insert_gates(analysis.channels).ungated)
+
+
+def test_mvit_v2_s_width_half_flops():
+    model = small_mvit_v2_s()
+    x = torch.randn(1, 3, 4, 64, 64)
+    slim = fxprune.compress(model, "l1", x, flops=0.5, heads="auto", layernorm="prune")
+    report = slim.fxprune_report
+    assert report.macs_after <= 0.5 * report.macs_before and report.max_rel_error <= 1e-4
+    assert all(h == model.get_submodule(p).num_heads for p, (h, _) in _widths(slim).items())
+    assert any(w < model.get_submodule(p).head_dim for p, (_, w) in _widths(slim).items())

@@ -11,9 +11,11 @@ seed 0, eval, degenerate weights randomised) and per `heads` value: ``compress(m
 flops=0.5, heads=...)`` in this process, one thread; MACs by FlopCounterMode before and after
 (`benches.harness.metrics.count_macs`), params, the verification's max relative error against the
 masked original, seconds, and the share of the plan's MACs drop made by the attention-head groups
-(`tp_structured.structured_cut`, kind "heads": whole heads, or q/k and v positions). MViT keeps whole
-heads under every value (README, "MViT attention heads"), so it is left out. Results: ``--json``
-(default docs/heads_width.json) and a Markdown table, ``--md`` (default docs/heads_width.md).
+(`tp_structured.structured_cut`, kind "heads": whole heads, or q/k and v positions). MViT's heads
+are narrowed only with ``layernorm="prune"`` (its pooling LayerNorms normalise over the head width;
+README, "MViT attention heads"), so its "width" and "auto" rows use it (the `layernorm` column).
+Results: ``--json`` (default docs/heads_width.json; rows of models measured again replace theirs)
+and a Markdown table of every row, ``--md`` (default docs/heads_width.md).
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = ["vit_b_32", "vit_b_16", "swin_t", "swin_v2_t", "maxvit_t", "swin_s", "swin_v2_s", "swin_b", "swin_v2_b",
-          "vit_l_16"]
+          "vit_l_16", "mvit_v1_b", "mvit_v2_s"]
+PRUNE_LAYERNORM = ("mvit_v1_b", "mvit_v2_s")  # narrowed only through their pooling LayerNorms
 HEADS = ("whole", "width", "auto")
 TARGET = 0.5
 
@@ -40,12 +43,13 @@ def measure(name: str, heads: str, size: int | None) -> dict:
 
     model, inputs, shape = build(name, size)
     macs, params = count_macs(model, inputs), count_params(model)
+    layernorm = "prune" if heads != "whole" and name in PRUNE_LAYERNORM else "boundary"
     t0 = time.perf_counter()
-    slim = fxprune.compress(model, "l1", inputs, flops=TARGET, heads=heads)
+    slim = fxprune.compress(model, "l1", inputs, flops=TARGET, heads=heads, layernorm=layernorm)
     seconds = time.perf_counter() - t0
     cut = structured_cut(model, inputs, slim)
     head_cut = cut["kinds"].get("heads", {"groups_pruned": 0, "macs_removed": 0.0})
-    return {"model": name, "heads": heads, "input": list(shape), "macs_fraction": count_macs(slim, inputs) / macs,
+    return {"model": name, "heads": heads, "layernorm": layernorm, "input": list(shape), "macs_fraction": count_macs(slim, inputs) / macs,
             "params_fraction": count_params(slim) / params, "max_rel_error": slim.fxprune_report.max_rel_error,
             "seconds": seconds, "head_groups_pruned": head_cut["groups_pruned"],
             "share_heads_pct": 100.0 * head_cut["macs_removed"] / cut["macs_removed"] if cut["macs_removed"] else 0.0}
@@ -57,10 +61,11 @@ def markdown(rows: list[dict], setting: str) -> str:
              "heads=...)`; MACs by FlopCounterMode; error = the verification's max relative error against the "
              "masked original; heads share = the part of the MACs drop made by the head groups (whole heads, or "
              "q/k and v positions).", "",
-             "| model | heads | MACs fraction | params fraction | max rel. error | head groups pruned | "
-             "heads share of the cut | seconds |", "|---|---|---|---|---|---|---|---|"]
+             "| model | input | heads | layernorm | MACs fraction | params fraction | max rel. error | head groups pruned | "
+             "heads share of the cut | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['heads']} | {r['macs_fraction']:.4f} | {r['params_fraction']:.4f} | "
+        lines.append(f"| {r['model']} | {'x'.join(map(str, r['input'][2:]))} | {r['heads']} | "
+                     f"{r.get('layernorm', 'boundary')} | {r['macs_fraction']:.4f} | {r['params_fraction']:.4f} | "
                      f"{r['max_rel_error']:.1e} | {r['head_groups_pruned']} | {r['share_heads_pct']:.1f} % | "
                      f"{r['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -74,12 +79,14 @@ def main(argv=None) -> int:
     ap.add_argument("--md", default=str(REPO / "docs" / "heads_width.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    rows = []
-    for name in args.models.split(","):
+    names = args.models.split(",")
+    old = json.loads(Path(args.json).read_text())["rows"] if Path(args.json).exists() else []
+    rows = [r for r in old if r["model"] not in names]
+    for name in names:
         for heads in HEADS:
             rows.append(measure(name, heads, args.size))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    setting = f"torch {torch.__version__}, one thread, CPU, float32, batch 1, {args.size or 224}x{args.size or 224}"
+    setting = f"torch {torch.__version__}, one thread, CPU, float32, batch 1"
     Path(args.json).write_text(json.dumps({"setting": setting, "rows": rows}, indent=1) + "\n")
     Path(args.md).write_text(markdown(rows, setting))
     return 0

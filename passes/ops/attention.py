@@ -34,7 +34,7 @@ writes are then ordinary "in" / "out" members of the stream's group, and the rew
 `PrunedMultiheadAttention` in place whenever the stream lost channels.
 
 Swin's and MaxViT's window attention heads (the same `heads` option, through `head_members`):
-`window_attention.py`; MViT's (whole heads): `mvit_attention.py`.
+`window_attention.py`; MViT's (one unit per position for q, k and v; with `layernorm="prune"` where it pools): `mvit_attention.py`.
 """
 from __future__ import annotations
 

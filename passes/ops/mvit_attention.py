@@ -1,4 +1,4 @@
-"""MViT's attention (torchvision `mvit_v1_b`, `mvit_v2_s`): whole heads are pruned.
+"""MViT's attention (torchvision `mvit_v1_b`, `mvit_v2_s`): whole heads, or every head narrower.
 
 torchvision's `MultiscaleAttention` splits `qkv(x)` into `num_heads` heads of `head_dim`, pools
 q, k and v per head (`pool_q/k/v`: a depthwise Conv3d over the head_dim channels, or a pooling,
@@ -19,16 +19,25 @@ einsums, attn v, the projection) scale with the number of heads: the node names 
 the cost model (`WEIGHT_SOURCE`), whose dim 0 carries the heads and whose dim 1 (the stream) stays,
 so the count is exact.
 
-Its heads are not narrowed under ``heads="width"``: the pooling LayerNorms normalise over the head
-width, and v2 adds the pooled q to attn v (residual pooling) and reads q's width in its
-relative-position einsums, so a narrower head is not the original with positions switched off (no
-exact masked reference); the handler registers whole heads whatever the option.
+With ``heads="width"`` (or ``"auto"`` where a head is at least as wide as the number of heads)
+every head stays and is narrowed: position j of every head's q, k and v is one unit (one set for
+all three: v2's residual pooling adds the pooled q to attn v, and one kept fraction keeps every MACs
+term of the leaf exact), with the rows of the pooling convs (depthwise over head_dim), of the pooling
+LayerNorms and of v2's `rel_pos_h/w/t` tables (their columns meet q's) that belong to it. The
+pooling LayerNorms normalise over the head width, so a narrower head is not the original with
+positions switched off: the width is pruned only with ``layernorm="prune"`` (the opt-in for that,
+`ops/norm.py`), whose masked reference normalises over the kept positions (`reference` puts a
+`MaskedLayerNorm` in each pool); without it, an attention with pooling norms loses whole heads. The
+scale stays 1/sqrt(original head_dim). The training methods cannot gate these positions (the
+LayerNorms inside the leaf would see the masked ones): every position is gate-free, the group has no
+reading-side site, and Gate Decorator / GAL keep it whole (`ungated_groups`).
 
 `RankAdjust` follows MViT's `_unsqueeze` / `_squeeze` (a size-1 dim added or removed around the
 skip pooling and at the input). The video Swin3D's attention: `window_attention.py`.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -36,7 +45,8 @@ from ..context import Layout
 from ..tracer import register_leaf_module
 from .conv import WEIGHT_SOURCE
 from .registry import OpHandler, get_arg, register_function, register_module
-from .attention import head_members
+from .attention import head_members, heads_mode, kept_heads
+from .norm import MaskedLayerNorm
 
 _STREAM = "the residual stream of MViT's attention stays (its heads are pruned)"
 
@@ -46,17 +56,24 @@ class PrunedMultiscaleAttention(nn.Module):
     head_dim = `inner_dim`, which may be less than `output_dim`, the width `project` writes): the
     same submodules, tensors and scale."""
 
-    def __init__(self, attn: nn.Module, num_heads: int):
+    def __init__(self, attn: nn.Module, num_heads: int, head_dim: int | None = None):
         super().__init__()
         self.embed_dim, self.output_dim = attn.embed_dim, attn.output_dim
-        self.num_heads, self.head_dim, self.scaler = num_heads, attn.head_dim, attn.scaler
-        self.inner_dim = num_heads * attn.head_dim
+        self.num_heads, self.scaler = num_heads, attn.scaler  # the scale of the original head width
+        self.head_dim = attn.head_dim if head_dim is None else head_dim
+        self.inner_dim = num_heads * self.head_dim
         self.residual_pool, self.residual_with_cls_embed = attn.residual_pool, attn.residual_with_cls_embed
         self.qkv, self.project = attn.qkv, attn.project
         self.pool_q, self.pool_k, self.pool_v = attn.pool_q, attn.pool_k, attn.pool_v
         self.rel_pos_h, self.rel_pos_w, self.rel_pos_t = attn.rel_pos_h, attn.rel_pos_w, attn.rel_pos_t
         self.qkv.out_features = 3 * self.inner_dim
         self.project[0].in_features = self.inner_dim
+        for pool in (self.pool_q, self.pool_k, self.pool_v):  # their tensors are sliced already
+            conv, norm = _pool_parts(pool)
+            if isinstance(conv, nn.Conv3d):
+                conv.in_channels = conv.out_channels = conv.groups = self.head_dim
+            if isinstance(norm, nn.LayerNorm):
+                norm.normalized_shape = (self.head_dim,)
 
     def forward(self, x: Tensor, thw: tuple[int, int, int]) -> tuple[Tensor, tuple[int, int, int]]:
         from torchvision.models.video.mvit import _add_rel_pos, _add_shortcut
@@ -81,6 +98,48 @@ class PrunedMultiscaleAttention(nn.Module):
         return self.project(x), thw
 
 
+def _pool_parts(pool) -> tuple:
+    """(conv or pooling op, LayerNorm or None) of one of MViT's `Pool`s (None, None for None)."""
+    if pool is None:
+        return None, None
+    norm = pool.norm_act[0] if isinstance(getattr(pool, "norm_act", None), nn.Sequential) and len(pool.norm_act) else None
+    return getattr(pool, "pool", None), norm
+
+
+def _pool_norm_paths(attn: nn.Module, t: str) -> list[str]:
+    return [f"{t}.{name}.norm_act.0" for name in ("pool_q", "pool_k", "pool_v")
+            if isinstance(_pool_parts(getattr(attn, name))[1], nn.LayerNorm)]
+
+
+def _width_members(ctx, node, attn: nn.Module, t: str, in_ids, project: nn.Linear):
+    """Register ``heads="width"`` (module docstring): one unit per head position for q, k and v.
+    Returns the HeadMembers, or None (and nothing registered) where a pool is of a form not followed."""
+    d = attn.head_dim
+    for name in ("pool_q", "pool_k", "pool_v"):
+        conv, norm = _pool_parts(getattr(attn, name))
+        if isinstance(conv, nn.Conv3d) and not (conv.in_channels == conv.out_channels == conv.groups == d):
+            return None
+        if norm is not None and not (isinstance(norm, nn.LayerNorm) and tuple(norm.normalized_shape) == (d,)):
+            return None
+    heads = head_members(ctx, node, in_ids, f"{t}.qkv.weight", f"{t}.qkv.bias" if attn.qkv.bias is not None else None,
+                         f"{t}.project.0.weight", project.out_features, attn.num_heads, d, d, "width")
+    pos = heads.qk_rows[:d]
+    ctx.couple(pos, heads.v_rows[:d])  # q, k and v positions go together (module docstring)
+    for name in ("pool_q", "pool_k", "pool_v"):
+        conv, norm = _pool_parts(getattr(attn, name))
+        for part, module in (("pool", conv), ("norm_act.0", norm)):
+            for p in ("weight", "bias"):
+                if isinstance(module, (nn.Conv3d, nn.LayerNorm)) and getattr(module, p, None) is not None:
+                    ctx.member(f"{t}.{name}.{part}.{p}", 0, pos, "channel", node)
+    for name in ("rel_pos_h", "rel_pos_w", "rel_pos_t"):
+        if getattr(attn, name, None) is not None:
+            ctx.member(f"{t}.{name}", 1, pos, "channel", node)
+    for target, dim in ((f"{t}.qkv.weight", 0), (f"{t}.qkv.bias", 0), (f"{t}.project.0.weight", 1)):
+        if (target, dim) in ctx.members:  # no reading-side gate (module docstring)
+            ctx.gate_free[(target, dim)] = np.ones(len(ctx.members[(target, dim)].ids), dtype=bool)
+    return heads
+
+
 class MultiscaleAttentionModule(OpHandler):
     """MViT's `MultiscaleAttention` (a leaf of the trace): a head owns its q, k, v rows of `qkv` and
     its columns of `project[0]` (module docstring)."""
@@ -97,9 +156,14 @@ class MultiscaleAttentionModule(OpHandler):
         dim = ctx.spec(x).ndim - 1
         in_ids = ctx.ids_on(x, dim, node)
         ctx.mark(in_ids, _STREAM)
-        heads = head_members(ctx, node, in_ids, f"{t}.qkv.weight", f"{t}.qkv.bias" if attn.qkv.bias is not None
-                             else None, f"{t}.project.0.weight", project.out_features, attn.num_heads, attn.head_dim,
-                             attn.head_dim, "whole")
+        mode = heads_mode(ctx, attn.num_heads, attn.head_dim)
+        if mode == "width" and _pool_norm_paths(attn, t) and getattr(ctx, "layernorm", "boundary") != "prune":
+            mode = "whole"  # narrowing changes what the pooling LayerNorms normalise over (module docstring)
+        heads = _width_members(ctx, node, attn, t, in_ids, project) if mode == "width" else None
+        if heads is None:
+            heads = head_members(ctx, node, in_ids, f"{t}.qkv.weight", f"{t}.qkv.bias" if attn.qkv.bias is not None
+                                 else None, f"{t}.project.0.weight", project.out_features, attn.num_heads,
+                                 attn.head_dim, attn.head_dim, "whole")
         out_ids = heads.out_ids
         ctx.mark(out_ids, _STREAM)
         if project.bias is not None:
@@ -108,16 +172,32 @@ class MultiscaleAttentionModule(OpHandler):
         return (Layout(dim, out_ids), None)
 
     def rewrite(self, rctx, node):
-        key = (f"{node.target}.project.0.weight", 1)
+        key = (f"{node.target}.qkv.weight", 0)
         if key not in rctx.channels.members:
             return  # a boundary
         attn = rctx.get_submodule(node.target)
-        kept = rctx.kept_count(rctx.channels.members[key].ids) // attn.head_dim
-        if kept == attn.num_heads:
+        heads, width, _ = kept_heads(rctx.kept(rctx.channels.members[key].ids), attn.num_heads, attn.head_dim,
+                                     attn.head_dim)
+        if (heads, width) == (attn.num_heads, attn.head_dim):
             return
         parent, _, name = node.target.rpartition(".")
-        setattr(rctx.get_submodule(parent) if parent else rctx.gm, name, PrunedMultiscaleAttention(attn, kept))
+        setattr(rctx.get_submodule(parent) if parent else rctx.gm, name, PrunedMultiscaleAttention(attn, heads, width))
         rctx.forget_module(node.target)
+
+    def reference(self, channels, ref, node, keep_root):
+        """The masked reference of a narrowed attention: its pooling LayerNorms normalise over the
+        kept positions (`MaskedLayerNorm`), as the slim ones do (module docstring)."""
+        attn = ref.get_submodule(node.target)
+        rows = channels.members.get((f"{node.target}.qkv.weight", 0))
+        if rows is None or rows.role != "in":
+            return  # a boundary, or whole heads: the norms stay whole
+        kept = keep_root[channels.root[rows.ids[:attn.head_dim]]]  # the positions of the first head's q
+        if kept.all():
+            return
+        for path in _pool_norm_paths(attn, node.target):
+            ln = ref.get_submodule(path)
+            index = torch.as_tensor(np.nonzero(kept)[0], dtype=torch.long, device=attn.qkv.weight.device)
+            ref.get_submodule(path.rpartition(".")[0])[0] = MaskedLayerNorm(index, ln.eps, ln.weight, ln.bias)
 
 
 class RankAdjust(OpHandler):
@@ -159,7 +239,7 @@ if _mvit is not None:
     register_function(_mvit._unsqueeze, _mvit._squeeze)(RankAdjust)
 _CLASSES = (PrunedMultiscaleAttention,) + (() if _mvit is None else (_mvit.MultiscaleAttention,))
 for _cls in _CLASSES:
-    register_leaf_module(_cls, "MViT attention: its heads are pruned whole (passes/ops/mvit_attention.py)")
+    register_leaf_module(_cls, "MViT attention: its heads are pruned (whole or narrower) (passes/ops/mvit_attention.py)")
     register_module(_cls)(MultiscaleAttentionModule)
 
 __all__ = ["PrunedMultiscaleAttention"]

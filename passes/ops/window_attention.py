@@ -498,7 +498,7 @@ if _swin3d is not None:
     register_function(_swin3d._get_window_and_shift_size, window_and_shift_size)(WindowAndShiftSize)
 if _maxvit is not None:
     for _cls in (_maxvit.RelativePositionalMultiHeadAttention, PrunedRelativePositionalMultiHeadAttention):
-        register_leaf_module(_cls, "MaxViT attention: its heads are pruned whole (passes/ops/window_attention.py)")
+        register_leaf_module(_cls, "MaxViT attention: its heads are pruned (whole or narrower) (passes/ops/window_attention.py)")
         register_module(_cls)(RelativePositionalAttentionModule)
 register_function(pruned_shifted_window_attention)(ShiftedWindowAttentionFunction)
 register_function(pruned_shifted_window_attention_3d)(ShiftedWindowAttention3dFunction)
