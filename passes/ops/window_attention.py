@@ -65,6 +65,42 @@ from .registry import OpHandler, get_arg, get_attr_target, register_function, re
 _STREAM = "the residual stream of Swin's window attention stays (its heads are pruned)"
 
 
+def _windows_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], proj_weight: Tensor,
+                       proj_bias: Optional[Tensor], bias: Tensor, mask: Optional[Tensor], num_windows: int,
+                       num_heads: int, widths: tuple[int, int], scale: Optional[float],
+                       logit_scale: Optional[Tensor], attention_dropout: float, dropout: float,
+                       training: bool) -> Tensor:
+    """The attention of `x` (B*windows, tokens, C) in each window, as torchvision's Swin functions
+    compute it between their partition and reverse steps, with `num_heads` heads of widths
+    (q/k, v) = `widths`: q, k, v from the fused projection, the scores (scaled q k^T, or v2's cosine
+    with its logit scale and k bias zeroed), the relative position `bias`, the shifted windows'
+    `mask` (windows, tokens, tokens) or None, softmax, attn v, the output projection."""
+    d, dv = widths
+    if logit_scale is not None and qkv_bias is not None:
+        qkv_bias = qkv_bias.clone()
+        qkv_bias[num_heads * d: 2 * num_heads * d].zero_()  # the k block
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    q, k, v = (part.reshape(x.size(0), x.size(1), num_heads, width).transpose(1, 2) for part, width in
+               zip(qkv.split([num_heads * d, num_heads * d, num_heads * dv], dim=-1), (d, d, dv)))
+    if logit_scale is not None:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * (d ** -0.5 if scale is None else scale)).matmul(k.transpose(-2, -1))
+    attn = attn + bias
+    if mask is not None:
+        attn = attn.view(x.size(0) // num_windows, num_windows, num_heads, x.size(1), x.size(1))
+        attn = attn + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, x.size(1), x.size(1))
+    attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
+    out = attn.matmul(v).transpose(1, 2).reshape(x.size(0), x.size(1), num_heads * dv)
+    return F.dropout(F.linear(out, proj_weight, proj_bias), p=dropout, training=training)
+
+
+def _widths_of(c: int, num_heads: int, head_dim: Optional[int], v_dim: Optional[int]) -> tuple[int, int]:
+    d = c // num_heads if head_dim is None else head_dim
+    return d, d if v_dim is None else v_dim
+
 
 def pruned_shifted_window_attention(
     input: Tensor,
@@ -89,9 +125,6 @@ def pruned_shifted_window_attention(
     less than C), the scores scaled by `scale` (default head_dim ** -0.5; a head pruned to fewer
     q/k positions keeps its original scale). Same arguments, plus those three."""
     B, H, W, C = input.shape
-    d = C // num_heads if head_dim is None else head_dim
-    dv = d if v_dim is None else v_dim
-    inner = num_heads * dv
     pad_r = (window_size[1] - W % window_size[1]) % window_size[1]
     pad_b = (window_size[0] - H % window_size[0]) % window_size[0]
     x = F.pad(input, (0, 0, 0, pad_r, 0, pad_b))
@@ -109,19 +142,6 @@ def pruned_shifted_window_attention(
     x = x.view(B, pad_H // window_size[0], window_size[0], pad_W // window_size[1], window_size[1], C)
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, window_size[0] * window_size[1], C)
 
-    if logit_scale is not None and qkv_bias is not None:
-        qkv_bias = qkv_bias.clone()
-        qkv_bias[num_heads * d: 2 * num_heads * d].zero_()  # the k block
-    qkv = F.linear(x, qkv_weight, qkv_bias)
-    q, k, v = (part.reshape(x.size(0), x.size(1), num_heads, width).transpose(1, 2) for part, width in
-               zip(qkv.split([num_heads * d, num_heads * d, inner], dim=-1), (d, d, dv)))
-    if logit_scale is not None:
-        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
-    else:
-        attn = (q * (d ** -0.5 if scale is None else scale)).matmul(k.transpose(-2, -1))
-    attn = attn + relative_position_bias
-
     if sum(shift_size) > 0:
         attn_mask = x.new_zeros((pad_H, pad_W))
         h_slices = ((0, -window_size[0]), (-window_size[0], -shift_size[0]), (-shift_size[0], None))
@@ -135,16 +155,11 @@ def pruned_shifted_window_attention(
         attn_mask = attn_mask.permute(0, 2, 1, 3).reshape(num_windows, window_size[0] * window_size[1])
         attn_mask = attn_mask.unsqueeze(1) - attn_mask.unsqueeze(2)
         attn_mask = attn_mask.masked_fill(attn_mask != 0, float(-100.0)).masked_fill(attn_mask == 0, float(0.0))
-        attn = attn.view(x.size(0) // num_windows, num_windows, num_heads, x.size(1), x.size(1))
-        attn = attn + attn_mask.unsqueeze(1).unsqueeze(0)
-        attn = attn.view(-1, num_heads, x.size(1), x.size(1))
-
-    attn = F.softmax(attn, dim=-1)
-    attn = F.dropout(attn, p=attention_dropout, training=training)
-
-    x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), x.size(1), inner)
-    x = F.linear(x, proj_weight, proj_bias)
-    x = F.dropout(x, p=dropout, training=training)
+    else:
+        attn_mask = None
+    x = _windows_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, relative_position_bias, attn_mask,
+                           num_windows, num_heads, _widths_of(C, num_heads, head_dim, v_dim), scale, logit_scale,
+                           attention_dropout, dropout, training)
 
     x = x.view(B, pad_H // window_size[0], pad_W // window_size[1], window_size[0], window_size[1], C)
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pad_H, pad_W, C)
@@ -177,9 +192,6 @@ def pruned_shifted_window_attention_3d(
     `head_dim` q/k positions and `v_dim` v positions on a C-wide stream, the scores scaled by
     `scale` (defaults as `pruned_shifted_window_attention`). Same arguments, plus those three."""
     b, t, h, w, c = input.shape
-    d = c // num_heads if head_dim is None else head_dim
-    dv = d if v_dim is None else v_dim
-    inner = num_heads * dv
     pad_size = _swin3d._compute_pad_size_3d((t, h, w), (window_size[0], window_size[1], window_size[2]))
     x = F.pad(input, (0, 0, 0, pad_size[2], 0, pad_size[1], 0, pad_size[0]))
     _, tp, hp, wp, _ = x.shape
@@ -191,23 +203,11 @@ def pruned_shifted_window_attention_3d(
                padded_size[2] // window_size[2], window_size[2], c)
     x = x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b * num_windows, window_size[0] * window_size[1] * window_size[2], c)
 
-    qkv = F.linear(x, qkv_weight, qkv_bias)
-    q, k, v = (part.reshape(x.size(0), x.size(1), num_heads, width).transpose(1, 2) for part, width in
-               zip(qkv.split([num_heads * d, num_heads * d, inner], dim=-1), (d, d, dv)))
-    attn = (q * (d ** -0.5 if scale is None else scale)).matmul(k.transpose(-2, -1))
-    attn = attn + relative_position_bias
-    if sum(shift_size) > 0:
-        attn_mask = _swin3d._compute_attention_mask_3d(x, padded_size, (window_size[0], window_size[1], window_size[2]),
-                                               (shift_size[0], shift_size[1], shift_size[2]))
-        attn = attn.view(x.size(0) // num_windows, num_windows, num_heads, x.size(1), x.size(1))
-        attn = attn + attn_mask.unsqueeze(1).unsqueeze(0)
-        attn = attn.view(-1, num_heads, x.size(1), x.size(1))
-    attn = F.softmax(attn, dim=-1)
-    attn = F.dropout(attn, p=attention_dropout, training=training)
-
-    x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), x.size(1), inner)
-    x = F.linear(x, proj_weight, proj_bias)
-    x = F.dropout(x, p=dropout, training=training)
+    mask = None if sum(shift_size) == 0 else _swin3d._compute_attention_mask_3d(
+        x, padded_size, (window_size[0], window_size[1], window_size[2]), (shift_size[0], shift_size[1], shift_size[2]))
+    x = _windows_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, relative_position_bias, mask, num_windows,
+                           num_heads, _widths_of(c, num_heads, head_dim, v_dim), scale, None, attention_dropout,
+                           dropout, training)
     x = x.view(b, padded_size[0] // window_size[0], padded_size[1] // window_size[1], padded_size[2] // window_size[2],
                window_size[0], window_size[1], window_size[2], c)
     x = x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, tp, hp, wp, c)
