@@ -3,6 +3,7 @@ written between markers in docs/results.md so hand-written readings around them 
 from __future__ import annotations
 
 import re
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def _note(records: list) -> str:
             text += (f"; PruningNet on sampled structures {min(h['heldout_accuracy'] for h in held):.3f}-"
                      f"{max(h['heldout_accuracy'] for h in held):.3f} held-out after "
                      f"{'/'.join(str(h['epochs']) for h in held)} epochs")
+            here = [a for r in records if r.get("summary", {}).get("pruningnet_heldout")
+                    for t in r["summary"]["pruningnet_heldout"][-1].get("per_target", [])
+                    if t.get("flops") is not None and abs(t["flops"] - r["target"]) < 1e-9 for a in t["accuracy"]]
+            if here:  # the probed structures feasible at this cell's target, every seed
+                text += f" (at this target: min {min(here):.3f}, median {statistics.median(here):.3f})"
         return text
     if method == "gate_decorator":
         ticks = [x.get("ticks") for x in s if x.get("ticks") is not None]
