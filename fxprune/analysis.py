@@ -11,8 +11,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import numpy as np
+import torch.fx as fx
 from torch import nn
 
+from fxprune.passes.context import Layout
+from fxprune.passes.ops.attention import MultiheadAttentionModule
+from fxprune.passes.ops.conv import WEIGHT_SOURCE, ConvFunction, ConvModule
+from fxprune.passes.ops.mvit_attention import MultiscaleAttentionModule
+from fxprune.passes.ops.registry import get_arg, get_attr_target, handler_for
+from fxprune.passes.ops.reshape import SPLIT
+from fxprune.passes.ops.window_attention import RelativePositionalAttentionModule, ShiftedWindowAttentionFunction
 from fxprune.passes.dependency import ChannelAnalysis, analyze_dependencies
 from fxprune.passes.structures import Structures, find_structures
 
@@ -111,3 +120,110 @@ def with_grouped(analysis: ModelAnalysis, grouped: str, heads: str = "whole",
     return dataclasses.replace(analysis, channels=channels, structures=structures, cost=CostModel(channels),
                                timings=timings, options={**analysis.options, "grouped": grouped, "heads": heads,
                                                          "layernorm": layernorm})
+
+
+# The structures `group_structures` reports, in the order it lists them.
+STRUCTURE_KINDS = ("split", "grouped_equal", "heads", "computed_weight")
+
+
+def _head_handlers() -> tuple:
+    """The handler classes of the attention ops whose heads are channel groups."""
+    return MultiheadAttentionModule, ShiftedWindowAttentionFunction, RelativePositionalAttentionModule, \
+        MultiscaleAttentionModule
+
+
+def _layout_ids(lay: Any) -> list:
+    """The element-id arrays of a layout (a Layout, or a tuple of them for a multi-output node)."""
+    if isinstance(lay, Layout):
+        return [lay.ids]
+    if isinstance(lay, (tuple, list)):
+        return [ids for item in lay for ids in _layout_ids(item)]
+    return []
+
+
+def group_structures(analysis: ModelAnalysis | ChannelAnalysis) -> dict[int, frozenset]:
+    """The channel groups that carry a structure, {group index: kinds} (groups with none are left
+    out). Read-only: it looks at the analysis' members, layouts and node meta, and changes nothing.
+
+    The kinds (`STRUCTURE_KINDS`), each a way a group became prunable beyond plain per-channel
+    coupling (issue 17, "structured channel groups"):
+
+    * ``"split"``: a reshape splits the group's channel dim into g blocks of width w, which keep the
+      same positions (`passes.ops.reshape`, node meta ``SPLIT``: channel shuffle, split attention).
+    * ``"grouped_equal"``: the input or output channels of a grouped conv pruned with the same
+      positions in every group (``grouped="equal"``, or ``"auto"`` where the groups are wide enough;
+      `passes.ops.conv`). A grouped conv that loses whole groups (``"whole"``) is no such structure.
+    * ``"heads"``: attention heads (whole heads, or nn.MultiheadAttention's per-head widths with
+      ``heads="width"``): the groups of the members an attention op registers other than those of
+      its input stream (query/key/value, or its first argument) and output stream
+      (`passes.ops.attention`, `window_attention`, `mvit_attention`).
+    * ``"computed_weight"``: the output channels of a conv whose weight is computed from a parameter
+      (weight standardisation; `passes.ops.conv`, node meta ``WEIGHT_SOURCE`` on a functional conv).
+
+    A group may carry several kinds; non-prunable groups are reported too (heads that stay because
+    of a mask, say): intersect with the plan's pruned groups to ask what a cut came from.
+
+    Example::
+
+        >>> import torch, torchvision, fxprune
+        >>> from fxprune.analysis import group_structures
+        >>> a = fxprune.analyze(torchvision.models.shufflenet_v2_x0_5(), torch.randn(1, 3, 64, 64))
+        >>> sorted({k for kinds in group_structures(a).values() for k in kinds})
+        ['split']
+    """
+    channels = getattr(analysis, "channels", analysis)
+    gm = channels.gm
+    group_of = np.full(len(channels.root), -1, dtype=np.int64)
+    for g in channels.groups:
+        group_of[g.units] = g.index
+
+    def groups_of(ids) -> set:
+        found = np.unique(group_of[channels.root[np.asarray(ids, dtype=np.int64)]])
+        return {int(g) for g in found if g >= 0}
+
+    kinds: dict[int, set] = {}
+
+    def tag(ids, kind: str, exclude: set = frozenset()) -> None:
+        for g in groups_of(ids) - exclude:
+            kinds.setdefault(g, set()).add(kind)
+
+    by_node: dict[str, list] = {}
+    for m in channels.members.values():
+        by_node.setdefault(m.node, []).append(m)
+    heads = _head_handlers()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        lay = channels.layouts.get(node.name)
+        if SPLIT in node.meta and isinstance(lay, Layout):
+            tag(lay.ids, "split")
+        handler = handler_for(node, gm)
+        if isinstance(handler, heads):
+            stream = set()  # the groups of its input and output stream, which are no heads
+            data = [get_arg(node, i, n) for i, n in ((0, "query"), (1, "key"), (2, "value"))] \
+                if isinstance(handler, heads[0]) else [node.args[0] if node.args else next(iter(node.kwargs.values()))]
+            for ids in [i for arg in data if isinstance(arg, fx.Node) for i in _layout_ids(channels.layouts.get(arg.name))] \
+                    + _layout_ids(lay):
+                stream |= groups_of(ids)
+            for m in by_node.get(node.name, ()):
+                tag(m.ids, "heads", stream)
+        weight, groups = _conv_weight_and_groups(node, gm, handler)
+        if weight is not None and groups > 1 and (weight, 1) in channels.members:
+            tag(channels.members[(weight, 1)].ids, "grouped_equal")  # per-group input positions
+            tag(channels.members[(weight, 0)].ids, "grouped_equal")
+        if isinstance(handler, ConvFunction) and WEIGHT_SOURCE in node.meta and isinstance(lay, Layout):
+            tag(lay.ids, "computed_weight")
+    return {g: frozenset(k) for g, k in sorted(kinds.items())}
+
+
+def _conv_weight_and_groups(node, gm, handler) -> tuple[str | None, int]:
+    """(weight parameter, groups) of a non-transposed conv node (module or functional), else (None, 1)."""
+    if isinstance(handler, ConvModule):
+        conv = gm.get_submodule(node.target)
+        if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+            return None, 1
+        return f"{node.target}.weight", conv.groups
+    if isinstance(handler, ConvFunction) and "transpose" not in getattr(node.target, "__name__", ""):
+        groups = get_arg(node, ConvFunction._groups_index(node), "groups", 1)
+        return get_attr_target(get_arg(node, 1, "weight")), groups if isinstance(groups, int) else 1
+    return None, 1

@@ -140,7 +140,8 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
         grouped: how grouped convs are pruned: ``"whole"`` groups go (the default), ``"equal"``: every
             group keeps the same channel positions (its group count stays), ``"auto"``: equal where the
             groups are wide enough (per-group width >= number of groups), whole elsewhere. Depthwise
-            convs always lose whole groups. (A recipe of an equal/auto result cannot be replayed yet.)
+            convs always lose whole groups. The recipe records the option (as it does `heads` and
+            `layernorm`), so `fxprune.save` / `fxprune.load` replay an equal/auto result.
         heads: how nn.MultiheadAttention (and so torchvision's ViT) is pruned: ``"whole"`` heads go (the
             default), ``"width"``: every head stays and keeps the same q/k positions (fewer terms in its
             q k^T, scaled as before) and the same v positions (narrower outputs), ``"auto"``: width where

@@ -91,6 +91,20 @@ def _grouped_option(p) -> None:
                         "or auto (equal where the groups are wide enough)")
 
 
+def _structure_options(p) -> None:
+    """--grouped, --heads and --layernorm: how coupled structures are pruned. One definition for
+    `compress` and `zoo`, so that both accept the same values with the same help."""
+    _grouped_option(p)
+    p.add_argument("--heads", default="whole", choices=HEADS,
+                   help="nn.MultiheadAttention: remove whole heads (default), keep the same q/k and v "
+                        "positions in every head (width), or auto (width where a head is at least as wide "
+                        "as the number of heads)")
+    p.add_argument("--layernorm", default="boundary", choices=LAYERNORM,
+                   help="LayerNorm over the channel dim: keep its channels (boundary, default) or prune the "
+                        "residual stream through it (prune: it then normalises over the kept channels only, "
+                        "which is NOT function-preserving; verified against a reference that does the same)")
+
+
 def cmd_compress(args) -> int:
     model, x = _model_and_input(args)
     start = time.perf_counter()
@@ -127,7 +141,8 @@ def _zoo(args) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     options = {"method": args.method, "flops": args.flops, "round_to": args.round_to,
                "min_channels": args.min_channels, "min_ratio": args.min_ratio, "checks": checks,
-               "latency": not args.no_latency, "threads": threads, "grouped": args.grouped}
+               "latency": not args.no_latency, "threads": threads, "grouped": args.grouped,
+               "heads": args.heads, "layernorm": args.layernorm}
     _check_compress_options(args)
     out = Path(args.out)
     rows = run_zoo(entries, out, options, jobs=args.jobs, timeout_s=args.timeout, max_memory_gb=args.max_memory,
@@ -239,15 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--min-ratio", type=float, default=0.0)
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with the masked original")
-    _grouped_option(p)
-    p.add_argument("--heads", default="whole", choices=HEADS,
-                   help="nn.MultiheadAttention: remove whole heads (default), keep the same q/k and v "
-                        "positions in every head (width), or auto (width where a head is at least as wide "
-                        "as the number of heads)")
-    p.add_argument("--layernorm", default="boundary", choices=LAYERNORM,
-                   help="LayerNorm over the channel dim: keep its channels (boundary, default) or prune the "
-                        "residual stream through it (prune: it then normalises over the kept channels only, "
-                        "which is NOT function-preserving; verified against a reference that does the same)")
+    _structure_options(p)
     _measure_options(p)
     p.set_defaults(func=cmd_compress)
 
@@ -263,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=int, default=None)
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--min-ratio", type=float, default=0.0)
-    _grouped_option(p)
+    _structure_options(p)
     p.add_argument("--out", default="zoo-out", help="output directory (artifacts, report.json, report.md)")
     p.add_argument("--jobs", type=int, default=1, help="models converted at once (>= 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per model (default: cores / jobs)")

@@ -98,6 +98,14 @@ class CostModel:
         return self._params_sum.total(keep, [self._params_index[n] for n in removed_params
                                              if n in self._params_index])
 
+    def macs_touching(self, roots) -> "_ScaledSum":
+        """The MACs of only the node terms that scale with any of the unit `roots`, as a sum whose
+        `total(keep)` recounts them: what one group's move changes, without recounting the model
+        (`total(keep_after) - total(keep_before)` is the move's change of `macs`)."""
+        wanted = set(np.asarray(roots, dtype=np.int64).ravel().tolist())
+        return _ScaledSum([s for s in self.node_macs.values()
+                           if any(wanted.intersection(np.asarray(r).ravel().tolist()) for r in s.slots)])
+
 
 class _ScaledSum:
     """The sum of many `_Scaled` values for one keep array, vectorised: the selections recount

@@ -10,7 +10,12 @@ touched. Three kinds of mask, any subset:
   feeds exactly one affine BN) or of the layer itself, gathered per channel
   (``y * mask[unit_of_channel]``). Covering every producer is what makes a zero mask a channel that
   is zero everywhere, so pruning it keeps the masked network's function exactly. For masks >= 0
-  this equals the authors' placement after the ReLU (ReLU is positively homogeneous).
+  this equals the authors' placement after the ReLU (ReLU is positively homogeneous). A group
+  some of whose producers no such site reaches (attention heads inside nn.MultiheadAttention or
+  Swin's attention, a transformer's stream with ``layernorm="prune"``, channels mixed by a shuffle)
+  is masked on the reading side instead (`param_sites`: the mask scales the parameter positions
+  that read each unit, which at zero is the masked reference); its LayerNorms pruned through then
+  normalise over the units whose mask is not zero, as the slim model's will.
 * ``branch``: one scalar per droppable input of a channel concat (`passes.structures`), on the
   input, before the ``cat``.
 * ``block``: one scalar per residual add, on its residual branch (the operand with the most MACs;
@@ -37,7 +42,15 @@ import torch.fx as fx
 from torch import nn
 
 from .context import Layout
-from .gates import _unit_index
+from .param_sites import _unit_index
+from .param_sites import (
+    ParamSite,
+    consumer_sites,
+    insert_param_scales,
+    layer_norms_of,
+    mask_layer_norms,
+    producers_covered,
+)
 
 if TYPE_CHECKING:  # the analysis' type, for annotations only (dependency imports the handlers)
     from .dependency import ChannelAnalysis
@@ -60,6 +73,8 @@ class ChannelMask:
     group: int
     param: str
     sites: list[ChannelSite] = field(default_factory=list)
+    params: list[ParamSite] = field(default_factory=list)  # reading-side sites (module docstring)
+    ones: str | None = None  # their mask-only factor (all ones: a zero mask entry zeroes the unit already)
 
 
 @dataclass
@@ -144,6 +159,27 @@ def channel_sites(channels: ChannelAnalysis) -> tuple[dict[int, list[tuple[fx.No
     return sites, skipped
 
 
+def _placement(channels: ChannelAnalysis) -> tuple[dict, dict[int, list[ParamSite]], dict[str, str]]:
+    """(output sites per group, reading-side sites per group, skipped): output sites where they reach
+    every producer of the group, else reading-side sites where every reader can take one, else
+    none (the group stays whole, its reason in `skipped`)."""
+    sites, skipped = channel_sites(channels)
+    consumer: dict[int, list[ParamSite]] = {}
+    for group in channels.prunable_groups:
+        own = sites.get(group.index)
+        if own and producers_covered(channels, group, [site for site, _, _ in own]):
+            continue
+        params = consumer_sites(channels, group)
+        sites.pop(group.index, None)
+        if params:
+            consumer[group.index] = params
+            skipped.pop(f"group {group.index}", None)
+        else:
+            skipped.setdefault(f"group {group.index}", "no mask reaches every producer or every reader of its "
+                                                       "channels")
+    return sites, consumer, skipped
+
+
 def _scalar_candidates(channels: ChannelAnalysis, structures) -> list[tuple[str, str, int, list[str], int]]:
     found = channels.structures
     out = []
@@ -175,12 +211,18 @@ def insert_soft_masks(channels: ChannelAnalysis, structures=STRUCTURES, init: st
     graph = gm.graph
     channel, scalar, skipped = [], [], {}
     if "channel" in structures:
-        sites, skipped = channel_sites(channels)
-        for k, gi in enumerate(sorted(sites)):
+        sites, consumer, skipped = _placement(channels)
+        scaled = []  # reading-side sites, inserted together: one module may read several groups
+        for k, gi in enumerate(sorted({*sites, *consumer})):
             param = f"fxprune_gal_channel_{k}"
             gm.register_parameter(param, nn.Parameter(_initial(channels.groups[gi].n_units, init, like, gen)))
             mask = ChannelMask(gi, param)
-            for j, (site, units, dim) in enumerate(sites[gi]):
+            if gi in consumer:
+                mask.params, mask.ones = consumer[gi], f"{param}_ones"
+                gm.register_buffer(mask.ones, torch.ones(channels.groups[gi].n_units, dtype=like.dtype,
+                                                         device=like.device))
+                scaled.extend((site, param, mask.ones) for site in mask.params)
+            for j, (site, units, dim) in enumerate(sites.get(gi, ())):
                 node = nodes[site.name]
                 index = f"{param}_index_{j}"
                 gm.register_buffer(index, torch.as_tensor(units, dtype=torch.long, device=like.device))
@@ -198,6 +240,9 @@ def insert_soft_masks(channels: ChannelAnalysis, structures=STRUCTURES, init: st
                 _mul_after(graph, node, s, users)
                 mask.sites.append(ChannelSite(site.name, index, dim))
             channel.append(mask)
+        insert_param_scales(gm, scaled, "fxprune_gal_")
+        norms = layer_norms_of(channels, {m.group for m in channel})
+        mask_layer_norms(gm, norms, {m.group: m.param for m in channel}, "fxprune_gal_", nonzero=True)
     for k, (kind, anchor, operand, branch, macs) in enumerate(_scalar_candidates(channels, structures)):
         param = f"fxprune_gal_{kind}_{k}"
         gm.register_parameter(param, nn.Parameter(_initial((), init, like, gen)))

@@ -9,11 +9,12 @@ is zero keeps one unit, and a concat whose every input mask is zero keeps one in
 folded scale is zero, so the function is unchanged).
 
 `fold_masks` then multiplies the surviving mask values into the modules in place (the BN's
-affine or the layer's rows for channel sites; for a block/branch scalar, the last BN/conv/linear
-of the branch, walking back through positively homogeneous ops such as ReLU and pooling; failing
-that, the scale is returned as a `PruningPlan.scale_inputs` edit: a constant multiply the rewrite
-puts into the slim graph and the recipe records, so save/load replays it). Afterwards the private model computes what
-the masked network computed, so the core verification (slim vs masked reference) proves the slim
+affine or the layer's rows for channel sites, the reading positions for reading-side ones
+(`param_sites`); for a block/branch scalar, the last BN/conv/linear of the branch, walking back
+through positively homogeneous ops such as ReLU and pooling; failing that, the scale is returned
+as a `PruningPlan.scale_inputs` edit: a constant multiply the rewrite puts into the slim graph and
+the recipe records, so save/load replays it). Afterwards the private model computes what the
+masked network computed, so the core verification (slim vs masked reference) proves the slim
 model equals the GAL generator.
 
 Example::
@@ -36,6 +37,7 @@ from torch import nn
 
 from .fold import fold_into
 from .gal_masks import SoftMaskedModel
+from .param_sites import fold_param_scales
 from .plan import PruningPlan, plan_keep_roots
 from .tensors import get_tensor
 
@@ -152,6 +154,8 @@ def fold_masks(channels: ChannelAnalysis, masked: SoftMaskedModel, state: MaskSt
     with torch.no_grad():
         for m in masked.channel:
             values = masked.value(m.param)
+            for site in m.params:
+                fold_param_scales(gm, site, values, masked.value(m.ones))
             for site in m.sites:
                 scale = values[get_tensor(masked.module, site.index)]
                 mod = gm.get_submodule(nodes[site.node].target)

@@ -7,6 +7,15 @@ group without a BatchNorm is gated after the conv/linear layers that produce it.
 which unit of its group each of its channels belongs to, so scores from several sites of a coupled
 group (residual adds) add up per unit.
 
+A group some of whose producers are no such layer (attention heads, computed inside
+nn.MultiheadAttention or Swin's attention; a transformer's residual stream with
+``layernorm="prune"``, also written by the attention's output projection) is gated on the consumer
+side instead (`param_sites`): one gate per unit on the parameter positions that read it, so that
+mask 0 is exactly the masked reference. A group that can be gated neither way has no site
+(`GatedModel.ungated`): a method must keep it whole, it has no score. With ``layernorm="prune"``
+the gated graph's LayerNorms over gated channels normalise over the unmasked ones only
+(`param_sites.masked_layer_norm`, reading `GatedModel.unit_masks`), as the slim model's will.
+
 Example::
 
     >>> gated = insert_gates(analysis)
@@ -15,7 +24,7 @@ Example::
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,6 +34,16 @@ from torch import nn
 
 from .context import Layout
 from .fold import fold_into
+from .param_sites import _unit_index
+from .param_sites import (
+    ParamSite,
+    consumer_sites,
+    fold_param_scales,
+    insert_param_scales,
+    layer_norms_of,
+    mask_layer_norms,
+    producers_covered,
+)
 
 if TYPE_CHECKING:  # the analysis' type, for annotations only (dependency imports the handlers)
     from .dependency import ChannelAnalysis
@@ -40,22 +59,18 @@ class GateSite:
     mask: str  # buffer name
     group: int
     unit_of_channel: np.ndarray  # unit index (in the group) of each gated channel
+    params: ParamSite | None = None  # a consumer-side site: the parameter positions it scales (per unit)
 
 
 @dataclass
 class GatedModel:
     module: fx.GraphModule
     sites: list[GateSite]
+    ungated: list[int] = field(default_factory=list)  # prunable groups no gate could be placed on
+    unit_masks: dict[int, str] = field(default_factory=dict)  # group -> per-unit 0/1 mask its LayerNorms read
 
     def gates(self) -> list[nn.Parameter]:
         return [getattr(self.module, s.gate) for s in self.sites]
-
-
-def _unit_index(channels: ChannelAnalysis, group, ids: np.ndarray) -> np.ndarray | None:
-    roots = channels.root[ids]
-    lookup = {int(u): i for i, u in enumerate(group.units)}
-    units = [lookup.get(int(r)) for r in roots]
-    return None if any(u is None for u in units) else np.asarray(units, dtype=np.int64)
 
 
 def _sites(channels: ChannelAnalysis) -> list[tuple[fx.Node, int, np.ndarray, int]]:
@@ -82,13 +97,38 @@ def _sites(channels: ChannelAnalysis) -> list[tuple[fx.Node, int, np.ndarray, in
     return sites
 
 
+def _placement(channels: ChannelAnalysis) -> tuple[list, dict[int, list[ParamSite]], list[int]]:
+    """(output sites, consumer-side sites per group, ungated groups): output sites where they cover
+    every producer of their group; else consumer-side sites where every reader can take one; else
+    the partial output sites, as before; else none (module docstring)."""
+    output = _sites(channels)
+    by_group: dict[int, list] = {}
+    for site in output:
+        by_group.setdefault(site[1], []).append(site)
+    kept, consumer, ungated = [], {}, []
+    for group in channels.prunable_groups:
+        own = by_group.get(group.index, [])
+        if own and producers_covered(channels, group, [node for node, *_ in own]):
+            kept.extend(own)
+            continue
+        params = consumer_sites(channels, group)
+        if params:
+            consumer[group.index] = params
+        elif own:
+            kept.extend(own)
+        else:
+            ungated.append(group.index)
+    return kept, consumer, ungated
+
+
 def insert_gates(channels: ChannelAnalysis) -> GatedModel:
     """Gated copy of `analysis.gm` (see module docstring)."""
     gm = fx.GraphModule(channels.gm, copy.deepcopy(channels.gm.graph), channels.gm.__class__.__name__)
     nodes = {n.name: n for n in gm.graph.nodes}
     params = next(iter(channels.gm.parameters()), torch.zeros(()))
+    output, consumer, ungated = _placement(channels)
     sites = []
-    for k, (orig, gi, units, dim) in enumerate(_sites(channels)):
+    for k, (orig, gi, units, dim) in enumerate(output):
         node = nodes[orig.name]
         ndim = len(orig.meta["fxprune_value"].shape)
         shape = [1] * ndim
@@ -108,20 +148,48 @@ def insert_gates(channels: ChannelAnalysis) -> GatedModel:
         for u in users:
             u.replace_input_with(node, y)
         sites.append(GateSite(orig.name, gate, mask, gi, units))
+    scaled = []
+    for gi, group_sites in consumer.items():
+        n = channels.groups[gi].n_units
+        for site in group_sites:
+            k = len(sites)
+            gate, mask = f"fxprune_gate_{k}", f"fxprune_mask_{k}"
+            gm.register_parameter(gate, nn.Parameter(torch.ones(n, dtype=params.dtype, device=params.device)))
+            gm.register_buffer(mask, torch.ones(n, dtype=params.dtype, device=params.device))
+            sites.append(GateSite(site.key, gate, mask, gi, np.arange(n), site))
+            scaled.append((site, gate, mask))
+    insert_param_scales(gm, scaled, "fxprune_gated_")
+    unit_masks = _mask_layer_norms(channels, gm, {s.group for s in sites}, params)
     gm.graph.lint()
     gm.recompile()
     gm.training = channels.gm.training
-    return GatedModel(gm, sites)
+    return GatedModel(gm, sites, ungated, unit_masks)
+
+
+def _mask_layer_norms(channels: ChannelAnalysis, gm: fx.GraphModule, groups: set[int], like) -> dict[int, str]:
+    """LayerNorms pruned through (``layernorm="prune"``) read a per-unit mask of their group."""
+    norms = layer_norms_of(channels, groups)
+    unit_masks = {}
+    for gi in sorted({gi for _, gi, _ in norms}):
+        unit_masks[gi] = f"fxprune_unit_mask_{gi}"
+        gm.register_buffer(unit_masks[gi], torch.ones(channels.groups[gi].n_units, dtype=like.dtype,
+                                                       device=like.device))
+    mask_layer_norms(gm, norms, unit_masks, "fxprune_gated_")
+    return unit_masks
 
 
 def fold_gates(channels: ChannelAnalysis, gated: GatedModel) -> None:
-    """Multiply each site's gate*mask into its module (BN affine, or conv/linear rows), in place.
+    """Multiply each site's gate*mask into its module (BN affine, or conv/linear rows; a consumer-side
+    site: the parameter positions it scales), in place.
 
     The modules are shared with `analysis.gm`, so afterwards `analysis.gm` computes what the gated
     model computed; pruning the masked units then removes exactly the channels that were off.
     """
     with torch.no_grad():
         for s in gated.sites:
+            if s.params is not None:
+                fold_param_scales(channels.gm, s.params, getattr(gated.module, s.gate), getattr(gated.module, s.mask))
+                continue
             scale = (getattr(gated.module, s.gate) * getattr(gated.module, s.mask)).reshape(-1)
             node = next(n for n in channels.gm.graph.nodes if n.name == s.node)
             mod = channels.gm.get_submodule(node.target)

@@ -299,7 +299,21 @@ class TinyUNet(nn.Module):
         return self.out(d)
 
 
+class RepeatAlongSpace(nn.Module):
+    """repeat_interleave along H (method and function forms) keeps the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x)).repeat_interleave(2, dim=2)
+        return self.b(torch.repeat_interleave(y, 2, dim=-1))
+
+
 HANDLER_MODELS = {
+    "repeat_interleave": (RepeatAlongSpace, (2, 3, 4, 4)),
     "shared_module": (SharedModule, (2, 3, 8, 8)),
     "unet_upsample_skip": (TinyUNet, (2, 3, 8, 8)),
     "conv1d": (Conv1dNet, (2, 3, 16)),

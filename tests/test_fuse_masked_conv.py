@@ -300,3 +300,33 @@ def test_gate_decorator_with_fused_kernels_gives_the_same_model(schedule):
     with torch.no_grad():
         a, b = plain(probe), fused(probe)
     assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * a.abs().max())
+
+
+def test_gate_decorator_fill_revives_earlier_units_identically_fused_and_plain(monkeypatch):
+    """At the end of the Ticks, units of earlier Ticks fill the slack the last Tick leaves
+    (`_fill_slack`); their BatchNorm statistics are reset, so fused and plain runs still agree."""
+    import fxprune.methods.gate_decorator.method as gd
+
+    revived, real = [], gd._fill_slack
+
+    def counting(channels, gated, keep, scores, fits):
+        out = real(channels, gated, keep, scores, fits)
+        revived.append(sum(len(out[g]) - len(keep[g]) for g in keep))
+        assert fits(out) and all(set(keep[g]) <= set(out[g]) for g in keep)
+        return out
+
+    monkeypatch.setattr(gd, "_fill_slack", counting)
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g)),
+                      batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model, x = _Head().eval(), torch.randn(2, 3, 8, 8)
+    slims = [fxprune.compress(model, "gate_decorator", x, 0.15, data=data,
+                              options=dict(schedule="tick_only", p=0.3, finetune_epochs=1, fused_kernels=fused))
+             for fused in (False, True)]
+    assert revived[0] == revived[1] > 0
+    report = slims[0].fxprune_report
+    assert 0.14 <= report.macs_after / report.macs_before <= 0.15
+    with torch.no_grad():
+        a, b = slims[0](x), slims[1](x)
+    assert torch.isfinite(a).all() and torch.allclose(a, b, rtol=1e-3, atol=1e-4 * a.abs().max())

@@ -151,6 +151,21 @@ def test_an_equal_count_result_saves_and_loads_back(tmp_path):
         torch.testing.assert_close(loaded(x), slim(x), rtol=1e-5, atol=1e-6)
 
 
+def test_an_auto_result_saves_and_loads_back(tmp_path):
+    """grouped="auto" is recorded as such; load re-analyses the base model the same way (equal where
+    the groups are wide enough), so the replayed model has the same grouped convs and output."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    slim = fxprune.compress(resnext_small(), "l1", x, flops=0.5, grouped="auto")
+    assert slim.fxprune_recipe["grouped"] == "auto"
+    fxprune.save(slim, tmp_path / "auto")
+    loaded = fxprune.load(tmp_path / "auto", base_model=resnext_small())
+    assert _grouped_convs(loaded) == _grouped_convs(slim)
+    assert any(g == 4 and i < 32 for g, i, _ in _grouped_convs(slim).values())  # thinned, groups kept
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), slim(x), rtol=1e-5, atol=1e-6)
+
+
 def test_grouped_option_is_checked():
     with pytest.raises(ConfigError, match="grouped="):
         fxprune.compress(resnext_small(), "l1", torch.randn(1, 3, 32, 32), grouped="half")

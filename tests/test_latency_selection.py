@@ -24,6 +24,8 @@ from fxprune.constraints import Constraints
 from fxprune.errors import ConfigError, TargetUnreachableError
 from fxprune.methods import get_method
 from fxprune.methods.latency_selection import (
+    EFFICIENT,
+    SPEED_PLANS,
     LatencyUnreachableError,
     MeasuredFit,
     allocate_for_speed,
@@ -587,20 +589,81 @@ def test_time_first_allocation_refuses_an_unreachable_flops_target(resnet):
                            MemoryBoundModel(a))
 
 
-@pytest.mark.parametrize("model_type", [FakeLatencyModel, MemoryBoundModel])
-def test_auto_round_takes_the_higher_predicted_efficiency(resnet, model_type):
+@pytest.mark.parametrize("model_type", [FakeLatencyModel, MemoryBoundModel, CoupledNoisyModel])
+def test_auto_round_takes_the_first_efficient_candidate(resnet, model_type):
+    """Candidates in order snapped, then SPEED_PLANS; the first whose predicted efficiency reaches
+    EFFICIENT is taken and the later ones are not built; if none does, the most efficient."""
     a, scores = resnet
     model = model_type(a)
     c = Constraints(flops=0.5, round_to="auto")
     ref = select(a.channels, a.cost, scores, c)
     plan, compared = auto_round(a.channels, a.cost, scores, ref, model, c)
-    assert set(compared) == {"snapped", "time-first", "chosen"}
+    order = ["snapped"] + [name for name, _, _ in SPEED_PLANS]
+    tried = [k for k in compared if k != "chosen"]
+    assert tried == order[:len(tried)]  # built in order, stopped early or not at all
+    eff = {k: compared[k]["predicted_efficiency"] for k in tried}
+    first = next((k for k in tried if eff[k] >= EFFICIENT), None)
+    if first is not None:
+        assert compared["chosen"] == first == tried[-1]
+    else:
+        assert tried == order and eff[compared["chosen"]] == pytest.approx(max(eff.values()))
     chosen = compared[compared["chosen"]]
-    other = compared["time-first" if compared["chosen"] == "snapped" else "snapped"]
-    assert chosen["predicted_efficiency"] >= other["predicted_efficiency"] - 1e-9
     total, original = a.cost.total_macs, model.original_s
     assert chosen["macs_fraction"] == pytest.approx(_macs(a, plan) / total)
     assert chosen["predicted_fraction"] == pytest.approx(predict_plan(model, plan) / original)
+    assert chosen["importance_lost"] == pytest.approx(
+        sum(normalize(v).sum() for v in scores.values()) - _importance(scores, plan))
     assert c.fits_macs(_macs(a, plan), total)
     if model_type is MemoryBoundModel:
-        assert compared["chosen"] == "time-first"
+        assert compared["chosen"] != "snapped"
+
+
+def test_per_mac_allocation_is_at_least_as_fast_per_mac(resnet):
+    """With MACs in the price (the knapsack ratio: seconds saved per MAC of the cut), the plan is
+    predicted at least as fast at the same MACs budget as the importance-first allocation, on a
+    model whose slow groups are not its MAC-heavy ones."""
+    a, scores = resnet
+    model = MemoryBoundModel(a)
+    c = Constraints(flops=0.5, round_to="auto")
+    total = a.cost.total_macs
+    first = allocate_for_speed(a.channels, a.cost, scores, c, model)
+    per_mac = allocate_for_speed(a.channels, a.cost, scores, c, model, per_mac=1.0, per_importance=0.0)
+    assert c.fits_macs(_macs(a, per_mac), total) and _macs(a, per_mac) >= 0.9 * 0.5 * total
+    _assert_most_important_kept(scores, per_mac)  # importance still orders the units in a group
+    eff = [(_macs(a, p) / total) / (predict_plan(model, p) / model.original_s) for p in (first, per_mac)]
+    assert eff[1] >= eff[0] - 1e-9
+
+
+def test_macs_removed_by_moves_equals_a_full_recount(resnet):
+    """The local recount (only the node terms a group scales) gives each move's MACs exactly."""
+    from fxprune.methods.latency_selection import _choices, _moved, _State
+
+    a, scores = resnet
+    c = Constraints(flops=0.5, round_to="auto")
+    choices = _choices(a.channels, scores, c)
+    s = _State(a.channels, a.cost, scores, choices, FakeLatencyModel(a))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        pos = [int(rng.integers(0, len(cand))) for cand in s.cands]
+        got = s.macs_removed_by_moves(pos)
+        for i in range(len(pos)):
+            want = 0.0 if pos[i] == 0 else s.macs(pos) - s.macs(_moved(pos, i, -1))
+            assert got[i] == pytest.approx(want, rel=1e-9, abs=1e-3)
+
+def test_auto_round_speed_plans_keep_the_speed_floor(resnet):
+    """Priced per MAC, a slow group would go to one channel; the speed candidates keep at least
+    SPEED_MIN_RATIO of every group (the snapped plan follows the user's rules only)."""
+    from fxprune.methods.latency_selection import SPEED_MIN_RATIO
+
+    a, scores = resnet
+    model = MemoryBoundModel(a)
+    c = Constraints(flops=0.5, round_to="auto")
+    plan, compared = auto_round(a.channels, a.cost, scores, select(a.channels, a.cost, scores, c), model, c)
+    assert compared["chosen"] != "snapped"
+    n_units = {g.index: g.n_units for g in a.channels.prunable_groups}
+    assert all(len(k) >= math.ceil(SPEED_MIN_RATIO * n_units[g]) for g, k in plan.keep.items())
+    # a budget the floor cannot reach leaves the snapped plan alone
+    low = Constraints(flops=0.012, round_to="auto")  # floor: 1.75 % of the MACs at least
+    ref = select(a.channels, a.cost, scores, low)  # reachable without the floor
+    _, compared = auto_round(a.channels, a.cost, scores, ref, model, low)
+    assert list(compared) == ["snapped", "chosen"]

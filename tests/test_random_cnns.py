@@ -1,5 +1,5 @@
 """Property test: random CNNs (residual adds, nested concat, split, depthwise and grouped convs
-pruned as whole groups or equal counts, channel shuffles, SE blocks, transposed convs,
+pruned as whole groups or equal counts, channel shuffles, split attention, SE blocks, transposed convs,
 flatten->linear) with random keep-sets are rewritten equivalently (rel. tol 1e-5 in fp32) — or
 refused with a typed fxprune error, never silently wrong."""
 from __future__ import annotations
@@ -19,9 +19,10 @@ from fxprune.passes.mask import masked_reference
 from fxprune.passes.plan import PruningPlan
 
 from .conftest import assert_close_outputs, measured_macs
+from .structured_models import SplitAttn
 
 OPS = ("conv", "depthwise", "grouped", "residual", "concat", "nested_concat", "split", "se", "transposed",
-       "groupnorm", "chunk", "channels_last", "shuffle")
+       "groupnorm", "chunk", "channels_last", "shuffle", "split_attention")
 
 
 class RandomCNN(nn.Module):
@@ -77,6 +78,10 @@ class RandomCNN(nn.Module):
                 return nn.Identity(), c
             return nn.Sequential(nn.Conv2d(c, 2 * max(w // 2, 1), 1, groups=2), nn.BatchNorm2d(2 * max(w // 2, 1))), \
                 2 * max(w // 2, 1)
+        if op == "split_attention":  # ResNeSt's split attention (radix 2), timm's layout; needs even c
+            if c % 2:
+                return nn.Identity(), c
+            return SplitAttn(c, max(w // 2, 1), groups=1, radix=2, attn=max(w // 2, 1)), max(w // 2, 1)
         if op == "transposed":
             return nn.Sequential(nn.ConvTranspose2d(c, w, 2, stride=2), nn.BatchNorm2d(w), nn.MaxPool2d(2)), w
         raise ValueError(op)

@@ -147,6 +147,20 @@ def test_swin_compress_l1(name):
     assert slim(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
 
 
+@pytest.mark.parametrize("name", SWINS)
+def test_swin_patch_merging_is_followed(name):
+    """`_patch_merging_pad` maps input channel c to c, C+c, 2C+c, 3C+c: no boundary is left, and the
+    stream's channels reach the merge's norm/reduction (the stream stays for the attention's sake)."""
+    model = _swin(name)
+    analysis = fxprune.analyze(model, torch.randn(1, 3, 64, 64))
+    assert analysis.boundaries == [], [b.reason for b in analysis.boundaries]
+    stream = next(g for g in analysis.groups if any(m.target == "features.0.0.weight" and m.dim == 0
+                                                      for m in g.members))
+    reduction = [m for m in stream.members if m.target == "features.2.reduction.weight"]
+    assert reduction and reduction[0].dim == 1
+    assert not stream.prunable  # LayerNorm (default "boundary") and the window attention keep it
+
+
 def test_swin_non_finite_fails():
     model = _swin("swin_t")
     x = torch.randn(1, 3, 64, 64)

@@ -155,3 +155,74 @@ def test_torch_compile_check():
     slim = fxprune.compress(Residual().eval(), "l1", torch.randn(1, 3, 8, 8), 0.5)
     assert check_exports(slim, fxprune.ExampleInputs.normalize(torch.randn(1, 3, 8, 8)), ("compile",)) == {
         "compile": "ok"}
+
+
+ATTENTION_MODELS_PY = '''
+import torch
+from torch import nn
+
+
+class Tokens(nn.Module):
+    """A conv stem's 4x4 patches as 16 tokens, pre-norm self-attention with a residual, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, stride=4)
+        self.norm = nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        h = self.norm(t)
+        t = t + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(t.mean(1))
+
+
+MODELS = {"tokens": (Tokens, (1, 3, 16, 16))}
+'''
+
+
+def test_zoo_heads_and_layernorm_reach_compress_and_a_rerun_with_others_is_refused(tmp_path, capsys):
+    """--heads / --layernorm go to every worker's compress, are recorded in run.json and in the
+    artifact's recipe, and (like --grouped) a rerun with other values is refused unless --force."""
+    from fxprune.passes.ops.attention import PrunedMultiheadAttention
+
+    models = tmp_path / "models.py"
+    models.write_text(ATTENTION_MODELS_PY)
+    out = tmp_path / "z"
+    base = ["zoo", "--models-from", str(models), "--out", str(out), "--checks", "", "--no-latency", "--quiet"]
+    assert main([*base, "--heads", "width", "--layernorm", "prune"]) == 0
+    assert _rows(out)["tokens"]["status"] == "ok", _rows(out)["tokens"].get("error")
+    options = json.loads((out / "run.json").read_text())["options"]
+    assert (options["heads"], options["layernorm"]) == ("width", "prune")
+    slim = fxprune.load(out / "artifacts" / "tokens", trust_code=True)  # built from our own models file
+    assert (slim.fxprune_recipe["heads"], slim.fxprune_recipe["layernorm"]) == ("width", "prune")
+    attn = slim.attn
+    assert isinstance(attn, PrunedMultiheadAttention) and attn.num_heads == 2  # width: every head stays
+    assert attn.qk_dim < 8 or attn.v_dim < 8
+    assert attn.in_proj_weight.shape[1] == slim.stem.out_channels < 16  # the stream went through the LayerNorm
+    stamp = (out / "results" / "tokens.json").stat().st_mtime_ns
+    capsys.readouterr()
+
+    assert main([*base, "--heads", "whole"]) == 2
+    err = capsys.readouterr().err
+    assert "--heads width → whole" in err and "--layernorm prune → boundary" in err and "--force" in err
+    assert (out / "results" / "tokens.json").stat().st_mtime_ns == stamp  # nothing was touched
+    # (--force then redoes the model with the new options: test_zoo_trust.py, shared by every option)
+
+
+
+def test_zoo_structure_options_are_checked_and_old_runs_resume(tmp_path):
+    from fxprune.cli import build_parser
+    from fxprune.zoo.runner import _differences, result_options
+
+    args = build_parser().parse_args(["zoo", "--heads", "auto", "--layernorm", "prune"])
+    assert (args.heads, args.layernorm, args.grouped) == ("auto", "prune", "whole")
+    for flag, value in (("--heads", "both"), ("--layernorm", "maybe"), ("--grouped", "half")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["zoo", flag, value])
+    new = {"options": result_options({"method": "l1", "flops": 0.5}), "models": {}}
+    assert (new["options"]["heads"], new["options"]["layernorm"]) == ("whole", "boundary")
+    old = {"options": {k: v for k, v in new["options"].items() if k not in ("heads", "layernorm")}, "models": {}}
+    assert _differences(old, new, tmp_path) == []  # a run from before the options: their defaults

@@ -16,6 +16,13 @@ like, the run here uses
 Each try prunes a fresh deep copy (Torch-Pruning prunes in place); the time of a try is the
 dependency-graph build plus ``step()``, not the copy, the search or the MAC count.
 
+A `PrunerSetup` changes the call for one experiment or model family: ``global_pruning=False`` (every
+group pruned by the same ratio), extra `BasePruner` arguments built on the copy being pruned, and a
+fix-up after ``step()``. `torchvision_setup` gives Torch-Pruning's own recipes for torchvision's
+attention models (ViT: ``round_to`` = heads and ``hidden_dim`` reset, its
+``examples/torchvision_models/torchvision_pruning.py``; Swin, MaxViT, MViT: ``num_heads`` of the
+fused q/k/v Linear and the head attributes reset, as its ``examples/transformers/prune_timm_vit.py``).
+
 Example::
 
     >>> import torch, torchvision
@@ -36,7 +43,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -73,6 +80,73 @@ def classifier_layers(model: nn.Module, inputs: ExampleInputs) -> list[nn.Module
     return convs[-1:]
 
 
+@dataclass(frozen=True)
+class PrunerSetup:
+    """How Torch-Pruning is called beyond this module's defaults (module docstring).
+
+    `global_pruning`: rank all groups together (the default, like fxprune's ``l1``) or prune every
+    group by the same ratio (False). `options(copy)`: extra `BasePruner` keyword arguments, built on
+    the deep copy about to be pruned (``num_heads`` is keyed by that copy's modules); they override
+    ``round_to``. `after_step(copy, pruner)`: fixes the copy up after ``step()`` (attributes its
+    forward reads, such as ViT's ``hidden_dim``). `recipe`: a short description for the results."""
+
+    global_pruning: bool = True
+    options: Callable[[nn.Module], dict] | None = None
+    after_step: Callable[[nn.Module, Any], None] | None = None
+    recipe: str = "default"
+
+
+def _vit_options(model: nn.Module) -> dict:
+    return {"round_to": model.encoder.layers[0].num_heads}  # embed_dim stays divisible by the heads
+
+
+def _vit_after(model: nn.Module, pruner) -> None:
+    model.hidden_dim = model.conv_proj.out_channels  # its forward reshapes to hidden_dim
+
+
+def _attention_layers(model: nn.Module) -> list:
+    """(module, q/k/v Linear, heads attribute) of each torchvision window/MaxViT/MViT attention."""
+    found = []
+    for m in model.modules():
+        kind = type(m).__name__
+        if kind in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2", "ShiftedWindowAttention3d"):
+            found.append((m, m.qkv, "num_heads"))
+        elif kind == "RelativePositionalMultiHeadAttention":
+            found.append((m, m.to_qkv, "n_heads"))
+        elif kind == "MultiscaleAttention":
+            found.append((m, m.qkv, "num_heads"))
+    return found
+
+
+def _heads_options(model: nn.Module) -> dict:
+    return {"num_heads": {qkv: getattr(m, attr) for m, qkv, attr in _attention_layers(model)}}
+
+
+def _heads_after(model: nn.Module, pruner) -> None:
+    """The head count and width the forward reads, from what step() left (its timm ViT example)."""
+    for m, qkv, attr in _attention_layers(model):
+        heads = pruner.num_heads.get(qkv, getattr(m, attr))
+        setattr(m, attr, heads)
+        if hasattr(m, "head_dim"):
+            m.head_dim = qkv.out_features // (3 * heads)
+        if hasattr(m, "output_dim"):  # MViT reshapes the heads' output to output_dim
+            m.output_dim = heads * m.head_dim
+
+
+def torchvision_setup(model: nn.Module, global_pruning: bool = True) -> PrunerSetup:
+    """Torch-Pruning's own recipe for a torchvision model (module docstring); the plain call otherwise."""
+    try:
+        from torchvision.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover
+        VisionTransformer = ()
+    if isinstance(model, VisionTransformer):
+        return PrunerSetup(global_pruning, _vit_options, _vit_after, "ViT: round_to=num_heads, hidden_dim reset")
+    if _attention_layers(model):
+        return PrunerSetup(global_pruning, _heads_options, _heads_after,
+                           "num_heads={q/k/v Linear: heads}, head attributes reset")
+    return PrunerSetup(global_pruning)
+
+
 @dataclass
 class PeerResult:
     """A Torch-Pruning model at a MACs target, or why there is none."""
@@ -100,19 +174,23 @@ def _fresh_copy(model: nn.Module, ignored: list) -> tuple[nn.Module, list]:
 
 
 def _prune_in_place(work: nn.Module, inputs: ExampleInputs, ratio: float, round_to: int | None,
-                    ignored: list) -> dict:
+                    ignored: list, setup: PrunerSetup | None = None) -> dict:
     import torch_pruning as tp
 
+    setup = setup or PrunerSetup()
     example = inputs.args[0] if len(inputs.args) == 1 and not inputs.kwargs else (
         dict(inputs.kwargs) if inputs.kwargs else list(inputs.args))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
+        options = {"round_to": round_to, **(setup.options(work) if setup.options else {})}
         pruner = tp.pruner.BasePruner(work, example, importance=tp.importance.MagnitudeImportance(p=1),
-                                      global_pruning=True, pruning_ratio=ratio, iterative_steps=1,
-                                      round_to=round_to, ignored_layers=ignored)
+                                      global_pruning=setup.global_pruning, pruning_ratio=ratio, iterative_steps=1,
+                                      ignored_layers=ignored, **options)
         t1 = time.perf_counter()
         pruner.step()
+        if setup.after_step is not None:
+            setup.after_step(work, pruner)
         t2 = time.perf_counter()
     for p in work.parameters():
         p.requires_grad_(False)
@@ -120,20 +198,24 @@ def _prune_in_place(work: nn.Module, inputs: ExampleInputs, ratio: float, round_
 
 
 def prune_once(model: nn.Module, inputs: ExampleInputs, ratio: float, round_to: int | None = None,
-               ignored: list | None = None) -> tuple[nn.Module, dict]:
+               ignored: list | None = None, setup: PrunerSetup | None = None) -> tuple[nn.Module, dict]:
     """A deep copy of `model` pruned by Torch-Pruning at `ratio`; seconds of graph build and step."""
     ignored = ignored if ignored is not None else classifier_layers(model, inputs)
     work, ignored_copy = _fresh_copy(model, ignored)
-    return work, _prune_in_place(work, inputs, ratio, round_to, ignored_copy)
+    return work, _prune_in_place(work, inputs, ratio, round_to, ignored_copy, setup)
 
 
 def prune_to_macs(model: nn.Module, example_inputs: Any, target: float, round_to: int | None = None, *,
                   macs_before: int | None = None, tolerance: float = 0.005, max_tries: int = 10,
-                  first_guess: float | None = None) -> PeerResult:
+                  first_guess: float | None = None, over: float = 0.0,
+                  setup: PrunerSetup | None = None) -> PeerResult:
     """Search `pruning_ratio` for the largest MACs fraction <= `target` (within `tolerance` of it).
 
     Regula falsi on log(MACs fraction) against log(1 - ratio) (MACs fall roughly with the square
     of the kept width), bracketed, with bisection when it stalls; at most `max_tries` prunings.
+    With `over` > 0 a band around the target is accepted instead, [target - tolerance, target + over],
+    and the try closest to the target among those at most target + over is kept. `setup`: how
+    Torch-Pruning is called (`PrunerSetup`; the module's defaults without it).
     """
     inputs = ExampleInputs.normalize(example_inputs)
     macs_before = macs_before or count_macs(model, inputs)
@@ -147,22 +229,22 @@ def prune_to_macs(model: nn.Module, example_inputs: Any, target: float, round_to
     guess = first_guess if first_guess is not None else search.guess()
     for _ in range(max_tries):
         try:
-            pruned, seconds = prune_once(model, inputs, guess, round_to, ignored)
+            pruned, seconds = prune_once(model, inputs, guess, round_to, ignored, setup)
             frac = count_macs(pruned, inputs) / macs_before
         except Exception as exc:  # noqa: BLE001 - Torch-Pruning's own failure is the result
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             return PeerResult(None, tries=tries, error=f"{type(exc).__name__}: {first}"[:300])
         tries.append((round(guess, 5), round(frac, 5)))
         search.add(guess, frac)
-        if frac <= target and (best is None or frac > best[2]):
+        if frac <= target + over and (best is None or abs(frac - target) < abs(best[2] - target)):
             best = (pruned, seconds, frac, guess)
-        if target - tolerance <= frac <= target:
+        if target - tolerance <= frac <= target + over:
             break
         guess = search.guess()
         if guess is None:
             break
     if best is None:
-        return PeerResult(None, tries=tries, error=f"no pruning_ratio reached {target} of the MACs in "
+        return PeerResult(None, tries=tries, error=f"no pruning_ratio reached {target + over:g} of the MACs in "
                                                    f"{len(tries)} tries (last: {tries[-1] if tries else None})")
     pruned, seconds, frac, ratio = best
     shapes = output_shapes(pruned, inputs)
@@ -229,4 +311,5 @@ def time_prune(model: nn.Module, example_inputs: Any, ratio: float, round_to: in
     return {**med, "peak_mib": peak.mib, "peak_method": peak.method, "repeats": repeats}
 
 
-__all__ = ["PeerResult", "classifier_layers", "prune_once", "prune_to_macs", "time_prune", "torch_pruning_status"]
+__all__ = ["PeerResult", "PrunerSetup", "classifier_layers", "prune_once", "prune_to_macs", "time_prune",
+           "torch_pruning_status", "torchvision_setup"]

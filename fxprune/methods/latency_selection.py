@@ -37,6 +37,8 @@ latency step edge next to it (its docstring states the rule).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -125,6 +127,24 @@ class _State:
 
     def macs(self, pos) -> float:
         return self.cost.macs(_keep_array(self.channels, self.choices, self.counts(pos)))
+
+    def macs_removed_by_moves(self, pos) -> np.ndarray:
+        """MACs each group's down move would remove (0 where it cannot move), recounting only the
+        node terms that scale with that group (`CostModel.macs_touching`)."""
+        if not hasattr(self, "_touching"):
+            self._touching = [self.cost.macs_touching(c.units) for c in self.choices]
+        keep = _keep_array(self.channels, self.choices, self.counts(pos))
+        out = np.zeros(len(pos))
+        for i, c in enumerate(self.choices):
+            if pos[i] == 0:
+                continue
+            n = len(c.units)
+            dropped = c.units[c.order[n - int(self.cands[i][pos[i]]): n - int(self.cands[i][pos[i] - 1])]]
+            before = self._touching[i].total(keep, [])
+            keep[dropped] = False
+            out[i] = before - self._touching[i].total(keep, [])
+            keep[dropped] = True
+        return out
 
     def plan(self, pos) -> PruningPlan:
         return _plan(self.choices, self.counts(pos))
@@ -361,23 +381,30 @@ def snap_to_steps(channels, cost, scores: dict[int, np.ndarray], plan: PruningPl
 
 
 def allocate_for_speed(channels, cost, scores: dict[int, np.ndarray], constraints: Constraints,
-                       latency_model: LatencyModelLike) -> PruningPlan:
+                       latency_model: LatencyModelLike, *, per_mac: float = 0.0,
+                       per_importance: float = 1.0) -> PruningPlan:
     """A FLOPs-target plan whose time falls where the latency model says it is cheapest
-    (round_to="auto"'s second candidate beside `snap_to_steps`).
+    (round_to="auto"'s candidates beside `snap_to_steps`).
 
     The down moves of `select_under_latency` (one group to its next lower candidate), ranked by
-    predicted seconds saved per importance lost, until the MACs fit `constraints`; then the fill
-    (up moves that add no predicted time and keep the MACs fitting). So the MACs land at the target,
-    as a FLOPs target asks, and the time the model loses is taken where it is cheapest in
-    importance: layers that cost time without MACs (memory-bound ones, slow channel counts) lose
-    channels before layers that run at full speed. It keeps less importance than the FLOPs ranking;
-    `round_to="auto"` takes it only when it is predicted faster per MAC kept (`auto_round`).
+
+        predicted seconds saved / (MACs removed ** per_mac * importance lost ** per_importance)
+
+    (seconds and MACs as fractions of the original's), until the MACs fit `constraints`; then the
+    fill (up moves that add no predicted time and keep the MACs fitting). So the MACs land at the
+    target, as a FLOPs target asks, and the time the model loses is taken where it is cheapest:
+    with the defaults (time-first) cheapest in importance, so layers that cost time without MACs
+    (memory-bound ones, slow channel counts) lose channels before layers that run at full speed;
+    with ``per_mac=1`` time is bought per MAC spent of the budget, which is the knapsack ratio for
+    the most time saved at a fixed MACs cut (``per_importance=0``: importance only orders the units
+    inside a group). Moves that save no predicted time come last, the least importance first.
+    It keeps less importance than the FLOPs ranking; `auto_round` says when it is taken.
     """
     choices = _choices(channels, scores, constraints)
     if not choices:
         return PruningPlan()
     s = _State(channels, cost, scores, choices, latency_model)
-    total = cost.total_macs
+    total, original = cost.total_macs, latency_model.original_s
     macs_min = s.macs([0] * len(choices))
     if not constraints.fits_macs(macs_min, total):
         raise TargetUnreachableError(constraints.flops, macs_min / total,
@@ -386,13 +413,20 @@ def allocate_for_speed(channels, cost, scores: dict[int, np.ndarray], constraint
     predicted, macs = s.predict(pos), s.macs(pos)
     while not constraints.fits_macs(macs, total):
         trials = s.predict_moves(pos, -1)
+        removed = s.macs_removed_by_moves(pos) if per_mac else None
         best = None
         for i in range(len(choices)):
             if pos[i] == 0:
                 continue
-            gain = predicted - float(trials[i])
+            gain = (predicted - float(trials[i])) / original
             lost = s.lost[i][pos[i] - 1] - s.lost[i][pos[i]]
-            key = (True, gain / lost if lost > 0 else math.inf, gain) if gain > 0 else (False, 0.0, -lost)
+            if gain > 0:
+                price = lost ** per_importance if per_importance else 1.0
+                if per_mac:
+                    price *= max(removed[i] / total, 1e-15) ** per_mac
+                key = (True, gain / price if price > 0 else math.inf, gain)
+            else:
+                key = (False, 0.0, -lost)
             if best is None or key > best[0]:
                 best = (key, i)
         _, i = best  # some group can move: the all-minimum state fits (checked above)
@@ -401,28 +435,68 @@ def allocate_for_speed(channels, cost, scores: dict[int, np.ndarray], constraint
     return s.plan(_fill(s, pos, predicted, predicted, constraints, total))
 
 
+# round_to="auto"'s candidates beside the snapped FLOPs ranking, most importance-minded first:
+# (name, per_mac, per_importance) of `allocate_for_speed`
+SPEED_PLANS = (("time-first", 0.0, 1.0), ("per-mac", 1.0, 1.0), ("per-mac-half", 1.0, 0.5),
+               ("per-mac-time", 1.0, 0.0))
+# A candidate is "efficient" when its predicted time falls at least in proportion to its MACs
+EFFICIENT = 1.0
+# The speed candidates keep at least this fraction of every group (or the user's min_ratio if
+# higher): priced per MAC, a slow group otherwise goes to one channel (densenet121 at flops=0.5:
+# 1 of 256), a network no fine-tune recovers. Predicted efficiency of the per-MAC plan on this
+# CPU (docs/benchmarks.md, pass 6): no floor 1.050 / 1.004 (regnet_y_800mf / densenet121), 0.1:
+# 1.039 / 1.008, 0.2: 1.012 / 0.985 (measured 1.043 / 0.948: densenet121 just under the goal).
+SPEED_MIN_RATIO = 0.1
+
+
+def importance_lost(channels, scores: dict[int, np.ndarray], plan: PruningPlan) -> float:
+    """Per-group-normalised importance (`selection.normalize`) of the units `plan` removes, summed
+    over groups: the measure every latency selection here trades against time."""
+    out = 0.0
+    for g in channels.prunable_groups:
+        if g.index in plan.keep:
+            norm = normalize(np.asarray(scores[g.index], dtype=np.float64))
+            out += float(norm.sum() - norm[np.asarray(plan.keep[g.index], dtype=np.int64)].sum())
+    return out
+
+
 def auto_round(channels, cost, scores: dict[int, np.ndarray], plan: PruningPlan, latency_model: LatencyModelLike,
                constraints: Constraints) -> tuple[PruningPlan, dict]:
-    """round_to="auto" for a FLOPs target: of `snap_to_steps(plan)` (the FLOPs ranking's allocation
-    on step edges) and `allocate_for_speed` (a time-first allocation), the one with the higher
-    predicted efficiency (MACs kept / predicted latency, both as fractions of the original);
-    ties go to the snapped plan, which keeps more importance. Returns the plan and what was compared."""
+    """round_to="auto" for a FLOPs target. Candidates, all within the MACs budget, from the most
+    importance-minded to the most time-minded: `snap_to_steps(plan)` (the FLOPs ranking's allocation
+    on step edges), then the `SPEED_PLANS` allocations (each group kept at `SPEED_MIN_RATIO` at
+    least; skipped when that floor does not fit the MACs budget). Each gets a predicted efficiency (MACs kept /
+    predicted latency, both as fractions of the original); the first at least `EFFICIENT` (its time
+    falls in proportion to its MACs or faster) is taken, and the later ones are not built. If none
+    is, the most efficient one (ties: the earlier). Returns the plan and what was compared (with
+    each candidate's `importance_lost`, so the price of the speed is in the report)."""
     total, original = cost.total_macs, latency_model.original_s
-    compared = {}
-    best = None
-    for name, candidate in (("snapped", snap_to_steps(channels, cost, scores, plan, latency_model, constraints)),
-                            ("time-first", allocate_for_speed(channels, cost, scores, constraints, latency_model))):
+    floored = dataclasses.replace(constraints, min_ratio=max(constraints.min_ratio, SPEED_MIN_RATIO))
+    makers = [("snapped", lambda: snap_to_steps(channels, cost, scores, plan, latency_model, constraints))]
+    makers += [(name, functools.partial(allocate_for_speed, channels, cost, scores, floored, latency_model,
+                                        per_mac=per_mac, per_importance=per_importance))
+               for name, per_mac, per_importance in SPEED_PLANS]
+    compared, best = {}, None
+    for name, make in makers:
+        try:
+            candidate = make()
+        except TargetUnreachableError:  # the speed floor leaves too many MACs: every speed plan
+            break  # shares it, so none of them can be built
         macs = cost.macs(channels.keep_roots(candidate.keep))
         predicted = predict_plan(latency_model, candidate)
         efficiency = (macs / total) / (predicted / original) if predicted > 0 else 0.0
         compared[name] = {"macs_fraction": macs / total, "predicted_fraction": predicted / original,
-                          "predicted_efficiency": efficiency}
+                          "predicted_efficiency": efficiency,
+                          "importance_lost": importance_lost(channels, scores, candidate)}
         if best is None or efficiency > best[0] + 1e-9:
             best = (efficiency, name, candidate)
+        if efficiency >= EFFICIENT:
+            best = (efficiency, name, candidate)
+            break
     compared["chosen"] = best[1]
     return best[2], compared
 
 
-__all__ = ["LatencyModelLike", "LatencyUnreachableError", "MeasuredFit", "allocate_for_speed", "auto_round",
-           "fit_measured",
+__all__ = ["EFFICIENT", "SPEED_MIN_RATIO", "SPEED_PLANS", "LatencyModelLike", "LatencyUnreachableError", "MeasuredFit",
+           "allocate_for_speed", "auto_round", "fit_measured", "importance_lost",
            "plan_counts", "predict_plan", "select_under_latency", "snap_to_steps"]

@@ -35,8 +35,10 @@ from .report import write_report
 # the options that change a model's result, with the command-line flag that sets each
 RESULT_OPTIONS = {"method": "--method", "flops": "--flops", "round_to": "--round-to",
                   "min_channels": "--min-channels", "min_ratio": "--min-ratio", "checks": "--checks",
-                  "latency": "--no-latency", "grouped": "--grouped"}
-_DEFAULTS = {"round_to": None, "min_channels": 1, "min_ratio": 0.0, "checks": [], "latency": True, "grouped": "whole"}
+                  "latency": "--no-latency", "grouped": "--grouped", "heads": "--heads", "layernorm": "--layernorm"}
+# an option missing from an older run.json had this value (the run predates the option)
+_DEFAULTS = {"round_to": None, "min_channels": 1, "min_ratio": 0.0, "checks": [], "latency": True, "grouped": "whole",
+             "heads": "whole", "layernorm": "boundary"}
 _OUTPUTS = ("results", "work", "logs", "jobs", "artifacts")
 
 # The worker's first lines, run before `import fxprune` pulls in torch (seconds): die with the parent.

@@ -77,7 +77,8 @@ def convert(job: dict) -> dict:
         stage("compress")
         slim = compress(target, opts["method"], inputs, opts["flops"], round_to=opts.get("round_to"),
                         min_channels=opts.get("min_channels", 1), min_ratio=opts.get("min_ratio", 0.0),
-                        grouped=opts.get("grouped", "whole"))
+                        grouped=opts.get("grouped", "whole"), heads=opts.get("heads", "whole"),
+                        layernorm=opts.get("layernorm", "boundary"))
         convert_s = time.perf_counter() - start
         report = slim.fxprune_report.summary()
         result.update(report=report, convert_s=convert_s)

@@ -19,8 +19,9 @@ einsums, attn v, the projection) scale with the number of heads: the node names 
 the cost model (`WEIGHT_SOURCE`), whose dim 0 carries the heads and whose dim 1 (the stream) stays,
 so the count is exact.
 
-The video Swin3D's attention (`torchvision.models.video.swin_transformer`) is not handled: a
-boundary.
+`RankAdjust` follows MViT's `_unsqueeze` / `_squeeze` (a size-1 dim added or removed around the
+skip pooling and at the input). The video Swin3D's attention
+(`torchvision.models.video.swin_transformer`) is not handled: a boundary.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from ..context import Layout
 from ..tracer import register_leaf_module
 from .conv import WEIGHT_SOURCE
-from .registry import OpHandler, get_arg, register_module
+from .registry import OpHandler, get_arg, register_function, register_module
 from .window_attention import head_members
 
 _STREAM = "the residual stream of MViT's attention stays (its heads are pruned)"
@@ -113,10 +114,43 @@ class MultiscaleAttentionModule(OpHandler):
         rctx.forget_module(node.target)
 
 
+class RankAdjust(OpHandler):
+    """MViT's wrapped `_unsqueeze(x, target_dim, expand_dim) -> (x, x.dim())` and
+    `_squeeze(x, target_dim, expand_dim, tensor_dim)`: a dim of size 1 is added (or removed) at
+    `expand_dim` when the rank differs from `target_dim` by one (the skip pooling of a [B, N, C]
+    stream, the [B, C, T, H, W] video input). Channels move with the dims around them; they read
+    no channel count, so the slim model needs no rewrite."""
+
+    def analyze(self, ctx, node):
+        x = get_arg(node, 0, "x")
+        lay = ctx.layout(x)
+        if not isinstance(lay, Layout):
+            return None
+        expand = get_arg(node, 2, "expand_dim")
+        in_nd = ctx.spec(x).ndim
+        out = ctx.spec(node)
+        out_nd = (out[0] if isinstance(out, tuple) else out).ndim
+        if not isinstance(expand, int):
+            ctx.boundary(node, "MViT rank change at a computed dim")
+            return None
+        dim = lay.dim
+        if out_nd == in_nd + 1:
+            dim += dim >= expand % out_nd
+        elif out_nd == in_nd - 1:
+            if dim == expand % in_nd:
+                ctx.boundary(node, "MViT squeezes the channel dim")
+                return None
+            dim -= dim > expand % in_nd
+        moved = Layout(dim, lay.ids)
+        return (moved, None) if isinstance(out, tuple) else moved
+
+
 try:  # torchvision is optional
     from torchvision.models.video import mvit as _mvit
 except ImportError:  # pragma: no cover
     _mvit = None
+if _mvit is not None:
+    register_function(_mvit._unsqueeze, _mvit._squeeze)(RankAdjust)
 _CLASSES = (PrunedMultiscaleAttention,) + (() if _mvit is None else (_mvit.MultiscaleAttention,))
 for _cls in _CLASSES:
     register_leaf_module(_cls, "MViT attention: its heads are pruned whole (passes/ops/mvit_attention.py)")

@@ -270,6 +270,22 @@ class Expand(OpHandler):
         return Layout(d, lay.ids)
 
 
+@register_method("repeat_interleave")
+@register_function(torch.repeat_interleave)
+class RepeatInterleave(Expand):
+    """x.repeat_interleave(repeats, dim): copies along another dim keep channels (MViT v1's
+    separable positional embedding repeats its temporal table over positions); without a dim
+    the tensor is flattened first."""
+
+    def analyze(self, ctx, node):
+        if not isinstance(ctx.layout(get_arg(node, 0, "input")), Layout):
+            return None
+        if get_arg(node, 2, "dim") is None:
+            ctx.boundary(node, "repeat_interleave without a dim flattens the channels")
+            return None
+        return super().analyze(ctx, node)
+
+
 _SHAPE_OPS = {"view", "reshape", "expand", "flatten", "unflatten", torch.reshape}
 # Reads of a whole size tuple that do not depend on any size (`len(x.shape)` is the rank).
 _RANK_READS = {len}

@@ -27,7 +27,8 @@ columns and its column of `relative_position_bias_table`; the rewrite puts a
 `PrunedRelativePositionalMultiHeadAttention` (same tensors, plain ops) in its place. Its MACs all
 scale with the kept heads: the node names `to_qkv.weight` for the cost model (`WEIGHT_SOURCE`).
 
-MViT's attention: `mvit_attention.py`. The video Swin3D's (`torchvision.models.video.swin_transformer`,
+`PatchMergingPad` follows the stream through Swin's patch merging (four neighbours concatenated on
+the channel dim). MViT's attention: `mvit_attention.py`. The video Swin3D's (`torchvision.models.video.swin_transformer`,
 its own functions) is not handled: it stays a boundary.
 """
 from __future__ import annotations
@@ -327,6 +328,24 @@ class RelativePositionalAttentionModule(OpHandler):
 
 _STREAM_MAXVIT = "the residual stream of MaxViT's attention stays (its heads are pruned)"
 
+
+class PatchMergingPad(OpHandler):
+    """Swin's `_patch_merging_pad` (wrapped, so a call in the graph): pads H and W to even and
+    concatenates the four 2x2 neighbours on the last dim, so input channel c is output channels c,
+    C+c, 2C+c and 3C+c. It reads C from its input: the slim model needs no rewrite. With the stream
+    pruned (layernorm="prune") the kept channels flow on into the merge's norm and reduction."""
+
+    def analyze(self, ctx, node):
+        x = get_arg(node, 0, "x")
+        lay = ctx.layout(x)
+        if not isinstance(lay, Layout):
+            return None
+        if lay.dim != ctx.spec(x).ndim - 1:
+            ctx.boundary(node, "Swin patch merging of a tensor whose channels are not on the last dim")
+            return None
+        return Layout(lay.dim, np.tile(lay.ids, 4))
+
+
 try:  # torchvision is optional
     from torchvision.models import maxvit as _maxvit
     from torchvision.models import swin_transformer as _swin
@@ -335,6 +354,7 @@ except ImportError:  # pragma: no cover
 if _swin is not None:
     register_function(_swin.shifted_window_attention)(ShiftedWindowAttentionFunction)
     register_function(_swin._get_relative_position_bias)(RelativePositionBiasFunction)
+    register_function(_swin._patch_merging_pad)(PatchMergingPad)
 if _maxvit is not None:
     for _cls in (_maxvit.RelativePositionalMultiHeadAttention, PrunedRelativePositionalMultiHeadAttention):
         register_leaf_module(_cls, "MaxViT attention: its heads are pruned whole (passes/ops/window_attention.py)")
