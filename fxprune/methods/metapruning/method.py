@@ -267,24 +267,34 @@ def train_pruningnet(net: PruningNet, data: Iterable, opts: MetaPruningOptions, 
     return history
 
 
+class _FeasibleSampler:
+    """rng -> a genome meeting one of `limits` (see `pruningnet_sampler`); a class, not a closure,
+    so the limits a PruningNet trained under stay readable on it (`net.sampler.limits`)."""
+
+    def __init__(self, encoding, limits: list):
+        self.encoding, self.limits = encoding, list(limits)
+
+    def __call__(self, rng: np.random.Generator) -> tuple:
+        limit = self.limits[int(rng.integers(len(self.limits)))]
+        genome = repair(self.encoding.random(rng), limit, rng)
+        return self.encoding.smallest() if genome is None else genome
+
+
 def pruningnet_sampler(encoding, limits: list) -> Callable:
     """rng -> the genome of a training mini-batch under `pruningnet_sampling="feasible"`: a
-    uniformly random genome stepped down (`repair`: a random gene at a time, by 10 % of its choices)
-    until it meets one of `limits` (feasibility checks, one drawn per mini-batch), i.e. the
-    structures the search's random fill and the rounds' check draw. Lower limits (`min_flops`)
-    are left out of `limits` by the callers: a walk down can step past a narrow band.
+    uniformly random genome stepped down (`repair`: a random gene at a time, by 10 % of its value
+    and at least one choice) until it meets one of `limits` (feasibility checks, one drawn per
+    mini-batch), i.e. the structures the search's random fill and the rounds' check draw. Lower
+    limits (`min_flops`) are left out of `limits` by the callers: a walk down can step past a
+    narrow band.
 
     Why (a deviation from the authors, who draw every gene uniformly): their targets (ResNet-50 at
     ~50 % of the FLOPs, MobileNets at 25-75 %) lie where uniform draws already land; at 10-25 % of
     the MACs almost no uniform draw is feasible, so uniformly trained weights serve structures the
     search never scores and the feasible ones stay untrained (docs/results.md, MetaPruning)."""
-
-    def sample(rng: np.random.Generator) -> tuple:
-        limit = limits[int(rng.integers(len(limits)))] if len(limits) > 1 else limits[0]
-        genome = repair(encoding.random(rng), limit, rng)
-        return encoding.smallest() if genome is None else genome
-
-    return sample
+    if not limits:
+        raise ConfigError("pruningnet_sampler needs at least one feasibility check (the MACs limits)")
+    return _FeasibleSampler(encoding, limits)
 
 
 def _probe(scorer, encoding, feasible, n: int, seed: int) -> list:
@@ -332,6 +342,42 @@ def sampled_structures(encoding, feasible, n: int, seed: int) -> list:
     return found
 
 
+def _pretrain_targets(flops, band, opts: MetaPruningOptions) -> list:
+    """`pretrain`'s flops= as a list of fractions (empty: no target), validated with `band`."""
+    if flops is None:
+        targets = []
+    elif isinstance(flops, (int, float)) and not isinstance(flops, bool):
+        targets = [float(flops)]
+    else:
+        targets = [float(t) for t in flops]
+    if any(not 0 < t <= 1 for t in targets):
+        raise ConfigError(f"pretrain flops={flops!r}: give MACs fractions in (0, 1], e.g. flops=(0.25, 0.1)")
+    if band is not None and not 0 <= band < 1:
+        raise ConfigError(f"pretrain band={band!r}: give a fraction in [0, 1) (the search's min_flops = (1 - band) x "
+                          "target), or None")
+    if opts.pruningnet_sampling == "feasible" and not targets:
+        raise ConfigError('pruningnet_sampling="feasible" in pretrain needs flops= (the targets it will be searched '
+                          'at, e.g. flops=(0.25, 0.1))')
+    return targets
+
+
+def _pretrain_limits(encoding, cost, targets: list, band: float | None, opts: MetaPruningOptions):
+    """(the MACs limit of each target: what feasible sampling trains under, [(target, the limit
+    within its band)]: what the rounds' check probes); with no target the check takes any
+    structure. Each target is checked reachable first: a PruningNet for an unreachable one would
+    train on infeasible structures and score none."""
+    unlimited = dataclasses.replace(opts, min_flops=None, params=None)
+    below, probe_sets = [], []
+    for t in targets:
+        limit = _GenomeLimits(encoding, cost, Constraints(flops=t), unlimited)
+        limit.check_reachable(t)
+        banded = limit if band is None else _GenomeLimits(encoding, cost, Constraints(flops=t),
+                                                         dataclasses.replace(unlimited, min_flops=(1 - band) * t))
+        below.append(limit)
+        probe_sets.append((t, banded))
+    return below, probe_sets or [(None, lambda _g: True)]
+
+
 def pretrain(model: torch.nn.Module, example_inputs, data: Iterable, options: dict | MetaPruningOptions | None = None,
              *, flops: float | Iterable[float] | None = None, band: float | None = None,
              round_to: int | None = None, min_channels: int = 1, min_ratio: float = 0.0) -> PruningNet:
@@ -349,11 +395,7 @@ def pretrain(model: torch.nn.Module, example_inputs, data: Iterable, options: di
 
     opts = options if isinstance(options, MetaPruningOptions) else MetaPruningOptions(**(options or {}))
     opts = with_rank0_seed(opts)  # the same split on every rank
-    targets = [] if flops is None else [float(flops)] if isinstance(flops, (int, float)) else [float(t) for t in flops]
-    if any(not 0 < t <= 1 for t in targets) or (band is not None and not 0 <= band < 1):
-        raise ConfigError(f"pretrain flops={flops} must be fractions in (0, 1] and band={band} a fraction in [0, 1)")
-    if opts.pruningnet_sampling == "feasible" and not targets:
-        raise ConfigError('pruningnet_sampling="feasible" in pretrain needs flops= (the targets it will be searched at)')
+    targets = _pretrain_targets(flops, band, opts)
     analysis = analyze(copy.deepcopy(model), example_inputs)
     encoding = _encoding(analysis.channels, opts, {"round_to": round_to, "min_channels": min_channels,
                                                    "min_ratio": min_ratio})
@@ -363,15 +405,9 @@ def pretrain(model: torch.nn.Module, example_inputs, data: Iterable, options: di
         train_data, heldout = split_data(data, opts.holdout, opts.seed)
     net = PruningNet(analysis.channels, encoding, opts.hidden, opts.bn_banks, opts.seed)
     scorer = _Scorer(net, train_data, heldout, opts, model)
-    limits = {}  # (target, with its band's lower limit) -> the feasibility check
-    for t in targets:
-        for banded in (False, True):
-            lower = None if not banded or band is None else (1 - band) * t
-            limits[t, banded] = _GenomeLimits(encoding, analysis.cost, Constraints(flops=t),
-                                              dataclasses.replace(opts, min_flops=lower or None, params=None))
+    below, probe_sets = _pretrain_limits(encoding, analysis.cost, targets, band, opts)
     if opts.pruningnet_sampling == "feasible":
-        net.sampler = pruningnet_sampler(encoding, [limits[t, False] for t in targets])
-    probe_sets = [(t, limits[t, True]) for t in targets] or [(None, lambda _g: True)]
+        net.sampler = pruningnet_sampler(encoding, below)
     epochs, net.heldout = _train_until(net, scorer, encoding, probe_sets, train_data, opts, model)
     net.history = History(epochs=epochs)
     return net
