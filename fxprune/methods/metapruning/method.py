@@ -400,13 +400,13 @@ def pretrain(model: torch.nn.Module, example_inputs, data: Iterable, options: di
     analysis = analyze(copy.deepcopy(model), example_inputs)
     encoding = _encoding(analysis.channels, opts, {"round_to": round_to, "min_channels": min_channels,
                                                    "min_ratio": min_ratio})
+    below, probe_sets = _pretrain_limits(encoding, analysis.cost, targets, band, opts)  # unreachable: fails here
     if opts.search_data is not None:
         train_data, heldout = data, opts.search_data
     else:
         train_data, heldout = split_data(data, opts.holdout, opts.seed)
     net = PruningNet(analysis.channels, encoding, opts.hidden, opts.bn_banks, opts.seed)
     scorer = _Scorer(net, train_data, heldout, opts, model)
-    below, probe_sets = _pretrain_limits(encoding, analysis.cost, targets, band, opts)
     if opts.pruningnet_sampling == "feasible":
         net.sampler = pruningnet_sampler(encoding, below)
     epochs, net.heldout = _train_until(net, scorer, encoding, probe_sets, train_data, opts, model)
