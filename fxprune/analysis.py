@@ -153,7 +153,7 @@ def group_structures(analysis: ModelAnalysis | ChannelAnalysis) -> dict[int, fro
     * ``"grouped_equal"``: the input or output channels of a grouped conv pruned with the same
       positions in every group (``grouped="equal"``, or ``"auto"`` where the groups are wide enough;
       `passes.ops.conv`). A grouped conv that loses whole groups (``"whole"``) is no such structure.
-    * ``"heads"``: attention heads (whole heads, or nn.MultiheadAttention's per-head widths with
+    * ``"heads"``: attention heads (whole heads, or the per-head widths of nn.MultiheadAttention, Swin and MaxViT with
       ``heads="width"``): the groups of the members an attention op registers other than those of
       its input stream (query/key/value, or its first argument) and output stream
       (`passes.ops.attention`, `window_attention`, `mvit_attention`).

@@ -142,11 +142,12 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
             groups are wide enough (per-group width >= number of groups), whole elsewhere. Depthwise
             convs always lose whole groups. The recipe records the option (as it does `heads` and
             `layernorm`), so `fxprune.save` / `fxprune.load` replay an equal/auto result.
-        heads: how nn.MultiheadAttention (and so torchvision's ViT) is pruned: ``"whole"`` heads go (the
-            default), ``"width"``: every head stays and keeps the same q/k positions (fewer terms in its
-            q k^T, scaled as before) and the same v positions (narrower outputs), ``"auto"``: width where
-            a head is at least as wide as the number of heads, whole elsewhere. Swin, MaxViT and MViT
-            attention always lose whole heads.
+        heads: how attention heads (nn.MultiheadAttention and so torchvision's ViT, Swin's and
+            MaxViT's window attention) are pruned: ``"whole"`` heads go (the default), ``"width"``:
+            every head stays and keeps the same q/k positions (fewer terms in its q k^T, scaled as
+            before) and the same v positions (narrower outputs), ``"auto"``: width where a head is at
+            least as wide as the number of heads, whole elsewhere. MViT's attention always loses whole
+            heads (its pooling LayerNorms normalise over the head width).
         layernorm: ``"boundary"`` (the default): a LayerNorm (or F.layer_norm, or a channels-first
             LayerNorm2d) over the channel dim keeps its channels, so transformers keep their residual
             stream width. ``"prune"``: the stream is pruned through it, as Torch-Pruning does: the slim

@@ -101,7 +101,7 @@ def _one_of(name: str, value: Any, choices: tuple, described: str) -> str:
 
 
 def heads_option(value: Any) -> str:
-    """`heads=`: how nn.MultiheadAttention is pruned ("whole" heads, per-head "width", "auto")."""
+    """`heads=`: how attention heads are pruned ("whole" heads, per-head "width", "auto")."""
     return _one_of("heads", value, HEADS, "'whole' (remove whole attention heads), 'width' (every head keeps the "
                    "same q/k and v positions) or 'auto' (width where a head is at least as wide as the number of "
                    "heads)")

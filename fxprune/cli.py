@@ -96,9 +96,9 @@ def _structure_options(p) -> None:
     `compress` and `zoo`, so that both accept the same values with the same help."""
     _grouped_option(p)
     p.add_argument("--heads", default="whole", choices=HEADS,
-                   help="nn.MultiheadAttention: remove whole heads (default), keep the same q/k and v "
-                        "positions in every head (width), or auto (width where a head is at least as wide "
-                        "as the number of heads)")
+                   help="attention (nn.MultiheadAttention/ViT, Swin, MaxViT): remove whole heads (default), "
+                        "keep the same q/k and v positions in every head (width), or auto (width where a head "
+                        "is at least as wide as the number of heads); MViT loses whole heads")
     p.add_argument("--layernorm", default="boundary", choices=LAYERNORM,
                    help="LayerNorm over the channel dim: keep its channels (boundary, default) or prune the "
                         "residual stream through it (prune: it then normalises over the kept channels only, "

@@ -61,6 +61,9 @@ class AnalysisContext:
     tainted: set = field(default_factory=set)  # parameters read by a boundary op: never sliced
     modules: dict = field(default_factory=dict)  # memo of get_submodule: handlers ask twice per node
     weight_sources: dict = field(default_factory=dict)  # parameter -> conv computing its weight from it (ops/conv.py)
+    # (target, dim) -> bool per position: positions a unit's consumer-side gate leaves alone (mask
+    # only), so the output stays linear in the gate (an attention's k and v rows; passes/param_sites.py)
+    gate_free: dict = field(default_factory=dict)
     grouped: str = "whole"  # grouped convs: "whole" groups, "equal" positions per group, or "auto" (ops/conv.py)
     heads: str = "whole"  # nn.MultiheadAttention: "whole" heads, per-head "width", or "auto" (ops/attention.py)
     layernorm: str = "boundary"  # LayerNorm over the channel dim: a "boundary", or "prune" it (ops/norm.py)

@@ -21,7 +21,7 @@ Example::
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
@@ -101,6 +101,7 @@ class ChannelAnalysis:
     root: np.ndarray  # element id -> unit root id
     layouts: dict[str, Any]  # node name -> Layout / tuple of Layouts / None
     structures: Any = None  # filled by passes.structures
+    gate_free: dict = field(default_factory=dict)  # (target, dim) -> bool per position (AnalysisContext)
 
     @property
     def prunable_groups(self) -> list[ChannelGroup]:
@@ -398,7 +399,7 @@ def analyze_dependencies(gm: fx.GraphModule, ignore: Iterable = (),
     node_order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     groups = _build_groups(list(ctx.members.values()), root, reason_of, texts, node_order)
     _refuse_reparametrized(gm, groups)
-    return ChannelAnalysis(gm, groups, ctx.boundaries, ctx.members, root, layouts)
+    return ChannelAnalysis(gm, groups, ctx.boundaries, ctx.members, root, layouts, gate_free=ctx.gate_free)
 
 
 

@@ -73,8 +73,8 @@ class ChannelMask:
     group: int
     param: str
     sites: list[ChannelSite] = field(default_factory=list)
-    params: list[ParamSite] = field(default_factory=list)  # reading-side sites (module docstring)
-    ones: str | None = None  # their mask-only factor (all ones: a zero mask entry zeroes the unit already)
+    params: list[ParamSite] = field(default_factory=list)  # reading-side sites (module docstring); their
+    # gate-free positions take 1 where the mask is nonzero, 0 where it is zero (`scale_positions`)
 
 
 @dataclass
@@ -218,10 +218,8 @@ def insert_soft_masks(channels: ChannelAnalysis, structures=STRUCTURES, init: st
             gm.register_parameter(param, nn.Parameter(_initial(channels.groups[gi].n_units, init, like, gen)))
             mask = ChannelMask(gi, param)
             if gi in consumer:
-                mask.params, mask.ones = consumer[gi], f"{param}_ones"
-                gm.register_buffer(mask.ones, torch.ones(channels.groups[gi].n_units, dtype=like.dtype,
-                                                         device=like.device))
-                scaled.extend((site, param, mask.ones) for site in mask.params)
+                mask.params = consumer[gi]
+                scaled.extend((site, param, None) for site in mask.params)  # gate-free: live units (nonzero)
             for j, (site, units, dim) in enumerate(sites.get(gi, ())):
                 node = nodes[site.name]
                 index = f"{param}_index_{j}"

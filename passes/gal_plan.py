@@ -155,7 +155,7 @@ def fold_masks(channels: ChannelAnalysis, masked: SoftMaskedModel, state: MaskSt
         for m in masked.channel:
             values = masked.value(m.param)
             for site in m.params:
-                fold_param_scales(gm, site, values, masked.value(m.ones))
+                fold_param_scales(gm, site, values, None)
             for site in m.sites:
                 scale = values[get_tensor(masked.module, site.index)]
                 mod = gm.get_submodule(nodes[site.node].target)

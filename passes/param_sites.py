@@ -17,8 +17,10 @@ parameters via `torch.func.functional_call`; the module itself is shared, untouc
 get_attr of a parameter (a mul right after it). A site's gate multiplies each unit once along
 every path, so the output is linear in it and its Taylor score is the unit's: when the site reads
 the unit through input columns (dim 1) those alone take the gate and the other positions the mask
-only; nn.MultiheadAttention's k rows take the mask only (q·k would be quadratic in a gate on both
-q and k rows). `fold_param_scales` multiplies the learnt values into the parameters afterwards.
+only; the positions the analysis lists as gate-free (`ChannelAnalysis.gate_free`: an attention's k
+rows, since q·k would be quadratic in a gate on both q and k rows, and its v rows, which the
+output-projection columns already gate, in another site for Swin's get_attr parameters) take the
+mask only. `fold_param_scales` multiplies the learnt values into the parameters afterwards.
 
 With ``layernorm="prune"`` the slim LayerNorm normalises over the kept channels only
 (`ops/norm.py`); `masked_layer_norm` does the same with a live 0/1 mask, so a training graph whose
@@ -64,15 +66,6 @@ class ParamSite:
     slices: list[ParamSlice]
 
 
-def _only_masked(owner: nn.Module | None, name: str, positions: np.ndarray) -> np.ndarray:
-    """Positions the gate leaves alone although the mask zeroes them: nn.MultiheadAttention's k rows
-    (with the q rows gated, q·k is linear in the gate)."""
-    if isinstance(owner, nn.MultiheadAttention) and name in ("in_proj_weight", "in_proj_bias"):
-        e = owner.embed_dim
-        return (positions >= e) & (positions < 2 * e)
-    return np.zeros(len(positions), dtype=bool)
-
-
 def consumer_sites(channels: ChannelAnalysis, group: ChannelGroup) -> list[ParamSite] | None:
     """The sites scaling every role-"in" member of `group`, or None when one cannot be scaled (a
     parametrized tensor, or one read by neither a called module nor a get_attr)."""
@@ -100,24 +93,26 @@ def consumer_sites(channels: ChannelAnalysis, group: ChannelGroup) -> list[Param
                                       np.ones(0, bool)))
     for site in found.values():
         columns = any(s.dim == 1 for s in site.slices) and len(site.slices) > 1
-        module = gm.get_submodule(site.module) if site.module else None
         for s in site.slices:
             gated = np.full(len(s.positions), s.dim == 1 if columns else True)
-            owner, _, leaf = s.name.rpartition(".")
-            holder = (module.get_submodule(owner) if owner else module) if module is not None else None
-            s.gated = gated & ~_only_masked(holder, leaf, s.positions)
+            target = s.name if site.module is None else f"{site.module}.{s.name}"
+            free = channels.gate_free.get((target, s.dim))
+            s.gated = gated if free is None else gated & ~free[s.positions]
     return list(found.values())
 
 
 def _chain(channels: ChannelAnalysis, node: fx.Node) -> set[str]:
-    """`node` and the nodes before it that carry the same channels through per-channel ops (a
-    BatchNorm site's chain reaches the conv, functional or not, whose output it normalises)."""
+    """`node` and the nodes before it that carry the same channels through per-channel ops and feed
+    nothing else (a BatchNorm site's chain reaches the conv, functional or not, whose output it
+    normalises; not a conv whose output is also read past the BatchNorm — MaxViT's MBConv reads its
+    input through `pre_norm` and through the `proj` shortcut — since a gate after the BatchNorm
+    would miss that reader)."""
     ids = channels.layouts[node.name].ids
     names, x = {node.name}, node
     while True:
         inputs = x.all_input_nodes
         tensors = [i for i in inputs if i.op != "get_attr"]
-        if len(tensors) != 1:
+        if len(tensors) != 1 or len(tensors[0].users) != 1:
             return names
         x = tensors[0]
         lay = channels.layouts.get(x.name)
@@ -165,10 +160,13 @@ def producers_covered(channels: ChannelAnalysis, group: ChannelGroup, sites: lis
     return True
 
 
-def scale_positions(p: torch.Tensor, gate: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+def scale_positions(p: torch.Tensor, gate: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor,
                     units: torch.Tensor, gated: torch.Tensor, dim: int) -> torch.Tensor:
-    """`p` with the positions along `dim` multiplied by their unit's gate * mask (`gated`) or mask."""
-    per_unit_mask = mask.reshape(-1)
+    """`p` with the positions along `dim` multiplied by their unit's gate * mask (`gated`) or mask.
+    `mask` None: 1 where the gate is nonzero, 0 where it is zero (GAL, whose soft mask is the gate:
+    a zero entry removes its unit, so the gate-free positions of that unit go too — v2 Swin's cosine
+    attention normalises over the k rows, which a q-only mask would leave standing)."""
+    per_unit_mask = (gate != 0).to(gate.dtype).reshape(-1) if mask is None else mask.reshape(-1)
     scale = torch.where(gated, (gate.reshape(-1) * per_unit_mask)[units], per_unit_mask[units])
     factor = torch.ones(p.shape[dim], dtype=p.dtype, device=p.device).index_copy(0, positions, scale.to(p.dtype))
     shape = [1] * p.ndim
@@ -207,9 +205,10 @@ class ScaledCall(nn.Module):
         return torch.func.functional_call(module, overrides, args, kwargs)
 
 
-def insert_param_scales(gm: fx.GraphModule, sites: list[tuple[ParamSite, str, str]], prefix: str) -> None:
+def insert_param_scales(gm: fx.GraphModule, sites: list[tuple[ParamSite, str, str | None]], prefix: str) -> None:
     """Edit `gm`'s graph so each site's parameters are scaled by its (gate, mask) attributes (named by
-    `gm` targets): a called module goes through a `ScaledCall`, a get_attr gets a mul after it.
+    `gm` targets; a mask None: the gate's nonzero entries, `scale_positions`): a called module goes
+    through a `ScaledCall`, a get_attr gets a mul after it.
     Several sites on one module or parameter (one per group it reads) chain on one call."""
     by_module: dict[str, list] = {}
     by_attr: dict[str, list] = {}
@@ -222,7 +221,7 @@ def insert_param_scales(gm: fx.GraphModule, sites: list[tuple[ParamSite, str, st
         gm.add_submodule(name, ScaledCall(gm.get_submodule(module), slices))
         for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == module]:
             with gm.graph.inserting_before(node):
-                scales = tuple(gm.graph.get_attr(t) for pair in pairs for t in pair)
+                scales = tuple(None if t is None else gm.graph.get_attr(t) for pair in pairs for t in pair)
             node.target = name
             node.args = (scales, *node.args)
     for k, (target, entries) in enumerate(by_attr.items()):
@@ -242,7 +241,10 @@ def insert_param_scales(gm: fx.GraphModule, sites: list[tuple[ParamSite, str, st
             for gate, mask, tensors, dim in chain:
                 refs, at = [], last
                 for t in (gate, mask, *tensors):  # each right after the one before (inserting_after
-                    with gm.graph.inserting_after(at):  # one node would put them in reverse order)
+                    if t is None:  # one node would put them in reverse order)
+                        refs.append(None)  # no mask: the gate's nonzero entries (`scale_positions`)
+                        continue
+                    with gm.graph.inserting_after(at):
                         at = gm.graph.get_attr(t)
                     refs.append(at)
                 with gm.graph.inserting_after(at):
@@ -251,14 +253,14 @@ def insert_param_scales(gm: fx.GraphModule, sites: list[tuple[ParamSite, str, st
                 u.replace_input_with(node, last)
 
 
-def fold_param_scales(gm: nn.Module, site: ParamSite, gate: torch.Tensor, mask: torch.Tensor) -> None:
+def fold_param_scales(gm: nn.Module, site: ParamSite, gate: torch.Tensor, mask: torch.Tensor | None) -> None:
     """Multiply a site's learnt scales into the parameters of `gm` (in place, like `fold.fold_into`)."""
     with torch.no_grad():
         for s in site.slices:
             target = s.name if site.module is None else f"{site.module}.{s.name}"
             p = get_tensor(gm, target)
             args = [torch.as_tensor(v, device=p.device) for v in (s.positions, s.units, s.gated)]
-            p.copy_(scale_positions(p, gate.to(p.device), mask.to(p.device), *args, s.dim))
+            p.copy_(scale_positions(p, gate.to(p.device), None if mask is None else mask.to(p.device), *args, s.dim))
 
 
 def masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

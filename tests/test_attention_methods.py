@@ -97,18 +97,14 @@ def _random_keep(analysis, seed: int = 0) -> dict:
             for g in analysis.channels.prunable_groups}
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_gated_network_at_its_masks_is_the_slim_model(name):
+def check_gated_network_is_the_slim_model(model, analyse, x) -> None:
     """Gate Decorator: all gates 1 = the model; random gates, half the units masked = the slim model
-    after fold_gates and the rewrite. Every prunable group is gated (heads on the reading side)."""
-    model = _model(CONFIGS[name])
-    analysis = _analysis(copy.deepcopy(model), CONFIGS[name])
+    after fold_gates and the rewrite (relative tolerance 1e-5). Every prunable group is gated.
+    `analyse(model)` -> the analysis (of a copy: the fold edits its modules)."""
+    analysis = analyse(copy.deepcopy(model))
     gated = insert_gates(analysis.channels)
     assert gated.ungated == [] and {s.group for s in gated.sites} == {g.index for g in analysis.channels.prunable_groups}
-    assert any(s.params is not None for s in gated.sites)  # the heads: no layer of their own produces them
-    assert_close_outputs(model, gated.module, X, rtol=0)
-    if "ln-prune" in name:
-        assert gated.unit_masks  # the LayerNorms read the stream's mask
+    assert_close_outputs(model, gated.module, x, rtol=0)
     keep = _random_keep(analysis)
     with torch.no_grad():
         for p in gated.gates():
@@ -118,18 +114,16 @@ def test_gated_network_at_its_masks_is_the_slim_model(name):
     fold_gates(analysis.channels, gated)
     slim, check = fxprune.prune_with_plan(analysis, PruningPlan(keep=keep))
     assert check.passed
-    assert_close_outputs(fold_reference, slim, X, rtol=1e-5)
+    assert_close_outputs(fold_reference, slim, x, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_gal_masked_network_is_the_slim_model(name):
-    """GAL: all masks 1 = the model; random masks with zeros = the slim model after fold_masks."""
-    model = _model(CONFIGS[name])
-    analysis = _analysis(copy.deepcopy(model), CONFIGS[name])
-    masked = insert_soft_masks(analysis.channels, ("channel", "block"))
+def check_gal_network_is_the_slim_model(model, analyse, x, structures=("channel", "block")) -> None:
+    """GAL: all masks 1 = the model; random masks with zeros = the slim model after fold_masks
+    (relative tolerance 1e-5). Every prunable group has a mask."""
+    analysis = analyse(copy.deepcopy(model))
+    masked = insert_soft_masks(analysis.channels, structures)
     assert masked.skipped == {} and len(masked.channel) == len(analysis.channels.prunable_groups)
-    assert any(m.params for m in masked.channel)
-    assert_close_outputs(model, masked.module, X, rtol=0)
+    assert_close_outputs(model, masked.module, x, rtol=0)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in masked.params():
@@ -141,7 +135,28 @@ def test_gal_masked_network_is_the_slim_model(name):
     assert any(k < n for k, n in state.widths.values())
     state.plan.scale_inputs = fold_masks(analysis.channels, masked, state)
     slim = apply_plan(analysis.channels, state.plan).eval()
-    assert_close_outputs(expected, slim, X, rtol=1e-5)
+    assert_close_outputs(expected, slim, x, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_gated_network_at_its_masks_is_the_slim_model(name):
+    """`check_gated_network_is_the_slim_model` on the tiny ViT; heads are gated on the reading side,
+    and with layernorm="prune" the LayerNorms read the stream's mask."""
+    model = _model(CONFIGS[name])
+    gated = insert_gates(_analysis(copy.deepcopy(model), CONFIGS[name]).channels)
+    assert any(s.params is not None for s in gated.sites)  # the heads: no layer of their own produces them
+    if "ln-prune" in name:
+        assert gated.unit_masks
+    check_gated_network_is_the_slim_model(model, lambda m: _analysis(m, CONFIGS[name]), X)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_gal_masked_network_is_the_slim_model(name):
+    """`check_gal_network_is_the_slim_model` on the tiny ViT (masks on the reading side for heads)."""
+    model = _model(CONFIGS[name])
+    assert any(m.params for m in insert_soft_masks(_analysis(copy.deepcopy(model), CONFIGS[name]).channels,
+                                                   ("channel", "block")).channel)
+    check_gal_network_is_the_slim_model(model, lambda m: _analysis(m, CONFIGS[name]), X)
 
 
 OPTIONS = {

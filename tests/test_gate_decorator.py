@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from fxprune.passes.gates import fold_gates, insert_gates
 from fxprune.passes.plan import PruningPlan
 from torch.utils.data import DataLoader, TensorDataset
@@ -159,3 +160,44 @@ def test_bad_input():
         GateDecoratorOptions(schedule="sometimes")
     with pytest.raises(TrainingError, match="carry no labels"):
         train(model, _data(labels=False), TrainConfig(progress=False))
+
+
+class _NormedAndBypassed(nn.Module):
+    """MaxViT's MBConv pattern: the stem conv's output is read through a BatchNorm (`pre_norm`) and,
+    past it, by a shortcut conv (`proj`): a gate after the BatchNorm would miss the shortcut."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pre_norm = nn.BatchNorm2d(8)
+        self.conv_a = nn.Conv2d(8, 8, 3, padding=1)
+        self.proj = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        s = self.stem(x)
+        return self.head((self.conv_a(torch.relu(self.pre_norm(s))) + self.proj(s)).mean((2, 3)))
+
+
+def test_gated_network_covers_a_reader_past_the_batchnorm():
+    """The stem's group is not gated after `pre_norm` alone (its chain stops at a conv read
+    elsewhere too): with half the units masked, the gated network equals the slim model (relative
+    tolerance 1e-5), as the masked reference does."""
+    from fxprune.methods.gate_decorator.method import _mask_units
+    from fxprune.passes.gates import insert_gates
+    from fxprune.passes.plan import PruningPlan
+
+    torch.manual_seed(0)
+    model = _NormedAndBypassed().eval()
+    with torch.no_grad():
+        model.pre_norm.running_mean.uniform_(-1, 1)
+        model.pre_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 8, 8)
+    analysis = fxprune.analyze(model, x)
+    group = next(g for g in analysis.channels.prunable_groups if any(m.target == "stem.weight" for m in g.members))
+    gated = insert_gates(analysis.channels)
+    keep = {g.index: list(range(0, g.n_units, 2)) for g in analysis.channels.prunable_groups}
+    _mask_units(analysis.channels, gated, keep)
+    slim, check = fxprune.prune_with_plan(analysis, PruningPlan(keep=keep))
+    assert check.passed and group.index in keep
+    assert_close_outputs(gated.module, slim, x, rtol=1e-5)

@@ -33,11 +33,13 @@ transformer, through its LayerNorms): the columns `in_proj_weight` reads and the
 writes are then ordinary "in" / "out" members of the stream's group, and the rewrite puts a
 `PrunedMultiheadAttention` in place whenever the stream lost channels.
 
-Swin's and MaxViT's window attention heads: `window_attention.py`; MViT's: `mvit_attention.py`.
+Swin's and MaxViT's window attention heads (the same `heads` option, through `head_members`):
+`window_attention.py`; MViT's (whole heads): `mvit_attention.py`.
 """
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import numpy as np
 import torch.fx as fx
@@ -134,40 +136,88 @@ def heads_mode(ctx, num_heads: int, head_dim: int) -> str:
     return mode
 
 
-def _macs_shares(ctx, node: fx.Node, mha: nn.MultiheadAttention) -> tuple[float, float]:
-    """The shares of the q/k part (q and k projections, q k^T) and of the v part (v projection,
-    attn v, output projection) of the attention's MACs, from its shapes: each part is the same
-    sum of token counts times heads x head width."""
+def _lengths(ctx, node: fx.Node, mha: nn.MultiheadAttention) -> tuple[int, int]:
+    """The query and key lengths of an nn.MultiheadAttention call."""
     q, k = (tuple(ctx.spec(get_arg(node, i, n)).shape) for i, n in ((0, "query"), (1, "key")))
     if len(q) == 2:
-        batch, lq, lk = 1, q[0], k[0]
-    elif mha.batch_first:
-        batch, lq, lk = q[0], q[1], k[1]
-    else:
-        batch, lq, lk = q[1], q[0], k[0]
-    e = mha.embed_dim
-    qk = batch * (lq * e + lk * e + lq * lk)
-    v = batch * (lk * e + lq * lk + lq * e)
-    return qk / (qk + v), v / (qk + v)
+        return q[0], k[0]
+    if mha.batch_first:
+        return q[1], k[1]
+    return q[0], k[0]
 
 
-def _stream_terms(ctx, node, mha, in_ids, out_ids, qk_rows, v_rows) -> list:
-    """MACS_TERMS of an attention whose embedding dim is pruned too (``layernorm="prune"``): the q
-    and k projections scale with the kept stream and q/k rows, q k^T with the q/k rows only, the v
-    projection with the stream and the v rows, attn v with the v rows, the output projection with
-    the v rows and the kept output stream."""
-    q, k = (tuple(ctx.spec(get_arg(node, i, n)).shape) for i, n in ((0, "query"), (1, "key")))
-    if len(q) == 2:
-        lq, lk = q[0], k[0]
-    elif mha.batch_first:
-        lq, lk = q[1], k[1]
-    else:
-        lq, lk = q[0], k[0]
-    e = mha.embed_dim
-    parts = [(lq * e + lk * e, [in_ids, qk_rows]), (lq * lk, [qk_rows]), (lk * e, [in_ids, v_rows]),
-             (lq * lk, [v_rows]), (lq * e, [out_ids, v_rows])]
+def attention_terms(lq: int, lk: int, e_in: int, e_out: int, heads: "HeadMembers") -> list:
+    """MACS_TERMS of one attention with a fused q/k/v projection, `lq` queries, `lk` keys, an
+    `e_in`-wide input and an `e_out`-wide output: the q and k projections scale with the kept input
+    stream and q/k rows, q k^T with the q/k rows, the v projection with the stream and the v rows,
+    attn v with the v rows, the output projection with the v rows and the kept output stream. Every
+    part is a token count times heads x head width (common factors such as the batch and the windows
+    cancel in the shares), so the count is exact however q/k, v and the stream are pruned."""
+    parts = [(lq * e_in + lk * e_in, [heads.in_ids, heads.qk_rows]), (lq * lk, [heads.qk_rows]),
+             (lk * e_in, [heads.in_ids, heads.v_rows]), (lq * lk, [heads.v_rows]),
+             (lq * e_out, [heads.out_ids, heads.v_rows])]
     total = sum(p for p, _ in parts)
     return [(p / total, ids) for p, ids in parts]
+
+
+@dataclass
+class HeadMembers:
+    """What `head_members` registered: `units` (the heads, or with ``"width"`` the q/k positions then
+    the v positions), the ids of the q (= k) rows and of the v rows (= output-projection columns),
+    and the input / output stream ids."""
+
+    mode: str
+    units: np.ndarray
+    qk_rows: np.ndarray
+    v_rows: np.ndarray
+    in_ids: np.ndarray
+    out_ids: np.ndarray
+
+
+def head_members(ctx, node: fx.Node, in_ids: np.ndarray, qkv_weight: str, qkv_bias: str | None, proj_weight: str,
+                 proj_out: int, n_heads: int, qk_dim: int, v_dim: int, mode: str,
+                 out_ids: np.ndarray | None = None) -> HeadMembers:
+    """The members of an attention with one fused q/k/v projection (`qkv_weight`: the q, k and v
+    blocks of n_heads x qk_dim, n_heads x qk_dim and n_heads x v_dim rows) and an output projection
+    (`proj_weight`, `proj_out` rows; `out_ids` if its rows are known already).
+
+    ``mode="whole"``: a head owns its rows of each block (role "out") and the same projection
+    columns (role "in"). ``"width"``: position j of the q and k blocks of every head is one unit,
+    position j of the v block of every head another, with the projection columns it feeds; all role
+    "in" (module docstring). With ``"width"`` the k rows and the v rows are gate-free
+    (`ctx.gate_free`): a gate on the q rows and on the projection columns alone keeps the output
+    linear in it (`param_sites`)."""
+    ctx.member(qkv_weight, 1, in_ids, "in", node)
+    if mode == "width":
+        qk, v = ctx.new_ids(qk_dim), ctx.new_ids(v_dim)  # positions, the same in every head
+        qk_rows, v_rows, units = np.tile(qk, n_heads), np.tile(v, n_heads), np.concatenate([qk, v])
+        role = bias_role = "in"  # the masked reference zeroes the removed rows
+    else:
+        heads = ctx.new_ids(n_heads)
+        qk_rows, v_rows, units = np.repeat(heads, qk_dim), np.repeat(heads, v_dim), heads
+        role, bias_role = "out", "channel"
+    rows = np.concatenate([qk_rows, qk_rows, v_rows])
+    ctx.member(qkv_weight, 0, rows, role, node)
+    if qkv_bias is not None:
+        ctx.member(qkv_bias, 0, rows, bias_role, node)
+    ctx.member(proj_weight, 1, v_rows, "in", node)
+    if mode == "width":
+        free = np.arange(len(rows)) >= len(qk_rows)  # k and v rows
+        for target in (qkv_weight, qkv_bias):
+            if target is not None:
+                ctx.gate_free[(target, 0)] = free
+    out = ctx.member(proj_weight, 0, out_ids, "out", node, size=proj_out)
+    return HeadMembers(mode, units, qk_rows, v_rows, in_ids, out)
+
+
+def kept_heads(kept_rows: np.ndarray, n_heads: int, qk_dim: int, v_dim: int) -> tuple[int, int, int]:
+    """(heads, q/k width, v width) a slim attention holds, from the kept rows of its fused q/k/v
+    projection (q, k and v blocks, as `head_members` registers them): a head stays while any of
+    its q or v rows does, and every kept head keeps the same count (whole heads, or equal widths)."""
+    q = kept_rows[:n_heads * qk_dim].reshape(n_heads, qk_dim)
+    v = kept_rows[2 * n_heads * qk_dim:].reshape(n_heads, v_dim)
+    heads = int((q.any(1) | v.any(1)).sum())
+    return heads, int(q.sum()) // max(heads, 1), int(v.sum()) // max(heads, 1)
 
 
 @register_module(nn.MultiheadAttention)
@@ -189,49 +239,28 @@ class MultiheadAttentionModule(OpHandler):
             else:
                 ctx.couple(in_ids, ids)  # q, k and v read the same columns
         node.meta.pop(MACS_TERMS, None)  # an earlier analysis of this graph may have set it
-        ctx.member(f"{t}.in_proj_weight", 1, in_ids, "in", node)
-        if heads_mode(ctx, mha.num_heads, mha.head_dim) == "width":
-            qk, v = ctx.new_ids(mha.head_dim), ctx.new_ids(mha.head_dim)  # positions, the same in every head
-            rows_qk, rows_v = np.tile(qk, mha.num_heads), np.tile(v, mha.num_heads)
-            rows = np.concatenate([rows_qk, rows_qk, rows_v])
-            # role "in": the masked reference zeroes the removed q, k and v rows (a zero q/k position
-            # adds nothing to q k^T, a zero v position gives zero output columns)
-            ctx.member(f"{t}.in_proj_weight", 0, rows, "in", node)
-            if mha.in_proj_bias is not None:
-                ctx.member(f"{t}.in_proj_bias", 0, rows, "in", node)
-            ctx.member(f"{t}.out_proj.weight", 1, rows_v, "in", node)
-            share_qk, share_v = _macs_shares(ctx, node, mha)
-            node.meta[MACS_TERMS] = [(share_qk, [in_ids, qk]), (share_v, [in_ids, v])]
-            units = np.concatenate([qk, v])
-            qk_rows, v_rows = rows_qk, rows_v
-        else:
-            heads = ctx.new_ids(mha.num_heads)
-            per_row = np.repeat(heads, mha.head_dim)
-            ctx.member(f"{t}.in_proj_weight", 0, np.tile(per_row, 3), "out", node)
-            if mha.in_proj_bias is not None:
-                ctx.member(f"{t}.in_proj_bias", 0, np.tile(per_row, 3), "channel", node)
-            ctx.member(f"{t}.out_proj.weight", 1, per_row, "in", node)
-            units = heads
-            qk_rows = v_rows = per_row
-        out_ids = ctx.member(f"{t}.out_proj.weight", 0, None, "out", node, size=mha.embed_dim)
+        mode = heads_mode(ctx, mha.num_heads, mha.head_dim)
+        heads = head_members(ctx, node, in_ids, f"{t}.in_proj_weight", f"{t}.in_proj_bias" if mha.in_proj_bias
+                             is not None else None, f"{t}.out_proj.weight", mha.embed_dim, mha.num_heads,
+                             mha.head_dim, mha.head_dim, mode)
+        out_ids = heads.out_ids
         if stream_stays:
             ctx.mark(out_ids, _STREAM)
-        else:
-            node.meta[MACS_TERMS] = _stream_terms(ctx, node, mha, in_ids, out_ids, qk_rows, v_rows)
+        if mode == "width" or not stream_stays:
+            lq, lk = _lengths(ctx, node, mha)
+            node.meta[MACS_TERMS] = attention_terms(lq, lk, mha.embed_dim, mha.embed_dim, heads)
         if mha.out_proj.bias is not None:
             ctx.member(f"{t}.out_proj.bias", 0, out_ids, "channel", node)
         why = _unsupported(mha, node)
         if why is not None:
-            ctx.mark(units, f"{node.name}: heads stay: {why}")
+            ctx.mark(heads.units, f"{node.name}: heads stay: {why}")
         return (Layout(dim, out_ids), None)
 
     def rewrite(self, rctx, node):
         mha = rctx.get_submodule(node.target)
         h, d, e = mha.num_heads, mha.head_dim, mha.embed_dim
         kept = rctx.kept(rctx.channels.members[(f"{node.target}.in_proj_weight", 0)].ids)
-        q, v = kept[:e].reshape(h, d), kept[2 * e:].reshape(h, d)
-        heads = int((q.any(1) | v.any(1)).sum())
-        qk_dim, v_dim = int(q.sum()) // max(heads, 1), int(v.sum()) // max(heads, 1)
+        heads, qk_dim, v_dim = kept_heads(kept, h, d, d)
         stream = (mha.in_proj_weight.shape[1], mha.out_proj.weight.shape[0])  # sliced already
         if (heads, qk_dim, v_dim) == (h, d, d) and stream == (e, e):
             return

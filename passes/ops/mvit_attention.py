@@ -19,9 +19,13 @@ einsums, attn v, the projection) scale with the number of heads: the node names 
 the cost model (`WEIGHT_SOURCE`), whose dim 0 carries the heads and whose dim 1 (the stream) stays,
 so the count is exact.
 
+Its heads are not narrowed under ``heads="width"``: the pooling LayerNorms normalise over the head
+width, and v2 adds the pooled q to attn v (residual pooling) and reads q's width in its
+relative-position einsums, so a narrower head is not the original with positions switched off (no
+exact masked reference); the handler registers whole heads whatever the option.
+
 `RankAdjust` follows MViT's `_unsqueeze` / `_squeeze` (a size-1 dim added or removed around the
-skip pooling and at the input). The video Swin3D's attention
-(`torchvision.models.video.swin_transformer`) is not handled: a boundary.
+skip pooling and at the input). The video Swin3D's attention: `window_attention.py`.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from ..context import Layout
 from ..tracer import register_leaf_module
 from .conv import WEIGHT_SOURCE
 from .registry import OpHandler, get_arg, register_function, register_module
-from .window_attention import head_members
+from .attention import head_members
 
 _STREAM = "the residual stream of MViT's attention stays (its heads are pruned)"
 
@@ -93,8 +97,10 @@ class MultiscaleAttentionModule(OpHandler):
         dim = ctx.spec(x).ndim - 1
         in_ids = ctx.ids_on(x, dim, node)
         ctx.mark(in_ids, _STREAM)
-        heads, out_ids = head_members(ctx, node, in_ids, f"{t}.qkv", attn.qkv.bias is not None, f"{t}.project.0",
-                                      project.out_features, attn.num_heads, attn.head_dim)
+        heads = head_members(ctx, node, in_ids, f"{t}.qkv.weight", f"{t}.qkv.bias" if attn.qkv.bias is not None
+                             else None, f"{t}.project.0.weight", project.out_features, attn.num_heads, attn.head_dim,
+                             attn.head_dim, "whole")
+        out_ids = heads.out_ids
         ctx.mark(out_ids, _STREAM)
         if project.bias is not None:
             ctx.member(f"{t}.project.0.bias", 0, out_ids, "channel", node)
