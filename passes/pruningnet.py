@@ -11,11 +11,21 @@ The network of a genome is built by the core rewrite (`apply_plan` with the firs
 every group kept): a real slim GraphModule, so views, splits, concat offsets and grouped convs are
 fixed by the same handlers that build the final model. `forward` runs that structure with the
 generated tensors through `torch.func.functional_call`, so gradients reach the generators; in
-training mode a new random genome is drawn for every call (every mini-batch).
+training mode a new random genome is drawn for every call (every mini-batch): every gene uniform,
+as the authors draw, or from `sampler(rng)` when one is set (MetaPruning's
+``pruningnet_sampling="feasible"``: the structures a search under a MACs target scores).
 
 Generators start at the model's own weights: the second Linear's bias is the flattened weight and
 its matrix is zero, so before training every structure is the model cropped (an untrained model
-gives a from-scratch PruningNet, as in the paper). Cost: the second Linear holds `hidden` + 1
+gives a from-scratch PruningNet, as in the paper). One SGD step moves a generated weight by
+``lr x (1 + |h|^2) x its gradient`` (h: the generator's hidden ReLU activations; the bias and the
+matrix both follow the same gradient), and 1 + |h|^2 is 3-10 (5-95 %, median 5.3; `step_gain`
+over ResNet-20's 22 generators on ratios in [0.1, 1]) at the default initialisation of a
+Linear(genes -> 32): the authors' lr 0.1, meant for a
+PruningNet trained from scratch under affine-free BatchNorm, moves a trained model's weights 3-10x
+as far as a plain training step at the same lr would, and wrecks them (the evidence runner's
+PruningNets of trained ResNet-20s at lr 0.1: 12-65 % held-out after 18 epochs); start a trained
+model at a fine-tuning lr (0.02 there; docs/results.md, "Schedules"). Cost: the second Linear holds `hidden` + 1
 values per weight, so a PruningNet has about (hidden + 1) x the model's conv/linear parameters
 (ResNet-20: 9M; ResNet-50 at hidden 32: ~0.8G) — the authors' design, affordable at small scale.
 
@@ -66,6 +76,14 @@ class WeightGenerator(nn.Module):
     def forward(self, ratios: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.relu(self.fc1(ratios))).view(self.shape)
 
+    @torch.no_grad()
+    def step_gain(self, ratios: torch.Tensor) -> float:
+        """1 + |h|^2 at `ratios`: how much further one SGD step (no momentum, no weight decay)
+        moves the generated weight than it would move a plain weight with the same gradient, while
+        the second Linear's matrix is zero (at the start; the first Linear's share is then zero too)."""
+        h = F.relu(self.fc1(ratios))
+        return float(1 + (h * h).sum())
+
 
 def _key(target: str) -> str:
     return target.replace(".", "__")
@@ -99,6 +117,7 @@ class PruningNet(nn.Module):
         self.cache_size = cache_size
         self._cache: OrderedDict = OrderedDict()  # genome -> (structure, crops)
         self.rng = np.random.default_rng(seed)
+        self.sampler = None  # rng -> genome for training; None: every gene uniform (the authors')
         genes_of = {}
         for (target, _dim), member in channels.members.items():
             genes_of.setdefault(target, set()).update(encoding.genes_of_ids(member.ids))
@@ -126,7 +145,10 @@ class PruningNet(nn.Module):
         return next(iter(self.parameters())).device
 
     def sample(self) -> tuple:
-        """A uniformly random genome (the authors draw every choice uniformly, per mini-batch)."""
+        """The genome of the next training mini-batch: `sampler(rng)` when set, else uniformly
+        random (the authors draw every choice uniformly, per mini-batch)."""
+        if self.sampler is not None:
+            return self.sampler(self.rng)
         return self.encoding.random(self.rng)
 
     def plan(self, genome) -> PruningPlan:

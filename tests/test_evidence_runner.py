@@ -69,7 +69,7 @@ options = { structures = ["channel"], epochs = 2, mask_step = 1, flops_weighted 
 method = "metapruning"
 data = "method"
 band = 0.01
-options = { epochs = 1, population = 6, generations = 2, parents = 3, mutations = 2, crossovers = 2, calib_batches = 1, eval_batches = 1, holdout = 0.3 }
+options = { epochs = 1, population = 6, generations = 2, parents = 3, mutations = 2, crossovers = 2, calib_batches = 1, eval_batches = 1, holdout = 0.3, pruningnet_until = 0.99, pruningnet_max_rounds = 2, pruningnet_probe = 2, pruningnet_sampling = "feasible" }
 
 [[experiments]]
 name = "tiny"
@@ -129,6 +129,10 @@ def test_every_cell_runs_once_at_equal_macs(ran):
     shared = [r["summary"] for r in records if r["experiment"] == "tiny_mp"]
     assert len(shared) == 2 and all(s["pruningnet_shared"] for s in shared)
     assert shared[0]["pruningnet_train_accuracy"] is None
+    # ... trained on structures under both targets and checked at each, within the band, every round
+    assert shared[0]["pruningnet_heldout"] == shared[1]["pruningnet_heldout"]
+    for r in shared[0]["pruningnet_heldout"]:
+        assert [t["flops"] for t in r["per_target"]] == [0.3, 0.2] and r["structures"] == 4
 
 
 def test_finished_runs_are_kept_and_only_missing_ones_rerun(ran):
@@ -157,6 +161,11 @@ def test_docs_tables_are_regenerated_between_markers(ran):
     for method in ("uniform", "l1", "gd_tick_tock", "gal_channel", "metapruning"):
         assert f"| {method} " in text
     assert "Δ vs uniform" in text and "acc % from scratch" in text
+    # the PruningNet check of each experiment with metapruning: a row per seed and round, a column per target
+    check = text.split("#### tiny_mp: the PruningNet's held-out accuracy")[1].split("###")[0]
+    rows = [line for line in check.splitlines() if line.startswith("| metapruning ")]
+    assert "held-out at 0.3: mean (min-max)" in check and "held-out at 0.2: mean (min-max)" in check
+    assert 1 <= len(rows) <= 2 and all("n=2)" in row and "(0.99)" in row for row in rows)
 
 
 def test_a_failing_cell_is_recorded_and_the_batch_goes_on(tmp_path):

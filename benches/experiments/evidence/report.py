@@ -3,6 +3,7 @@ written between markers in docs/results.md so hand-written readings around them 
 from __future__ import annotations
 
 import re
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -45,11 +46,55 @@ def _note(records: list) -> str:
             text += (f"; PruningNet on sampled structures {min(h['heldout_accuracy'] for h in held):.3f}-"
                      f"{max(h['heldout_accuracy'] for h in held):.3f} held-out after "
                      f"{'/'.join(str(h['epochs']) for h in held)} epochs")
+            here = [a for r in records for t in _last_round(r).get("per_target", [])
+                    if _same(t.get("flops"), r["target"]) for a in t["accuracy"]]
+            if here:  # the probed structures feasible at this cell's target, every seed
+                text += f" (at this target: min {min(here):.3f}, median {statistics.median(here):.3f})"
         return text
     if method == "gate_decorator":
         ticks = [x.get("ticks") for x in s if x.get("ticks") is not None]
         return f"ticks {min(ticks)}-{max(ticks)}" if ticks and max(ticks) else ""
     return ""
+
+
+def _same(a, b) -> bool:
+    return a is not None and b is not None and abs(a - b) < 1e-9
+
+
+def _last_round(record: dict) -> dict:
+    held = (record.get("summary") or {}).get("pruningnet_heldout")
+    return held[-1] if held else {}
+
+
+def pruningnet_table(spec: Spec, exp, records: list[dict]) -> str:
+    """MetaPruning's PruningNet check of `exp`, per seed and round: the held-out accuracy of the
+    probed structures feasible at each target (mean, and min-max), against `pruningnet_until`. One
+    PruningNet per seed serves every target, so the rounds are read from one record per seed.
+    Empty when no record has per-target rounds (PruningNets trained without a check)."""
+    per_seed = {}
+    for r in sorted(records, key=lambda r: (r["seed"], r["target"])):
+        held = (r.get("summary") or {}).get("pruningnet_heldout") or []
+        if r["experiment"] == exp.name and "error" not in r and held and "per_target" in held[0]:
+            per_seed.setdefault((r["method"], r["seed"]), held)
+    if not per_seed:
+        return ""
+    rows = []
+    for (key, seed), held in sorted(per_seed.items()):
+        until = spec.methods[key].options.get("pruningnet_until")
+        for r in held:
+            cells = [key, str(seed), str(r["epochs"])]
+            for target in exp.targets:
+                acc = next((t["accuracy"] for t in r["per_target"] if _same(t["flops"], target)), [])
+                cells.append(f"{statistics.mean(acc):.3f} ({min(acc):.3f}-{max(acc):.3f}, n={len(acc)})" if acc else "")
+            reached = until is not None and r["heldout_accuracy"] >= until
+            cells += [f"{r['heldout_accuracy']:.3f}", f"{'yes' if reached else 'no'} ({until})",
+                      f"{r.get('seconds', 0) / 60:.1f}"]
+            rows.append(cells)
+    headers = ["method", "seed", "epochs", *(f"held-out at {t:g}: mean (min-max)" for t in exp.targets),
+               "check (lowest mean)", "reached", "training min"]
+    title = (f"#### {exp.name}: the PruningNet's held-out accuracy on sampled feasible structures, per round "
+             "(the check: every target's mean >= `pruningnet_until`)")
+    return title + "\n\n" + tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 def experiment_tables(spec: Spec, records: list[dict]) -> str:
@@ -101,6 +146,9 @@ def experiment_tables(spec: Spec, records: list[dict]) -> str:
             errors = [r for r in rows_in if "error" in r]
             if errors:
                 parts.append("Failed runs: " + "; ".join(f"{r['method']} seed {r['seed']}: {r['error']}" for r in errors))
+        check = pruningnet_table(spec, exp, [r for r in records if r["method"] in exp.methods])
+        if check:
+            parts.append(check)
     return "\n\n".join(parts)
 
 

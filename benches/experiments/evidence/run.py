@@ -163,11 +163,14 @@ def _summary(method: str, details: dict) -> dict:
 _PRUNINGNETS: dict = {}
 
 
-def _shared_pruningnet(key: tuple, base, x, data, options: dict):
-    """The PruningNet of (experiment, method, seed), trained on first use (the latest one kept)."""
+def _shared_pruningnet(key: tuple, base, x, data, options: dict, targets: tuple, band: float | None):
+    """The PruningNet of (experiment, method, seed), trained on first use (the latest one kept) for
+    every target of the experiment: its rounds' check probes structures feasible at each target
+    (within the search's band) and ``pruningnet_sampling="feasible"`` trains on them."""
     if key not in _PRUNINGNETS:
         _PRUNINGNETS.clear()
-        _PRUNINGNETS[key] = pretrain(base, x, data, {k: v for k, v in options.items() if k != "min_flops"})
+        _PRUNINGNETS[key] = pretrain(base, x, data, {k: v for k, v in options.items() if k != "min_flops"},
+                                     flops=targets, band=band)
     return _PRUNINGNETS[key]
 
 
@@ -176,7 +179,7 @@ def run_one(spec: Spec, data: Data, exp: Experiment, ms: MethodSpec, target: flo
     base, base_info = baseline(spec, data, exp.model, seed, out)
     sizes = spec.sizes(exp.data)
     loaders = {role: data.loader(sizes[role], seed + 100, labelled=role != "unlabelled")
-               for role in ("method", "tick", "unlabelled") if role in sizes}
+               for role in ("method", "tick", "unlabelled", "baseline") if role in sizes}
     x = torch.randn(1, 1, 28, 28, device=data.device)
     record = {"experiment": exp.name, "model": exp.model, "method": ms.key, "fxprune_method": ms.method,
               "target": target, "seed": seed, "data": exp.data, "device": str(data.device),
@@ -188,7 +191,7 @@ def run_one(spec: Spec, data: Data, exp: Experiment, ms: MethodSpec, target: flo
         kwargs = {"data": loaders[ms.data], "options": _method_options(ms, target, seed, loaders)}
     if ms.method == "metapruning":  # one PruningNet per seed serves every target, as the authors' search
         kwargs["options"]["pruningnet"] = _shared_pruningnet((exp.name, ms.key, seed), base, x, loaders[ms.data],
-                                                             kwargs["options"])
+                                                             kwargs["options"], exp.targets, ms.band)
     slim = fxprune.compress(base, ms.method, x, target, seed=seed, **kwargs)
     record["seconds"]["compress"] = time.perf_counter() - t0
     report = slim.fxprune_report
