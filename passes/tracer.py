@@ -143,13 +143,18 @@ class _InPlaceAddProxy(fx.Proxy):
 
 
 class _LeafAwareTracer(fx.Tracer):
-    """A Tracer that knows user/registered/automatic leaves and remembers where tracing failed."""
+    """A Tracer that knows user/registered/automatic leaves and remembers where tracing failed.
 
-    def __init__(self, leaf_types: tuple, leaf_names: set[str], auto_leaves: dict[str, str]):
+    Every argument has a default: a pickled GraphModule records its graph's tracer class and
+    unpickling builds one with no arguments to retrace the generated code (`torch.save` of a traced
+    or slim model failed with a TypeError before)."""
+
+    def __init__(self, leaf_types: tuple = (), leaf_names: set[str] | None = None,
+                 auto_leaves: dict[str, str] | None = None):
         super().__init__(autowrap_modules=_autowrap_modules())
         self.leaf_types = leaf_types
-        self.leaf_names = leaf_names
-        self.auto_leaves = auto_leaves
+        self.leaf_names = set() if leaf_names is None else leaf_names
+        self.auto_leaves = {} if auto_leaves is None else auto_leaves
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InPlaceAddProxy(node, self)

@@ -236,3 +236,21 @@ def test_registered_leaf_module_is_kept_whole():
     assert [b.node for b in a.boundaries] == ["op"]
     assert [g.leading.target for g in a.channels.prunable_groups] == ["b.0.weight"]
     assert "op.conv" in dict(a.traced.graph_module.named_modules())
+
+
+def test_slim_models_round_trip_through_torch_save(tmp_path):
+    """A slim model is a GraphModule whose graph records fxprune's tracer class; unpickling builds
+    that tracer with no arguments to retrace the generated code (it raised a TypeError before). The
+    loaded model (a plain one, and one with a leaf attention module and narrowed window attention
+    calls) computes exactly what the slim model does."""
+    from torchvision.models import swin_transformer as swin
+
+    torch.manual_seed(0)
+    tiny_swin = swin.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[2], window_size=[4, 4],
+                                     num_classes=5).eval()
+    for model, x, heads in ((Residual().eval(), torch.randn(2, 3, 8, 8), "whole"),
+                            (tiny_swin, torch.randn(1, 3, 32, 32), "width")):
+        slim = fxprune.compress(model, "l1", x, flops=0.6, heads=heads)
+        torch.save(slim, tmp_path / "slim.pt")
+        loaded = torch.load(tmp_path / "slim.pt", weights_only=False)
+        assert_close_outputs(slim, loaded, x, rtol=0.0)
