@@ -77,6 +77,7 @@ def test_gate_decorator_stops_ticking_under_a_measured_latency():
     assert lat["measured_after_s"] <= lat["target_s"]
 
 
+@pytest.mark.timing  # the same 2.5 ms model: its profile's floor came out at 0.95 of the original once in CI
 def test_gal_thresholds_its_masks_until_measured_under_the_target():
     from torch.utils.data import DataLoader, TensorDataset
 
