@@ -11,7 +11,7 @@ from fxprune.passes.plan import PruningPlan
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxprune
-from fxprune.methods.gate_decorator.method import GateDecoratorOptions, _Scores
+from fxprune.methods.gate_decorator.method import GateDecoratorOptions, _mask_units, _Scores
 from fxprune.train import TrainConfig, TrainingError, train
 
 from .conftest import assert_close_outputs
@@ -53,7 +53,6 @@ def test_fold_and_prune_equal_the_gated_masked_model():
     rng = np.random.default_rng(0)
     keep = {g.index: np.sort(rng.choice(g.n_units, max(1, g.n_units // 2), replace=False))
             for g in a.channels.prunable_groups}
-    from fxprune.methods.gate_decorator.method import _mask_units
 
     with torch.no_grad():
         for p in gated.gates():
@@ -183,10 +182,6 @@ def test_gated_network_covers_a_reader_past_the_batchnorm():
     """The stem's group is not gated after `pre_norm` alone (its chain stops at a conv read
     elsewhere too): with half the units masked, the gated network equals the slim model (relative
     tolerance 1e-5), as the masked reference does."""
-    from fxprune.methods.gate_decorator.method import _mask_units
-    from fxprune.passes.gates import insert_gates
-    from fxprune.passes.plan import PruningPlan
-
     torch.manual_seed(0)
     model = _NormedAndBypassed().eval()
     with torch.no_grad():
