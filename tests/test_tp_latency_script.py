@@ -176,3 +176,18 @@ def test_quick_mnist_fine_tunes_both_and_reports_real_accuracies(quick):
     assert s["equal_latency_runs"] == int(run["equal_latency"])
     row = tp_latency.mnist_table({"mnist": mnist}).splitlines()[2]
     assert row.startswith("| resnet20 | 1 |")
+
+
+def test_quick_mnist_floored_variant_keeps_its_floor_and_its_own_torch_pruning_model(quick):
+    """--fx-min-ratio 0,0.25: the floored fxprune variant prunes the same dense model (same dense
+    accuracy), keeps at least a quarter of every conv, and gets its own equal-latency TP search."""
+    _, _, mnist = quick
+    if isinstance(mnist, Exception):
+        pytest.skip(f"real MNIST is not installed: {mnist}")
+    floored = mnist[tp_latency.variant_name("resnet20", 0.25)]
+    (run,), (base,) = floored["runs"], mnist["resnet20"]["runs"]
+    assert floored["fx_min_ratio"] == run["fx_min_ratio"] == 0.25 and base["fx_min_ratio"] == 0.0
+    assert run["dense_accuracy"] == base["dense_accuracy"]
+    _check_comparison(run)
+    assert all(w >= math.ceil(0.25 * o) for w, o in zip(run["fxprune"]["conv_widths"], run["original"]["conv_widths"]))
+    assert 0.0 <= run["fxprune"]["accuracy"] <= 1.0 and 0.0 <= run["torch_pruning"]["accuracy"] <= 1.0

@@ -178,7 +178,8 @@ def fxprune_at_latency(model, x, args, attempts: int = 2) -> tuple[torch.nn.Modu
             os.environ["FXPRUNE_CACHE"] = tempfile.mkdtemp(prefix="fxprune-tp-latency-retry-")
         try:
             slim = fxprune.compress(model, "l1", x, flops=1.0, latency=LATENCY_TARGET, device=args.device,
-                                    batch=args.batch, dtype=torch_dtype(args.dtype), channels_last=args.channels_last)
+                                    batch=args.batch, dtype=torch_dtype(args.dtype), channels_last=args.channels_last,
+                                    min_ratio=getattr(args, "fx_floor", 0.0))
             break
         except LatencyUnreachableError as exc:
             failures.append({**error_json(exc), "best_ms": 1e3 * exc.best_s, "target_ms": 1e3 * exc.target_s,
@@ -415,7 +416,13 @@ def _loader(ds, n: int, bs: int, seed: int) -> DataLoader:
                       generator=torch.Generator().manual_seed(seed))
 
 
-def finetune(model, data, seed: int) -> None:
+def variant_name(net: str, min_ratio: float) -> str:
+    """Where a run of fxprune with `min_ratio` is stored: the net's name for the default (0), else
+    NET@min_ratio=R, so the floor variants sit next to the default in the tables."""
+    return net if not min_ratio else f"{net}@min_ratio={min_ratio:g}"
+
+
+def finetune(model, data, seed: int, epochs: int = 1) -> None:
     """The one fine-tune both slim models get: 1 epoch, SGD momentum 0.9, cosine from 0.05 (the dense
     training's schedule), same seed and so the same batch order. Why not `gate_decorator_mnist.py`'s
     gentle triangular 1e-3 -> 1e-2 without momentum: at a latency target of 0.5 both tools cut
@@ -423,46 +430,55 @@ def finetune(model, data, seed: int) -> None:
     (11.35%) in a first run -- a fine-tune that recovers nothing compares nothing."""
     for p in model.parameters():
         p.requires_grad_(True)  # Torch-Pruning's helper leaves its pruned parameters frozen
-    train(model, data, TrainConfig(epochs=1, lr=0.05, schedule="cosine", momentum=0.9, seed=seed, progress=False))
+    train(model, data, TrainConfig(epochs=epochs, lr=0.05, schedule="cosine", momentum=0.9, seed=seed, progress=False))
     model.eval()
 
 
 def mnist_run(nets, seeds, args, on_entry=None) -> dict:
-    """Per net and seed: dense training, both prunings at equal latency, the same fine-tune, test accuracy."""
+    """Per net and seed: dense training, then for each fxprune variant (``--fx-min-ratio``: the
+    default and floored selections, all from the same dense model) both prunings at equal latency,
+    the same fine-tune, test accuracy. Entries by `variant_name`."""
     bench = Bench("cpu", None, False, args.mnist_batch, args.pairs, args.repeats)
-    mnist_args = argparse.Namespace(**{**vars(args), "device": "cpu", "dtype": None, "channels_last": False,
-                                       "batch": args.mnist_batch})
     train_set, test_set = fxdata.mnist("train"), fxdata.mnist("test", limit=args.mnist_test)
     test = DataLoader(test_set, batch_size=1000)
     test_2k = DataLoader(Subset(test_set, range(min(2000, len(test_set)))), batch_size=1000)
     x = torch.randn(1, 1, 28, 28)
-    out = {}
+    out: dict = {}
     for net in nets:
-        runs = []
+        runs: dict[str, list] = {}
         for seed in seeds:
             t0 = time.perf_counter()
             torch.manual_seed(seed)
             dense = NETS[net]()
             train(dense, _loader(train_set, args.mnist_train, 128, seed),
-                  TrainConfig(epochs=1, lr=0.05, schedule="cosine", seed=seed, progress=False))
+                  TrainConfig(epochs=args.mnist_epochs, lr=0.05, schedule="cosine", seed=seed, progress=False))
             dense.eval()
             dense_acc = evaluate(dense, test)["accuracy"]
-            log(f"{net} seed {seed}: dense test accuracy {dense_acc:.4f} ({time.perf_counter() - t0:.0f} s)")
-            entry = compare(net, dense, x, bench, mnist_args)
-            run = {"seed": seed, "dense_accuracy": dense_acc, "train_s": time.perf_counter() - t0,
-                   **{k: v for k, v in entry.items() if k != "_models"}}
-            if "_models" in entry:
-                for tool, slim in zip(("fxprune", "torch_pruning"), entry["_models"]):
-                    run[tool]["accuracy_before_ft_2k"] = evaluate(slim, test_2k)["accuracy"]  # the first 2k: time
-                    finetune(slim, _loader(train_set, args.mnist_finetune, 64, 1000 + seed), seed)
-                    run[tool]["accuracy"] = evaluate(slim, test)["accuracy"]
-                log(f"  after the same fine-tune: fxprune {run['fxprune']['accuracy']:.4f}, "
-                    f"Torch-Pruning {run['torch_pruning']['accuracy']:.4f}")
-            run["seconds"] = time.perf_counter() - t0
-            runs.append(run)
-            out[net] = {"net": net, "runs": runs, "summary": mnist_summary(runs)}
-            if on_entry is not None:
-                on_entry(net, out[net])
+            train_s = time.perf_counter() - t0
+            log(f"{net} seed {seed}: dense test accuracy {dense_acc:.4f} ({train_s:.0f} s)")
+            for min_ratio in args.fx_min_ratio_list:
+                t1 = time.perf_counter()
+                name = variant_name(net, min_ratio)
+                mnist_args = argparse.Namespace(**{**vars(args), "device": "cpu", "dtype": None, "channels_last": False,
+                                                   "batch": args.mnist_batch, "fx_floor": min_ratio})
+                log(f"  {name}")
+                entry = compare(net, dense, x, bench, mnist_args)
+                run = {"seed": seed, "dense_accuracy": dense_acc, "train_s": train_s, "fx_min_ratio": min_ratio,
+                       **{k: v for k, v in entry.items() if k != "_models"}}
+                if "_models" in entry:
+                    for tool, slim in zip(("fxprune", "torch_pruning"), entry["_models"]):
+                        run[tool]["accuracy_before_ft_2k"] = evaluate(slim, test_2k)["accuracy"]  # the first 2k: time
+                        finetune(slim, _loader(train_set, args.mnist_finetune, 64, 1000 + seed), seed,
+                                 args.mnist_finetune_epochs)
+                        run[tool]["accuracy"] = evaluate(slim, test)["accuracy"]
+                    log(f"  after the same fine-tune: fxprune {run['fxprune']['accuracy']:.4f}, "
+                        f"Torch-Pruning {run['torch_pruning']['accuracy']:.4f}")
+                run["seconds"] = time.perf_counter() - t1
+                runs.setdefault(name, []).append(run)
+                out[name] = {"net": net, "fx_min_ratio": min_ratio, "runs": runs[name],
+                             "summary": mnist_summary(runs[name])}
+                if on_entry is not None:
+                    on_entry(name, out[name])
     return out
 
 
@@ -595,7 +611,7 @@ def save(path: Path, results: dict) -> None:
 # --quick: small enough for the test (< 60 s on 2 busy cores), large enough that every step runs
 QUICK = {"models": "resnet18", "size": 64, "batch": 2, "threads": 1, "tries": 4, "pairs": 5, "final_pairs": 7,
          "repeats": 5, "mnist_nets": "resnet20", "seeds": "0", "mnist_train": 256, "mnist_finetune": 256,
-         "mnist_test": 500, "mnist_batch": 16}
+         "mnist_test": 500, "mnist_batch": 16, "mnist_epochs": 1, "fx_min_ratio": "0,0.25"}
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -614,8 +630,13 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--mnist", action="store_true", help="the MNIST accuracy comparison instead of capacity")
     ap.add_argument("--mnist-nets", default=",".join(MNIST_NETS))
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--mnist-train", type=int, default=6000, help="images of the 1-epoch dense training")
-    ap.add_argument("--mnist-finetune", type=int, default=4000, help="images of the 1-epoch fine-tune")
+    ap.add_argument("--mnist-train", type=int, default=20000, help="images of the dense training")
+    ap.add_argument("--mnist-epochs", type=int, default=2, help="epochs of the dense training")
+    ap.add_argument("--mnist-finetune", type=int, default=10000, help="images of the fine-tune (the first of the training images)")
+    ap.add_argument("--mnist-finetune-epochs", type=int, default=1, help="epochs of the fine-tune")
+    ap.add_argument("--fx-min-ratio", default="0",
+                    help="comma-separated min_ratio values, one fxprune variant each (0: the default selection), "
+                         "each compared with its own Torch-Pruning model at its latency")
     ap.add_argument("--mnist-test", type=int, default=None, help="test images (default: all 10k)")
     ap.add_argument("--mnist-batch", type=int, default=64, help="batch the MNIST latencies are measured at")
     ap.add_argument("--quick", action="store_true",
@@ -630,6 +651,7 @@ def parse(argv=None) -> argparse.Namespace:
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
+    args.fx_min_ratio_list = [float(r) for r in str(args.fx_min_ratio).split(",") if r.strip()]
     args.dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype)
     if args.json is None:
         args.json = (str(Path(tempfile.gettempdir()) / "tp_latency_quick.json") if args.quick
@@ -669,18 +691,20 @@ def main(argv=None) -> int:
             **st, "command": command, "device": "cpu", "batch": args.mnist_batch, "dtype": "float32",
             "layout": "contiguous", "seeds": seeds, "train_images": args.mnist_train,
             "finetune_images": args.mnist_finetune, "test_images": args.mnist_test or 10000,
+            "epochs": args.mnist_epochs, "finetune_epochs": args.mnist_finetune_epochs,
             "description": (f"CPU, {args.threads} threads, latency at batch {args.mnist_batch}, fp32; per seed: dense "
-                            f"1 epoch on {args.mnist_train} train images (batch 128, cosine from 0.05, momentum 0.9), both slim "
-                            f"models fine-tuned 1 epoch on the first {args.mnist_finetune} of those (batch 64, same order, "
+                            f"{args.mnist_epochs} epoch(s) on {args.mnist_train} train images (batch 128, cosine from 0.05, "
+                            f"momentum 0.9), both slim models fine-tuned {args.mnist_finetune_epochs} epoch(s) on the first "
+                            f"{args.mnist_finetune} of those (batch 64, same order, "
                             "cosine from 0.05, momentum 0.9), "
                             f"test on {args.mnist_test or 10000} test images; seeds {seeds}")}
 
-        def keep_net(net, entry):  # runs of other seeds already in the file stay (a resumed run)
-            old = (json.loads(path.read_text()) if path.exists() else {}).get("mnist", {}).get(net, {})
+        def keep_net(name, entry):  # runs of other seeds already in the file stay (a resumed run)
+            old = (json.loads(path.read_text()) if path.exists() else {}).get("mnist", {}).get(name, {})
             mine = {r["seed"] for r in entry["runs"]}
             runs = sorted([r for r in old.get("runs", []) if r.get("seed") not in mine] + entry["runs"],
                           key=lambda r: r["seed"])
-            merge_save(path, "mnist", net, {"net": net, "runs": runs, "summary": mnist_summary(runs)},
+            merge_save(path, "mnist", name, {**entry, "runs": runs, "summary": mnist_summary(runs)},
                        {"mnist_setting": mnist_setting})
 
         mnist_run(nets, seeds, args, keep_net)
