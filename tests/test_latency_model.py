@@ -6,6 +6,7 @@ factor of each other); everything exact runs on injected fake timers.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -364,7 +365,8 @@ def test_the_key_changes_with_device_compile_and_input_shape(monkeypatch):
     variants = [
         prof.make_key(analysis.channels, analysis.inputs, dataclasses.replace(s, device=torch.device("cuda", 0)),
                       None),
-        prof.make_key(analysis.channels, analysis.inputs, dataclasses.replace(s, compile=True), None),
+        prof.make_key(analysis.channels, analysis.inputs, dataclasses.replace(s, compile="default"), None),
+        prof.make_key(analysis.channels, analysis.inputs, dataclasses.replace(s, compile="reduce-overhead"), None),
         prof.make_key(wider.channels, wider.inputs, s, None),
         prof.make_key(analysis.channels, analysis.inputs, dataclasses.replace(s, dtype=torch.float16), None),
         prof.make_key(analysis.channels, prof.batched(analysis.inputs, 8), s, None),
@@ -430,12 +432,46 @@ def test_json_round_trip(tmp_path):
 
 @pytest.mark.parametrize("options", [{"device": "tpu"}, {"device": "not a device"}, {"dtype": torch.int32},
                                      {"dtype": "int8"}, {"batch": 0}, {"batch": 2.5}, {"rounds": 0}, {"points": 1},
-                                     {"threads": 0}, {"channels_last": "yes"}, {"compile": 1}, {"refresh": None},
+                                     {"threads": 0}, {"channels_last": "yes"}, {"compile": 1}, {"compile": "fast"}, {"refresh": None},
                                      {"timer": 3}])
 def test_bad_options_are_config_errors(tmp_path, options):
     _, analysis, _ = _mlp_analysis()
     with pytest.raises(ConfigError):
         profile_latency(analysis, cache_dir=tmp_path, **options)
+
+
+def test_compile_modes_are_normalised_and_reach_torch_compile(monkeypatch):
+    """compile=True means torch.compile's default mode; a mode name ("reduce-overhead": CUDA graphs)
+    is passed to torch.compile as given; False / None is eager. The same in MeasureOn and the CLI."""
+    from fxprune.arguments import compile_option
+    from fxprune.cli import build_parser
+    from fxprune.constraints import MeasureOn
+
+    assert [compile_option(v) for v in (False, None, True, "reduce-overhead")] == [None, None, "default",
+                                                                                  "reduce-overhead"]
+    assert MeasureOn(compile=True).compile == "default" and MeasureOn().compile is None
+    with pytest.raises(ConfigError, match="reduce-overhead"):
+        MeasureOn(compile="fast")
+    seen = []
+
+    def fake_compile(model, mode=None):
+        seen.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    _, analysis, _ = _mlp_analysis()
+    for mode, expected in (("default", None), ("reduce-overhead", "reduce-overhead"), (None, "not compiled")):
+        s = prof.settings_of(device="cpu", dtype=None, batch=None, channels_last=False, compile=mode, threads=None,
+                             rounds=1, points=2, default_dtype=torch.float32)
+        seen.clear()
+        fn = prof.prepared_call(copy.deepcopy(analysis.channels.gm), analysis.inputs, s)
+        fn()
+        assert seen == ([] if mode is None else [expected])
+    parser = build_parser()
+    args = ["profile", "torchvision:resnet18"]
+    assert parser.parse_args(args).compile is None
+    assert parser.parse_args([*args, "--compile"]).compile == "default"
+    assert parser.parse_args([*args, "--compile", "reduce-overhead"]).compile == "reduce-overhead"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -537,7 +573,7 @@ def test_compile_profiles_end_to_end(tmp_path):
     """torch.compile on the CPU (inductor) is slow here: run with -m slow."""
     analysis = fxprune.analyze(lenet5(), torch.randn(1, 1, 28, 28))
     lat = profile_latency(analysis, compile=True, batch=2, points=3, rounds=1, cache_dir=tmp_path)
-    assert lat.key["compile"] is True and lat.original_s > 0
+    assert lat.key["compile"] == "default" and lat.original_s > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

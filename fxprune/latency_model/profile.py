@@ -20,9 +20,11 @@ What is measured, how (see the package docstring for the model):
    (the core rewrite), timed end to end round-robin (`rounds` repeats after a warm-up); offset
    and scale by least squares of measured on predicted layer sums (fewer than 3 distinct points,
    or a scale <= 0: scale 1 and the median difference). `original_s` is the full model's median.
-   With `compile=True` these models are `torch.compile`d (and called once before timing, so
-   the compilation is not timed); the layer tables stay eager, and the fit's scale and offset
-   carry what compilation changes (fusion of norms and activations into their convs).
+   With `compile=True` (or a mode: `compile="reduce-overhead"` records CUDA graphs) these
+   models are `torch.compile`d (and called before timing, once, three times where CUDA graphs
+   are recorded, so neither compilation nor recording is timed); the layer tables stay eager,
+   and the fit's scale and offset carry what compilation changes (fusion of norms and
+   activations into their convs, and with CUDA graphs the host's launch time taken out).
 
 Everything runs with `torch.inference_mode`, models in eval mode, under `latency.steady_heap`,
 with `threads` CPU threads when given (restored after).
@@ -58,6 +60,7 @@ from torch import nn
 from fxprune.passes.plan import PruningPlan
 from fxprune.passes.rewrite import apply_plan
 
+from ..arguments import compile_option
 from ..distributed import run_on_rank0
 from ..errors import ArtifactError, ConfigError
 from ..latency import LatencyMeasurer, steady_heap, time_call_ms
@@ -67,6 +70,7 @@ from .layers import InputBuffer, LayerBench, find_layers, grid_units, specs_at
 from .model import VERSION, LatencyModel
 from .steps import estimate_alpha, monotone_envelope, step_intervals
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
 CPU_POINTS = 7  # grid points per axis on the CPU
 POINT_TARGET_S = {"cpu": 0.02, "cuda": 0.005}  # timed repeats per point fill about this
 MAX_REPEATS = {"cpu": 50, "cuda": 100}
@@ -112,7 +116,7 @@ class Settings:
     dtype: torch.dtype
     batch: int | None
     channels_last: bool
-    compile: bool
+    compile: str | None  # None: eager; else the torch.compile mode
     threads: int | None
     rounds: int
     points: int
@@ -177,7 +181,7 @@ def settings_of(*, device, dtype, batch, channels_last, compile, threads, rounds
     """The options checked (ConfigError naming the bad one) and normalised."""
     dev = _device(device)
     return Settings(dev, _dtype(dtype, default_dtype), _count(batch, "batch", 1),
-                    _flag(channels_last, "channels_last"), _flag(compile, "compile"),
+                    _flag(channels_last, "channels_last"), compile_option(compile),
                     _count(threads, "threads", 1), _count(rounds, "rounds", 1, allow_none=False),
                     _count(points, "points", 2, allow_none=False))
 
@@ -307,9 +311,11 @@ def prepared_call(model: nn.Module, inputs: ExampleInputs, s: Settings) -> Calla
         model.to(device=s.device, dtype=s.dtype)
         if s.channels_last:
             model.to(memory_format=torch.channels_last)
-    runner = torch.compile(model) if s.compile else model
-    if s.compile:
-        with torch.inference_mode():
+    if s.compile is None:
+        return lambda: inputs.call(model)
+    runner = torch.compile(model, mode=None if s.compile == "default" else s.compile)
+    with torch.inference_mode():  # compiles; the CUDA-graph modes record on the second and third calls
+        for _ in range(3 if s.cuda and s.compile in CUDA_GRAPH_MODES else 1):
             inputs.call(runner)
     return lambda: inputs.call(runner)
 

@@ -12,12 +12,16 @@ from .base import MethodContext
 from .latency_selection import predict_plan
 
 
+def _compiled(mode: str | None) -> str:
+    return "" if mode is None else ", compiled" if mode == "default" else f", compiled ({mode})"
+
+
 def latency_details(latency_model, context: MethodContext, plan: PruningPlan, measured_after_s: float,
                     extra: dict | None = None) -> dict:
     """The report's latency entry: where it was measured, predicted and measured before and after."""
     on = context.measure_on
     return {"on": f"{on.device}, batch {on.batch or 'as given'}, {str(on.dtype or 'model dtype').replace('torch.', '')}"
-                  f"{', channels_last' if on.channels_last else ''}{', compiled' if on.compile else ''}",
+                  f"{', channels_last' if on.channels_last else ''}{_compiled(on.compile)}",
             "predicted_before_s": latency_model.predict({}), "measured_before_s": latency_model.original_s,
             "predicted_after_s": predict_plan(latency_model, plan), "measured_after_s": measured_after_s,
             "target_s": context.constraints.latency_target_s(latency_model.original_s),
