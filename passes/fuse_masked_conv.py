@@ -61,6 +61,8 @@ from torch import nn
 import fxprune.kernels  # noqa: F401  (registers torch.ops.fxprune.masked_conv2d)
 from fxprune.errors import ConfigError, InputError
 
+from .compact_chain import compact_conv, live_channels
+
 MODES = ("hard", "soft")
 META = "fxprune_masked_convs"
 
@@ -70,6 +72,15 @@ _RESHAPE_METHODS = ("reshape", "view")
 # f(0) is finite, applied per channel (pattern 2 may pass through them between conv and mul)
 _FINITE_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.SiLU, nn.GELU,
                    nn.ELU, nn.Tanh, nn.Sigmoid, nn.Hardsigmoid, nn.Identity, nn.Dropout, nn.Mish, nn.PReLU)
+# per channel, f(0) == 0 and no per-channel state: they run unchanged on a compact tensor
+# (dropout is left out: its random draws would differ from the dense tensor's)
+_WIDTH_FREE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.SiLU, nn.GELU, nn.ELU, nn.Tanh,
+                       nn.Identity, nn.Mish, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_WIDTH_FREE_FUNCS = (torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.hardtanh,
+                     torch.nn.functional.hardswish, torch.nn.functional.silu, torch.nn.functional.gelu,
+                     torch.nn.functional.elu, torch.nn.functional.leaky_relu, torch.tanh,
+                     torch.nn.functional.max_pool2d, torch.nn.functional.avg_pool2d,
+                     torch.nn.functional.adaptive_avg_pool2d)
 # f(0) == 0, per channel (input masks may look through them)
 _ZERO_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.SiLU, nn.GELU, nn.ELU, nn.Tanh,
                  nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
@@ -239,6 +250,7 @@ class _Fuser:
         self.fused: dict[fx.Node, dict] = {}  # op node -> record
         self.out_vec: dict[fx.Node, fx.Node] = {}  # pattern-1 op node -> its out_mask vector node
         self.stale: set[fx.Node] = set()
+        self.compacted: list[dict] = []  # pattern "compact" records
 
     # ---- recognition -------------------------------------------------------------------------
     def conv(self, node) -> tuple[nn.Conv2d, tuple] | None:
@@ -300,6 +312,85 @@ class _Fuser:
                                         {"in_mask": None, "hard": self.mode == "hard"})
 
     # ---- patterns ------------------------------------------------------------------------------
+    def width_free(self, node: fx.Node, source: fx.Node) -> bool:
+        """`node` applies an elementwise f(0) == 0 to `source` alone (it can run on a compact tensor)."""
+        if not node.args or node.args[0] is not source or any(
+                isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
+            return False
+        if node.op == "call_module":
+            return isinstance(self.gm.get_submodule(node.target), _WIDTH_FREE_MODULES)
+        return node.op == "call_function" and node.target in _WIDTH_FREE_FUNCS
+
+    def compact_segment(self, mul: fx.Node) -> dict | None:
+        """Pattern "compact": conv1 -> [BatchNorm2d] -> * s -> width-free steps -> conv2, with
+        constant factors in `s`, both convs ungrouped and every node between them read only by
+        the next. The segment's channels run compact (`passes.compact_chain`)."""
+        for i in (0, 1):
+            node, s_node = mul.args[i], mul.args[1 - i]
+            norm = None
+            if (isinstance(node, fx.Node) and node.op == "call_module" and _single_user(node) and len(node.args) == 1
+                    and not node.kwargs and isinstance(self.gm.get_submodule(node.target), nn.BatchNorm2d)):
+                norm, node = node, node.args[0]
+            found = self.conv(node)
+            if found is None or not _single_user(node) or found[1][3] != 1:
+                continue
+            channels = found[0].out_channels
+            if norm is not None and (self.gm.get_submodule(norm.target).num_features != channels
+                                     or self.gm.get_submodule(norm.target).eps <= 0):
+                continue
+            const = [f for f in self.scales.channel_scale(s_node, channels, found[0].weight) or [] if f.constant]
+            if not const:
+                continue
+            last = mul
+            while _single_user(last):
+                (user,) = last.users
+                found2 = self.conv(user)
+                if found2 is not None and user.args[0] is last:
+                    if found2[1][3] == 1 and found2[0].in_channels == channels:
+                        return {"conv": node, "norm": norm, "mul": mul, "scale": s_node, "const": const,
+                                "channels": channels, "to": user}
+                    break
+                if not self.width_free(user, last):
+                    break
+                last = user
+        return None
+
+    def compact(self) -> None:
+        """Every compact segment of the graph; each conv of a segment becomes one `compact_conv`
+        node (a conv in two segments, the middle of a chain, reads and writes compact tensors)."""
+        out_of, into = {}, {}
+        for node in list(self.graph.nodes):
+            if _is_mul(node):
+                seg = self.compact_segment(node)
+                if seg is not None and seg["conv"] not in out_of:
+                    out_of[seg["conv"]], into[seg["to"]] = seg, seg
+        for conv in [n for n in self.graph.nodes if n in out_of or n in into]:
+            mod = self.gm.get_submodule(conv.target)
+            stride, padding, dilation, _ = _conv_geometry(mod)
+            seg_out, seg_in = out_of.get(conv), into.get(conv)
+            with self.graph.inserting_before(conv):
+                if seg_out is not None:  # emitted before the segment's first conv, so both its convs see it
+                    seg_out["live"] = self.graph.call_function(
+                        live_channels, (self.vector(seg_out["const"], seg_out["channels"], {}),))
+                    seg_out["vec"] = self.vector([_Factor(seg_out["scale"], (), False)], seg_out["channels"], {})
+                w = self.graph.get_attr(f"{conv.target}.weight")
+                b = self.graph.get_attr(f"{conv.target}.bias") if mod.bias is not None else None
+                norm = None if seg_out is None or seg_out["norm"] is None else self.graph.get_attr(seg_out["norm"].target)
+                new = self.graph.call_function(compact_conv, (
+                    conv.args[0], None if seg_in is None else seg_in["live"],
+                    None if seg_out is None else seg_out["live"], w, b, stride, padding, dilation,
+                    None if seg_out is None else seg_out["vec"], norm))
+            (seg_out["mul"] if seg_out is not None else conv).replace_all_uses_with(new)
+            for n in (seg_out["mul"], seg_out["norm"]) if seg_out is not None else ():
+                if n is not None:
+                    self.graph.erase_node(n)
+            self.graph.erase_node(conv)
+            if seg_out is not None:
+                self.stale.add(seg_out["scale"])
+            self.compacted.append({"conv": conv.name, "pattern": "compact", "in_mask": seg_in is not None,
+                                   "out_compact": seg_out is not None, "node": new.name,
+                                   "norm": None if norm is None else norm.target})
+
     def try_scale(self, mul: fx.Node) -> bool:
         """Pattern 1: conv(x) * s -> masked_conv2d(x, W, b, s)."""
         for i in (0, 1):
@@ -452,7 +543,9 @@ class _Fuser:
             erased.add(node)
             pending.extend(inputs)
 
-    def run(self) -> list[dict]:
+    def run(self, compact: bool = False) -> list[dict]:
+        if compact:
+            self.compact()
         for node in list(self.graph.nodes):
             if _is_mul(node) and not self.try_scale(node):
                 self.try_after_norm(node)
@@ -467,14 +560,16 @@ class _Fuser:
             else:
                 self.restore(op)
         self.drop_stale()
-        return [self.fused[op] | {"node": op.name} for op in self.graph.nodes if op in self.fused]
+        return self.compacted + [self.fused[op] | {"node": op.name} for op in self.graph.nodes if op in self.fused]
 
 
-def fuse_masked_convs(gm: fx.GraphModule, *, mode: str) -> fx.GraphModule:
+def fuse_masked_convs(gm: fx.GraphModule, *, mode: str, compact: bool = False) -> fx.GraphModule:
     """A copy of `gm` with mask multiplications fused into ``masked_conv2d`` (see module docstring).
 
     `mode` is the gradient semantics of zero-mask channels in pattern 1: ``"hard"`` (zero means
     pruned, no gradient; Gate Decorator) or ``"soft"`` (mask gradient everywhere; GAL's FISTA).
+    `compact` first turns every conv pair with masked channels between them into a compact chain
+    (pattern "compact", `passes.compact_chain`); the other patterns then apply to the rest.
     """
     if mode not in MODES:
         raise ConfigError(f"fuse_masked_convs: unknown mode {mode!r}: choose 'hard' (zero means pruned, "
@@ -484,7 +579,7 @@ def fuse_masked_convs(gm: fx.GraphModule, *, mode: str) -> fx.GraphModule:
                          "trace the model first (fxprune.trace(model).graph_module)")
     new = fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
     new.training = gm.training
-    records = _Fuser(new, mode).run()
+    records = _Fuser(new, mode).run(compact=compact)
     new.graph.lint()
     new.recompile()
     new.meta[META] = records

@@ -266,8 +266,9 @@ def gd_steps(args) -> list[dict]:
     from fxprune.passes.gates import insert_gates
 
     rows = []
-    print("\n| method | model | batch | density | eager masks ms/step | fused ms/step | fused/eager | speed-up |\n"
-          "|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| method | model | batch | density | eager masks ms/step | fused ms/step | fused/eager | speed-up "
+          "| compact ms/step | compact/eager | speed-up (compact) |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, build in (("resnet56 (MNIST)", resnet56), ("vgg_bn (MNIST)", vgg_bn)):
         torch.manual_seed(0)
         model = build().to(args.device).train()
@@ -276,6 +277,7 @@ def gd_steps(args) -> list[dict]:
         analysis = fxprune.analyze(model, x[:2]).channels
         gated = insert_gates(analysis)
         fused = fuse_masked_convs(gated.module, mode="hard")
+        compact = fuse_masked_convs(gated.module, mode="hard", compact=True)
         masked = insert_soft_masks(analysis, ("channel",), "ones", 0)
         with torch.no_grad():
             target = model(x).detach()
@@ -290,25 +292,28 @@ def gd_steps(args) -> list[dict]:
                     p.copy_((torch.rand(p.shape, generator=gen) < d).to(p.dtype))
             ce = lambda out: F.cross_entropy(out, y)  # noqa: E731
             mse = lambda out: F.mse_loss(out, target)  # noqa: E731
-            cases = {("gate_decorator", "hard"): (gated.module, fused, ce)}
+            cases = {("gate_decorator", "hard"): (gated.module, fused, compact, ce)}
             for phase in ("learning", "frozen"):
                 for p in masked.params():
                     p.requires_grad_(phase == "learning")
-                soft = fuse_masked_convs(masked.module, mode="soft" if phase == "learning" else "hard")
-                cases[(f"gal ({phase})", phase)] = (masked.module, soft, mse)
+                mode = "soft" if phase == "learning" else "hard"
+                cases[(f"gal ({phase})", phase)] = (masked.module, fuse_masked_convs(masked.module, mode=mode),
+                                                    fuse_masked_convs(masked.module, mode=mode, compact=True), mse)
                 fns = {}
-                for (method, _), (plain, fz, loss) in cases.items():
+                for (method, _), (plain, fz, cz, loss) in cases.items():
                     params = [p for p in plain.parameters() if p.requires_grad]
                     fns[(method, "eager")] = _step(plain, x, loss, params)
                     fns[(method, "fused")] = _step(fz, x, loss, params)
+                    fns[(method, "compact")] = _step(cz, x, loss, params)
                 t = measure(fns, args.device, args.threads, args.round_time, args.rounds)
                 for method in dict.fromkeys(m for m, _ in fns):
                     if any(r["method"] == method and r["model"] == name and r["density"] == d for r in rows):
                         continue
-                    e, f_ = t[(method, "eager")], t[(method, "fused")]
-                    rows.append(dict(method=method, model=name, batch=args.gd_batch, density=d, eager=e, fused=f_))
+                    e, f_, c = t[(method, "eager")], t[(method, "fused")], t[(method, "compact")]
+                    rows.append(dict(method=method, model=name, batch=args.gd_batch, density=d, eager=e, fused=f_,
+                                     compact=c))
                     print(f"| {method} | {name} | {args.gd_batch} | {d:.2f} | {e * 1e3:.1f} | {f_ * 1e3:.1f} | "
-                          f"{f_ / e:.2f} | {e / f_:.2f}x |", flush=True)
+                          f"{f_ / e:.2f} | {e / f_:.2f}x | {c * 1e3:.1f} | {c / e:.2f} | {e / c:.2f}x |", flush=True)
                 cases.pop(("gate_decorator", "hard"), None)
                 cases.pop(("gal (learning)", "learning"), None)
             for p in masked.params():

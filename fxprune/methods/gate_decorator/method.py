@@ -18,11 +18,14 @@ Schedules (`schedule=`):
 Then `finetune_epochs` of fine-tuning (triangular LR, momentum 0, as the authors), the gates are
 folded into the BatchNorms and the masked channels removed by the core rewrite.
 
-``fused_kernels=True`` trains the gated graph through `passes.fuse_masked_conv` in hard mode: each
-conv whose BN output is gated hands its pruned channels (mask 0) to ``masked_conv2d`` and skips
-them, and so does the next conv for its zero input channels. Training is unchanged (only the
-pruned channels' BN running statistics differ, and those channels are removed); whether it is
-faster depends on the layer sizes and the device (`docs/kernels.md`).
+``fused_kernels=True`` trains the gated graph through `passes.fuse_masked_conv` in hard mode with
+compact chains: where a gated BN output feeds the next conv through activations only (a residual
+block's inner channels, VGG's chain), the channels between the convs run compact, live ones only
+(`passes.compact_chain`); elsewhere each conv whose BN output is gated hands its pruned channels
+(mask 0) to ``masked_conv2d`` and skips them, and so does the next conv for its zero input
+channels. Training is unchanged (only the pruned channels' BN running statistics differ, and
+those channels are removed); whether it is faster depends on the layer sizes and the device
+(`docs/kernels.md`).
 
 Under torch.distributed (``torchrun``, `fxprune.train.init_distributed()`, a DataLoader with a
 DistributedSampler): Ticks, Tocks and the fine-tune run under DDP, the Taylor scores are averaged
@@ -209,7 +212,7 @@ def gate_decorator(channels, cost, data: Iterable, constraints: Constraints, opt
     torch.manual_seed(opts.seed)
     gated = insert_gates(channels)
     if opts.fused_kernels:  # same parameters and mask buffers; masked convs skip their pruned channels
-        gated = replace(gated, module=fuse_masked_convs(gated.module, mode="hard"))
+        gated = replace(gated, module=fuse_masked_convs(gated.module, mode="hard", compact=True))
     scores = _Scores(channels, gated)
     # a group no gate could be placed on has no score: it stays whole (`GatedModel.ungated`)
     keep = {g.index: np.arange(g.n_units) for g in channels.prunable_groups if g.index not in gated.ungated}

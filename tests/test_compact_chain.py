@@ -1,0 +1,125 @@
+"""Compact chains (`passes.compact_chain`, pattern "compact" of `fuse_masked_convs(..., compact=True)`):
+the channels between two convs that a constant mask factor kills are never materialised.
+
+Every check is against the unfused gated graph in float64 (outputs and every parameter gradient to
+1e-10 relative, train and eval), on ResNet-20 (inner block channels: producer -> consumer pairs)
+and VGG-BN (a chain: its middle convs read and write compact tensors)."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fxprune
+from fxprune.methods.gate_decorator.method import _mask_units
+from fxprune.nets import resnet20, vgg_bn
+from fxprune.passes.fuse_masked_conv import META, fuse_masked_convs
+from fxprune.passes.gates import insert_gates
+
+
+def _gated(build, density=0.5, seed=0):
+    torch.manual_seed(seed)
+    model = build().double().train()
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    a = fxprune.analyze(model, x[:2])
+    gated = insert_gates(a.channels)
+    rng = np.random.default_rng(seed)
+    keep = {g.index: np.sort(rng.choice(g.n_units, max(1, int(g.n_units * density)), replace=False))
+            for g in a.channels.prunable_groups}
+    with torch.no_grad():
+        for p in gated.gates():
+            p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype) + 0.5)
+    _mask_units(a.channels, gated, keep)
+    return a, gated, x
+
+
+def _step(module, x):
+    module.zero_grad(set_to_none=True)
+    y = module(x)
+    (y.square().sum() + y.sum()).backward()
+    return y.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _same(plain, compact, x):
+    y0, g0 = _step(plain, x)
+    y1, g1 = _step(compact, x)
+    assert torch.isfinite(y1).all()
+    assert torch.allclose(y0, y1, rtol=1e-10, atol=1e-12 * y0.abs().max())
+    assert g0.keys() == g1.keys()
+    scale = max(g.abs().max() for g in g0.values())
+    for k in g0:
+        assert torch.allclose(g0[k], g1[k], rtol=0, atol=1e-10 * scale), k
+
+
+@pytest.mark.parametrize("build, producers, middles", [(resnet20, 9, 0), (vgg_bn, 3, 2)])
+def test_compact_chains_train_the_same(build, producers, middles):
+    _, gated, x = _gated(build)
+    plain = copy.deepcopy(gated.module)  # its own parameters and statistics
+    compact = fuse_masked_convs(gated.module, mode="hard", compact=True)
+    records = [r for r in compact.meta[META] if r["pattern"] == "compact"]
+    assert sum(r["out_compact"] for r in records) == producers
+    assert sum(r["out_compact"] and r["in_mask"] for r in records) == middles
+    assert all(r["in_mask"] for r in records if not r["out_compact"])  # every chain ends in a consumer
+    stats_before = {n: b.clone() for n, b in gated.module.named_buffers() if "running" in n}
+    for train in (True, False):
+        plain.train(train), compact.train(train)
+        _same(plain, compact, x)
+    # BatchNorm statistics: live channels updated as the plain graph did, dead ones left alone
+    plain_buffers = dict(plain.named_buffers())
+    compact_norms = {r["norm"] for r in records if r["norm"]}
+    assert len(compact_norms) == producers
+    for name in compact_norms:
+        bn = gated.module.get_submodule(name)
+        assert torch.equal(bn.num_batches_tracked, plain_buffers[f"{name}.num_batches_tracked"]), name
+        for stat in ("running_mean", "running_var"):
+            now, ref = getattr(bn, stat), plain_buffers[f"{name}.{stat}"]
+            moved = now != stats_before[f"{name}.{stat}"]  # the live channels, exactly
+            assert torch.allclose(now[moved], ref[moved], rtol=1e-10, atol=1e-12), (name, stat)
+            assert 0 < moved.sum() < len(moved), (name, stat)
+
+
+def test_mask_updates_in_place_are_seen_and_edge_densities_are_exact():
+    """Gate Decorator's Ticks change the masks in place: the compact graph reads them on every call,
+    including a group with every channel dead and one with every channel live."""
+    a, gated, x = _gated(resnet20)
+    plain = copy.deepcopy(gated.module)
+    compact = fuse_masked_convs(gated.module, mode="hard", compact=True)
+    groups = [g.index for g in a.channels.prunable_groups]
+    for keep in ({g: np.arange(0) if i % 2 else np.arange(a.channels.groups[g].n_units) for i, g in enumerate(groups)},
+                 {g: np.arange(a.channels.groups[g].n_units) for g in groups}):
+        _mask_units(a.channels, gated, keep)
+        plain.load_state_dict(gated.module.state_dict())
+        for train in (True, False):
+            plain.train(train), compact.train(train)
+            _same(plain, compact, x)
+
+
+class _Chains(nn.Module):
+    """conv -> BN -> * mask -> {dropout | depthwise conv | two readers} -> conv: none may run compact."""
+
+    def __init__(self, case: str):
+        super().__init__()
+        self.case = case
+        self.c1, self.bn, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.register_buffer("mask", torch.tensor([1.0, 0, 1, 1, 0, 1, 1, 0]).reshape(1, 8, 1, 1))
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.c1(x)) * self.mask)
+        if self.case == "dropout":
+            return self.c2(torch.nn.functional.dropout(y, 0.5, self.training))
+        if self.case == "depthwise":
+            return self.dw(y)
+        return self.c2(y) + y.sum(1, keepdim=True)  # "two_readers"
+
+
+@pytest.mark.parametrize("case", ["dropout", "depthwise", "two_readers"])
+def test_chains_that_must_not_be_compacted(case):
+    gm = torch.fx.symbolic_trace(_Chains(case).double().eval())
+    compact = fuse_masked_convs(gm, mode="hard", compact=True)
+    assert not [r for r in compact.meta[META] if r["pattern"] == "compact"]
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    assert torch.allclose(gm(x), compact(x), rtol=1e-10, atol=1e-12)
