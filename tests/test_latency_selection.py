@@ -150,6 +150,32 @@ def test_resnet18_never_over_the_predicted_budget_and_on_step_edges(resnet, frac
             assert model.predict({**counts, g: above[0]}) > budget, g
 
 
+@pytest.mark.parametrize("fraction", [0.8, 0.5, 0.3])
+def test_uniform_allocation_one_fraction_on_step_edges_under_the_budget(resnet, fraction):
+    """allocation="uniform" (the `uniform` method under a latency target): never over the predicted
+    budget, every group on an allowed count, the kept fractions more even than the importance
+    greedy's, and the plan tight."""
+    a, scores = resnet
+    model = FakeLatencyModel(a, q=8)
+    budget = fraction * model.original_s
+    plan = select_under_latency(a.channels, a.cost, scores, FULL, model, budget, allocation="uniform")
+    assert predict_plan(model, plan) <= budget
+    allowed = _allowed_counts(a, scores, model, FULL)
+    counts = _counts(plan)
+    assert all(k in allowed[g] for g, k in counts.items())
+    _assert_most_important_kept(scores, plan)
+    spread = [k / a.groups[g].n_units for g, k in counts.items()]
+    importance_plan = select_under_latency(a.channels, a.cost, scores, FULL, model, budget)
+    spread_importance = [len(importance_plan.keep[g]) / a.groups[g].n_units for g in importance_plan.keep]
+    assert np.std(spread) < np.std(spread_importance)  # the uniform one is the more even of the two
+    for g, k in counts.items():  # tight: the fill left no candidate up move under the budget
+        above = [c for c in sorted(allowed[g]) if c > k]
+        if above:
+            assert model.predict({**counts, g: above[0]}) > budget, g
+    with pytest.raises(ConfigError, match="allocation"):
+        select_under_latency(a.channels, a.cost, scores, FULL, model, budget, allocation="even")
+
+
 SMALL = ["residual_add", "unet_upsample_skip", "concat", "depthwise_multiplier", "grouped", "flatten_linear",
          "se_mul", "conv_transpose_grouped", "split", "conv1d"]
 

@@ -137,10 +137,24 @@ def test_gal_thresholds_its_masks_until_measured_under_the_target(clock):
     assert report.macs_after < report.macs_before and report.max_rel_error < 1e-4
 
 
-@pytest.mark.parametrize("method", ["uniform"])
-def test_methods_without_a_latency_target_refuse_it(method):
-    with pytest.raises(fxprune.ConfigError, match=f"'{method}' does not support latency"):
-        fxprune.compress(ResidualClassifier().eval(), method, torch.randn(2, 3, 8, 8), 1.0, latency=0.5, data=[])
+def test_a_method_without_a_latency_target_refuses_it():
+    """Every built-in method honours latency=; a method that does not declare it is refused by name."""
+    from fxprune.methods import METHODS, MethodResult, register_method
+    from fxprune.passes.plan import PruningPlan
+
+    class KeepAll:
+        name, options_type, supports, needs_data = "keep_all", None, frozenset({"round_to"}), False
+
+        def run(self, ctx):
+            return MethodResult(PruningPlan())
+
+    register_method(KeepAll())
+    try:
+        with pytest.raises(fxprune.ConfigError, match="'keep_all' does not support latency"):
+            fxprune.compress(ResidualClassifier().eval(), "keep_all", torch.randn(2, 3, 8, 8), 1.0, latency=0.5)
+    finally:
+        METHODS.pop("keep_all")
+    assert all("latency" in m.supports for m in METHODS.values())
 
 
 def test_cli_profile_and_latency_compress(capsys, tmp_path):

@@ -77,7 +77,7 @@ def test_method_leaves_model_and_analysis_unchanged(name):
 @pytest.mark.parametrize("method, kwargs, message", [
     ("gate_decorator", {"round_to": 8}, "'gate_decorator' does not support round_to"),
     ("gal", {"min_channels": 2}, "'gal' does not support min_channels"),
-    ("uniform", {"latency": 0.5}, "'uniform' does not support latency"),
+    ("gate_decorator", {"min_ratio": 0.1}, "'gate_decorator' does not support min_ratio"),
     ("gal", {"round_to": 8}, "'gal' does not support round_to"),
     ("l1", {"params": 0.5}, "'l1' does not support params"),
 ])

@@ -178,15 +178,19 @@ def test_quick_mnist_fine_tunes_both_and_reports_real_accuracies(quick):
     assert row.startswith("| resnet20 | 1 |")
 
 
-def test_quick_mnist_floored_variant_keeps_its_floor_and_its_own_torch_pruning_model(quick):
-    """--fx-min-ratio 0,0.25: the floored fxprune variant prunes the same dense model (same dense
-    accuracy), keeps at least a quarter of every conv, and gets its own equal-latency TP search."""
+def test_quick_mnist_second_variant_has_its_method_floor_and_own_torch_pruning_model(quick):
+    """--fx-variants l1,uniform:0.25: the second variant (the uniform method, floor 0.25) prunes the
+    same dense model (same dense accuracy), keeps at least a quarter of every conv, and gets its own
+    equal-latency TP search."""
     _, _, mnist = quick
     if isinstance(mnist, Exception):
         pytest.skip(f"real MNIST is not installed: {mnist}")
-    floored = mnist[tp_latency.variant_name("resnet20", 0.25)]
-    (run,), (base,) = floored["runs"], mnist["resnet20"]["runs"]
-    assert floored["fx_min_ratio"] == run["fx_min_ratio"] == 0.25 and base["fx_min_ratio"] == 0.0
+    name = tp_latency.variant_name("resnet20", "uniform", 0.25)
+    assert name == "resnet20@uniform,min_ratio=0.25"
+    variant = mnist[name]
+    (run,), (base,) = variant["runs"], mnist["resnet20"]["runs"]
+    assert variant["fx_method"] == run["fx_method"] == "uniform" and base["fx_method"] == "l1"
+    assert variant["fx_min_ratio"] == run["fx_min_ratio"] == 0.25 and base["fx_min_ratio"] == 0.0
     assert run["dense_accuracy"] == base["dense_accuracy"]
     _check_comparison(run)
     assert all(w >= math.ceil(0.25 * o) for w, o in zip(run["fxprune"]["conv_widths"], run["original"]["conv_widths"]))

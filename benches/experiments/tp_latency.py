@@ -177,7 +177,8 @@ def fxprune_at_latency(model, x, args, attempts: int = 2) -> tuple[torch.nn.Modu
         if attempt:
             os.environ["FXPRUNE_CACHE"] = tempfile.mkdtemp(prefix="fxprune-tp-latency-retry-")
         try:
-            slim = fxprune.compress(model, "l1", x, flops=1.0, latency=LATENCY_TARGET, device=args.device,
+            slim = fxprune.compress(model, getattr(args, "fx_method", "l1"), x, flops=1.0, latency=LATENCY_TARGET,
+                                    device=args.device,
                                     batch=args.batch, dtype=torch_dtype(args.dtype), channels_last=args.channels_last,
                                     min_ratio=getattr(args, "fx_floor", 0.0))
             break
@@ -416,10 +417,17 @@ def _loader(ds, n: int, bs: int, seed: int) -> DataLoader:
                       generator=torch.Generator().manual_seed(seed))
 
 
-def variant_name(net: str, min_ratio: float) -> str:
-    """Where a run of fxprune with `min_ratio` is stored: the net's name for the default (0), else
-    NET@min_ratio=R, so the floor variants sit next to the default in the tables."""
-    return net if not min_ratio else f"{net}@min_ratio={min_ratio:g}"
+def parse_variant(text: str) -> tuple[str, float]:
+    """``METHOD[:MIN_RATIO]`` of ``--fx-variants`` -> (method, min_ratio)."""
+    method, _, ratio = text.strip().partition(":")
+    return method, float(ratio or 0.0)
+
+
+def variant_name(net: str, method: str = "l1", min_ratio: float = 0.0) -> str:
+    """Where a run of one fxprune variant is stored: the net's name for the default (l1, no floor),
+    else NET@[METHOD][,]min_ratio=R, so the variants sit next to the default in the tables."""
+    parts = ([] if method == "l1" else [method]) + ([f"min_ratio={min_ratio:g}"] if min_ratio else [])
+    return net if not parts else f"{net}@{','.join(parts)}"
 
 
 def finetune(model, data, seed: int, epochs: int = 1) -> None:
@@ -456,14 +464,16 @@ def mnist_run(nets, seeds, args, on_entry=None) -> dict:
             dense_acc = evaluate(dense, test)["accuracy"]
             train_s = time.perf_counter() - t0
             log(f"{net} seed {seed}: dense test accuracy {dense_acc:.4f} ({train_s:.0f} s)")
-            for min_ratio in args.fx_min_ratio_list:
+            for method, min_ratio in args.fx_variant_list:
                 t1 = time.perf_counter()
-                name = variant_name(net, min_ratio)
+                name = variant_name(net, method, min_ratio)
                 mnist_args = argparse.Namespace(**{**vars(args), "device": "cpu", "dtype": None, "channels_last": False,
-                                                   "batch": args.mnist_batch, "fx_floor": min_ratio})
+                                                   "batch": args.mnist_batch, "fx_floor": min_ratio,
+                                                   "fx_method": method})
                 log(f"  {name}")
                 entry = compare(net, dense, x, bench, mnist_args)
                 run = {"seed": seed, "dense_accuracy": dense_acc, "train_s": train_s, "fx_min_ratio": min_ratio,
+                       "fx_method": method,
                        **{k: v for k, v in entry.items() if k != "_models"}}
                 if "_models" in entry:
                     for tool, slim in zip(("fxprune", "torch_pruning"), entry["_models"]):
@@ -475,7 +485,7 @@ def mnist_run(nets, seeds, args, on_entry=None) -> dict:
                         f"Torch-Pruning {run['torch_pruning']['accuracy']:.4f}")
                 run["seconds"] = time.perf_counter() - t1
                 runs.setdefault(name, []).append(run)
-                out[name] = {"net": net, "fx_min_ratio": min_ratio, "runs": runs[name],
+                out[name] = {"net": net, "fx_min_ratio": min_ratio, "fx_method": method, "runs": runs[name],
                              "summary": mnist_summary(runs[name])}
                 if on_entry is not None:
                     on_entry(name, out[name])
@@ -611,7 +621,7 @@ def save(path: Path, results: dict) -> None:
 # --quick: small enough for the test (< 60 s on 2 busy cores), large enough that every step runs
 QUICK = {"models": "resnet18", "size": 64, "batch": 2, "threads": 1, "tries": 4, "pairs": 5, "final_pairs": 7,
          "repeats": 5, "mnist_nets": "resnet20", "seeds": "0", "mnist_train": 256, "mnist_finetune": 256,
-         "mnist_test": 500, "mnist_batch": 16, "mnist_epochs": 1, "fx_min_ratio": "0,0.25"}
+         "mnist_test": 500, "mnist_batch": 16, "mnist_epochs": 1, "fx_variants": "l1,uniform:0.25"}
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -634,9 +644,10 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--mnist-epochs", type=int, default=2, help="epochs of the dense training")
     ap.add_argument("--mnist-finetune", type=int, default=10000, help="images of the fine-tune (the first of the training images)")
     ap.add_argument("--mnist-finetune-epochs", type=int, default=1, help="epochs of the fine-tune")
-    ap.add_argument("--fx-min-ratio", default="0",
-                    help="comma-separated min_ratio values, one fxprune variant each (0: the default selection), "
-                         "each compared with its own Torch-Pruning model at its latency")
+    ap.add_argument("--fx-variants", default="l1",
+                    help="comma-separated fxprune variants METHOD[:MIN_RATIO] (l1: the default importance selection; "
+                         "uniform: one shared fraction; e.g. l1,l1:0.25,uniform), each compared with its own "
+                         "Torch-Pruning model at its latency")
     ap.add_argument("--mnist-test", type=int, default=None, help="test images (default: all 10k)")
     ap.add_argument("--mnist-batch", type=int, default=64, help="batch the MNIST latencies are measured at")
     ap.add_argument("--quick", action="store_true",
@@ -651,7 +662,7 @@ def parse(argv=None) -> argparse.Namespace:
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
-    args.fx_min_ratio_list = [float(r) for r in str(args.fx_min_ratio).split(",") if r.strip()]
+    args.fx_variant_list = [parse_variant(v) for v in str(args.fx_variants).split(",") if v.strip()]
     args.dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype)
     if args.json is None:
         args.json = (str(Path(tempfile.gettempdir()) / "tp_latency_quick.json") if args.quick

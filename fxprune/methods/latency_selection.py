@@ -156,12 +156,24 @@ def _moved(pos, i, step):
     return out
 
 
+ALLOCATIONS = ("importance", "uniform")
+
+
 def select_under_latency(channels, cost, scores: dict[int, np.ndarray], constraints: Constraints,
-                         latency_model: LatencyModelLike, budget_s: float) -> PruningPlan:
+                         latency_model: LatencyModelLike, budget_s: float, allocation: str = "importance") -> PruningPlan:
     """The plan keeping the most importance whose predicted latency is at most `budget_s` seconds
     and whose MACs fit `constraints` (module docstring). Raises LatencyUnreachableError when every
     group at its minimum is still predicted over `budget_s`, TargetUnreachableError when the MACs
-    cannot fit."""
+    cannot fit.
+
+    `allocation="uniform"` (the `uniform` method) keeps one shared fraction of every group instead:
+    the largest fraction r whose plan -- each group at the highest candidate count <= r x its
+    units, so on a step edge -- is predicted under the budget (bisection on r), then the same fill.
+    Why offer it: the importance greedy spends the cut where time goes, which on a small
+    high-resolution network can leave an early stream a channel or two wide; a uniform network is
+    what a FLOPs-oriented tool gives at a global ratio, here on the latency model's step edges."""
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"allocation={allocation!r}: choose from {', '.join(ALLOCATIONS)}")
     choices = _choices(channels, scores, constraints)
     if not choices:
         return PruningPlan()
@@ -176,6 +188,9 @@ def select_under_latency(channels, cost, scores: dict[int, np.ndarray], constrai
     if not predicted_min <= budget_s:
         raise LatencyUnreachableError(budget_s, predicted_min, original,
                                       f" with every one of the {len(choices)} prunable groups at its minimum size")
+    if allocation == "uniform":
+        pos = _uniform_under(s, budget_s, constraints, total)
+        return s.plan(_fill(s, pos, s.predict(pos), budget_s, constraints, total))
     pos = [len(cand) - 1 for cand in s.cands]
     scale = original if original and original > 0 else 1.0
     predicted, macs = s.predict(pos), s.macs(pos)
@@ -203,6 +218,28 @@ def select_under_latency(channels, cost, scores: dict[int, np.ndarray], constrai
         predicted = p if over_time else s.predict(pos)
         macs = m if over_macs else s.macs(pos)
     return s.plan(_fill(s, pos, predicted, budget_s, constraints, total))
+
+
+def _uniform_at(s: _State, ratio: float) -> list[int]:
+    """Each group at its highest candidate count <= ratio x its units (at least its lowest)."""
+    return [max(0, int(np.searchsorted(cand, ratio * len(c.units) + 1e-9, side="right")) - 1)
+            for c, cand in zip(s.choices, s.cands)]
+
+
+def _uniform_under(s: _State, budget_s, constraints, total, steps: int = 40) -> list[int]:
+    """`_uniform_at` of the largest ratio predicted under both limits (the ratio 0 plan, every group at
+    its minimum, fits: the caller checked)."""
+    def fits(r):
+        pos = _uniform_at(s, r)
+        return s.predict(pos) <= budget_s and constraints.fits_macs(s.macs(pos), total)
+
+    if fits(1.0):
+        return _uniform_at(s, 1.0)
+    lo, hi = 0.0, 1.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return _uniform_at(s, lo)
 
 
 def _fill(s: _State, pos, predicted, budget_s, constraints, total):
@@ -497,6 +534,6 @@ def auto_round(channels, cost, scores: dict[int, np.ndarray], plan: PruningPlan,
     return best[2], compared
 
 
-__all__ = ["EFFICIENT", "SPEED_MIN_RATIO", "SPEED_PLANS", "LatencyModelLike", "LatencyUnreachableError", "MeasuredFit",
+__all__ = ["ALLOCATIONS", "EFFICIENT", "SPEED_MIN_RATIO", "SPEED_PLANS", "LatencyModelLike", "LatencyUnreachableError", "MeasuredFit",
            "allocate_for_speed", "auto_round", "fit_measured", "importance_lost",
            "plan_counts", "predict_plan", "select_under_latency", "snap_to_steps"]

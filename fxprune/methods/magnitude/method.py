@@ -7,7 +7,8 @@ each group and keeps one shared ratio everywhere (`fxprune.methods.selection`).
 With a latency target (`latency=` a fraction of the measured original, or `latency_ms=`) the
 ranked methods profile the model on the device it will run on (`fxprune.latency_model`), keep the
 most importance under the predicted latency with every group on a step edge
-(`latency_selection.select_under_latency`), then measure the slim model end to end and shrink the
+(`latency_selection.select_under_latency`; ``uniform``: the largest shared fraction of every
+group, each on a step edge), then measure the slim model end to end and shrink the
 predicted budget until the measurement is under the target (`fit_measured`). With
 `round_to="auto"` a FLOPs-target selection is moved onto the latency model's step edges
 (`snap_to_steps`), or, when the latency model predicts it faster per MAC kept, re-allocated time
@@ -38,8 +39,7 @@ class MagnitudeMethod:
 
     @property
     def supports(self) -> frozenset:
-        base = {"round_to", "min_channels", "min_ratio"}
-        return frozenset(base if self.uniform else base | {"latency"})  # uniform: one ratio, no step choice
+        return frozenset({"round_to", "min_channels", "min_ratio", "latency"})
 
     def run(self, context: MethodContext) -> MethodResult:
         analysis, c = context.analysis, context.constraints
@@ -54,7 +54,8 @@ class MagnitudeMethod:
                                                                   {"round_to_auto": compared})})
         target = c.latency_target_s(model.original_s)
         fit = fit_measured(
-            lambda budget: select_under_latency(analysis.channels, analysis.cost, scores, c, model, budget),
+            lambda budget: select_under_latency(analysis.channels, analysis.cost, scores, c, model, budget,
+                                                "uniform" if self.uniform else "importance"),
             lambda plan: slim_latency(context, plan, model), target, latency_model=model)
         return MethodResult(fit.plan, {"latency": latency_details(model, context, fit.plan, fit.measured_s,
                                                                   {"rounds": fit.rounds})})
