@@ -247,6 +247,7 @@ def run_all(spec: Spec, out: Path, only: list | None = None, seeds: tuple | None
                                   "seed": seed, "data": exp.data, "error": f"{type(exc).__name__}: {exc}",
                                   "traceback": traceback.format_exc(limit=8)}
                     record["wall_seconds"] = time.perf_counter() - t0
+                    record["threads"] = torch.get_num_threads()
                     _write_json(path, record)
                     written.append(path)
                     acc = record.get("accuracy", {})
