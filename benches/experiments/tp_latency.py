@@ -514,9 +514,14 @@ def mnist_summary(runs: list) -> dict:
         mean, sd, n = _mean_sd(vals)
         out[key] = {"mean": mean, "sd": sd, "n": n, "values": vals}
     out["equal_latency_runs"] = sum(bool(r.get("equal_latency")) for r in runs)
-    diffs = [r["fxprune"]["accuracy"] - r["torch_pruning"]["accuracy"] for r in runs
-             if "accuracy" in r.get("fxprune", {}) and "accuracy" in r.get("torch_pruning", {})]
+    both = [r for r in runs if "accuracy" in r.get("fxprune", {}) and "accuracy" in r.get("torch_pruning", {})]
+    diffs = [r["fxprune"]["accuracy"] - r["torch_pruning"]["accuracy"] for r in both]
     out["fx_minus_tp_accuracy"] = dict(zip(("mean", "sd", "n"), _mean_sd(diffs)))
+    # the same over the runs whose final pair check found the two models equally fast (a flagged run's
+    # TP model had another latency, so its accuracy compares nothing)
+    equal = [r["fxprune"]["accuracy"] - r["torch_pruning"]["accuracy"] for r in both if r.get("equal_latency")]
+    out["fx_minus_tp_accuracy_equal_latency"] = dict(zip(("mean", "sd", "n"), _mean_sd(equal)))
+    out["fx_better_equal_latency"] = sum(d > 0 for d in equal)
     return out
 
 
@@ -564,6 +569,7 @@ def capacity_table(results: dict) -> str:
 
 def mnist_table(results: dict) -> str:
     head = ["net", "seeds", "dense acc", "fxprune acc", "Torch-Pruning acc", "fxprune - TP (mean ± sd)",
+            "fxprune - TP, equal-latency runs (fxprune better)",
             "MACs kept fxprune / TP", "latency / original fxprune / TP", "TP / fxprune latency", "equal-latency runs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
 
@@ -571,10 +577,12 @@ def mnist_table(results: dict) -> str:
         return "—" if not d or d.get("mean") is None else f"{d['mean']:{fmt}} ± {d['sd']:{fmt}}"
 
     for net, e in results.get("mnist", {}).items():
-        s = e.get("summary", {})
+        s = mnist_summary(e.get("runs", []))  # recomputed: a file written by an older version has fewer keys
         lines.append(
             f"| {net} | {len(e.get('runs', []))} | {ms(s.get('dense_accuracy'))} | {ms(s.get('fx_accuracy'))} | "
             f"{ms(s.get('tp_accuracy'))} | {ms(s.get('fx_minus_tp_accuracy'))} | "
+            f"{ms(s.get('fx_minus_tp_accuracy_equal_latency'))} ({s.get('fx_better_equal_latency', 0)} of "
+            f"{(s.get('fx_minus_tp_accuracy_equal_latency') or {}).get('n', 0)}) | "
             f"{ms(s.get('fx_macs'), '.3f')} / {ms(s.get('tp_macs'), '.3f')} | "
             f"{ms(s.get('fx_latency'), '.3f')} / {ms(s.get('tp_latency'), '.3f')} | {ms(s.get('tp_over_fx'), '.3f')} | "
             f"{s.get('equal_latency_runs', 0)}/{len(e.get('runs', []))} |")
