@@ -85,10 +85,12 @@ def compact_conv(x: Tensor, live_in: Tensor | None, live_out: Tensor | None, wei
     if gather:
         w = w.index_select(0, live_out)
         b = None if b is None else b.index_select(0, live_out)
-    y = F.conv2d(x, w, b, stride, padding, dilation)
-    if norm is not None and y.shape[1]:
-        y = _batch_norm(y, live_out if gather else None, norm)
     s = scale.index_select(0, live_out) if gather else scale
+    if norm is None:  # nothing between the conv and the scale: fold it into the filters (no pass over the output)
+        return F.conv2d(x, w * s.reshape(-1, 1, 1, 1), None if b is None else b * s, stride, padding, dilation)
+    y = F.conv2d(x, w, b, stride, padding, dilation)
+    if y.shape[1]:
+        y = _batch_norm(y, live_out if gather else None, norm)
     return y * s.reshape(1, -1, 1, 1)
 
 

@@ -123,3 +123,26 @@ def test_chains_that_must_not_be_compacted(case):
     assert not [r for r in compact.meta[META] if r["pattern"] == "compact"]
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     assert torch.allclose(gm(x), compact(x), rtol=1e-10, atol=1e-12)
+
+
+def test_compact_conv_alone_equals_the_dense_conv_on_its_live_channels():
+    """`compact_conv` without a BatchNorm (the scale folded into the filters), with a compact input:
+    its output is the dense (conv(x, W) + b) * s on the live output channels, its gradients the
+    dense ones on the live input channels, filters and bias entries (float64)."""
+    from fxprune.passes.compact_chain import compact_conv
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64, generator=g)
+    w = torch.randn(5, 6, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
+    s = torch.tensor([0.5, 0.0, 2.0, 1.5, 0.0], dtype=torch.float64)
+    live_in, live_out = torch.tensor([0, 2, 3, 5]), torch.tensor([0, 2, 3])
+    xin = x.clone()
+    xin[:, [1, 4]] = 0  # what a masked producer hands over
+    ref = (torch.nn.functional.conv2d(xin, w, b, 2, 1) * s.reshape(1, -1, 1, 1))[:, live_out]
+    (gw_ref, gb_ref) = torch.autograd.grad(ref.square().sum(), (w, b))
+    out = compact_conv(x[:, live_in], live_in, live_out, w, b, [2, 2], [1, 1], [1, 1], scale=s)
+    assert out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    gw, gb = torch.autograd.grad(out.square().sum(), (w, b))
+    assert torch.allclose(gw, gw_ref, rtol=1e-12, atol=1e-12) and torch.allclose(gb, gb_ref, rtol=1e-12, atol=1e-12)
+    assert gw[[1, 4]].abs().sum() == 0 and gw[:, [1, 4]].abs().sum() == 0  # dead filters and input columns

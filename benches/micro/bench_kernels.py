@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from fxprune.kernels import dispatch, masked_conv2d
+from fxprune.passes.compact_chain import compact_conv
 
 # name: (cin, cout, hw, k, stride, groups)
 LAYERS = {
@@ -54,7 +55,7 @@ LAYERS = {
 GOAL_LAYERS = ("r50.l1.1x1a", "r50.l1.3x3", "r50.l2.3x3", "r50.l3.3x3", "r50.l3.1x1b", "r50.l4.3x3",
                "mv2.expand", "mv2.dw", "mv2.project")
 DENSITIES = (1.0, 0.75, 0.5, 0.25)
-METHODS = ("dense", "eager", "fused", "sliced")
+METHODS = ("dense", "eager", "fused", "sliced", "compact")
 
 
 def setup(layer: str, density: float, dtype: torch.dtype, device: str, batch: int, io: bool = False, seed: int = 0):
@@ -94,7 +95,15 @@ def runner(method: str, s: dict, backward: bool):
     b = b.detach().requires_grad_(backward)
     m4 = mask.reshape(1, -1, 1, 1)
 
+    if method == "compact":  # in a compact chain: the input arrives compact, the output stays compact
+        if groups > 1:
+            return None
+        in_live = s["in_live"] if s["in_mask"] is not None else None
+        x = (x if in_live is None else x[:, in_live]).contiguous().detach().requires_grad_(backward)
+
     def forward():
+        if method == "compact":
+            return compact_conv(x, in_live, s["live"], w, b, stride, pad, 1, scale=mask)
         if method == "eager":
             return F.conv2d(x, w, b, stride, pad, 1, groups) * m4
         if method == "fused":
@@ -172,7 +181,8 @@ def sweep(args) -> list[dict]:
                     for d in DENSITIES:
                         s = setup(layer, d, dtype, args.device, args.batch, io=io)
                         fns = {m: runner(m, dense_setup if m == "dense" else s, backward) for m in METHODS}
-                        t = measure(fns, args.device, args.threads, args.round_time, args.rounds)
+                        fns = {m: f for m, f in fns.items() if f is not None}  # compact: ungrouped convs only
+                        t = {"compact": None} | measure(fns, args.device, args.threads, args.round_time, args.rounds)
                         fns["fused"]()
                         chosen = (dispatch.last() or ("", "?"))[1]
                         dense = min(dense, t.pop("dense"))
@@ -190,12 +200,21 @@ def _row(r: dict) -> str:
     return (f"| {r['layer']}{' io' if r['io'] else ''} | {r['dtype']} | {r['pass_']} | {r['density']:.2f} | "
             f"{r['dense'] * ms:.2f} | {r['eager'] * ms:.2f} | {r['fused'] * ms:.2f} | {r['sliced'] * ms:.2f} | "
             f"{r['fused'] / r['sliced']:.2f} | {r['fused'] / r['eager']:.2f} | {r['dispatch']} | "
-            f"{'yes' if goal_met(r) else 'no'} |")
+            f"{'yes' if goal_met(r) else 'no'} | {_ms(r.get('compact'))} | {_ratio(r.get('compact'), r['sliced'])} |")
+
+
+def _ms(t) -> str:
+    return "—" if t is None else f"{t * 1e3:.2f}"
+
+
+def _ratio(a, b) -> str:
+    return "—" if a is None or b is None else f"{a / b:.2f}"
 
 
 HEADER = ("| layer | dtype | pass | density | dense conv ms | eager conv*mask ms | fused ms | sliced ms | "
-          "fused/sliced | fused/eager | dispatch | goal (d<=0.75: <= 1.15 sliced; d=1: <= eager) |\n"
-          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
+          "fused/sliced | fused/eager | dispatch | goal (d<=0.75: <= 1.15 sliced; d=1: <= eager) | "
+          "compact ms (in a chain) | compact/sliced |\n"
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|")
 
 
 def parse_rows(text: str) -> list[dict]:
@@ -203,11 +222,12 @@ def parse_rows(text: str) -> list[dict]:
     rows = []
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 12 or not cells[3].replace(".", "").isdigit():
+        if len(cells) not in (12, 14) or not cells[3].replace(".", "").isdigit():
             continue
         layer, io = (cells[0][:-3], True) if cells[0].endswith(" io") else (cells[0], False)
+        compact = float(cells[12]) / 1e3 if len(cells) == 14 and cells[12] != "—" else None
         rows.append(dict(layer=layer, io=io, dtype=cells[1], pass_=cells[2], density=float(cells[3]),
-                         dispatch=cells[10],
+                         dispatch=cells[10], compact=compact,
                          **{k: float(cells[i]) / 1e3 for k, i in (("dense", 4), ("eager", 5), ("fused", 6),
                                                                     ("sliced", 7))}))
     return rows
@@ -234,6 +254,11 @@ def summarize(rows: list[dict]) -> str:
                 ratio = r["fused"] / (r["eager"] if d >= 1 else r["sliced"])
                 cells.append(f"{ratio:.2f}{' ✓' if goal_met(r) else ''}")
             out.append(f"| {layer} | " + " | ".join(cells) + " |")
+        chain = [r["compact"] / r["sliced"] for r in sel if r.get("compact") is not None and r["density"] < 1]
+        if chain:
+            out.append(f"\nIn a compact chain (`compact_conv`: compact input and output; ungrouped layers): compact / "
+                       f"sliced at d <= 0.75 median {statistics.median(chain):.2f}, {min(chain):.2f}-{max(chain):.2f}, "
+                       f"<= 1.15 in {sum(c <= 1.15 for c in chain)} of {len(chain)} cells.")
     return "\n".join(out)
 
 
@@ -375,6 +400,8 @@ _BATCH = 32 if _DEVICE == "cuda" else 4
 def test_masked_conv(benchmark, layer, density, method, backward):
     torch.set_num_threads(1)
     fn = runner(method, setup(layer, density, torch.float32, _DEVICE, _BATCH), backward)
+    if fn is None:
+        pytest.skip(f"{method} runs ungrouped convs only")
     benchmark.extra_info.update(layer=layer, density=density, method=method, device=_DEVICE, batch=_BATCH,
                                 pass_="fwd+bwd" if backward else "fwd")
     if _DEVICE == "cuda":
