@@ -13,26 +13,19 @@ import pytest
 import torch
 from torch import nn
 
-import fxprune
 from fxprune.methods.gate_decorator.method import _mask_units
 from fxprune.nets import resnet20, vgg_bn
 from fxprune.passes.fuse_masked_conv import META, fuse_masked_convs
-from fxprune.passes.gates import insert_gates
+
+from .test_fuse_masked_conv import _gated as gated_at_density
 
 
 def _gated(build, density=0.5, seed=0):
+    """ResNet-20 / VGG-BN in float64, gated, random masks at `density` (`test_fuse_masked_conv._gated`)."""
     torch.manual_seed(seed)
     model = build().double().train()
     x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
-    a = fxprune.analyze(model, x[:2])
-    gated = insert_gates(a.channels)
-    rng = np.random.default_rng(seed)
-    keep = {g.index: np.sort(rng.choice(g.n_units, max(1, int(g.n_units * density)), replace=False))
-            for g in a.channels.prunable_groups}
-    with torch.no_grad():
-        for p in gated.gates():
-            p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype) + 0.5)
-    _mask_units(a.channels, gated, keep)
+    a, gated, _ = gated_at_density(model, x[:2], seed=seed, density=density)
     return a, gated, x
 
 
