@@ -29,6 +29,12 @@ Fused patterns:
    zero, so the op skips them (``in_mask``). The upstream gradient into those channels would have
    been multiplied by that zero, so training is unchanged.
 
+4. With ``compact=True``, first: ``conv1 -> [BatchNorm2d] -> * s -> per-channel steps -> conv2``
+   with constant factors in `s`, both convs ungrouped and every node between them read only by
+   the next (pattern "compact"): both convs become `compact_chain.compact_conv` nodes and the
+   channels between them run compact, live ones only (see `passes.compact_chain` for why it is
+   exact); a conv in two such segments reads and writes compact tensors.
+
 Not fused, and why:
 
 * a mask that is trainable (a parameter that requires grad) and sits after a BatchNorm or another op: in
