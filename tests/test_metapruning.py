@@ -552,7 +552,7 @@ def test_bad_input():
     with pytest.raises(fxprune.TargetUnreachableError, match="flops=0.0010"):
         fxprune.compress(model, "metapruning", x, 0.001, data=_loader(), options=SMALL)
     with pytest.raises(fxprune.ConfigError, match="latency"):
-        fxprune.compress(model, "uniform", x, 0.5, latency=0.01)
+        fxprune.compress(model, "metapruning", x, 0.5, data=_loader(), latency=1.5, options=SMALL)
     with pytest.raises(fxprune.LatencyUnreachableError, match="before training"):  # refused before GAL trains
         fxprune.compress(model, "gal", x, 0.5, data=_loader(), latency=0.01, options={"structures": ("channel",)})
 
