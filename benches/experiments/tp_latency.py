@@ -652,6 +652,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--mnist-epochs", type=int, default=2, help="epochs of the dense training")
     ap.add_argument("--mnist-finetune", type=int, default=10000, help="images of the fine-tune (the first of the training images)")
     ap.add_argument("--mnist-finetune-epochs", type=int, default=1, help="epochs of the fine-tune")
+    ap.add_argument("--fx-method", default="l1", help="the capacity run's fxprune method (l1 or uniform; "
+                                                      "store it next to l1's with --label)")
     ap.add_argument("--fx-variants", default="l1",
                     help="comma-separated fxprune variants METHOD[:MIN_RATIO] (l1: the default importance selection; "
                          "uniform: one shared fraction; e.g. l1,l1:0.25,uniform), each compared with its own "
