@@ -78,15 +78,6 @@ _RESHAPE_METHODS = ("reshape", "view")
 # f(0) is finite, applied per channel (pattern 2 may pass through them between conv and mul)
 _FINITE_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.SiLU, nn.GELU,
                    nn.ELU, nn.Tanh, nn.Sigmoid, nn.Hardsigmoid, nn.Identity, nn.Dropout, nn.Mish, nn.PReLU)
-# per channel, f(0) == 0 and no per-channel state: they run unchanged on a compact tensor
-# (dropout is left out: its random draws would differ from the dense tensor's)
-_WIDTH_FREE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.SiLU, nn.GELU, nn.ELU, nn.Tanh,
-                       nn.Identity, nn.Mish, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_WIDTH_FREE_FUNCS = (torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.hardtanh,
-                     torch.nn.functional.hardswish, torch.nn.functional.silu, torch.nn.functional.gelu,
-                     torch.nn.functional.elu, torch.nn.functional.leaky_relu, torch.tanh,
-                     torch.nn.functional.max_pool2d, torch.nn.functional.avg_pool2d,
-                     torch.nn.functional.adaptive_avg_pool2d)
 # f(0) == 0, per channel (input masks may look through them)
 _ZERO_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.SiLU, nn.GELU, nn.ELU, nn.Tanh,
                  nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
@@ -98,6 +89,10 @@ _ZERO_FUNCS = (torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, 
                torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.adaptive_max_pool2d)
 _ZERO_METHODS = ("relu", "tanh", "contiguous")
 _FINITE_FUNCS = _ZERO_FUNCS + (torch.sigmoid, torch.nn.functional.hardsigmoid)
+# the zero-preserving ops without dropout: they run unchanged on a compact tensor (pattern 4), and
+# dropout's random draws would differ from the dense tensor's
+_WIDTH_FREE_MODULES = tuple(m for m in _ZERO_MODULES if m not in (nn.Dropout, nn.Dropout2d))
+_WIDTH_FREE_FUNCS = tuple(f for f in _ZERO_FUNCS if f is not torch.nn.functional.dropout)
 _FINITE_METHODS = _ZERO_METHODS + ("sigmoid",)
 
 
