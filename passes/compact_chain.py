@@ -22,6 +22,15 @@ A conv that both reads and writes masked channels (the middle of ``conv -> BN ->
 conv -> BN -> * s -> relu -> conv``, as in VGG) reads a compact tensor and writes one: the chain
 runs compact from its first conv to its last (`compact_conv`).
 
+*Regions* generalise chains to residual streams. A region is every tensor reachable from masked
+producers (``conv -> [BN] -> * s``) through per-channel steps and adds whose operands are all in
+the region (ResNet's ``relu(bn2(conv2(h)) * s + x)``, where ``x`` is the stream). Its live
+channels are those some producer keeps (a channel every producer's constant factor zeroes is exact
+zero in every region tensor: adds of zeros, f(0) = 0); each producer computes them with its own
+scale (zero where only another producer keeps the channel, as the plain graph does); every conv
+that reads a region tensor reads its live columns; any other reader (a flatten, a concatenation,
+a grouped conv, the graph's output) gets the dense tensor back from `expand_channels`.
+
 `live_channels(keep)` is evaluated on every call, so in-place mask updates (Gate Decorator's
 Ticks) are seen. With every channel live, or none, a conv computes as the plain graph does.
 """
@@ -94,4 +103,13 @@ def compact_conv(x: Tensor, live_in: Tensor | None, live_out: Tensor | None, wei
     return y * s.reshape(1, -1, 1, 1)
 
 
-__all__ = ["compact_conv", "live_channels"]
+def expand_channels(x: Tensor, live: Tensor, channels: int) -> Tensor:
+    """The dense [N, `channels`, ...] tensor of the compact `x` (its channels `live`; zeros
+    elsewhere), for a reader of a compact region that needs every channel. With every channel live,
+    or none, `x` is already dense (see `compact_conv`) and is returned as it is."""
+    if not 0 < live.numel() < channels:
+        return x
+    return x.new_zeros((x.shape[0], channels) + tuple(x.shape[2:])).index_copy(1, live, x)
+
+
+__all__ = ["compact_conv", "expand_channels", "live_channels"]

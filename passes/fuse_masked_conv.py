@@ -29,11 +29,17 @@ Fused patterns:
    zero, so the op skips them (``in_mask``). The upstream gradient into those channels would have
    been multiplied by that zero, so training is unchanged.
 
-4. With ``compact=True``, first: ``conv1 -> [BatchNorm2d] -> * s -> per-channel steps -> conv2``
-   with constant factors in `s`, both convs ungrouped and every node between them read only by
-   the next (pattern "compact"): both convs become `compact_chain.compact_conv` nodes and the
-   channels between them run compact, live ones only (see `passes.compact_chain` for why it is
-   exact); a conv in two such segments reads and writes compact tensors.
+4. With ``compact=True``, first: compact regions (`passes.compact_chain`, pattern "compact").
+   A region's producers are ``conv -> [BatchNorm2d] -> * s`` with constant factors in `s` and the
+   conv ungrouped (its output read by that chain only); its tensors are everything reachable from
+   them through width-free steps (zero-preserving, per channel, no dropout) and adds whose
+   operands are all region tensors (a residual stream); its live channels are those some
+   producer's constant factors keep. A region that an ungrouped conv reads runs compact: each
+   producer's conv becomes a `compact_chain.compact_conv` node computing the live channels (BN and
+   scale included), each reading conv a `compact_conv` on the live input columns (a conv both
+   reads and writes compact tensors in the middle of a chain or at a block's first conv), and
+   every other reader (flatten, cat, a grouped conv, the output) gets the dense tensor back
+   through `compact_chain.expand_channels` (record pattern "compact_expand").
 
 Not fused, and why:
 
@@ -67,7 +73,7 @@ from torch import nn
 import fxprune.kernels  # noqa: F401  (registers torch.ops.fxprune.masked_conv2d)
 from fxprune.errors import ConfigError, InputError
 
-from .compact_chain import compact_conv, live_channels
+from .compact_chain import compact_conv, expand_channels, live_channels
 
 MODES = ("hard", "soft")
 META = "fxprune_masked_convs"
@@ -252,6 +258,7 @@ class _Fuser:
         self.out_vec: dict[fx.Node, fx.Node] = {}  # pattern-1 op node -> its out_mask vector node
         self.stale: set[fx.Node] = set()
         self.compacted: list[dict] = []  # pattern "compact" records
+        self.replaced: dict[fx.Node, fx.Node] = {}  # a compact region producer's mul -> its compact_conv
 
     # ---- recognition -------------------------------------------------------------------------
     def conv(self, node) -> tuple[nn.Conv2d, tuple] | None:
@@ -322,10 +329,9 @@ class _Fuser:
             return isinstance(self.gm.get_submodule(node.target), _WIDTH_FREE_MODULES)
         return node.op == "call_function" and node.target in _WIDTH_FREE_FUNCS
 
-    def compact_segment(self, mul: fx.Node) -> dict | None:
-        """Pattern "compact": conv1 -> [BatchNorm2d] -> * s -> width-free steps -> conv2, with
-        constant factors in `s`, both convs ungrouped and every node between them read only by
-        the next. The segment's channels run compact (`passes.compact_chain`)."""
+    def compact_source(self, mul: fx.Node) -> dict | None:
+        """A producer of a compact region: conv -> [BatchNorm2d] -> * s, with constant factors in
+        `s`, the conv ungrouped and read only by the BatchNorm (or the mul), the BatchNorm by the mul."""
         for i in (0, 1):
             node, s_node = mul.args[i], mul.args[1 - i]
             norm = None
@@ -340,57 +346,108 @@ class _Fuser:
                                      or self.gm.get_submodule(norm.target).eps <= 0):
                 continue
             const = [f for f in self.scales.channel_scale(s_node, channels, found[0].weight) or [] if f.constant]
-            if not const:
-                continue
-            last = mul
-            while _single_user(last):
-                (user,) = last.users
-                found2 = self.conv(user)
-                if found2 is not None and user.args[0] is last:
-                    if found2[1][3] == 1 and found2[0].in_channels == channels:
-                        return {"conv": node, "norm": norm, "mul": mul, "scale": s_node, "const": const,
-                                "channels": channels, "to": user}
-                    break
-                if not self.width_free(user, last):
-                    break
-                last = user
+            if const:
+                return {"conv": node, "norm": norm, "mul": mul, "scale": s_node, "const": const, "channels": channels}
         return None
 
+    def sink(self, node: fx.Node, member: fx.Node, channels: int) -> bool:
+        """`node` is an ungrouped conv that reads `member` (a region tensor) as its input."""
+        found = self.conv(node)
+        return (found is not None and node.args[0] is member and found[1][3] == 1
+                and found[0].in_channels == channels)
+
+    def compact_regions(self) -> list[dict]:
+        """The graph's compact regions (`passes.compact_chain`): tensors reachable from region
+        producers through width-free steps and adds of region tensors, grouped into connected
+        regions; only regions that at least one conv reads are kept (elsewhere the masked op of
+        patterns 1-3 does as well)."""
+        sources, root, width = {}, {}, {}
+
+        def find(n):
+            while root[n] is not n:
+                root[n] = root[root[n]]
+                n = root[n]
+            return n
+
+        for node in self.graph.nodes:  # topological order: operands are classified before their users
+            src = self.compact_source(node) if _is_mul(node) else None
+            if src is not None:
+                sources[node], root[node], width[node] = src, node, src["channels"]
+            elif (node.op in ("call_module", "call_function") and node.args and node.args[0] in root
+                  and self.width_free(node, node.args[0])):
+                root[node] = find(node.args[0])
+                width[node] = width[node.args[0]]
+            elif _is_add(node) and all(a in root for a in node.args) and width[node.args[0]] == width[node.args[1]]:
+                a, b = find(node.args[0]), find(node.args[1])
+                root[b] = a
+                root[node], width[node] = a, width[node.args[0]]
+        regions: dict[fx.Node, dict] = {}
+        for node in root:
+            r = regions.setdefault(find(node), {"members": [], "sources": [], "sinks": [], "readers": {},
+                                                "channels": width[node]})
+            r["members"].append(node)
+            if node in sources:
+                r["sources"].append(sources[node])
+            for user in node.users:
+                if user in root:
+                    continue
+                if self.sink(user, node, width[node]):
+                    r["sinks"].append(user)
+                else:
+                    r["readers"].setdefault(node, []).append(user)
+        return [r for r in regions.values() if r["sinks"]]
+
     def compact(self) -> None:
-        """Every compact segment of the graph; each conv of a segment becomes one `compact_conv`
-        node (a conv in two segments, the middle of a chain, reads and writes compact tensors)."""
-        out_of, into = {}, {}
-        for node in list(self.graph.nodes):
-            if _is_mul(node):
-                seg = self.compact_segment(node)
-                if seg is not None and seg["conv"] not in out_of:
-                    out_of[seg["conv"]], into[seg["to"]] = seg, seg
+        """Every compact region of the graph: its producers' convs and its reader convs become
+        `compact_conv` nodes (a conv both, the middle of a VGG chain or a ResNet block's first conv
+        reading the stream, reads and writes compact tensors), its other readers get
+        `expand_channels`."""
+        regions = self.compact_regions()
+        out_of = {src["conv"]: (src, r) for r in regions for src in r["sources"]}
+        into = {conv: r for r in regions for conv in r["sinks"]}
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        for r in regions:  # the live channels: what some producer keeps (emitted before the first producer)
+            with self.graph.inserting_before(min((s["conv"] for s in r["sources"]), key=order.__getitem__)):
+                vecs = [self.vector(s["const"], r["channels"], {}) for s in r["sources"]]
+                total = vecs[0]
+                for v in vecs[1:]:
+                    total = self.graph.call_function(torch.add, (self.graph.call_function(torch.abs, (total,)),
+                                                                 self.graph.call_function(torch.abs, (v,))))
+                r["live"] = self.graph.call_function(live_channels, (total,))
         for conv in [n for n in self.graph.nodes if n in out_of or n in into]:
             mod = self.gm.get_submodule(conv.target)
             stride, padding, dilation, _ = _conv_geometry(mod)
-            seg_out, seg_in = out_of.get(conv), into.get(conv)
+            src, r_out = out_of.get(conv, (None, None))
+            r_in = into.get(conv)
             with self.graph.inserting_before(conv):
-                if seg_out is not None:  # emitted before the segment's first conv, so both its convs see it
-                    seg_out["live"] = self.graph.call_function(
-                        live_channels, (self.vector(seg_out["const"], seg_out["channels"], {}),))
-                    seg_out["vec"] = self.vector([_Factor(seg_out["scale"], (), False)], seg_out["channels"], {})
+                vec = None if src is None else self.vector([_Factor(src["scale"], (), False)], src["channels"], {})
                 w = self.graph.get_attr(f"{conv.target}.weight")
                 b = self.graph.get_attr(f"{conv.target}.bias") if mod.bias is not None else None
-                norm = None if seg_out is None or seg_out["norm"] is None else self.graph.get_attr(seg_out["norm"].target)
+                norm = None if src is None or src["norm"] is None else self.graph.get_attr(src["norm"].target)
                 new = self.graph.call_function(compact_conv, (
-                    conv.args[0], None if seg_in is None else seg_in["live"],
-                    None if seg_out is None else seg_out["live"], w, b, stride, padding, dilation,
-                    None if seg_out is None else seg_out["vec"], norm))
-            (seg_out["mul"] if seg_out is not None else conv).replace_all_uses_with(new)
-            for n in (seg_out["mul"], seg_out["norm"]) if seg_out is not None else ():
+                    conv.args[0], None if r_in is None else r_in["live"], None if r_out is None else r_out["live"],
+                    w, b, stride, padding, dilation, vec, norm))
+            (src["mul"] if src is not None else conv).replace_all_uses_with(new)
+            if src is not None:
+                self.replaced[src["mul"]] = new
+            for n in (src["mul"], src["norm"]) if src is not None else ():
                 if n is not None:
                     self.graph.erase_node(n)
             self.graph.erase_node(conv)
-            if seg_out is not None:
-                self.stale.add(seg_out["scale"])
-            self.compacted.append({"conv": conv.name, "pattern": "compact", "in_mask": seg_in is not None,
-                                   "out_compact": seg_out is not None, "node": new.name,
+            if src is not None:
+                self.stale.add(src["scale"])
+            self.compacted.append({"conv": conv.name, "pattern": "compact", "in_mask": r_in is not None,
+                                   "out_compact": src is not None, "node": new.name,
                                    "norm": None if norm is None else norm.target})
+        for r in regions:  # readers that need every channel
+            for member, readers in r["readers"].items():
+                member = self.replaced.get(member, member)
+                with self.graph.inserting_before(min(readers, key=order.__getitem__)):
+                    dense = self.graph.call_function(expand_channels, (member, r["live"], r["channels"]))
+                for reader in readers:
+                    reader.replace_input_with(member, dense)
+                self.compacted.append({"conv": None, "pattern": "compact_expand", "in_mask": False,
+                                       "node": dense.name, "readers": [u.name for u in readers]})
 
     def try_scale(self, mul: fx.Node) -> bool:
         """Pattern 1: conv(x) * s -> masked_conv2d(x, W, b, s)."""
@@ -569,8 +626,9 @@ def fuse_masked_convs(gm: fx.GraphModule, *, mode: str, compact: bool = False) -
 
     `mode` is the gradient semantics of zero-mask channels in pattern 1: ``"hard"`` (zero means
     pruned, no gradient; Gate Decorator) or ``"soft"`` (mask gradient everywhere; GAL's FISTA).
-    `compact` first turns every conv pair with masked channels between them into a compact chain
-    (pattern "compact", `passes.compact_chain`); the other patterns then apply to the rest.
+    `compact` first runs every compact region (masked channels between convs, residual streams
+    included) on its live channels only (pattern "compact", `passes.compact_chain`); the other
+    patterns then apply to the rest.
     """
     if mode not in MODES:
         raise ConfigError(f"fuse_masked_convs: unknown mode {mode!r}: choose 'hard' (zero means pruned, "

@@ -1,9 +1,11 @@
-"""Compact chains (`passes.compact_chain`, pattern "compact" of `fuse_masked_convs(..., compact=True)`):
-the channels between two convs that a constant mask factor kills are never materialised.
+"""Compact chains and regions (`passes.compact_chain`, pattern "compact" of
+`fuse_masked_convs(..., compact=True)`): the channels that a constant mask factor kills are never
+materialised, between two convs and along residual streams.
 
 Every check is against the unfused gated graph in float64 (outputs and every parameter gradient to
-1e-10 relative, train and eval), on ResNet-20 (inner block channels: producer -> consumer pairs)
-and VGG-BN (a chain: its middle convs read and write compact tensors)."""
+1e-10 relative, train and eval), on ResNet-20 (every conv: the block-inner channels and the
+residual streams, whose adds run compact), VGG-BN (a chain: its middle convs read and write compact
+tensors) and a stream whose producers keep different channels."""
 from __future__ import annotations
 
 import copy
@@ -47,8 +49,10 @@ def _same(plain, compact, x):
         assert torch.allclose(g0[k], g1[k], rtol=0, atol=1e-10 * scale), k
 
 
-@pytest.mark.parametrize("build, producers, middles", [(resnet20, 9, 0), (vgg_bn, 3, 2)])
-def test_compact_chains_train_the_same(build, producers, middles):
+# ResNet-20: 21 convs (stem, 18 in blocks, 2 shortcuts), every one a producer, all but the stem
+# reading a compact tensor; its head (pool -> flatten -> fc) reads the stream through one expansion
+@pytest.mark.parametrize("build, producers, middles, expansions", [(resnet20, 21, 20, 1), (vgg_bn, 3, 2, 0)])
+def test_compact_chains_train_the_same(build, producers, middles, expansions):
     _, gated, x = _gated(build)
     plain = copy.deepcopy(gated.module)  # its own parameters and statistics
     compact = fuse_masked_convs(gated.module, mode="hard", compact=True)
@@ -56,6 +60,7 @@ def test_compact_chains_train_the_same(build, producers, middles):
     assert sum(r["out_compact"] for r in records) == producers
     assert sum(r["out_compact"] and r["in_mask"] for r in records) == middles
     assert all(r["in_mask"] for r in records if not r["out_compact"])  # every chain ends in a consumer
+    assert sum(r["pattern"] == "compact_expand" for r in compact.meta[META]) == expansions
     stats_before = {n: b.clone() for n, b in gated.module.named_buffers() if "running" in n}
     for train in (True, False):
         plain.train(train), compact.train(train)
@@ -91,7 +96,8 @@ def test_mask_updates_in_place_are_seen_and_edge_densities_are_exact():
 
 
 class _Chains(nn.Module):
-    """conv -> BN -> * mask -> {dropout | depthwise conv | two readers} -> conv: none may run compact."""
+    """conv -> BN -> * mask -> {dropout | depthwise conv} -> conv: neither may run compact (no conv
+    reads the masked tensor as it is)."""
 
     def __init__(self, case: str):
         super().__init__()
@@ -104,12 +110,10 @@ class _Chains(nn.Module):
         y = torch.relu(self.bn(self.c1(x)) * self.mask)
         if self.case == "dropout":
             return self.c2(torch.nn.functional.dropout(y, 0.5, self.training))
-        if self.case == "depthwise":
-            return self.dw(y)
-        return self.c2(y) + y.sum(1, keepdim=True)  # "two_readers"
+        return self.dw(y)  # "depthwise"
 
 
-@pytest.mark.parametrize("case", ["dropout", "depthwise", "two_readers"])
+@pytest.mark.parametrize("case", ["dropout", "depthwise"])
 def test_chains_that_must_not_be_compacted(case):
     gm = torch.fx.symbolic_trace(_Chains(case).double().eval())
     compact = fuse_masked_convs(gm, mode="hard", compact=True)
@@ -139,3 +143,45 @@ def test_compact_conv_alone_equals_the_dense_conv_on_its_live_channels():
     gw, gb = torch.autograd.grad(out.square().sum(), (w, b))
     assert torch.allclose(gw, gw_ref, rtol=1e-12, atol=1e-12) and torch.allclose(gb, gb_ref, rtol=1e-12, atol=1e-12)
     assert gw[[1, 4]].abs().sum() == 0 and gw[:, [1, 4]].abs().sum() == 0  # dead filters and input columns
+
+
+class _Stream(nn.Module):
+    """A residual stream whose two producers keep different channels (gate * mask, the gate
+    trainable), read by a conv, by a channel sum and by an add with an unmasked tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.c3 = nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(3, 8, 1)
+        self.gate0, self.gate1 = nn.Parameter(torch.rand(1, 8, 1, 1) + 0.5), nn.Parameter(torch.rand(1, 8, 1, 1) + 0.5)
+        self.register_buffer("mask0", torch.tensor([1.0, 0, 1, 0, 0, 1, 0, 0]).reshape(1, 8, 1, 1))
+        self.register_buffer("mask1", torch.tensor([1.0, 1, 0, 0, 0, 1, 0, 0]).reshape(1, 8, 1, 1))
+
+    def forward(self, x):
+        s = torch.relu(self.bn0(self.c0(x)) * (self.gate0 * self.mask0))
+        t = torch.relu(self.bn1(self.c1(s)) * (self.gate1 * self.mask1) + s)
+        return self.c2(t) + t.sum(1, keepdim=True) + (s + self.c3(x)).mean(1, keepdim=True)
+
+
+def test_a_stream_runs_compact_on_the_channels_some_producer_keeps():
+    """The stream's live channels are the union of its producers' (0, 1, 2, 5): channel 2 lives in
+    `s` only, 1 in the block's output only; the readers that need every channel get it expanded."""
+    torch.manual_seed(0)
+    model = _Stream().double().train()
+    gm = torch.fx.symbolic_trace(model)
+    plain = copy.deepcopy(gm)
+    compact = fuse_masked_convs(gm, mode="hard", compact=True)
+    records = compact.meta[META]
+    convs = {r["conv"]: r for r in records if r["pattern"] == "compact"}
+    assert convs.keys() == {"c0", "c1", "c2"} and convs["c1"]["in_mask"] and convs["c1"]["out_compact"]
+    assert sum(r["pattern"] == "compact_expand" for r in records) == 2  # t (channel sum), s (the dense add)
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    for train in (True, False):
+        plain.train(train), compact.train(train)
+        _same(plain, compact, x)
+    live = torch.tensor([0, 1, 2, 5])
+    for name in ("bn0", "bn1"):  # statistics moved on the region's live channels, exactly as the plain graph's
+        now, ref = getattr(compact, name).running_mean, getattr(plain, name).running_mean
+        assert torch.allclose(now[live], ref[live], rtol=1e-10, atol=1e-12)
+        assert torch.equal(now[[3, 4, 6, 7]], torch.zeros(4, dtype=torch.float64))

@@ -307,7 +307,9 @@ def _fill_slack(channels, gated: GatedModel, keep: dict, scores, fits) -> dict[i
     revived = {g: np.setdiff1d(filled[g], keep[g]) for g in keep}
     if not any(len(v) for v in revived.values()):
         return keep
-    nodes = {n.name: n for n in gated.module.graph.nodes}
+    # the analysis graph names each site's module (under `fused_kernels` the gated graph's own
+    # BatchNorm nodes may be folded into compact convs; the modules are the same)
+    nodes = {n.name: n for n in channels.gm.graph.nodes}
     with torch.no_grad():
         for site in gated.sites:
             back = revived.get(site.group)
