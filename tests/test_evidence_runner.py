@@ -77,6 +77,7 @@ model = "vgg_bn"
 targets = [0.3]
 methods = ["uniform", "l1", "gd_tick_tock", "gal_channel", "metapruning"]
 after = ["none", "finetune", "scratch"]
+compare = [["gd_tick_tock", "uniform"], ["gal_channel", "l1"]]
 
 [[experiments]]
 name = "tiny_mp"
@@ -161,6 +162,16 @@ def test_docs_tables_are_regenerated_between_markers(ran):
     for method in ("uniform", "l1", "gd_tick_tock", "gal_channel", "metapruning"):
         assert f"| {method} " in text
     assert "Δ vs uniform" in text and "acc % from scratch" in text
+    # the experiment's `compare` pairs: paired by seed, with the interval of the difference
+    records = [r for r in load_records(root / "out") if r["experiment"] == "tiny" and "error" not in r]
+    acc = {m: {r["seed"]: r["accuracy"]["finetune"] for r in records if r["method"] == m} for m in ("gd_tick_tock", "uniform")}
+    d = paired(acc["gd_tick_tock"], acc["uniform"])
+    row = next(line for line in text.splitlines() if line.startswith("| gd_tick_tock vs uniform "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "2" and cells[2] == d.format()
+    assert cells[3] == ("above" if d.low > 0 else "below" if d.high < 0 else "includes 0")
+    assert len(cells[5].split(", ")) == 2
+    assert any(line.startswith("| gal_channel vs l1 ") for line in text.splitlines())
     # the PruningNet check of each experiment with metapruning: a row per seed and round, a column per target
     check = text.split("#### tiny_mp: the PruningNet's held-out accuracy")[1].split("###")[0]
     rows = [line for line in check.splitlines() if line.startswith("| metapruning ")]
@@ -185,6 +196,9 @@ def test_bad_specs_are_refused_with_the_fix(tmp_path):
         load_spec(path)
     path.write_text(SPEC.replace('data = "tick"', 'data = "ticks"'))
     with pytest.raises(ConfigError, match="choose a data role"):
+        load_spec(path)
+    path.write_text(SPEC.replace('["gal_channel", "l1"]', '["gal_channel", "random"]'))
+    with pytest.raises(ConfigError, match="each entry is \\[method, other\\], both in its methods"):
         load_spec(path)
     path.write_text(SPEC.replace('data = "lowdata"', 'data = "tiny_data"'))
     with pytest.raises(ConfigError, match=r"has no \[data.tiny_data\] table"):

@@ -57,6 +57,33 @@ def _note(records: list) -> str:
     return ""
 
 
+def _paired_verdict(d: Interval) -> str:
+    """Whether the paired difference's 95 % interval excludes zero."""
+    if d.n < 2:
+        return "n<2"
+    return "above" if d.low > 0 else "below" if d.high < 0 else "includes 0"
+
+
+def comparison_table(exp, primary: str, acc: dict) -> str:
+    """The experiment's `compare` pairs at one target (`acc`: method -> evaluation -> seed ->
+    accuracy): the paired difference over the seeds both
+    have (its 95 % interval; 'above' when it excludes zero) next to the verdict on the two
+    methods' own intervals (the stricter test the goals name)."""
+    rows = []
+    for key, other in exp.compare:
+        if key not in acc or other not in acc:
+            continue
+        me, them = acc[key][primary], acc[other][primary]
+        d = paired(me, them)
+        per_seed = ", ".join(f"{(me[s] - them[s]) * 100:+.1f}" for s in sorted(set(me) & set(them)))
+        rows.append([f"{key} vs {other}", str(d.n), d.format(), _paired_verdict(d),
+                     _verdict(mean_ci(me.values()), mean_ci(them.values())), per_seed])
+    if not rows:
+        return ""
+    headers = [f"pair ({primary})", "seeds", "Δ paired (pt)", "paired: 95 % interval", "own intervals", "Δ per seed (pt)"]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
 def _same(a, b) -> bool:
     return a is not None and b is not None and abs(a - b) < 1e-9
 
@@ -143,6 +170,9 @@ def experiment_tables(spec: Spec, records: list[dict]) -> str:
             title = (f"### {exp.name}: {exp.model} at {target:g} of the MACs "
                      f"({'full data' if exp.data == 'full' else exp.data + ' regime'})")
             parts.append(title + "\n\n" + tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
+            pairs = comparison_table(exp, primary, acc)
+            if pairs:
+                parts.append(pairs)
             errors = [r for r in rows_in if "error" in r]
             if errors:
                 parts.append("Failed runs: " + "; ".join(f"{r['method']} seed {r['seed']}: {r['error']}" for r in errors))

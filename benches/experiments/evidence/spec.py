@@ -55,6 +55,7 @@ class Experiment:
     data: str
     seeds: tuple
     finetune: dict = field(default_factory=dict)  # replaces fields of [finetune] for this experiment
+    compare: tuple = ()  # (method, other) pairs the report compares seed by seed, besides uniform and l1
 
 
 @dataclass(frozen=True)
@@ -127,10 +128,14 @@ def load_spec(path: str | Path = DEFAULT_SPEC, quick: bool = False) -> Spec:
         after = tuple(e.get("after", ("none", "finetune")))
         if any(a not in AFTER for a in after):
             raise ConfigError(f"experiment {name}: after={after}; choose from {', '.join(AFTER)}")
+        compare = tuple(tuple(pair) for pair in e.get("compare", ()))
+        bad = [pair for pair in compare if len(pair) != 2 or any(k not in e.get("methods", []) for k in pair)]
+        if bad:
+            raise ConfigError(f"experiment {name}: compare={bad}: each entry is [method, other], both in its methods")
         regime = e.get("data", "full")
         if regime != "full" and not isinstance(raw["data"].get(regime), dict):
             raise ConfigError(f"experiment {name}: data regime {regime!r} has no [data.{regime}] table")
         experiments.append(Experiment(name, model, tuple(float(t) for t in _require(e, "targets", f"experiment {name}")),
                                       tuple(e["methods"]), after, regime, tuple(e.get("seeds", settings["seeds"])),
-                                      dict(e.get("finetune", {}))))
+                                      dict(e.get("finetune", {})), compare))
     return Spec(raw, settings, tuple(experiments), methods, quick)
