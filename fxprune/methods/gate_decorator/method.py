@@ -307,8 +307,8 @@ def _fill_slack(channels, gated: GatedModel, keep: dict, scores, fits) -> dict[i
     revived = {g: np.setdiff1d(filled[g], keep[g]) for g in keep}
     if not any(len(v) for v in revived.values()):
         return keep
-    # the analysis graph names each site's module (under `fused_kernels` the gated graph's own
-    # BatchNorm nodes may be folded into compact convs; the modules are the same)
+    # the analysis graph names each site's module: the gated graph shares its modules, but under
+    # `fused_kernels` its BatchNorm nodes may be folded into compact convs
     nodes = {n.name: n for n in channels.gm.graph.nodes}
     with torch.no_grad():
         for site in gated.sites:
@@ -316,7 +316,7 @@ def _fill_slack(channels, gated: GatedModel, keep: dict, scores, fits) -> dict[i
             node = nodes.get(site.node)
             if back is None or not len(back) or site.params is not None or node is None or node.op != "call_module":
                 continue
-            mod = gated.module.get_submodule(node.target)
+            mod = channels.gm.get_submodule(node.target)
             if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats:
                 channels_back = torch.as_tensor(np.flatnonzero(np.isin(site.unit_of_channel, back)))
                 mod.running_mean[channels_back] = 0.0
