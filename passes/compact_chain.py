@@ -46,6 +46,31 @@ def live_channels(keep: Tensor) -> Tensor:
     return (keep != 0).nonzero().reshape(-1)
 
 
+class LiveChannels(nn.Module):
+    """`live_channels(keep)`, remembered while the tensors `keep` is computed from (`sources`: the
+    region's mask buffers and frozen parameters) keep their identity and version counter.
+
+    Why: ``nonzero`` makes the host wait for the device on every call, once per region and step;
+    the masks change only at Gate Decorator's Ticks and GAL's fills. In-place writes (``copy_``,
+    ``fill_``, indexed assignment, also under ``torch.no_grad()``) bump a tensor's version, and
+    moving the module (``.to``) replaces the tensors, so both are seen. A write through ``.data``
+    bumps nothing: a graph built with ``cache_live=True`` must not have its masks written that way
+    (fxprune's methods never do)."""
+
+    def __init__(self):
+        super().__init__()
+        self._seen: tuple = ()  # (tensor, version) of each source at the last computation
+        self._live: Tensor | None = None
+
+    def forward(self, keep: Tensor, *sources: Tensor) -> Tensor:
+        seen = self._seen
+        if (self._live is None or len(seen) != len(sources)
+                or any(t is not s or t._version != v for (t, v), s in zip(seen, sources))):
+            self._live = live_channels(keep)
+            self._seen = tuple((s, s._version) for s in sources)
+        return self._live
+
+
 def _batch_norm(y: Tensor, live: Tensor | None, norm: nn.BatchNorm2d) -> Tensor:
     """`nn.BatchNorm2d.forward` of `norm` (its state as it is now: train/eval, momentum...) on the
     channels `live`. Running statistics are read and updated on the live channels only."""
@@ -112,4 +137,4 @@ def expand_channels(x: Tensor, live: Tensor, channels: int) -> Tensor:
     return x.new_zeros((x.shape[0], channels) + tuple(x.shape[2:])).index_copy(1, live, x)
 
 
-__all__ = ["compact_conv", "expand_channels", "live_channels"]
+__all__ = ["LiveChannels", "compact_conv", "expand_channels", "live_channels"]

@@ -73,7 +73,7 @@ from torch import nn
 import fxprune.kernels  # noqa: F401  (registers torch.ops.fxprune.masked_conv2d)
 from fxprune.errors import ConfigError, InputError
 
-from .compact_chain import compact_conv, expand_channels, live_channels
+from .compact_chain import LiveChannels, compact_conv, expand_channels, live_channels
 
 MODES = ("hard", "soft")
 META = "fxprune_masked_convs"
@@ -251,8 +251,8 @@ def _single_user(node: fx.Node) -> bool:
 
 
 class _Fuser:
-    def __init__(self, gm: fx.GraphModule, mode: str):
-        self.gm, self.graph, self.mode = gm, gm.graph, mode
+    def __init__(self, gm: fx.GraphModule, mode: str, cache_live: bool = False):
+        self.gm, self.graph, self.mode, self.cache_live = gm, gm.graph, mode, cache_live
         self.scales = _Scales(gm)
         self.fused: dict[fx.Node, dict] = {}  # op node -> record
         self.out_vec: dict[fx.Node, fx.Node] = {}  # pattern-1 op node -> its out_mask vector node
@@ -406,14 +406,23 @@ class _Fuser:
         out_of = {src["conv"]: (src, r) for r in regions for src in r["sources"]}
         into = {conv: r for r in regions for conv in r["sinks"]}
         order = {n: i for i, n in enumerate(self.graph.nodes)}
-        for r in regions:  # the live channels: what some producer keeps (emitted before the first producer)
+        for k, r in enumerate(regions):  # the live channels: what some producer keeps (before the first producer)
             with self.graph.inserting_before(min((s["conv"] for s in r["sources"]), key=order.__getitem__)):
-                vecs = [self.vector(s["const"], r["channels"], {}) for s in r["sources"]]
+                envs = [{} for _ in r["sources"]]
+                vecs = [self.vector(s["const"], r["channels"], env) for s, env in zip(r["sources"], envs)]
                 total = vecs[0]
                 for v in vecs[1:]:
                     total = self.graph.call_function(torch.add, (self.graph.call_function(torch.abs, (total,)),
                                                                  self.graph.call_function(torch.abs, (v,))))
-                r["live"] = self.graph.call_function(live_channels, (total,))
+                if self.cache_live:  # remembered while the masks keep their versions (`LiveChannels`)
+                    leaves = tuple(dict.fromkeys(n for env in envs for n in env.values() if n.op == "get_attr"))
+                    name = f"fxprune_live_{k}"
+                    while hasattr(self.gm, name):
+                        name += "_"
+                    self.gm.add_submodule(name, LiveChannels())
+                    r["live"] = self.graph.call_module(name, (total, *leaves))
+                else:
+                    r["live"] = self.graph.call_function(live_channels, (total,))
         for conv in [n for n in self.graph.nodes if n in out_of or n in into]:
             mod = self.gm.get_submodule(conv.target)
             stride, padding, dilation, _ = _conv_geometry(mod)
@@ -621,14 +630,18 @@ class _Fuser:
         return self.compacted + [self.fused[op] | {"node": op.name} for op in self.graph.nodes if op in self.fused]
 
 
-def fuse_masked_convs(gm: fx.GraphModule, *, mode: str, compact: bool = False) -> fx.GraphModule:
+def fuse_masked_convs(gm: fx.GraphModule, *, mode: str, compact: bool = False,
+                      cache_live: bool = False) -> fx.GraphModule:
     """A copy of `gm` with mask multiplications fused into ``masked_conv2d`` (see module docstring).
 
     `mode` is the gradient semantics of zero-mask channels in pattern 1: ``"hard"`` (zero means
     pruned, no gradient; Gate Decorator) or ``"soft"`` (mask gradient everywhere; GAL's FISTA).
     `compact` first runs every compact region (masked channels between convs, residual streams
     included) on its live channels only (pattern "compact", `passes.compact_chain`); the other
-    patterns then apply to the rest.
+    patterns then apply to the rest. `cache_live` remembers each region's live channels while its
+    masks keep their version counters (`compact_chain.LiveChannels`: no host synchronisation per
+    region and step on a GPU); the masks must then be written in place (``copy_``, indexing), never
+    through ``.data``, which Gate Decorator and GAL respect.
     """
     if mode not in MODES:
         raise ConfigError(f"fuse_masked_convs: unknown mode {mode!r}: choose 'hard' (zero means pruned, "
@@ -638,7 +651,7 @@ def fuse_masked_convs(gm: fx.GraphModule, *, mode: str, compact: bool = False) -
                          "trace the model first (fxprune.trace(model).graph_module)")
     new = fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
     new.training = gm.training
-    records = _Fuser(new, mode).run(compact=compact)
+    records = _Fuser(new, mode, cache_live).run(compact=compact)
     new.graph.lint()
     new.recompile()
     new.meta[META] = records

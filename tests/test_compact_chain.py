@@ -79,12 +79,14 @@ def test_compact_chains_train_the_same(build, producers, middles, expansions):
             assert 0 < moved.sum() < len(moved), (name, stat)
 
 
-def test_mask_updates_in_place_are_seen_and_edge_densities_are_exact():
-    """Gate Decorator's Ticks change the masks in place: the compact graph reads them on every call,
-    including a group with every channel dead and one with every channel live."""
+@pytest.mark.parametrize("cache_live", [False, True])
+def test_mask_updates_in_place_are_seen_and_edge_densities_are_exact(cache_live):
+    """Gate Decorator's Ticks change the masks in place: the compact graph reads them on every call
+    (or, with `cache_live`, whenever their version changed), including a group with every channel
+    dead and one with every channel live."""
     a, gated, x = _gated(resnet20)
     plain = copy.deepcopy(gated.module)
-    compact = fuse_masked_convs(gated.module, mode="hard", compact=True)
+    compact = fuse_masked_convs(gated.module, mode="hard", compact=True, cache_live=cache_live)
     groups = [g.index for g in a.channels.prunable_groups]
     for keep in ({g: np.arange(0) if i % 2 else np.arange(a.channels.groups[g].n_units) for i, g in enumerate(groups)},
                  {g: np.arange(a.channels.groups[g].n_units) for g in groups}):
@@ -185,3 +187,31 @@ def test_a_stream_runs_compact_on_the_channels_some_producer_keeps():
         now, ref = getattr(compact, name).running_mean, getattr(plain, name).running_mean
         assert torch.allclose(now[live], ref[live], rtol=1e-10, atol=1e-12)
         assert torch.equal(now[[3, 4, 6, 7]], torch.zeros(4, dtype=torch.float64))
+
+
+def test_live_sets_are_computed_once_per_mask_version(monkeypatch):
+    """`cache_live=True`: each region reads its live channels (``nonzero``, a host synchronisation
+    on a GPU) on the first call and again only after a mask changed in place."""
+    import fxprune.passes.compact_chain as cc
+
+    calls = []
+    real = cc.live_channels
+    monkeypatch.setattr(cc, "live_channels", lambda keep: calls.append(1) or real(keep))
+    a, gated, x = _gated(resnet20)
+    plain = copy.deepcopy(gated.module)
+    compact = fuse_masked_convs(gated.module, mode="hard", compact=True, cache_live=True)
+    regions = sum(isinstance(m, cc.LiveChannels) for m in compact.modules())
+    assert regions == 12  # 9 block-inner groups, 3 streams
+    for _ in range(3):
+        _same(plain, compact, x)
+    assert len(calls) == regions
+    groups = [g.index for g in a.channels.prunable_groups]
+    keep = {g: np.arange(a.channels.groups[g].n_units)[::2] for g in groups}
+    _mask_units(a.channels, gated, keep)  # copy_ into every mask
+    plain.load_state_dict(gated.module.state_dict())
+    _same(plain, compact, x)
+    assert len(calls) == 2 * regions
+    gated.module.fxprune_mask_0.zero_()  # one region's mask: only that region reads again
+    plain.load_state_dict(gated.module.state_dict())
+    _same(plain, compact, x)
+    assert len(calls) == 2 * regions + 1

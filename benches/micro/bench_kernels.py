@@ -302,7 +302,7 @@ def gd_steps(args) -> list[dict]:
         analysis = fxprune.analyze(model, x[:2]).channels
         gated = insert_gates(analysis)
         fused = fuse_masked_convs(gated.module, mode="hard")
-        compact = fuse_masked_convs(gated.module, mode="hard", compact=True)
+        compact = fuse_masked_convs(gated.module, mode="hard", compact=True, cache_live=True)
         masked = insert_soft_masks(analysis, ("channel",), "ones", 0)
         with torch.no_grad():
             target = model(x).detach()
@@ -322,8 +322,9 @@ def gd_steps(args) -> list[dict]:
                 for p in masked.params():
                     p.requires_grad_(phase == "learning")
                 mode = "soft" if phase == "learning" else "hard"
+                compact_gal = fuse_masked_convs(masked.module, mode=mode, compact=True, cache_live=True)
                 cases[(f"gal ({phase})", phase)] = (masked.module, fuse_masked_convs(masked.module, mode=mode),
-                                                    fuse_masked_convs(masked.module, mode=mode, compact=True), mse)
+                                                    compact_gal, mse)
                 fns = {}
                 for (method, _), (plain, fz, cz, loss) in cases.items():
                     params = [p for p in plain.parameters() if p.requires_grad]

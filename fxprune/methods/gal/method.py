@@ -420,7 +420,7 @@ def _generator(run: _Run) -> nn.Module:
     if not run.fused:
         return run.masked.module
 
-    return fuse_masked_convs(run.masked.module, mode="hard" if run.frozen else "soft", compact=True)
+    return fuse_masked_convs(run.masked.module, mode="hard" if run.frozen else "soft", compact=True, cache_live=True)
 
 
 def _freeze(run: _Run) -> None:

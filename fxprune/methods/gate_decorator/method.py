@@ -212,7 +212,8 @@ def gate_decorator(channels, cost, data: Iterable, constraints: Constraints, opt
     torch.manual_seed(opts.seed)
     gated = insert_gates(channels)
     if opts.fused_kernels:  # same parameters and mask buffers; masked convs skip their pruned channels
-        gated = replace(gated, module=fuse_masked_convs(gated.module, mode="hard", compact=True))
+        gated = replace(gated, module=fuse_masked_convs(gated.module, mode="hard", compact=True,
+                                                             cache_live=True))
     scores = _Scores(channels, gated)
     # a group no gate could be placed on has no score: it stays whole (`GatedModel.ungated`)
     keep = {g.index: np.arange(g.n_units) for g in channels.prunable_groups if g.index not in gated.ungated}
