@@ -29,6 +29,7 @@ finetune = 128
 method = 128
 tick = 64
 unlabelled = 128
+heldout = 48
 
 [data.lowdata]
 finetune = 64
@@ -68,6 +69,7 @@ options = { structures = ["channel"], epochs = 2, mask_step = 1, flops_weighted 
 [methods.metapruning]
 method = "metapruning"
 data = "method"
+search_data = "heldout"
 band = 0.01
 options = { epochs = 1, population = 6, generations = 2, parents = 3, mutations = 2, crossovers = 2, calib_batches = 1, eval_batches = 1, holdout = 0.3, pruningnet_until = 0.99, pruningnet_max_rounds = 2, pruningnet_probe = 2, pruningnet_sampling = "feasible" }
 
@@ -200,6 +202,9 @@ def test_bad_specs_are_refused_with_the_fix(tmp_path):
     path.write_text(SPEC.replace('["gal_channel", "l1"]', '["gal_channel", "random"]'))
     with pytest.raises(ConfigError, match="each entry is \\[method, other\\], both in its methods"):
         load_spec(path)
+    path.write_text(SPEC.replace("heldout = 48\n", ""))
+    with pytest.raises(ConfigError, match="scores on 'heldout', which \\[data\\] does not size"):
+        load_spec(path)
     path.write_text(SPEC.replace('data = "lowdata"', 'data = "tiny_data"'))
     with pytest.raises(ConfigError, match=r"has no \[data.tiny_data\] table"):
         load_spec(path)
@@ -248,3 +253,19 @@ def test_the_shipped_spec_covers_the_issue_regimes():
     assert {0.2, 0.1, 0.05} <= targets
     assert all(len(e.seeds) >= 3 for e in spec.experiments)
     assert spec.sizes("lowdata")["finetune"] == 1000 and spec.sizes("lowdata")["unlabelled"] == 5000
+
+
+def test_the_held_out_role_is_disjoint_from_every_training_pool(tmp_path):
+    """MetaPruning's structure scores (`search_data = "heldout"`) come from pool images after every
+    training role's prefix: no baseline, method or fine-tune saw them."""
+    from benches.experiments.evidence.run import Data
+
+    (tmp_path / "spec.toml").write_text(SPEC)
+    spec = load_spec(tmp_path / "spec.toml")
+    data = Data(spec)
+    train_sizes = {k: v for k, v in spec.sizes("full").items() if k != "heldout"}
+    assert data.prefix == max(train_sizes.values()) == 512 and len(data.pool) == 512 + 48
+    held = data.loader(48, 0, disjoint=True).dataset.indices
+    assert list(held) == list(range(512, 560))
+    for n in train_sizes.values():
+        assert not set(held) & set(data.loader(n, 0).dataset.indices)

@@ -27,7 +27,7 @@ from fxprune.nets import NETS
 from fxprune.passes.pruningnet import reinitialize
 from fxprune.train import TrainConfig, evaluate, train
 
-from .spec import Experiment, MethodSpec, Spec
+from .spec import DISJOINT_ROLES, Experiment, MethodSpec, Spec
 
 _NO_OWN_FINETUNE = {"gate_decorator": {"finetune_epochs": 0}, "gal": {"finetune_epochs": 0},
                     "metapruning": {"final": "none"}}
@@ -52,7 +52,10 @@ class Data:
         s = spec.settings
         self.batch = int(s.get("batch", 128))
         self.device = torch.device(s.get("device", "cpu"))
-        largest = max(max(spec.sizes("full").values()), *(max(spec.sizes(e.data).values()) for e in spec.experiments))
+        sizes = [spec.sizes("full"), *(spec.sizes(e.data) for e in spec.experiments)]
+        # the training roles are prefixes of the pool; the disjoint ones come after the longest prefix
+        self.prefix = max(v for s in sizes for k, v in s.items() if k not in DISJOINT_ROLES)
+        largest = self.prefix + max((s.get(k, 0) for s in sizes for k in DISJOINT_ROLES), default=0)
         if s.get("dataset", "mnist") == "synthetic":
             pool, test = synthetic(largest, 1), synthetic(int(s["test_images"]), 2)
         else:
@@ -62,9 +65,11 @@ class Data:
             test = TensorDataset(*(t[:int(s["test_images"])] for t in fxdata.mnist("test").tensors))
         self.pool, self.test = (TensorDataset(*(t.to(self.device) for t in ds.tensors)) for ds in (pool, test))
 
-    def loader(self, n: int, seed: int, labelled: bool = True) -> DataLoader:
-        """The first `n` pool images, shuffled by `seed`; inputs only when not `labelled`."""
-        subset = Subset(self.pool, range(n))
+    def loader(self, n: int, seed: int, labelled: bool = True, disjoint: bool = False) -> DataLoader:
+        """The first `n` pool images (`disjoint`: the `n` after every training role's), shuffled by
+        `seed`; inputs only when not `labelled`."""
+        start = self.prefix if disjoint else 0
+        subset = Subset(self.pool, range(start, start + n))
         if not labelled:
             subset = _InputsOnly(subset)
         return DataLoader(subset, batch_size=self.batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
@@ -136,6 +141,8 @@ def _method_options(ms: MethodSpec, target: float, seed: int, loaders: dict) -> 
     opts = {**ms.options, **_NO_OWN_FINETUNE.get(ms.method, {}), "seed": seed}
     if ms.tock_data:
         opts["tock_data"] = loaders[ms.tock_data]
+    if ms.search_data:
+        opts["search_data"] = loaders[ms.search_data]
     if ms.band is not None:
         opts["min_flops"] = (1 - ms.band) * target
     return opts
@@ -178,8 +185,8 @@ def run_one(spec: Spec, data: Data, exp: Experiment, ms: MethodSpec, target: flo
     """Compress the seed's baseline with one method at one target, then the evaluations of `exp.after`."""
     base, base_info = baseline(spec, data, exp.model, seed, out)
     sizes = spec.sizes(exp.data)
-    loaders = {role: data.loader(sizes[role], seed + 100, labelled=role != "unlabelled")
-               for role in ("method", "tick", "unlabelled", "baseline") if role in sizes}
+    loaders = {role: data.loader(sizes[role], seed + 100, labelled=role != "unlabelled", disjoint=role in DISJOINT_ROLES)
+               for role in ("method", "tick", "unlabelled", "baseline", *DISJOINT_ROLES) if role in sizes}
     x = torch.randn(1, 1, 28, 28, device=data.device)
     record = {"experiment": exp.name, "model": exp.model, "method": ms.key, "fxprune_method": ms.method,
               "target": target, "seed": seed, "data": exp.data, "device": str(data.device),

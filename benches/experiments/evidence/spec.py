@@ -31,7 +31,10 @@ from fxprune.errors import ConfigError
 from fxprune.nets import NETS
 
 AFTER = ("none", "finetune", "scratch")
-ROLES = ("baseline", "finetune", "method", "tick", "unlabelled")
+ROLES = ("baseline", "finetune", "method", "tick", "unlabelled", "heldout")
+# "heldout": images after every other role's (they are all prefixes of one permutation), which no
+# baseline, method or fine-tune trains on: MetaPruning's structure scores (`search_data`)
+DISJOINT_ROLES = ("heldout",)
 DEFAULT_SPEC = Path(__file__).with_name("evidence.toml")
 
 
@@ -43,6 +46,7 @@ class MethodSpec:
     data: str | None = None  # the data role it trains on (None: data-free)
     tock_data: str | None = None
     band: float | None = None  # MetaPruning: min_flops = (1 - band) x target
+    search_data: str | None = None  # MetaPruning: the role that scores structures (None: a split of `data`)
 
 
 @dataclass(frozen=True)
@@ -111,8 +115,11 @@ def load_spec(path: str | Path = DEFAULT_SPEC, quick: bool = False) -> Spec:
     methods = {}
     for key, m in raw["methods"].items():
         ms = MethodSpec(key, _require(m, "method", f"[methods.{key}]"), dict(m.get("options", {})), m.get("data"),
-                        m.get("tock_data"), m.get("band"))
-        for role in (ms.data, ms.tock_data):
+                        m.get("tock_data"), m.get("band"), m.get("search_data"))
+        if ms.search_data is not None and ms.search_data not in raw["data"]:
+            raise ConfigError(f"[methods.{key}] scores on {ms.search_data!r}, which [data] does not size: add "
+                              f"`{ms.search_data} = <images>` there")
+        for role in (ms.data, ms.tock_data, ms.search_data):
             if role is not None and role not in ROLES:
                 raise ConfigError(f"[methods.{key}] trains on {role!r}: choose a data role from {', '.join(ROLES)}")
         methods[key] = ms
