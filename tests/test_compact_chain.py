@@ -15,8 +15,10 @@ import pytest
 import torch
 from torch import nn
 
+import fxprune
 from fxprune.methods.gate_decorator.method import _mask_units
-from fxprune.nets import resnet20, vgg_bn
+from fxprune.nets import NETS, resnet20, vgg_bn
+from fxprune.passes.gal_masks import insert_soft_masks
 from fxprune.passes.fuse_masked_conv import META, fuse_masked_convs
 
 from .test_fuse_masked_conv import _gated as gated_at_density
@@ -215,3 +217,32 @@ def test_live_sets_are_computed_once_per_mask_version(monkeypatch):
     plain.load_state_dict(gated.module.state_dict())
     _same(plain, compact, x)
     assert len(calls) == 2 * regions + 1
+
+
+@pytest.mark.parametrize("masks", ["gate_decorator", "gal_frozen"])
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_every_net_trains_the_same_through_its_compact_regions(net, masks):
+    """Every network of `fxprune.nets`, gated as Gate Decorator does (0/1 masks at density 0.5) or
+    masked as GAL once its masks froze (channel, block and branch masks: random values, 40 % zero,
+    each producer of a stream its own), against the plain graph in float64, train and eval."""
+    torch.manual_seed(0)
+    model = NETS[net]().double().train()
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    if masks == "gate_decorator":
+        _, gated, _ = gated_at_density(model, x[:2], seed=0, density=0.5)
+        module = gated.module
+    else:
+        analysis = fxprune.analyze(model, x[:2]).channels
+        masked = insert_soft_masks(analysis, ("channel", "block", "branch"), "ones", 0)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in masked.params():
+                keep = torch.rand(p.shape, generator=g, dtype=p.dtype) < 0.6
+                p.copy_(keep * torch.rand(p.shape, generator=g, dtype=p.dtype)).requires_grad_(False)
+        module = masked.module
+    plain = copy.deepcopy(module)
+    compact = fuse_masked_convs(module, mode="hard", compact=True, cache_live=True)
+    assert any(r["pattern"] == "compact" for r in compact.meta[META])
+    for train in (True, False):
+        plain.train(train), compact.train(train)
+        _same(plain, compact, x)
