@@ -306,6 +306,14 @@ class _Fuser:
         out = self.graph.call_function(torch.broadcast_to, (out, (1, channels, 1, 1)))
         return self.graph.call_function(torch.reshape, (out, (channels,)))
 
+    def union(self, vecs: list[fx.Node]) -> fx.Node:
+        """A [C] vector that is zero exactly where every vector of `vecs` is (|v1| + |v2| + ...)."""
+        total = vecs[0]
+        for v in vecs[1:]:
+            total = self.graph.call_function(torch.add, (self.graph.call_function(torch.abs, (total,)),
+                                                         self.graph.call_function(torch.abs, (v,))))
+        return total
+
     def binary(self, vec: fx.Node, like: fx.Node) -> fx.Node:
         ne = self.graph.call_function(torch.ne, (vec, 0))
         return self.graph.call_method("type_as", (ne, like))
@@ -410,10 +418,7 @@ class _Fuser:
             with self.graph.inserting_before(min((s["conv"] for s in r["sources"]), key=order.__getitem__)):
                 envs = [{} for _ in r["sources"]]
                 vecs = [self.vector(s["const"], r["channels"], env) for s, env in zip(r["sources"], envs)]
-                total = vecs[0]
-                for v in vecs[1:]:
-                    total = self.graph.call_function(torch.add, (self.graph.call_function(torch.abs, (total,)),
-                                                                 self.graph.call_function(torch.abs, (v,))))
+                total = self.union(vecs)
                 if self.cache_live:  # remembered while the masks keep their versions (`LiveChannels`)
                     leaves = tuple(dict.fromkeys(n for env in envs for n in env.values() if n.op == "get_attr"))
                     name = f"fxprune_live_{k}"
@@ -567,10 +572,7 @@ class _Fuser:
             return
         with self.graph.inserting_before(op):
             vecs = [v if kind == "vec" else self.vector(v, channels, {}) for kind, v in sources]
-            total = vecs[0]
-            for v in vecs[1:]:
-                total = self.graph.call_function(torch.add, (self.graph.call_function(torch.abs, (total,)),
-                                                             self.graph.call_function(torch.abs, (v,))))
+            total = self.union(vecs)
             op.update_kwarg("in_mask", self.binary(total, w))
         self.fused[op]["in_mask"] = True
 
