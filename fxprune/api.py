@@ -137,7 +137,8 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
         device / batch / dtype / channels_last / compile: where and how latency is measured (the device
             the model will run on; batch None = the example inputs'; dtype None = the model's; compile
             True or a torch.compile mode: ``"reduce-overhead"`` measures with CUDA graphs, as GPU models
-            that are bound by kernel launches ship).
+            that are bound by kernel launches ship; ``"cuda-graph"``: the eager forward captured in one
+            CUDA graph and replayed, no compilation; CUDA only).
         params: fraction of the original parameters the result may keep, for methods that support it.
         grouped: how grouped convs are pruned: ``"whole"`` groups go (the default), ``"equal"``: every
             group keeps the same channel positions (its group count stays), ``"auto"``: equal where the

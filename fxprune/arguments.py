@@ -95,12 +95,15 @@ LAYERNORM = ("boundary", "prune")
 
 # torch.compile modes a latency may be measured under (True: "default"). "reduce-overhead" records
 # CUDA graphs: on a GPU whose eager forward is bound by the host issuing kernels, it is how a slim
-# model's smaller kernels turn into a shorter forward.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# model's smaller kernels turn into a shorter forward. CUDA_GRAPH ("cuda-graph") is not a
+# torch.compile mode: the eager forward is captured once in a torch.cuda.CUDAGraph and replayed
+# (the eager kernels, no host launches, no compilation: seconds, where inductor takes minutes).
+CUDA_GRAPH = "cuda-graph"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", CUDA_GRAPH)
 
 
 def compile_option(value: Any) -> str | None:
-    """`compile=`: False / None (eager), True ("default") or a torch.compile mode name."""
+    """`compile=`: False / None (eager), True ("default"), a torch.compile mode name or "cuda-graph"."""
     if value is None or value is False:
         return None
     if value is True:
@@ -108,7 +111,8 @@ def compile_option(value: Any) -> str | None:
     if isinstance(value, str) and value in COMPILE_MODES:
         return value
     raise ConfigError(f"compile={value!r}: use False (eager), True or one of torch.compile's modes "
-                      f"{', '.join(repr(m) for m in COMPILE_MODES)} (e.g. compile='reduce-overhead' for CUDA graphs)")
+                      f"{', '.join(repr(m) for m in COMPILE_MODES)} (e.g. compile='reduce-overhead' for CUDA graphs, "
+                      f"or {CUDA_GRAPH!r}: the eager forward captured in one CUDA graph, no compilation)")
 
 
 def _one_of(name: str, value: Any, choices: tuple, described: str) -> str:

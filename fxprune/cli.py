@@ -70,7 +70,8 @@ def _measure_options(p) -> None:
     p.add_argument("--channels-last", action="store_true", help="measure with NHWC activations")
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
                    help="measure the torch.compile'd model; MODE is torch.compile's (default 'default'; "
-                        "'reduce-overhead' records CUDA graphs, which takes the host's kernel launches out of a GPU forward)")
+                        "'reduce-overhead' records CUDA graphs, which takes the host's kernel launches out of a GPU forward; "
+                        "'cuda-graph': the eager forward captured in one CUDA graph and replayed, no compilation)")
 
 
 def cmd_profile(args) -> int:

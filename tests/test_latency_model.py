@@ -35,6 +35,7 @@ from fxprune.latency_model.steps import (
     step_intervals,
 )
 from fxprune.nets import lenet5, resnet20
+from fxprune.passes.inputs import ExampleInputs
 from fxprune.passes.shapes import VALUE
 
 # ---------------------------------------------------------------------------------- detect_steps
@@ -472,6 +473,16 @@ def test_compile_modes_are_normalised_and_reach_torch_compile(monkeypatch):
     assert parser.parse_args(args).compile is None
     assert parser.parse_args([*args, "--compile"]).compile == "default"
     assert parser.parse_args([*args, "--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    assert parser.parse_args([*args, "--compile", "cuda-graph"]).compile == "cuda-graph"
+
+
+def test_cuda_graph_capture_needs_cuda():
+    """compile="cuda-graph" replays a captured CUDA graph: on the CPU a ConfigError names the fix."""
+    with pytest.raises(ConfigError, match="needs device='cuda'.*compile=True / False on the CPU"):
+        prof.settings_of(device="cpu", dtype=None, batch=None, channels_last=False, compile="cuda-graph",
+                         threads=None, rounds=1, points=2, default_dtype=torch.float32)
+    with pytest.raises(ConfigError, match="needs device='cuda'"):
+        measure_model(nn.Linear(2, 2), torch.randn(1, 2), compile="cuda-graph")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -587,6 +598,42 @@ def test_cuda_profile_on_the_tile_grid(tmp_path):
     conv1 = next(r for r in lat.layers() if r["node"] == "conv1")
     assert conv1["interp"] == "ceil" and conv1["out"]["x"][:2] == [8.0, 16.0]
     assert 1 / 3 < lat.predict({}) / lat.original_s < 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_computes_the_eager_forward_and_profiles(tmp_path):
+    """The captured graph's replay writes the eager forward's output (fp32, 1e-5: the same kernels), the
+    user's model is untouched, and a profile under compile="cuda-graph" fits and keys on the mode."""
+    model = lenet5()
+    x = torch.randn(8, 1, 28, 28)
+    analysis = fxprune.analyze(model, x[:1])
+    before = _snapshot(model, analysis)
+    gm = copy.deepcopy(analysis.channels.gm).cuda().eval()
+    inputs = ExampleInputs((x.cuda(),), {})
+    outputs = []
+    with torch.inference_mode():
+        expected = gm(x.cuda())
+    replay = prof.captured_call(_Recording(gm, outputs), inputs, torch.device("cuda", 0))
+    replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(outputs[-1], expected, rtol=1e-5, atol=1e-5)  # the same kernels, fp32
+    lat = profile_latency(analysis, device="cuda", batch=8, rounds=3, compile="cuda-graph", cache_dir=tmp_path)
+    _assert_unchanged(before, model, analysis)
+    assert lat.key["compile"] == "cuda-graph" and lat.original_s > 0
+
+
+class _Recording(nn.Module):
+    """`inner`'s forward, its output appended to `outputs` (the capture's output tensor is reused by
+    every replay, so the last one appended holds the replay's result)."""
+
+    def __init__(self, inner, outputs):
+        super().__init__()
+        self.inner, self.outputs = inner, outputs
+
+    def forward(self, x):
+        out = self.inner(x)
+        self.outputs.append(out)
+        return out
 
 
 def test_in_place_layers_do_not_overwrite_the_shared_input_buffer():

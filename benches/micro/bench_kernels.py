@@ -274,6 +274,12 @@ def _step(module, x, loss_fn, params):
 
 
 def gd_steps(args) -> list[dict]:
+    """`gd_steps_at` for every batch of ``--gd-batch`` (comma-separated: on a GPU a small batch is
+    bound by kernel launches, a large one by the GPU's work)."""
+    return [row for batch in (int(b) for b in str(args.gd_batch).split(",")) for row in gd_steps_at(args, batch)]
+
+
+def gd_steps_at(args, batch: int) -> list[dict]:
     """Gate Decorator and GAL training steps (forward, backward, SGD), eager masks vs fused, per density.
 
     Gate Decorator: the gated graph (BN -> * (gate * mask)), fused in hard mode. GAL: the soft-masked
@@ -297,8 +303,8 @@ def gd_steps(args) -> list[dict]:
     for name, build in (("resnet56 (MNIST)", resnet56), ("vgg_bn (MNIST)", vgg_bn)):
         torch.manual_seed(0)
         model = build().to(args.device).train()
-        x = torch.randn(args.gd_batch, 1, 28, 28, device=args.device)
-        y = torch.randint(0, 10, (args.gd_batch,), device=args.device)
+        x = torch.randn(batch, 1, 28, 28, device=args.device)
+        y = torch.randint(0, 10, (batch,), device=args.device)
         analysis = fxprune.analyze(model, x[:2]).channels
         gated = insert_gates(analysis)
         fused = fuse_masked_convs(gated.module, mode="hard")
@@ -336,9 +342,9 @@ def gd_steps(args) -> list[dict]:
                     if any(r["method"] == method and r["model"] == name and r["density"] == d for r in rows):
                         continue
                     e, f_, c = t[(method, "eager")], t[(method, "fused")], t[(method, "compact")]
-                    rows.append(dict(method=method, model=name, batch=args.gd_batch, density=d, eager=e, fused=f_,
+                    rows.append(dict(method=method, model=name, batch=batch, density=d, eager=e, fused=f_,
                                      compact=c))
-                    print(f"| {method} | {name} | {args.gd_batch} | {d:.2f} | {e * 1e3:.1f} | {f_ * 1e3:.1f} | "
+                    print(f"| {method} | {name} | {batch} | {d:.2f} | {e * 1e3:.1f} | {f_ * 1e3:.1f} | "
                           f"{f_ / e:.2f} | {e / f_:.2f}x | {c * 1e3:.1f} | {c / e:.2f} | {e / c:.2f}x |", flush=True)
                 cases.pop(("gate_decorator", "hard"), None)
                 cases.pop(("gal (learning)", "learning"), None)
@@ -360,7 +366,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--io", action="store_true", help="also mask the input channels (fp32 rows only)")
     ap.add_argument("--gd", action="store_true", help="also time Gate Decorator and GAL training steps")
-    ap.add_argument("--gd-batch", type=int, default=64)
+    ap.add_argument("--gd-batch", default="64", help="training-step batch(es), comma-separated (e.g. 64,512)")
     ap.add_argument("--clock", choices=tuple(CLOCK), default="wall",
                     help="wall clock, or this process's CPU time (robust on a shared CPU; use with --threads 1)")
     ap.add_argument("--json", metavar="FILE", help="write every row (and the dispatcher's choices) to FILE")

@@ -22,7 +22,8 @@ What is measured, how (see the package docstring for the model):
    or a scale <= 0: scale 1 and the median difference). `original_s` is the full model's median.
    With `compile=True` (or a mode: `compile="reduce-overhead"` records CUDA graphs) these
    models are `torch.compile`d (and called before timing, once, three times where CUDA graphs
-   are recorded, so neither compilation nor recording is timed); the layer tables stay eager,
+   are recorded, so neither compilation nor recording is timed; `compile="cuda-graph"`: the eager
+   forward captured in one CUDA graph and replayed, `captured_call`); the layer tables stay eager,
    and the fit's scale and offset carry what compilation changes (fusion of norms and
    activations into their convs, and with CUDA graphs the host's launch time taken out).
 
@@ -60,7 +61,7 @@ from torch import nn
 from fxprune.passes.plan import PruningPlan
 from fxprune.passes.rewrite import apply_plan
 
-from ..arguments import compile_option
+from ..arguments import CUDA_GRAPH, compile_option
 from ..distributed import run_on_rank0
 from ..errors import ArtifactError, ConfigError
 from ..latency import LatencyMeasurer, steady_heap, time_call_ms
@@ -179,9 +180,12 @@ def _default_dtype(model: nn.Module, inputs: ExampleInputs) -> torch.dtype:
 def settings_of(*, device, dtype, batch, channels_last, compile, threads, rounds, points,
                 default_dtype: torch.dtype) -> Settings:
     """The options checked (ConfigError naming the bad one) and normalised."""
-    dev = _device(device)
+    dev, mode = _device(device), compile_option(compile)
+    if mode == CUDA_GRAPH and dev.type != "cuda":
+        raise ConfigError(f"compile={CUDA_GRAPH!r} captures a CUDA graph and needs device='cuda' (got {device!r}): "
+                          "pass device='cuda', or compile=True / False on the CPU")
     return Settings(dev, _dtype(dtype, default_dtype), _count(batch, "batch", 1),
-                    _flag(channels_last, "channels_last"), compile_option(compile),
+                    _flag(channels_last, "channels_last"), mode,
                     _count(threads, "threads", 1), _count(rounds, "rounds", 1, allow_none=False),
                     _count(points, "points", 2, allow_none=False))
 
@@ -313,11 +317,33 @@ def prepared_call(model: nn.Module, inputs: ExampleInputs, s: Settings) -> Calla
             model.to(memory_format=torch.channels_last)
     if s.compile is None:
         return lambda: inputs.call(model)
+    if s.compile == CUDA_GRAPH:
+        return captured_call(model, inputs, s.device)
     runner = torch.compile(model, mode=None if s.compile == "default" else s.compile)
     with torch.inference_mode():  # compiles; the CUDA-graph modes record on the second and third calls
         for _ in range(3 if s.cuda and s.compile in CUDA_GRAPH_MODES else 1):
             inputs.call(runner)
     return lambda: inputs.call(runner)
+
+
+def captured_call(model: nn.Module, inputs: ExampleInputs, device: torch.device) -> Callable[[], object]:
+    """`model`'s eager forward on `inputs` captured once in a CUDA graph; a function replaying it.
+
+    Why: on a GPU whose host needs longer to issue a forward's kernels than the GPU needs to run
+    them (docs/benchmarks.md, "Latency targets (GPU)"), a replay times the kernels alone, which is
+    what a model shipped with CUDA graphs costs, without torch.compile's minutes of compilation.
+    Three warm-up calls on a side stream first (cuDNN picks its algorithms, the allocator its
+    blocks), as torch.cuda.graphs asks; the inputs are the captured ones, as every timed call uses."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.inference_mode(), torch.cuda.stream(stream):
+        for _ in range(3):
+            inputs.call(model)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        inputs.call(model)
+    return graph.replay
 
 
 def _round_robin(fns: list, s: Settings, measurer: LatencyMeasurer) -> tuple[list[float], bool]:
