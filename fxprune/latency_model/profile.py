@@ -333,7 +333,10 @@ def captured_call(model: nn.Module, inputs: ExampleInputs, device: torch.device)
     them (docs/benchmarks.md, "Latency targets (GPU)"), a replay times the kernels alone, which is
     what a model shipped with CUDA graphs costs, without torch.compile's minutes of compilation.
     Three warm-up calls on a side stream first (cuDNN picks its algorithms, the allocator its
-    blocks), as torch.cuda.graphs asks; the inputs are the captured ones, as every timed call uses."""
+    blocks), as torch.cuda.graphs asks; the inputs are the captured ones, as every timed call uses.
+    The function holds the model, the inputs and the output: the graph reads and writes their
+    memory by address, and a replay after any of them was freed reads whatever the allocator put
+    there (an illegal address on the H200 once the slim models of the fit were dropped)."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.inference_mode(), torch.cuda.stream(stream):
@@ -342,8 +345,14 @@ def captured_call(model: nn.Module, inputs: ExampleInputs, device: torch.device)
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.inference_mode(), torch.cuda.graph(graph):
-        inputs.call(model)
-    return graph.replay
+        output = inputs.call(model)
+    held = (model, inputs, output)  # the graph reads their memory: freed, a replay reads freed blocks
+
+    def replay():
+        graph.replay()
+        return held[2]
+
+    return replay
 
 
 def _round_robin(fns: list, s: Settings, measurer: LatencyMeasurer) -> tuple[list[float], bool]:
