@@ -476,6 +476,41 @@ def test_compile_modes_are_normalised_and_reach_torch_compile(monkeypatch):
     assert parser.parse_args([*args, "--compile", "cuda-graph"]).compile == "cuda-graph"
 
 
+def test_graph_timed_layers_are_replays_of_several_calls_divided(monkeypatch):
+    """Under a CUDA-graph mode a layer point is GRAPH_LAYER_CALLS calls captured in one graph and
+    its time a replay's over that count (fakes: a capture that calls fn `calls` times, a clock
+    reading how many layer calls ran); the key says so; a layer that cannot be captured is a
+    ConfigError naming it and the fix."""
+    ran = []
+    monkeypatch.setattr(prof, "graph_timed", lambda s: True)
+    monkeypatch.setattr(prof, "capture", lambda fn, device, calls=1: lambda: [fn() for _ in range(calls)][-1])
+
+    def clock(fn, cuda):
+        before = len(ran)
+        fn()
+        return float(len(ran) - before)  # 1 ms per layer call
+
+    monkeypatch.setattr(prof, "time_call_ms", clock)
+    s = prof.settings_of(device="cpu", dtype=None, batch=None, channels_last=False, compile=None, threads=None,
+                         rounds=2, points=2, default_dtype=torch.float32)
+    calls = [prof.TimedCall("layer", f"n{i}", "conv2d", 8, 8, {}, "sig", build=lambda: lambda: ran.append(1))
+             for i in range(3)]
+    times, ok = prof.time_layer_calls(calls, s)
+    assert ok and times == [pytest.approx(1e-3)] * 3 and len(ran) > prof.GRAPH_LAYER_CALLS * 3
+    _, analysis, _ = _mlp_analysis()
+    key = prof.make_key(analysis.channels, analysis.inputs, s, None)
+    assert key["grid"]["layer_calls_per_graph"] == prof.GRAPH_LAYER_CALLS
+
+    def refuses(fn, device, calls=1):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(prof, "capture", refuses)
+    with pytest.raises(ConfigError, match=r"layer n0 \(conv2d\) cannot be captured.*not permitted.*compile=False"):
+        prof.time_layer_calls(calls[:1], s)
+    monkeypatch.undo()
+    assert "layer_calls_per_graph" not in prof.make_key(analysis.channels, analysis.inputs, s, None)["grid"]
+
+
 def test_cuda_graph_capture_needs_cuda():
     """compile="cuda-graph" replays a captured CUDA graph: on the CPU a ConfigError names the fix."""
     with pytest.raises(ConfigError, match="needs device='cuda'.*compile=True / False on the CPU"):

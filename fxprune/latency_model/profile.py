@@ -16,6 +16,12 @@ What is measured, how (see the package docstring for the model):
    (it also creates oneDNN / cuDNN kernels), then as many timed repeats as fill ~20 ms per point
    on the CPU (at least `rounds`, at most 50; GPU: ~5 ms, at most 100), the median kept. Each
    call is timed by `latency.time_call_ms`: CUDA events on the GPU, perf_counter on the CPU.
+   Where the models run as CUDA graphs (`compile="cuda-graph"`, "reduce-overhead",
+   "max-autotune" on a GPU) a layer point is `GRAPH_LAYER_CALLS` calls captured in one CUDA
+   graph, its time a replay's over that count: the kernels alone, as in the shipped model. Timed
+   eagerly, a small layer takes at least what the host needs to issue it; with eager tables the
+   H200 profile of 2026-11-28 predicted no plan below 0.61 of resnet50's graph-replayed time
+   (docs/benchmarks.md). Graph-timed tables have not been measured on a GPU yet.
 3. The fit: the full model and uniform slims keeping ~0.75, ~0.5, ~0.3 of every prunable group
    (the core rewrite), timed end to end round-robin (`rounds` repeats after a warm-up); offset
    and scale by least squares of measured on predicted layer sums (fewer than 3 distinct points,
@@ -23,9 +29,9 @@ What is measured, how (see the package docstring for the model):
    With `compile=True` (or a mode: `compile="reduce-overhead"` records CUDA graphs) these
    models are `torch.compile`d (and called before timing, once, three times where CUDA graphs
    are recorded, so neither compilation nor recording is timed; `compile="cuda-graph"`: the eager
-   forward captured in one CUDA graph and replayed, `captured_call`); the layer tables stay eager,
-   and the fit's scale and offset carry what compilation changes (fusion of norms and
-   activations into their convs, and with CUDA graphs the host's launch time taken out).
+   forward captured in one CUDA graph and replayed, `captured_call`); the layer tables are eager
+   kernels (graph replays where the models are), and the fit's scale and offset carry what
+   compilation changes (fusion of norms and activations into their convs).
 
 Everything runs with `torch.inference_mode`, models in eval mode, under `latency.steady_heap`,
 with `threads` CPU threads when given (restored after).
@@ -72,6 +78,8 @@ from .model import VERSION, LatencyModel
 from .steps import estimate_alpha, monotone_envelope, step_intervals
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
+GRAPH_REPLAYED = (*CUDA_GRAPH_MODES, CUDA_GRAPH)  # on a GPU, layers are timed as CUDA-graph replays too
+GRAPH_LAYER_CALLS = 10  # a layer's calls per captured graph: one replay / 10 is a call, events' cost spread
 CPU_POINTS = 7  # grid points per axis on the CPU
 POINT_TARGET_S = {"cpu": 0.02, "cuda": 0.005}  # timed repeats per point fill about this
 MAX_REPEATS = {"cpu": 50, "cuda": 100}
@@ -238,7 +246,9 @@ def make_key(channels, inputs: ExampleInputs, s: Settings, timer) -> dict:
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if s.cuda else None,
             "inputs": [[list(t.shape), str(s.dtype if t.is_floating_point() else t.dtype).removeprefix("torch.")]
                        for t in inputs.tensors()],
-            "model": layout_digest(channels), "grid": {"points": s.points, "rounds": s.rounds},
+            "model": layout_digest(channels),
+            "grid": {"points": s.points, "rounds": s.rounds,
+                     **({"layer_calls_per_graph": GRAPH_LAYER_CALLS} if graph_timed(s) else {})},
             "timer": None if timer is None else getattr(timer, "__qualname__", type(timer).__qualname__)}
 
 
@@ -326,33 +336,55 @@ def prepared_call(model: nn.Module, inputs: ExampleInputs, s: Settings) -> Calla
     return lambda: inputs.call(runner)
 
 
-def captured_call(model: nn.Module, inputs: ExampleInputs, device: torch.device) -> Callable[[], object]:
-    """`model`'s eager forward on `inputs` captured once in a CUDA graph; a function replaying it.
+def graph_timed(s: Settings) -> bool:
+    """Whether this profile times CUDA-graph replays: layers and models alike (`time_layer_calls`)."""
+    return s.cuda and s.compile in GRAPH_REPLAYED
+
+
+def capture(fn: Callable[[], object], device: torch.device, calls: int = 1) -> Callable[[], object]:
+    """`fn` called `calls` times back to back, captured once in a CUDA graph; a function replaying
+    them (it returns the last call's output).
 
     Why: on a GPU whose host needs longer to issue a forward's kernels than the GPU needs to run
     them (docs/benchmarks.md, "Latency targets (GPU)"), a replay times the kernels alone, which is
     what a model shipped with CUDA graphs costs, without torch.compile's minutes of compilation.
     Three warm-up calls on a side stream first (cuDNN picks its algorithms, the allocator its
-    blocks), as torch.cuda.graphs asks; the inputs are the captured ones, as every timed call uses.
-    The function holds the model, the inputs and the output: the graph reads and writes their
-    memory by address, and a replay after any of them was freed reads whatever the allocator put
-    there (an illegal address on the H200 once the slim models of the fit were dropped)."""
+    blocks), as torch.cuda.graphs asks. The function holds `fn` (and through it whatever it reads)
+    and the output: the graph reads and writes their memory by address, and a replay after any of
+    them was freed reads whatever the allocator put there (an illegal address on the H200 once the
+    slim models of the fit were dropped)."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.inference_mode(), torch.cuda.stream(stream):
         for _ in range(3):
-            inputs.call(model)
+            fn()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.inference_mode(), torch.cuda.graph(graph):
-        output = inputs.call(model)
-    held = (model, inputs, output)  # the graph reads their memory: freed, a replay reads freed blocks
+        for _ in range(calls):
+            output = fn()
+    held = (fn, output)
 
     def replay():
         graph.replay()
-        return held[2]
+        return held[1]
 
     return replay
+
+
+def captured_call(model: nn.Module, inputs: ExampleInputs, device: torch.device) -> Callable[[], object]:
+    """`model`'s eager forward on `inputs` captured once in a CUDA graph (`capture`); a function
+    replaying it. The inputs are the captured ones, as every timed call uses."""
+    return capture(functools.partial(inputs.call, model), device)
+
+
+def _graphed_layer(call: TimedCall, device: torch.device) -> Callable[[], object]:
+    try:
+        return capture(call.fn, device, GRAPH_LAYER_CALLS)
+    except RuntimeError as exc:
+        raise ConfigError(f"layer {call.node} ({call.op}) cannot be captured in a CUDA graph, which a latency "
+                          f"measured on CUDA-graph replays needs ({str(exc).splitlines()[0]}): measure with "
+                          "compile=False or compile=True, or add the module to ignore=") from exc
 
 
 def _round_robin(fns: list, s: Settings, measurer: LatencyMeasurer) -> tuple[list[float], bool]:
@@ -367,13 +399,17 @@ def time_layer_calls(calls: list[TimedCall], s: Settings) -> tuple[list[float], 
     """Median seconds per call of each layer point, timed round-robin (module docstring, 2.)."""
     with torch.no_grad():
         fns = [c.fn for c in calls]
+    per_fn = 1
+    if graph_timed(s):  # each fn replays GRAPH_LAYER_CALLS calls: the layer's kernels without the host
+        fns, per_fn = [_graphed_layer(c, s.device) for c in calls], GRAPH_LAYER_CALLS
     kind = s.device.type
     with torch.inference_mode():
         warm = [time_call_ms(f, s.cuda) / 1e3 for f in fns]  # the warm-up call, and how long a call takes
     typical = max(statistics.median(warm), 1e-9)
     repeats = int(min(max(s.rounds, math.ceil(POINT_TARGET_S[kind] / typical)), MAX_REPEATS[kind]))
     measurer = LatencyMeasurer(repeats=repeats, warmup=0, min_warmup=0, extra_rounds=0)
-    return _round_robin(fns, s, measurer)
+    times, ok = _round_robin(fns, s, measurer)
+    return [t / per_fn for t in times], ok
 
 
 def time_model_calls(calls: list[TimedCall], s: Settings) -> tuple[list[float], bool]:
