@@ -195,3 +195,20 @@ def test_quick_mnist_second_variant_has_its_method_floor_and_own_torch_pruning_m
     _check_comparison(run)
     assert all(w >= math.ceil(0.25 * o) for w, o in zip(run["fxprune"]["conv_widths"], run["original"]["conv_widths"]))
     assert 0.0 <= run["fxprune"]["accuracy"] <= 1.0 and 0.0 <= run["torch_pruning"]["accuracy"] <= 1.0
+
+
+def test_cuda_graph_bench_needs_cuda_and_replays_only_the_captured_tensors(monkeypatch):
+    """--compile cuda-graph: the bench refuses a CPU (ConfigError naming the fix); a replayed model
+    is captured on its first call and refuses other tensors later (fake capture: runs the model)."""
+    from fxprune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs device='cuda'"):
+        tp_latency.Bench("cpu", None, False, 2, 3, 3, compile="cuda-graph")
+    assert tp_latency.parse(["--compile", "cuda-graph"]).compile == "cuda-graph"
+    captured = []
+    monkeypatch.setattr(tp_latency, "capture", lambda fn, device: captured.append(fn) or fn)
+    m = tp_latency.GraphReplayed(torch.nn.Linear(2, 2), torch.device("cpu"))
+    x = torch.randn(1, 2)
+    assert torch.equal(m(x), m.inner(x)) and torch.equal(m(x), m.inner(x)) and len(captured) == 1
+    with pytest.raises(ValueError, match="tensors it captured"):
+        m(torch.randn(1, 2))

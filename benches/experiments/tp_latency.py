@@ -67,7 +67,8 @@ import fxprune
 from fxprune import data as fxdata
 from fxprune.errors import FxpruneError, LatencyUnreachableError
 from fxprune.latency import LatencyMeasurer, measure_latencies, paired_latency_ratio, steady_heap
-from fxprune.latency_model.profile import batched, on_device, settings_of
+from fxprune.arguments import CUDA_GRAPH
+from fxprune.latency_model.profile import batched, capture, on_device, settings_of
 from fxprune.nets import NETS
 from fxprune.passes.inputs import ExampleInputs
 from fxprune.train import TrainConfig, evaluate, train
@@ -117,6 +118,7 @@ def setting(args) -> dict:
         versions["torch_pruning"] = getattr(tp, "__version__", None)
     return {"device": dev, "device_name": name, "cores": os.cpu_count(), "threads": args.threads,
             "batch": args.batch, "dtype": args.dtype, "layout": "channels_last" if args.channels_last else "contiguous",
+            "compile": getattr(args, "compile", None),
             "size": args.size, "platform": f"{platform.system()} {platform.machine()}", "versions": versions,
             "torch_pruning_status": tp_status, "latency_target": LATENCY_TARGET,
             "equal_latency_tolerance": EQUAL_LATENCY_TOLERANCE, "tries": args.tries, "pairs": args.pairs}
@@ -125,13 +127,38 @@ def setting(args) -> dict:
 # ------------------------------------------------------------------------------ measuring
 
 
+class GraphReplayed(torch.nn.Module):
+    """`inner` run as a CUDA graph, as fxprune's latency model runs it under compile="cuda-graph":
+    captured on the first call (`fxprune.latency_model.profile.capture`), replayed on the next.
+    A replay computes on the tensors it captured, so every call must pass those same tensors (the
+    bench passes one batch, `Bench.inputs`); other tensors are refused rather than ignored."""
+
+    def __init__(self, inner: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.inner, self._device = inner, device
+        self._args: tuple | None = None
+        self._replay = None
+
+    def forward(self, *args):
+        if self._replay is None:
+            self._args = args
+            self._replay = capture(lambda: self.inner(*args), self._device)
+        elif len(args) != len(self._args) or any(a is not b for a, b in zip(args, self._args)):
+            raise ValueError("a CUDA-graph replay computes on the tensors it captured: call it with those")
+        return self._replay()
+
+
 class Bench:
     """The measuring setting of one run: models converted as fxprune's latency model converts its
-    private copies (device, dtype, memory format, eval), inputs batched and converted alike."""
+    private copies (device, dtype, memory format, eval), inputs batched and converted alike; with
+    compile="cuda-graph" every model is timed as CUDA-graph replays (`GraphReplayed`)."""
 
-    def __init__(self, device: str, dtype: str | None, channels_last: bool, batch: int, pairs: int, repeats: int):
-        self.s = settings_of(device=device, dtype=dtype, batch=batch, channels_last=channels_last, compile=False,
+    def __init__(self, device: str, dtype: str | None, channels_last: bool, batch: int, pairs: int, repeats: int,
+                 compile: str | None = None):
+        self.s = settings_of(device=device, dtype=dtype, batch=batch, channels_last=channels_last, compile=compile,
                              threads=None, rounds=1, points=2, default_dtype=torch.float32)
+        if self.s.compile not in (None, CUDA_GRAPH):
+            raise ValueError(f"compile={compile!r}: this bench times eager models or CUDA-graph replays only")
         self.batch, self.pairs, self.repeats = batch, pairs, repeats
 
     def inputs(self, x: torch.Tensor) -> ExampleInputs:
@@ -143,7 +170,7 @@ class Bench:
             m.to(device=self.s.device, dtype=self.s.dtype)
             if self.s.channels_last:
                 m.to(memory_format=torch.channels_last)
-        return m
+        return GraphReplayed(m, self.s.device) if self.s.compile == CUDA_GRAPH else m
 
     def paired(self, a, b, xb: ExampleInputs, pairs: int | None = None) -> dict:
         """`paired_latency_ratio` (time of a / time of b), on a steady heap, with the load around it."""
@@ -180,7 +207,7 @@ def fxprune_at_latency(model, x, args, attempts: int = 2) -> tuple[torch.nn.Modu
             slim = fxprune.compress(model, getattr(args, "fx_method", "l1"), x, flops=1.0, latency=LATENCY_TARGET,
                                     device=args.device,
                                     batch=args.batch, dtype=torch_dtype(args.dtype), channels_last=args.channels_last,
-                                    min_ratio=getattr(args, "fx_floor", 0.0))
+                                    compile=getattr(args, "compile", None), min_ratio=getattr(args, "fx_floor", 0.0))
             break
         except LatencyUnreachableError as exc:
             failures.append({**error_json(exc), "best_ms": 1e3 * exc.best_s, "target_ms": 1e3 * exc.target_s,
@@ -391,7 +418,8 @@ def capacity(names, args, on_entry=None) -> dict:
     """The capacity comparison of `names` (torchvision models); entries by model name.
     `on_entry(name, entry)` is called after each model (the script saves the JSON there, so a run
     cut short keeps what it finished)."""
-    bench = Bench(args.device, args.dtype, args.channels_last, args.batch, args.pairs, args.repeats)
+    bench = Bench(args.device, args.dtype, args.channels_last, args.batch, args.pairs, args.repeats,
+                  getattr(args, "compile", None))
     out = {}
     for name in names:
         log(f"{name}: {args.device}, batch {args.batch}, {args.dtype}, "
@@ -592,7 +620,8 @@ def mnist_table(results: dict) -> str:
 def caption(st: dict) -> str:
     v = st.get("versions", {})
     return (f"{st.get('device')} ({st.get('device_name')}, {st.get('cores')} cores), {st.get('threads')} threads, "
-            f"batch {st.get('batch')}, {st.get('dtype') or 'float32'}, {st.get('layout')}, input {st.get('size')}px; "
+            f"batch {st.get('batch')}, {st.get('dtype') or 'float32'}, {st.get('layout')}, input {st.get('size')}px"
+            f"{', timed as CUDA-graph replays' if st.get('compile') == CUDA_GRAPH else ''}; "
             f"torch {v.get('torch')}, torchvision {v.get('torchvision')}, Torch-Pruning {v.get('torch_pruning')}")
 
 
@@ -639,6 +668,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16 (bf16) or float16 (fp16)")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", choices=(CUDA_GRAPH,), default=None,
+                    help="time every model as CUDA-graph replays (CUDA only; fxprune's target too)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--size", type=int, default=224, help="input height and width of the torchvision models")
     ap.add_argument("--tries", type=int, default=7, help="Torch-Pruning prunings of the latency search, at most")
