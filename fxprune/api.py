@@ -114,7 +114,7 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
              latency_ms: float | None = None, params: float | None = None, device: str = "cpu",
              batch: int | None = None, dtype: Any = None, channels_last: bool = False,
              compile: bool | str = False, grouped: str = "whole", heads: str = "whole",
-             layernorm: str = "boundary") -> fx.GraphModule:
+             layernorm: str = "boundary", blocks: bool = False) -> fx.GraphModule:
     """Return a slim copy of `model` keeping at most `flops` of its FLOPs.
 
     Args:
@@ -134,6 +134,12 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
         latency: a latency limit as a fraction of the original model's measured latency, in (0, 1], for
             methods that support one; the FLOPs target applies as well (pass ``flops=1.0`` for latency only).
         latency_ms: the latency limit in milliseconds instead.
+        blocks: with a latency target, the selection may also remove whole residual blocks (the
+            branch of a residual add goes, its shortcut stays) where that keeps more importance per
+            second saved than narrowing channels: a block's kernels go with it, which on a GPU whose
+            forward is bound by kernel launches (or at batch 1) is the only way to be much faster.
+            Methods ``l1``, ``l2``, ``bn_scale``, ``random``. Not function-preserving (like any cut):
+            the result is verified against the masked original with those branches zeroed.
         device / batch / dtype / channels_last / compile: where and how latency is measured (the device
             the model will run on; batch None = the example inputs'; dtype None = the model's; compile
             True or a torch.compile mode: ``"reduce-overhead"`` measures with CUDA graphs, as GPU models
@@ -174,7 +180,7 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     chosen = get_method(method)
     constraints = Constraints(flops=flops, params=params, latency=latency, latency_ms=latency_ms, round_to=round_to,
-                              min_channels=min_channels, min_ratio=min_ratio)
+                              min_channels=min_channels, min_ratio=min_ratio, blocks=blocks)
     measure_on = MeasureOn(device=device, batch=batch, dtype=dtype, channels_last=channels_last, compile=compile)
     constraints.require_supported(chosen.name, chosen.supports)
     opts = make_options(chosen, options, seed)

@@ -115,7 +115,7 @@ def cmd_compress(args) -> int:
     slim = compress(model, args.method, x, args.flops, round_to=args.round_to, ignore=args.ignore or (),
                     min_channels=args.min_channels, min_ratio=args.min_ratio, verify=not args.no_verify,
                     latency=args.latency, latency_ms=args.latency_ms, grouped=args.grouped, heads=args.heads,
-                    layernorm=args.layernorm, **_measure_on(args))
+                    layernorm=args.layernorm, blocks=args.blocks, **_measure_on(args))
     print(f"{args.model}: {args.method} at flops={args.flops} in {time.perf_counter() - start:.2f}s")
     print(slim.fxprune_report.table())
     return 0
@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", type=float, default=None,
                    help="fraction of the original's measured latency to keep (pass --flops 1 for latency only)")
     p.add_argument("--latency-ms", type=float, default=None, help="latency limit in milliseconds instead")
+    p.add_argument("--blocks", action="store_true",
+                   help="with a latency target, also remove whole residual blocks where that saves more time "
+                        "per importance lost than narrowing channels (l1, l2, bn_scale, random)")
     p.add_argument("--round-to", type=_round_to, default=None,
                    help="keep channel counts multiples of N, or 'auto': on the latency model's step edges")
     p.add_argument("--min-channels", type=int, default=1)

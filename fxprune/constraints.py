@@ -1,6 +1,6 @@
 """What the compressed model must satisfy, as one typed value with one budget rule.
 
-`compress(..., flops=, params=, latency=, round_to=, min_channels=, min_ratio=)` builds a
+`compress(..., flops=, params=, latency=, round_to=, min_channels=, min_ratio=, blocks=)` builds a
 `Constraints`; every method reads its budget from it (`macs_budget`, `fits_macs`), so "at most half
 the FLOPs" means the same thing whichever method runs: the exactly recounted MACs at or under
 `flops x original MACs`, with a relative slack of 1e-9 for float rounding of that product only
@@ -43,6 +43,7 @@ class Constraints:
     round_to: int | str | None = None  # kept channel counts are multiples of this; "auto": latency step edges
     min_channels: int = 1  # every group keeps at least this many channels
     min_ratio: float = 0.0  # ... and at least this fraction of them
+    blocks: bool = False  # a latency target may remove whole residual blocks (their branch; the shortcut stays)
 
     def __post_init__(self):
         if isinstance(self.flops, bool) or not isinstance(self.flops, (int, float)) or not 0 < self.flops <= 1:
@@ -62,6 +63,11 @@ class Constraints:
             whole_number(self.round_to, "round_to", optional=True)
         whole_number(self.min_channels, "min_channels")
         real_number(self.min_ratio, "min_ratio", low=0, high=1, high_open=True, example="0.1")
+        if not isinstance(self.blocks, bool):
+            raise ConfigError(f"blocks={self.blocks!r} must be True or False")
+        if self.blocks and not self.has_latency:
+            raise ConfigError("blocks=True lets a latency target remove whole residual blocks: give latency= "
+                              "(a fraction of the measured original) or latency_ms=, or drop blocks=True")
 
     def macs_budget(self, total_macs: float) -> float:
         """The nominal budget, flops x the original MACs (for reports and steering)."""

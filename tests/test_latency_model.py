@@ -730,3 +730,19 @@ def test_an_unstable_profile_is_reused_for_a_while_only(tmp_path, stable, age_s,
     again = FakeTimer(groups)
     profile_latency(analysis, timer=again, points=3, cache_dir=tmp_path)
     assert bool(again.calls) == measured_again
+
+
+def test_removed_nodes_count_nothing_in_every_prediction(tmp_path):
+    """predict / predict_rows with `removed` node names (a plan's removed residual branches) leave
+    those layers' times out, exactly: the fit's scale times each removed layer's time."""
+    _, analysis, groups = _mlp_analysis()
+    lat = profile_latency(analysis, timer=FakeTimer(groups), points=10, cache_dir=tmp_path)
+    kept = {groups[0]: 20, groups[1]: 12}
+    times = lat.layer_times(kept)
+    names = [row["node"] for row in lat.layers()]
+    gone = frozenset(names[1:3])
+    expected = lat.predict(kept) - lat.scale * float(times[1] + times[2])
+    assert lat.predict(kept, gone) == pytest.approx(expected, rel=1e-12)
+    assert lat.predict(kept, frozenset({"not_a_node"})) == pytest.approx(lat.predict(kept), rel=1e-12)
+    row = np.asarray([[kept.get(g, lat.n_units[g]) for g in lat.group_order]], dtype=np.float64)
+    assert lat.predict_rows(row, gone)[0] == pytest.approx(expected, rel=1e-12)

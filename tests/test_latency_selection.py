@@ -693,3 +693,108 @@ def test_auto_round_speed_plans_keep_the_speed_floor(resnet):
     ref = select(a.channels, a.cost, scores, low)  # reachable without the floor
     _, compared = auto_round(a.channels, a.cost, scores, ref, model, low)
     assert list(compared) == ["snapped", "chosen"]
+
+
+# ------------------------------------------------------------------------------ blocks=True
+
+
+class BlockFloorModel(FakeLatencyModel):
+    """The staircases plus a floor per residual block (`floor_s` each, what launching its kernels
+    costs whatever their width), gone when the block's add node is among the removed nodes:
+    narrowing channels cannot get under the floors, removing blocks can."""
+
+    def __init__(self, analysis, floor_s, **kw):
+        self.adds = sorted({b.add for b in analysis.channels.structures.residual_branches})
+        self.floor_s = floor_s
+        super().__init__(analysis, **kw)
+
+    def predict(self, kept, removed=frozenset()) -> float:
+        return super().predict(kept) + self.floor_s * sum(add not in removed for add in self.adds)
+
+
+@pytest.fixture(scope="module")
+def resnet20_analysis():
+    from fxprune.nets import resnet20
+
+    torch.manual_seed(0)
+    a = fxprune.analyze(resnet20().eval(), torch.randn(1, 1, 28, 28))
+    return a, get_method("l1").criterion.scores(a.channels)
+
+
+def test_removable_blocks_are_the_residual_bodies_with_a_group_inside(resnet20_analysis):
+    """ResNet-20: 9 residual adds, each body holds its first conv's output group (the second conv's
+    output is the stage's stream, shared with every block). A projection shortcut is not a body."""
+    from fxprune.methods.latency_selection import removable_branches
+
+    a, scores = resnet20_analysis
+    choices = group_choices(a.channels, scores, 1, 0.0, None)
+    found = removable_branches(a.channels, choices)
+    assert len(found) == 9 and all(len(b.inner) == 1 for b in found)
+    assert len({b.key[0] for b in found}) == 9
+    nodes = {n.name: n for n in a.channels.gm.graph.nodes}
+    for b in found:
+        assert b.key[0] in b.nodes  # the add goes too: the shortcut takes its place
+        inside = {nodes[n].target for n in b.nodes if nodes[n].op == "call_module"}
+        inner = a.channels.groups[choices[b.inner[0]].index]
+        assert all(m.target.rsplit(".", 1)[0] in inside for m in inner.members)
+
+
+def test_blocks_reach_a_budget_channels_cannot_and_the_slim_model_is_the_masked_original(resnet20_analysis):
+    """Under a budget below what any channel plan is predicted to reach (the block floors stay),
+    blocks=True removes blocks, stays under the predicted budget, and its plan rewrites into a
+    model equal to the masked original (blocks' bodies zeroed; fp32, rtol 1e-5) with fewer MACs,
+    fewer convolutions and the removed bodies' nodes gone."""
+    from fxprune.passes.mask import masked_reference
+
+    from .conftest import assert_close_outputs, measured_macs
+
+    a, scores = resnet20_analysis
+    model = BlockFloorModel(a, floor_s=0.5e-3 / 9, total_s=0.5e-3)
+    budget = 0.45 * model.original_s
+    with pytest.raises(LatencyUnreachableError):
+        select_under_latency(a.channels, a.cost, scores, FULL, model, budget)
+    plan = select_under_latency(a.channels, a.cost, scores, Constraints(flops=1.0, latency=0.45, blocks=True),
+                                model, budget)
+    assert plan.remove_branches and predict_plan(model, plan, a.channels) <= budget
+    with pytest.raises(ConfigError, match="pass the analysis' channels"):
+        predict_plan(model, plan)
+    slim, _ = fxprune.prune_with_plan(a, plan, verify_output=False)
+    x = torch.randn(4, 1, 28, 28)
+    assert_close_outputs(masked_reference(a.channels, plan), slim, x, 1e-5)
+    gone = {n for add, _ in plan.remove_branches for n in [add]}
+    assert not gone & {n.name for n in slim.graph.nodes}
+    convs = lambda m: sum(isinstance(x, torch.nn.Conv2d) for x in m.modules())  # noqa: E731
+    assert convs(slim) <= convs(a.channels.gm) - len(plan.remove_branches)
+    assert measured_macs(slim, x) < measured_macs(a.channels.gm, x)
+
+
+def test_blocks_are_taken_back_when_the_budget_allows(resnet20_analysis):
+    """The original's own time as the budget: blocks=True removes nothing; a looser budget removes
+    no more blocks than a tighter one; each plan is predicted under its budget."""
+    a, scores = resnet20_analysis
+    model = BlockFloorModel(a, floor_s=0.5e-3 / 9, total_s=0.5e-3)
+    c = Constraints(flops=1.0, latency=0.5, blocks=True)
+    loose = select_under_latency(a.channels, a.cost, scores, c, model, model.original_s)
+    assert not loose.remove_branches and all(len(k) == a.channels.groups[g].n_units for g, k in loose.keep.items())
+    mid = select_under_latency(a.channels, a.cost, scores, c, model, 0.6 * model.original_s)
+    tight = select_under_latency(a.channels, a.cost, scores, c, model, 0.3 * model.original_s)
+    assert len(mid.remove_branches) <= len(tight.remove_branches)
+    for plan, frac in ((mid, 0.6), (tight, 0.3)):
+        assert predict_plan(model, plan, a.channels) <= frac * model.original_s
+
+
+def test_blocks_need_a_latency_target_and_a_ranked_method():
+    from fxprune.nets import resnet20
+
+    with pytest.raises(ConfigError, match="blocks=True lets a latency target"):
+        Constraints(flops=0.5, blocks=True)
+    with pytest.raises(ConfigError, match="must be True or False"):
+        Constraints(flops=1.0, latency=0.5, blocks="yes")
+    x = torch.randn(1, 1, 28, 28)
+    for method in ("uniform", "gate_decorator", "gal", "metapruning"):
+        with pytest.raises(ConfigError, match="does not support blocks"):
+            fxprune.compress(resnet20(), method, x, flops=1.0, latency=0.5, blocks=True)
+    from fxprune.cli import build_parser
+
+    args = build_parser().parse_args(["compress", "torchvision:resnet18", "--flops", "1", "--latency", "0.5", "--blocks"])
+    assert args.blocks is True

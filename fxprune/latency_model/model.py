@@ -120,10 +120,18 @@ class LatencyModel:
             out[both] = separable(a[both], b[both], self._alpha[both], self._end_in[both], self._end_out[both])
         return out
 
-    def predict_rows(self, rows: np.ndarray) -> np.ndarray:
+    def _present(self, removed) -> np.ndarray | None:
+        """1 for each layer whose node stays, 0 for those in `removed` (node names a plan's removed
+        residual branches take along: `passes.plan.plan_removed_nodes`); None when nothing goes."""
+        if not removed:
+            return None
+        return np.asarray([spec["node"] not in removed for spec in self.layer_specs], dtype=np.float64)
+
+    def predict_rows(self, rows: np.ndarray, removed: frozenset = frozenset()) -> np.ndarray:
         """Predicted seconds for many kept-count vectors at once: `rows` is (T, prunable groups) in
-        ascending group-index order (`group_order`), kept units per group. The selections try one
-        move per group per step; evaluating them together is one vectorised pass instead of T."""
+        ascending group-index order (`group_order`), kept units per group; the layers of `removed`
+        nodes count nothing. The selections try one move per group per step; evaluating them
+        together is one vectorised pass instead of T."""
         rows = np.atleast_2d(np.asarray(rows, dtype=np.float64))
         if rows.shape[1] != len(self._full):
             raise ConfigError(f"rows have {rows.shape[1]} columns; this model has {len(self._full)} prunable groups")
@@ -144,6 +152,9 @@ class LatencyModel:
         if both.any():
             col = lambda v: v[both][:, None]  # noqa: E731
             out[both] = separable(a[both], b[both], col(self._alpha), col(self._end_in), col(self._end_out))
+        present = self._present(removed)
+        if present is not None:
+            out = out * present[:, None]
         return self.offset + self.scale * out.sum(axis=0)
 
     @property
@@ -151,12 +162,14 @@ class LatencyModel:
         """The prunable group indices in the column order of `predict_rows`."""
         return sorted(self._col)
 
-    def layer_sum(self, kept: Mapping[int, int]) -> float:
-        return float(self.layer_times(kept).sum())
+    def layer_sum(self, kept: Mapping[int, int], removed: frozenset = frozenset()) -> float:
+        times, present = self.layer_times(kept), self._present(removed)
+        return float(times.sum() if present is None else (times * present).sum())
 
-    def predict(self, kept: Mapping[int, int]) -> float:
-        """Predicted seconds per forward for kept units per prunable group index (groups absent = full)."""
-        return self.offset + self.scale * self.layer_sum(kept)
+    def predict(self, kept: Mapping[int, int], removed: frozenset = frozenset()) -> float:
+        """Predicted seconds per forward for kept units per prunable group index (groups absent = full);
+        the layers of the `removed` nodes (a plan's removed residual branches) count nothing."""
+        return self.offset + self.scale * self.layer_sum(kept, removed)
 
     def group_steps(self, group: int) -> np.ndarray:
         """Ascending kept-unit counts of `group` that are lower edges of steps of the layers it touches

@@ -49,7 +49,7 @@ import numpy as np
 from fxprune.constraints import Constraints
 from fxprune.errors import ConfigError, LatencyUnreachableError, TargetUnreachableError
 from fxprune.methods.selection import _keep_array, _plan, normalize
-from fxprune.passes.plan import GroupChoice, PruningPlan, group_choices, kept_count
+from fxprune.passes.plan import GroupChoice, PruningPlan, group_choices, kept_count, plan_removed_nodes
 
 
 class LatencyModelLike(Protocol):
@@ -85,34 +85,103 @@ def _candidates(c: GroupChoice, edges) -> np.ndarray:
     return np.array(sorted(out), dtype=np.int64)
 
 
-class _State:
-    """Counts per choice, with the importance lost per candidate, predictions and MACs on demand."""
+@dataclass(frozen=True)
+class Branch:
+    """A residual block the selection may remove (`Constraints.blocks`): the branch of one add
+    (`key` = (add node, operand), as `PruningPlan.remove_branches`), the nodes that go with it
+    (`plan_removed_nodes`), and `inner`: the selection's choices (indices) of the prunable groups
+    that live only inside it, whose importance is what removing it costs."""
 
-    def __init__(self, channels, cost, scores, choices, latency_model):
+    key: tuple[str, int]
+    nodes: frozenset
+    inner: tuple[int, ...]
+
+
+def removable_branches(channels, choices: list[GroupChoice]) -> list[Branch]:
+    """The residual blocks a latency selection may remove: per residual add, its branch with the
+    most MACs (the block's body; the other operand is its shortcut, which stays), when at least one
+    prunable group lives only inside it (else removing it would cost no importance, and a greedy
+    ranking importance per second would take it first whatever it computes). A group lives inside
+    when every module (or attribute) holding its channels is used by the branch's nodes alone."""
+    if channels.structures is None:
+        return []
+    body: dict[str, object] = {}
+    for b in channels.structures.residual_branches:
+        if b.add not in body or b.macs > body[b.add].macs:
+            body[b.add] = b
+    users: dict[str, set] = {}
+    for n in channels.gm.graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            users.setdefault(n.target, set()).add(n.name)
+
+    def inside(group, nodes) -> bool:
+        for m in group.members:
+            owner = m.target if m.target in users else m.target.rsplit(".", 1)[0]
+            if not users.get(owner) or not users[owner] <= nodes:
+                return False
+        return True
+
+    out = []
+    for b in body.values():
+        nodes = plan_removed_nodes(channels, PruningPlan(remove_branches=[(b.add, b.operand)]))
+        inner = tuple(i for i, c in enumerate(choices) if inside(channels.groups[c.index], nodes))
+        if inner:
+            out.append(Branch((b.add, b.operand), nodes, inner))
+    return out
+
+
+NONE_GONE: frozenset = frozenset()
+
+
+class _State:
+    """Counts per choice, with the importance lost per candidate, predictions and MACs on demand.
+    `gone`: indices into `branches` of the residual blocks a state removes (empty without blocks)."""
+
+    def __init__(self, channels, cost, scores, choices, latency_model, branches: list[Branch] | None = None):
         self.channels, self.cost, self.choices, self.model = channels, cost, choices, latency_model
         self.cands = [_candidates(c, latency_model.group_steps(c.index)) for c in choices]
+        self.branches = list(branches or [])
         # lost[i][j]: normalised importance of the units dropped when keeping cands[i][j] units
-        self.lost = []
+        self.lost, self.whole = [], []
         for c, cand in zip(choices, self.cands):
             prefix = np.concatenate([[0.0], np.cumsum(normalize(np.asarray(scores[c.index], dtype=np.float64))[c.order])])
             self.lost.append(prefix[len(c.units) - cand])
+            self.whole.append(float(prefix[len(c.units)]))
+        self._nodes: dict[frozenset, frozenset] = {NONE_GONE: frozenset()}
 
     def counts(self, pos) -> list[int]:
         return [int(cand[p]) for cand, p in zip(self.cands, pos)]
 
-    def predict(self, pos) -> float:
-        return float(self.model.predict({c.index: k for c, k in zip(self.choices, self.counts(pos))}))
+    def removed_nodes(self, gone) -> frozenset:
+        if gone not in self._nodes:
+            self._nodes[gone] = frozenset().union(*(self.branches[b].nodes for b in gone))
+        return self._nodes[gone]
 
-    def predict_moves(self, pos, step: int) -> np.ndarray:
+    def frozen(self, gone) -> set[int]:
+        """Choices inside a removed block: their layers are gone, so moving them changes nothing."""
+        return {i for b in gone for i in self.branches[b].inner}
+
+    def branch_lost(self, pos, b: int) -> float:
+        """Importance the block `b` still holds in `pos`: its inner groups' kept units."""
+        return sum(self.whole[i] - self.lost[i][pos[i]] for i in self.branches[b].inner)
+
+    def predict(self, pos, gone=NONE_GONE) -> float:
+        kept = {c.index: k for c, k in zip(self.choices, self.counts(pos))}
+        if not gone:
+            return float(self.model.predict(kept))
+        return float(self.model.predict(kept, self.removed_nodes(gone)))
+
+    def predict_moves(self, pos, step: int, gone=NONE_GONE) -> np.ndarray:
         """Predicted seconds after moving each group by `step` candidates (inf where it cannot
-        move), in one batched call when the model has `predict_rows`."""
+        move, or sits inside a removed block), in one batched call when the model has `predict_rows`."""
         out = np.full(len(pos), np.inf)
-        movable = [i for i in range(len(pos)) if 0 <= pos[i] + step < len(self.cands[i])]
+        frozen = self.frozen(gone)
+        movable = [i for i in range(len(pos)) if 0 <= pos[i] + step < len(self.cands[i]) and i not in frozen]
         if not movable:
             return out
         if not hasattr(self.model, "predict_rows"):
             for i in movable:
-                out[i] = self.predict(_moved(pos, i, step))
+                out[i] = self.predict(_moved(pos, i, step), gone)
             return out
         order = self.model.group_order
         column = {g: j for j, g in enumerate(order)}
@@ -122,11 +191,11 @@ class _State:
         rows = np.repeat(base[None, :], len(movable), axis=0)
         for r, i in enumerate(movable):
             rows[r, column[self.choices[i].index]] = self.cands[i][pos[i] + step]
-        out[movable] = self.model.predict_rows(rows)
+        out[movable] = self.model.predict_rows(rows, self.removed_nodes(gone)) if gone else self.model.predict_rows(rows)
         return out
 
-    def macs(self, pos) -> float:
-        return self.cost.macs(_keep_array(self.channels, self.choices, self.counts(pos)))
+    def macs(self, pos, gone=NONE_GONE) -> float:
+        return self.cost.macs(_keep_array(self.channels, self.choices, self.counts(pos)), self.removed_nodes(gone))
 
     def macs_removed_by_moves(self, pos) -> np.ndarray:
         """MACs each group's down move would remove (0 where it cannot move), recounting only the
@@ -146,8 +215,10 @@ class _State:
             keep[dropped] = True
         return out
 
-    def plan(self, pos) -> PruningPlan:
-        return _plan(self.choices, self.counts(pos))
+    def plan(self, pos, gone=NONE_GONE) -> PruningPlan:
+        plan = _plan(self.choices, self.counts(pos))
+        plan.remove_branches = [self.branches[b].key for b in sorted(gone)]
+        return plan
 
 
 def _moved(pos, i, step):
@@ -177,47 +248,64 @@ def select_under_latency(channels, cost, scores: dict[int, np.ndarray], constrai
     choices = _choices(channels, scores, constraints)
     if not choices:
         return PruningPlan()
-    s = _State(channels, cost, scores, choices, latency_model)
+    blocks = constraints.blocks and allocation == "importance"
+    s = _State(channels, cost, scores, choices, latency_model, removable_branches(channels, choices) if blocks else None)
     total, original = cost.total_macs, latency_model.original_s
-    lowest = [0] * len(choices)
-    macs_min = s.macs(lowest)
+    lowest, every = [0] * len(choices), frozenset(range(len(s.branches)))
+    macs_min = s.macs(lowest, every)
     if not constraints.fits_macs(macs_min, total):
         raise TargetUnreachableError(constraints.flops, macs_min / total,
                                      f" ({len(choices)} prunable groups; the rest is fixed by boundaries)")
-    predicted_min = s.predict(lowest)
+    predicted_min = s.predict(lowest, every)
     if not predicted_min <= budget_s:
+        removable = f" and all {len(every)} removable residual blocks removed" if every else ""
         raise LatencyUnreachableError(budget_s, predicted_min, original,
-                                      f" with every one of the {len(choices)} prunable groups at its minimum size")
+                                      f" with every one of the {len(choices)} prunable groups at its minimum size"
+                                      f"{removable}")
     if allocation == "uniform":
         pos = _uniform_under(s, budget_s, constraints, total)
-        return s.plan(_fill(s, pos, s.predict(pos), budget_s, constraints, total))
-    pos = [len(cand) - 1 for cand in s.cands]
+        return s.plan(*_fill(s, pos, NONE_GONE, s.predict(pos), budget_s, constraints, total))
+    pos, gone = [len(cand) - 1 for cand in s.cands], NONE_GONE
     scale = original if original and original > 0 else 1.0
     predicted, macs = s.predict(pos), s.macs(pos)
     while True:
         over_time, over_macs = not predicted <= budget_s, not constraints.fits_macs(macs, total)
         if not (over_time or over_macs):
             break
-        best = None  # (has gain, ratio, gain or -cost, i, predicted, macs)
-        trials = s.predict_moves(pos, -1) if over_time else None
-        for i in range(len(choices)):
-            if pos[i] == 0:
-                continue
-            trial = _moved(pos, i, -1)
-            p = float(trials[i]) if over_time else predicted
-            m = s.macs(trial) if over_macs else macs
+        best = None  # (key, move, predicted, macs); key (has gain, ratio, gain or -cost); move ("group" | "block", i)
+
+        def consider(move, p, m, lost):
+            nonlocal best
             gain = (predicted - p) / scale * over_time + (macs - m) / total * over_macs
-            lost = s.lost[i][pos[i] - 1] - s.lost[i][pos[i]]
             key = (True, gain / lost if lost > 0 else math.inf, gain) if gain > 0 else (False, 0.0, -lost)
             if best is None or key > best[0]:
-                best = (key, i, p, m)
+                best = (key, move, p, m)
+
+        trials = s.predict_moves(pos, -1, gone) if over_time else None
+        frozen = s.frozen(gone)
+        for i in range(len(choices)):
+            if pos[i] == 0 or i in frozen:
+                continue
+            consider(("group", i), float(trials[i]) if over_time else predicted,
+                     s.macs(_moved(pos, i, -1), gone) if over_macs else macs, s.lost[i][pos[i] - 1] - s.lost[i][pos[i]])
+        for b in range(len(s.branches)):
+            if b not in gone:
+                after = gone | {b}
+                consider(("block", b), s.predict(pos, after) if over_time else predicted,
+                         s.macs(pos, after) if over_macs else macs, s.branch_lost(pos, b))
         if best is None:  # every group at its minimum: it fits (checked above) unless predict is not deterministic
             raise LatencyUnreachableError(budget_s, predicted, original, " (the latency model's predictions changed)")
-        _, i, p, m = best
-        pos[i] -= 1
-        predicted = p if over_time else s.predict(pos)
-        macs = m if over_macs else s.macs(pos)
-    return s.plan(_fill(s, pos, predicted, budget_s, constraints, total))
+        _, (kind, i), p, m = best
+        if kind == "group":
+            pos[i] -= 1
+        else:  # its inner groups go to their minimum: the state then is one the all-minimum check covered
+            gone = gone | {i}
+            for j in s.branches[i].inner:
+                pos[j] = 0
+        exact = over_time and kind == "group"  # a block move also moved its inner groups: predict again
+        predicted = p if exact else s.predict(pos, gone)
+        macs = m if over_macs and kind == "group" else s.macs(pos, gone)
+    return s.plan(*_fill(s, pos, gone, predicted, budget_s, constraints, total))
 
 
 def _uniform_at(s: _State, ratio: float) -> list[int]:
@@ -242,28 +330,34 @@ def _uniform_under(s: _State, budget_s, constraints, total, steps: int = 40) -> 
     return _uniform_at(s, lo)
 
 
-def _fill(s: _State, pos, predicted, budget_s, constraints, total):
-    """Up moves that keep the plan under both limits, best importance per second added first."""
+def _fill(s: _State, pos, gone, predicted, budget_s, constraints, total):
+    """Up moves that keep the plan under both limits, best importance per second added first: a
+    group one candidate up, or a removed block back (with what its inner groups keep). Returns
+    (pos, gone)."""
     pos = list(pos)
     while True:
         options = []
-        trials = s.predict_moves(pos, 1)
+        trials = s.predict_moves(pos, 1, gone)
+        frozen = s.frozen(gone)
         for i in range(len(pos)):
-            if pos[i] == len(s.cands[i]) - 1:
+            if pos[i] == len(s.cands[i]) - 1 or i in frozen:
                 continue
-            p = float(trials[i])
-            if not p <= budget_s:
-                continue
-            regained = s.lost[i][pos[i]] - s.lost[i][pos[i] + 1]
-            added = p - predicted
-            options.append(((regained / added if added > 0 else math.inf, regained), i, p))
-        for _, i, p in sorted(options, key=lambda o: o[0], reverse=True):
-            if constraints.fits_macs(s.macs(_moved(pos, i, 1)), total):
-                pos[i] += 1
-                predicted = p
+            options.append((s.lost[i][pos[i]] - s.lost[i][pos[i] + 1], float(trials[i]), ("group", i)))
+        for b in gone:
+            back = gone - {b}
+            options.append((s.branch_lost(pos, b), s.predict(pos, back), ("block", b)))
+        ranked = []
+        for regained, p, move in options:
+            if p <= budget_s:
+                added = p - predicted
+                ranked.append(((regained / added if added > 0 else math.inf, regained), move, p))
+        for _, (kind, i), p in sorted(ranked, key=lambda o: o[0], reverse=True):
+            trial_pos, trial_gone = (_moved(pos, i, 1), gone) if kind == "group" else (pos, gone - {i})
+            if constraints.fits_macs(s.macs(trial_pos, trial_gone), total):
+                pos, gone, predicted = list(trial_pos), trial_gone, p
                 break
         else:
-            return pos
+            return pos, gone
 
 
 def plan_counts(channels, plan: PruningPlan) -> dict[int, int]:
@@ -271,9 +365,17 @@ def plan_counts(channels, plan: PruningPlan) -> dict[int, int]:
     return {g.index: len(plan.keep[g.index]) if g.index in plan.keep else g.n_units for g in channels.prunable_groups}
 
 
-def predict_plan(latency_model: LatencyModelLike, plan: PruningPlan) -> float:
-    """The predicted latency of `plan` (groups it does not list are full)."""
-    return float(latency_model.predict({g: len(k) for g, k in plan.keep.items()}))
+def predict_plan(latency_model: LatencyModelLike, plan: PruningPlan, channels=None) -> float:
+    """The predicted latency of `plan` (groups it does not list are full). With `channels`, the
+    layers of the residual branches and concat inputs the plan removes count nothing; without, a
+    plan that removes some is refused (its prediction would count them)."""
+    kept = {g: len(k) for g, k in plan.keep.items()}
+    if not (plan.remove_branches or plan.drop_concat_inputs):
+        return float(latency_model.predict(kept))
+    if channels is None:
+        raise ConfigError("predict_plan: this plan removes residual branches or concat inputs; pass the "
+                          "analysis' channels so that their layers are left out of the prediction")
+    return float(latency_model.predict(kept, plan_removed_nodes(channels, plan)))
 
 
 # ------------------------------------------------------------------------------ measured retries
@@ -300,7 +402,8 @@ def _same_plan(a: PruningPlan, b: PruningPlan) -> bool:
 
 def fit_measured(select: Callable[[float], PruningPlan], measure: Callable[[PruningPlan], float], target_s: float, *,
                  max_rounds: int = 6, predicted_budget: float | None = None,
-                 latency_model: LatencyModelLike | None = None, min_shrink: float = 0.03) -> MeasuredFit:
+                 latency_model: LatencyModelLike | None = None, min_shrink: float = 0.03,
+                 channels=None) -> MeasuredFit:
     """Select at a predicted budget, measure, shrink the budget until the measurement is <= target_s.
 
     Round r: `plan = select(budget)`; `measured = measure(plan)`; done if measured <= target_s.
@@ -308,7 +411,8 @@ def fit_measured(select: Callable[[float], PruningPlan], measure: Callable[[Prun
     base is the plan's predicted latency when `latency_model` is given (the plan may sit a step
     under its budget; scaling the budget would then pick the same plan again) and the budget
     otherwise; a measurement that is not finite shrinks by min_shrink only. The first budget is
-    `predicted_budget`, or target_s.
+    `predicted_budget`, or target_s. `channels`: the analysis' channels, which `predict_plan` needs
+    for plans that remove residual blocks (`Constraints.blocks`).
 
     Ends after `max_rounds` selections, when a selection repeats the previous plan (it was measured
     over already), or when `select` raises LatencyUnreachableError; then raises
@@ -333,7 +437,7 @@ def fit_measured(select: Callable[[float], PruningPlan], measure: Callable[[Prun
             entry["unreachable"], cause = True, e
             original = original if original is not None else e.original_s
             break
-        predicted = predict_plan(latency_model, plan) if latency_model is not None else None
+        predicted = predict_plan(latency_model, plan, channels) if latency_model is not None else None
         entry["predicted_s"] = predicted
         if previous is not None and _same_plan(plan, previous):
             entry["unchanged"] = True
@@ -469,7 +573,7 @@ def allocate_for_speed(channels, cost, scores: dict[int, np.ndarray], constraint
         _, i = best  # some group can move: the all-minimum state fits (checked above)
         pos[i] -= 1
         predicted, macs = float(trials[i]), s.macs(pos)
-    return s.plan(_fill(s, pos, predicted, predicted, constraints, total))
+    return s.plan(*_fill(s, pos, NONE_GONE, predicted, predicted, constraints, total))
 
 
 # round_to="auto"'s candidates beside the snapped FLOPs ranking, most importance-minded first:
@@ -534,6 +638,6 @@ def auto_round(channels, cost, scores: dict[int, np.ndarray], plan: PruningPlan,
     return best[2], compared
 
 
-__all__ = ["ALLOCATIONS", "EFFICIENT", "SPEED_MIN_RATIO", "SPEED_PLANS", "LatencyModelLike", "LatencyUnreachableError", "MeasuredFit",
+__all__ = ["ALLOCATIONS", "Branch", "EFFICIENT", "SPEED_MIN_RATIO", "SPEED_PLANS", "LatencyModelLike", "LatencyUnreachableError", "MeasuredFit",
            "allocate_for_speed", "auto_round", "fit_measured", "importance_lost",
-           "plan_counts", "predict_plan", "select_under_latency", "snap_to_steps"]
+           "plan_counts", "predict_plan", "removable_branches", "select_under_latency", "snap_to_steps"]

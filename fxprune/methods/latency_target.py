@@ -23,7 +23,8 @@ def latency_details(latency_model, context: MethodContext, plan: PruningPlan, me
     return {"on": f"{on.device}, batch {on.batch or 'as given'}, {str(on.dtype or 'model dtype').replace('torch.', '')}"
                   f"{', channels_last' if on.channels_last else ''}{_compiled(on.compile)}",
             "predicted_before_s": latency_model.predict({}), "measured_before_s": latency_model.original_s,
-            "predicted_after_s": predict_plan(latency_model, plan), "measured_after_s": measured_after_s,
+            "predicted_after_s": predict_plan(latency_model, plan, context.analysis.channels),
+            "measured_after_s": measured_after_s,
             "target_s": context.constraints.latency_target_s(latency_model.original_s),
             "after_measured": ("side by side with the original, scaled to the profiled original"
                                if context.constraints.latency is not None else "alone"), **(extra or {})}

@@ -9,7 +9,8 @@ ranked methods profile the model on the device it will run on (`fxprune.latency_
 most importance under the predicted latency with every group on a step edge
 (`latency_selection.select_under_latency`; ``uniform``: the largest shared fraction of every
 group, each on a step edge), then measure the slim model end to end and shrink the
-predicted budget until the measurement is under the target (`fit_measured`). With
+predicted budget until the measurement is under the target (`fit_measured`). With `blocks=True`
+the ranked methods' selection may also remove whole residual blocks (`removable_branches`). With
 `round_to="auto"` a FLOPs-target selection is moved onto the latency model's step edges
 (`snap_to_steps`), or, when the latency model predicts it faster per MAC kept, re-allocated time
 first (`allocate_for_speed`); `auto_round` compares the two. The report's details carry predicted and measured latency before and after.
@@ -39,7 +40,9 @@ class MagnitudeMethod:
 
     @property
     def supports(self) -> frozenset:
-        return frozenset({"round_to", "min_channels", "min_ratio", "latency"})
+        """`blocks` (removing residual blocks under a latency target) for the ranked methods only:
+        `uniform` keeps one fraction of every group, and so every block."""
+        return frozenset({"round_to", "min_channels", "min_ratio", "latency"} | (set() if self.uniform else {"blocks"}))
 
     def run(self, context: MethodContext) -> MethodResult:
         analysis, c = context.analysis, context.constraints
@@ -56,7 +59,7 @@ class MagnitudeMethod:
         fit = fit_measured(
             lambda budget: select_under_latency(analysis.channels, analysis.cost, scores, c, model, budget,
                                                 "uniform" if self.uniform else "importance"),
-            lambda plan: slim_latency(context, plan, model), target, latency_model=model)
+            lambda plan: slim_latency(context, plan, model), target, latency_model=model, channels=analysis.channels)
         return MethodResult(fit.plan, {"latency": latency_details(model, context, fit.plan, fit.measured_s,
                                                                   {"rounds": fit.rounds})})
 
