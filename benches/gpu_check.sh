@@ -14,7 +14,9 @@
 #             replay, original / fx graph / l1 round_to 8 / uniform / l1 round_to "auto" (profiled under
 #             compile="cuda-graph"): round_to auto's efficiency on the GPU (gpu_overhead.py --auto)
 #   graphs    latency target 0.5 measured on CUDA-graph replays (compile="cuda-graph": the eager kernels
-#             without the host's launches, layers timed as graph replays too), per model:batch of GRAPHS
+#             without the host's launches, layers timed as graph replays too), per MODEL:BATCH[:blocks] of GRAPHS
+#   blocks    latency target 0.5 in eager mode with --blocks (whole residual blocks may go: fewer kernels
+#             for the host to issue), resnet50, batch 64 and 1
 #   tp        fxprune vs Torch-Pruning at equal latency on CUDA-graph replays (resnet50, batch 64; needs
 #             torch-pruning: TP_WHEEL_DIR, a folder with its wheel)
 #   gd        Gate Decorator / GAL training steps: eager masks vs fused vs compact regions (GD_BATCH)
@@ -38,7 +40,7 @@ RES=${RES:-${TMPDIR:-/tmp}/fxprune-gpu-check}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
 BUDGET=${BUDGET:-470}
-STEPS=${STEPS:-"overhead graphs tp gd tests kernels evidence"}
+STEPS=${STEPS:-"overhead graphs blocks tp gd tests kernels evidence"}
 rm -rf "$RES"; mkdir -p "$OUT" "$RES"
 export FXPRUNE_CACHE="$RES/cache"
 START=$(date +%s)
@@ -87,7 +89,7 @@ if [ "$QUICK" = 1 ]; then
 else
   MODELS=${MODELS:-"torchvision:resnet50 torchvision:mobilenet_v2"}; SHAPE=""; BATCHES=${BATCHES:-"64 1"}
   BIG=64; DTYPE=bfloat16; LAYOUT="--channels-last"
-  GRAPHS=${GRAPHS:-"torchvision:resnet50:64 torchvision:mobilenet_v2:64 torchvision:resnet50:1"}
+  GRAPHS=${GRAPHS:-"torchvision:resnet50:64 torchvision:resnet50:1:blocks torchvision:mobilenet_v2:64:blocks torchvision:resnet50:64:blocks"}
   KARGS=${KARGS:-"--batch 64 --rounds 2 --round-time 0.03"}
   GARGS=${GARGS:-"--gd-batch ${GD_BATCH:-64} --rounds 3 --round-time 0.05"}
   OARGS="--batch 64,1 --dtype bfloat16 --channels-last"
@@ -107,13 +109,24 @@ if want overhead && room 90 overhead; then
 fi
 
 if want graphs && [ "$DEVICE" = cuda ]; then
-  for ENTRY in $GRAPHS; do
-    MODEL=${ENTRY%:*}; B=${ENTRY##*:}; NAME=$(echo "$MODEL" | cut -d: -f2)
-    room 60 "graphs $NAME batch $B" || continue
-    step "latency target 0.5 on CUDA-graph replays: $NAME batch $B"
+  for ENTRY in $GRAPHS; do  # MODEL:BATCH[:blocks] (blocks: residual blocks may go too, --blocks)
+    IFS=: read -r SRC NAME B BLK <<< "$ENTRY"; MODEL="$SRC:$NAME"; TAG=${BLK:+_blocks}
+    room 60 "graphs $NAME batch $B $BLK" || continue
+    step "latency target 0.5 on CUDA-graph replays: $NAME batch $B ${BLK:+(blocks may go)}"
     timeout "$(cap 150)" python -m fxprune.cli compress "$MODEL" --method l1 --flops 1 --latency 0.5 --device cuda \
-      --batch "$B" --dtype bfloat16 --channels-last --compile cuda-graph > "$RES/target_${NAME}_b${B}_graph.txt" 2>&1
-    grep -E "latency|Error" "$RES/target_${NAME}_b${B}_graph.txt" | head -4
+      --batch "$B" --dtype bfloat16 --channels-last --compile cuda-graph ${BLK:+--blocks} \
+      > "$RES/target_${NAME}_b${B}_graph$TAG.txt" 2>&1
+    grep -E "latency|Error|MACs" "$RES/target_${NAME}_b${B}_graph$TAG.txt" | head -4
+  done
+fi
+
+if want blocks && [ "$DEVICE" = cuda ]; then
+  for B in 64 1; do  # eager: the host issues fewer kernels when whole blocks go
+    room 60 "blocks eager batch $B" || continue
+    step "latency target 0.5, eager, residual blocks may go: $FIRST_NAME batch $B"
+    timeout "$(cap 150)" python -m fxprune.cli compress "$FIRST" --method l1 --flops 1 --latency 0.5 --device cuda \
+      --batch "$B" --dtype bfloat16 --channels-last --blocks > "$RES/target_${FIRST_NAME}_b${B}_eager_blocks.txt" 2>&1
+    grep -E "latency|Error|MACs" "$RES/target_${FIRST_NAME}_b${B}_eager_blocks.txt" | head -4
   done
 fi
 
