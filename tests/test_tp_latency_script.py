@@ -212,3 +212,12 @@ def test_cuda_graph_bench_needs_cuda_and_replays_only_the_captured_tensors(monke
     assert torch.equal(m(x), m.inner(x)) and torch.equal(m(x), m.inner(x)) and len(captured) == 1
     with pytest.raises(ValueError, match="tensors it captured"):
         m(torch.randn(1, 2))
+
+
+def test_variants_parse_with_an_optional_blocks_suffix():
+    assert tp_latency.parse_variant("l1") == ("l1", 0.0, False)
+    assert tp_latency.parse_variant(" l1:0.25+blocks ") == ("l1", 0.25, True)
+    assert tp_latency.variant_name("resnet56", "l1", 0.0, True) == "resnet56@blocks"
+    assert tp_latency.variant_name("resnet56", "uniform", 0.25) == "resnet56@uniform,min_ratio=0.25"
+    with pytest.raises(ValueError, match="only suffix is '\\+blocks'"):
+        tp_latency.parse_variant("l1+depth")

@@ -207,7 +207,8 @@ def fxprune_at_latency(model, x, args, attempts: int = 2) -> tuple[torch.nn.Modu
             slim = fxprune.compress(model, getattr(args, "fx_method", "l1"), x, flops=1.0, latency=LATENCY_TARGET,
                                     device=args.device,
                                     batch=args.batch, dtype=torch_dtype(args.dtype), channels_last=args.channels_last,
-                                    compile=getattr(args, "compile", None), min_ratio=getattr(args, "fx_floor", 0.0))
+                                    compile=getattr(args, "compile", None), min_ratio=getattr(args, "fx_floor", 0.0),
+                                    blocks=getattr(args, "fx_blocks", False))
             break
         except LatencyUnreachableError as exc:
             failures.append({**error_json(exc), "best_ms": 1e3 * exc.best_s, "target_ms": 1e3 * exc.target_s,
@@ -445,16 +446,20 @@ def _loader(ds, n: int, bs: int, seed: int) -> DataLoader:
                       generator=torch.Generator().manual_seed(seed))
 
 
-def parse_variant(text: str) -> tuple[str, float]:
-    """``METHOD[:MIN_RATIO]`` of ``--fx-variants`` -> (method, min_ratio)."""
-    method, _, ratio = text.strip().partition(":")
-    return method, float(ratio or 0.0)
+def parse_variant(text: str) -> tuple[str, float, bool]:
+    """``METHOD[:MIN_RATIO][+blocks]`` of ``--fx-variants`` -> (method, min_ratio, blocks)."""
+    text, plus, extra = text.strip().partition("+")
+    if plus and extra != "blocks":
+        raise ValueError(f"--fx-variants: {text}+{extra}: the only suffix is '+blocks'")
+    method, _, ratio = text.partition(":")
+    return method, float(ratio or 0.0), bool(plus)
 
 
-def variant_name(net: str, method: str = "l1", min_ratio: float = 0.0) -> str:
-    """Where a run of one fxprune variant is stored: the net's name for the default (l1, no floor),
-    else NET@[METHOD][,]min_ratio=R, so the variants sit next to the default in the tables."""
-    parts = ([] if method == "l1" else [method]) + ([f"min_ratio={min_ratio:g}"] if min_ratio else [])
+def variant_name(net: str, method: str = "l1", min_ratio: float = 0.0, blocks: bool = False) -> str:
+    """Where a run of one fxprune variant is stored: the net's name for the default (l1, no floor,
+    no blocks), else NET@[METHOD][,min_ratio=R][,blocks], so the variants sit next to the default."""
+    parts = (([] if method == "l1" else [method]) + ([f"min_ratio={min_ratio:g}"] if min_ratio else [])
+             + (["blocks"] if blocks else []))
     return net if not parts else f"{net}@{','.join(parts)}"
 
 
@@ -492,16 +497,16 @@ def mnist_run(nets, seeds, args, on_entry=None) -> dict:
             dense_acc = evaluate(dense, test)["accuracy"]
             train_s = time.perf_counter() - t0
             log(f"{net} seed {seed}: dense test accuracy {dense_acc:.4f} ({train_s:.0f} s)")
-            for method, min_ratio in args.fx_variant_list:
+            for method, min_ratio, blocks in args.fx_variant_list:
                 t1 = time.perf_counter()
-                name = variant_name(net, method, min_ratio)
+                name = variant_name(net, method, min_ratio, blocks)
                 mnist_args = argparse.Namespace(**{**vars(args), "device": "cpu", "dtype": None, "channels_last": False,
                                                    "batch": args.mnist_batch, "fx_floor": min_ratio,
-                                                   "fx_method": method})
+                                                   "fx_method": method, "fx_blocks": blocks})
                 log(f"  {name}")
                 entry = compare(net, dense, x, bench, mnist_args)
                 run = {"seed": seed, "dense_accuracy": dense_acc, "train_s": train_s, "fx_min_ratio": min_ratio,
-                       "fx_method": method,
+                       "fx_method": method, "fx_blocks": blocks,
                        **{k: v for k, v in entry.items() if k != "_models"}}
                 if "_models" in entry:
                     for tool, slim in zip(("fxprune", "torch_pruning"), entry["_models"]):
@@ -513,7 +518,8 @@ def mnist_run(nets, seeds, args, on_entry=None) -> dict:
                         f"Torch-Pruning {run['torch_pruning']['accuracy']:.4f}")
                 run["seconds"] = time.perf_counter() - t1
                 runs.setdefault(name, []).append(run)
-                out[name] = {"net": net, "fx_min_ratio": min_ratio, "fx_method": method, "runs": runs[name],
+                out[name] = {"net": net, "fx_min_ratio": min_ratio, "fx_method": method, "fx_blocks": blocks,
+                             "runs": runs[name],
                              "summary": mnist_summary(runs[name])}
                 if on_entry is not None:
                     on_entry(name, out[name])
@@ -686,7 +692,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--fx-method", default="l1", help="the capacity run's fxprune method (l1 or uniform; "
                                                       "store it next to l1's with --label)")
     ap.add_argument("--fx-variants", default="l1",
-                    help="comma-separated fxprune variants METHOD[:MIN_RATIO] (l1: the default importance selection; "
+                    help="comma-separated fxprune variants METHOD[:MIN_RATIO][+blocks] (l1: the default importance selection; "
                          "uniform: one shared fraction; e.g. l1,l1:0.25,uniform), each compared with its own "
                          "Torch-Pruning model at its latency")
     ap.add_argument("--mnist-test", type=int, default=None, help="test images (default: all 10k)")
