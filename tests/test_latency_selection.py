@@ -798,3 +798,45 @@ def test_blocks_need_a_latency_target_and_a_ranked_method():
 
     args = build_parser().parse_args(["compress", "torchvision:resnet18", "--flops", "1", "--latency", "0.5", "--blocks"])
     assert args.blocks is True
+
+
+class _Nested(torch.nn.Module):
+    """An outer residual block whose body holds an inner residual block (each with a group of its own)."""
+
+    def __init__(self):
+        super().__init__()
+        conv = lambda i, o: torch.nn.Conv2d(i, o, 3, padding=1)  # noqa: E731
+        self.stem, self.a1, self.a2, self.b1, self.b2 = conv(3, 16), conv(16, 12), conv(12, 16), conv(16, 8), conv(8, 16)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = torch.relu(self.a2(torch.relu(self.a1(x))))
+        y = y + self.b2(torch.relu(self.b1(y)))
+        return self.head((x + y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("fraction", [0.8, 0.5, 0.2])
+def test_nested_blocks_are_removed_once_and_the_rewrite_verifies(fraction):
+    """A block inside a removed block goes with it: the plan never lists a branch whose add lies in
+    another listed branch, and the slim model equals the masked original (fp32, rtol 1e-5)."""
+    from fxprune.methods.latency_selection import removable_branches
+    from fxprune.passes.mask import masked_reference
+
+    from .conftest import assert_close_outputs
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    a = fxprune.analyze(_Nested().eval(), x)
+    scores = get_method("l1").criterion.scores(a.channels)
+    found = removable_branches(a.channels, group_choices(a.channels, scores, 1, 0.0, None))
+    assert len(found) == 2 and sorted(len(b.inner) for b in found) == [1, 2]
+    model = BlockFloorModel(a, floor_s=0.4e-3, total_s=0.2e-3)
+    plan = select_under_latency(a.channels, a.cost, scores, Constraints(flops=1.0, latency=0.5, blocks=True), model,
+                                fraction * model.original_s)
+    listed = [add for add, _ in plan.remove_branches]
+    nodes = {b.key[0]: b.nodes for b in found}
+    assert not any(inner in nodes[outer] for outer in listed for inner in listed if inner != outer)
+    assert predict_plan(model, plan, a.channels) <= fraction * model.original_s
+    slim, _ = fxprune.prune_with_plan(a, plan, verify_output=False)
+    assert_close_outputs(masked_reference(a.channels, plan), slim, x, 1e-5)

@@ -161,6 +161,10 @@ class _State:
         """Choices inside a removed block: their layers are gone, so moving them changes nothing."""
         return {i for b in gone for i in self.branches[b].inner}
 
+    def covered(self, b: int, gone) -> bool:
+        """Block `b` lies inside another removed block (a nested residual): it goes with that one."""
+        return any(o != b and self.branches[b].key[0] in self.branches[o].nodes for o in gone)
+
     def branch_lost(self, pos, b: int) -> float:
         """Importance the block `b` still holds in `pos`: its inner groups' kept units."""
         return sum(self.whole[i] - self.lost[i][pos[i]] for i in self.branches[b].inner)
@@ -217,7 +221,7 @@ class _State:
 
     def plan(self, pos, gone=NONE_GONE) -> PruningPlan:
         plan = _plan(self.choices, self.counts(pos))
-        plan.remove_branches = [self.branches[b].key for b in sorted(gone)]
+        plan.remove_branches = [self.branches[b].key for b in sorted(gone) if not self.covered(b, gone)]
         return plan
 
 
@@ -289,7 +293,7 @@ def select_under_latency(channels, cost, scores: dict[int, np.ndarray], constrai
             consider(("group", i), float(trials[i]) if over_time else predicted,
                      s.macs(_moved(pos, i, -1), gone) if over_macs else macs, s.lost[i][pos[i] - 1] - s.lost[i][pos[i]])
         for b in range(len(s.branches)):
-            if b not in gone:
+            if b not in gone and not s.covered(b, gone):
                 after = gone | {b}
                 consider(("block", b), s.predict(pos, after) if over_time else predicted,
                          s.macs(pos, after) if over_macs else macs, s.branch_lost(pos, b))

@@ -60,8 +60,10 @@ class MagnitudeMethod:
             lambda budget: select_under_latency(analysis.channels, analysis.cost, scores, c, model, budget,
                                                 "uniform" if self.uniform else "importance"),
             lambda plan: slim_latency(context, plan, model), target, latency_model=model, channels=analysis.channels)
-        return MethodResult(fit.plan, {"latency": latency_details(model, context, fit.plan, fit.measured_s,
-                                                                  {"rounds": fit.rounds})})
+        extra = {"rounds": fit.rounds}
+        if c.blocks:
+            extra["removed_blocks"] = [add for add, _ in fit.plan.remove_branches]
+        return MethodResult(fit.plan, {"latency": latency_details(model, context, fit.plan, fit.measured_s, extra)})
 
 
 MAGNITUDE_METHODS = (
