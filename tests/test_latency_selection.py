@@ -840,3 +840,26 @@ def test_nested_blocks_are_removed_once_and_the_rewrite_verifies(fraction):
     assert predict_plan(model, plan, a.channels) <= fraction * model.original_s
     slim, _ = fxprune.prune_with_plan(a, plan, verify_output=False)
     assert_close_outputs(masked_reference(a.channels, plan), slim, x, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0", "convnext_tiny", "regnet_y_400mf"])
+def test_blocks_rewrite_torchvision_families_into_the_masked_original(name):
+    """Inverted residuals, squeeze-excitation bodies, LayerNorm + layer-scale blocks, RegNet's
+    bottlenecks: under a budget only block removal reaches (fake floors), the plan removes blocks
+    and the slim model equals the masked original (fp32, 64x64, rtol 1e-4), with fewer MACs."""
+    from fxprune.passes.mask import masked_reference
+
+    from .conftest import assert_close_outputs, measured_macs
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    a = fxprune.analyze(getattr(torchvision.models, name)(weights=None).eval(), x[:1])
+    scores = get_method("l1").criterion.scores(a.channels)
+    adds = len({b.add for b in a.channels.structures.residual_branches})
+    model = BlockFloorModel(a, floor_s=1e-3 / adds, total_s=0.5e-3)
+    plan = select_under_latency(a.channels, a.cost, scores, Constraints(flops=1.0, latency=0.5, blocks=True), model,
+                                0.4 * model.original_s)
+    assert plan.remove_branches and predict_plan(model, plan, a.channels) <= 0.4 * model.original_s
+    slim, _ = fxprune.prune_with_plan(a, plan, verify_output=False)
+    assert_close_outputs(masked_reference(a.channels, plan), slim, x, 1e-4)
+    assert measured_macs(slim, x) < measured_macs(a.channels.gm, x)
