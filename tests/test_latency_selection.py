@@ -863,3 +863,23 @@ def test_blocks_rewrite_torchvision_families_into_the_masked_original(name):
     slim, _ = fxprune.prune_with_plan(a, plan, verify_output=False)
     assert_close_outputs(masked_reference(a.channels, plan), slim, x, 1e-4)
     assert measured_macs(slim, x) < measured_macs(a.channels.gm, x)
+
+
+def test_fit_measured_grows_a_plan_measured_well_under_the_target(selector_parts):
+    """A measurement at 0.8 x the prediction (the model overestimates): with grow=2 the budget goes
+    up while the plan stays measured under the target, so more is kept; without, the first plan.
+    A grown plan measured over the target is not taken: the last one under it is returned."""
+    a, scores, model = selector_parts
+    target = 0.6 * model.original_s
+    measure = lambda p: 0.8 * predict_plan(model, p)  # noqa: E731
+    first = fit_measured(Selector(a, scores, model), measure, target, latency_model=model)
+    grown = fit_measured(Selector(a, scores, model), measure, target, latency_model=model, grow=2)
+    assert first.measured_s <= target and grown.measured_s <= target
+    assert grown.measured_s > first.measured_s and len(grown.rounds) > 1
+    assert all(r.get("grow") for r in grown.rounds[1:])
+    assert _importance(scores, grown.plan) > _importance(scores, first.plan)
+    calls = iter([0.5, 5.0])  # the first plan far under, the grown one over: the first is kept
+    over = fit_measured(Selector(a, scores, model), lambda p: next(calls) * target, target, latency_model=model,
+                        grow=2)
+    assert over.measured_s == 0.5 * target and len(over.rounds) == 2 and over.rounds[1]["measured_s"] == 5.0 * target
+    assert plan_counts(a.channels, over.plan) == plan_counts(a.channels, first.plan)

@@ -387,7 +387,8 @@ def predict_plan(latency_model: LatencyModelLike, plan: PruningPlan, channels=No
 
 @dataclass
 class MeasuredFit:
-    """The first plan measured under the target, and how it was found."""
+    """The plan measured under the target (the first one, or the last grown one: `fit_measured`),
+    and how it was found."""
 
     plan: PruningPlan
     measured_s: float
@@ -407,7 +408,7 @@ def _same_plan(a: PruningPlan, b: PruningPlan) -> bool:
 def fit_measured(select: Callable[[float], PruningPlan], measure: Callable[[PruningPlan], float], target_s: float, *,
                  max_rounds: int = 6, predicted_budget: float | None = None,
                  latency_model: LatencyModelLike | None = None, min_shrink: float = 0.03,
-                 channels=None) -> MeasuredFit:
+                 channels=None, grow: int = 0, grow_slack: float = 0.03) -> MeasuredFit:
     """Select at a predicted budget, measure, shrink the budget until the measurement is <= target_s.
 
     Round r: `plan = select(budget)`; `measured = measure(plan)`; done if measured <= target_s.
@@ -417,6 +418,13 @@ def fit_measured(select: Callable[[float], PruningPlan], measure: Callable[[Prun
     otherwise; a measurement that is not finite shrinks by min_shrink only. The first budget is
     `predicted_budget`, or target_s. `channels`: the analysis' channels, which `predict_plan` needs
     for plans that remove residual blocks (`Constraints.blocks`).
+
+    `grow` (rounds, default 0): a plan measured under the target by more than `grow_slack` of it
+    leaves time unused (a latency model that overestimates; blocks removed whose layers cost less
+    than predicted). Up to `grow` more selections at a larger budget, base x target_s / measured
+    (at least budget x (1 + min_shrink)), each kept when it is measured under the target too; the
+    first that is over, repeats the plan or cannot be selected ends it, and the last plan under the
+    target is returned. So a grown result keeps more importance and is still measured under target.
 
     Ends after `max_rounds` selections, when a selection repeats the previous plan (it was measured
     over already), or when `select` raises LatencyUnreachableError; then raises
@@ -450,7 +458,8 @@ def fit_measured(select: Callable[[float], PruningPlan], measure: Callable[[Prun
         measured = float(measure(plan))
         entry["measured_s"] = measured
         if measured <= target_s:  # False for NaN
-            return MeasuredFit(plan, measured, budget, rounds, predicted)
+            return _grown(MeasuredFit(plan, measured, budget, rounds, predicted), select, measure, target_s,
+                          latency_model, channels, grow, grow_slack, min_shrink)
         if measured < best_measured:
             best_measured, best_plan = measured, plan
         base = predicted if predicted is not None and predicted <= budget else budget
@@ -464,6 +473,35 @@ def fit_measured(select: Callable[[float], PruningPlan], measure: Callable[[Prun
         target_s, seen if seen is not None else math.inf, original,
         f" after {len(rounds)} rounds of select-and-measure", measured=True, best_measured_s=seen,
         best_plan=best_plan, rounds=rounds) from cause
+
+
+def _grown(fit: MeasuredFit, select, measure, target_s: float, latency_model, channels, grow: int,
+           grow_slack: float, min_shrink: float) -> MeasuredFit:
+    """`fit_measured`'s grow rounds (its docstring): larger budgets while the plan stays measured
+    under the target; every round is recorded with "grow": True."""
+    for _ in range(grow):
+        if fit.measured_s >= target_s * (1 - grow_slack) or not fit.measured_s > 0:
+            break
+        base = fit.predicted_s if fit.predicted_s is not None else fit.predicted_budget_s
+        budget = max(fit.predicted_budget_s * (1 + min_shrink), base * target_s / fit.measured_s)
+        entry = {"budget_s": budget, "predicted_s": None, "measured_s": None, "grow": True}
+        fit.rounds.append(entry)
+        try:
+            plan = select(budget)
+        except LatencyUnreachableError:
+            entry["unreachable"] = True
+            break
+        predicted = predict_plan(latency_model, plan, channels) if latency_model is not None else None
+        entry["predicted_s"] = predicted
+        if _same_plan(plan, fit.plan):
+            entry["unchanged"] = True
+            break
+        measured = float(measure(plan))
+        entry["measured_s"] = measured
+        if not measured <= target_s:
+            break
+        fit = MeasuredFit(plan, measured, budget, fit.rounds, predicted)
+    return fit
 
 
 # ------------------------------------------------------------------------------ round_to="auto"

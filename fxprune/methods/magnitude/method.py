@@ -28,6 +28,11 @@ from ..selection import select
 from .criteria import BNScale, Criterion, Norm, RandomScore
 
 
+# Grow rounds of the measured fit (`fit_measured`): a slim model measured more than 3 % under its
+# target gets up to two selections at a larger budget, each kept if it is measured under the target.
+GROW_ROUNDS = 2
+
+
 @dataclass(frozen=True)
 class MagnitudeMethod:
     """A data-free method: one `Criterion`, global or uniform allocation."""
@@ -59,7 +64,8 @@ class MagnitudeMethod:
         fit = fit_measured(
             lambda budget: select_under_latency(analysis.channels, analysis.cost, scores, c, model, budget,
                                                 "uniform" if self.uniform else "importance"),
-            lambda plan: slim_latency(context, plan, model), target, latency_model=model, channels=analysis.channels)
+            lambda plan: slim_latency(context, plan, model), target, latency_model=model, channels=analysis.channels,
+            grow=GROW_ROUNDS)
         extra = {"rounds": fit.rounds}
         if c.blocks:
             extra["removed_blocks"] = [add for add, _ in fit.plan.remove_branches]
