@@ -444,8 +444,31 @@ class _CountsLatency:
         self.per_unit, self.const = per_unit, const
         self.original_s = self.predict({})
 
-    def predict(self, kept) -> float:
-        return self.const + self.per_unit * sum(kept.get(g, n) for g, n in self.n_units.items())
+    def predict(self, kept, removed=frozenset()) -> float:
+        """`removed` (node names): each removed residual add saves `const` / 10 (a block's fixed cost)."""
+        saved = 0.1 * self.const * sum(1 for n in removed if n.startswith("add"))
+        return self.const - saved + self.per_unit * sum(kept.get(g, n) for g, n in self.n_units.items())
+
+
+def test_latency_fit_with_block_masks_predicts_without_the_removed_blocks():
+    """GAL with block masks under a latency target: when its smallest masks are blocks, the plan
+    removes them and the prediction leaves their layers out (it used to count them); the fit ends
+    measured under the target."""
+    from fxprune.methods.gal.method import LatencyGoal, _fit_latency, _predicted_s
+
+    a = fxprune.analyze(nets.resnet20().eval(), X28)
+    masked = insert_soft_masks(a.channels, ("channel", "block"), "ones", seed=0)
+    with torch.no_grad():
+        for p in masked.params()[len(masked.channel):]:  # the block masks follow the channel masks
+            p.fill_(0.01)  # blocks first in the order of the smallest masks
+    model = _CountsLatency(a.channels)
+    target = 0.95 * model.original_s
+    fit = _fit_latency(a.channels, a.cost, masked, LatencyGoal(model, target, lambda plan: 0.9 * target))
+    assert fit.plan.remove_branches and fit.measured_s <= target
+    state = mask_state(a.channels, masked)
+    goal = LatencyGoal(model, target, None)
+    kept = {g: len(k) for g, k in state.plan.keep.items() if g in model.n_units}
+    assert _predicted_s(goal, state, a.channels) < model.predict(kept)
 
 
 @pytest.mark.parametrize("underestimate", [1.0, 1.15])

@@ -85,7 +85,7 @@ from fxprune.passes.gal_masks import (
     insert_soft_masks,
 )
 from fxprune.passes.gal_plan import fold_masks, mask_costs, mask_state, state_macs
-from fxprune.passes.plan import PruningPlan
+from fxprune.passes.plan import PruningPlan, plan_removed_nodes
 from fxprune.train import TrainingError, _bar, _batches
 from fxprune.verify import eval_mode
 
@@ -390,10 +390,13 @@ def _timing_plan(state) -> PruningPlan:
                        drop_concat_inputs=list(plan.drop_concat_inputs))
 
 
-def _predicted_s(goal: LatencyGoal, state) -> float:
-    """Predicted latency of a mask state: its channel groups' kept counts (removed blocks and
-    branches are not in the latency model, so this is an upper bound; the measurement sees them)."""
-    return float(goal.model.predict({g: len(k) for g, k in state.plan.keep.items() if g in goal.model.n_units}))
+def _predicted_s(goal: LatencyGoal, state, channels) -> float:
+    """Predicted latency of a mask state: its channel groups' kept counts, without the layers of
+    the blocks and branches it removes (`plan_removed_nodes`)."""
+    kept = {g: len(k) for g, k in state.plan.keep.items() if g in goal.model.n_units}
+    if not (state.plan.remove_branches or state.plan.drop_concat_inputs):
+        return float(goal.model.predict(kept))
+    return float(goal.model.predict(kept, plan_removed_nodes(channels, state.plan)))
 
 
 def _fit_latency(analysis, cost, masked: SoftMaskedModel, goal: LatencyGoal):
@@ -407,14 +410,14 @@ def _fit_latency(analysis, cost, masked: SoftMaskedModel, goal: LatencyGoal):
 
     def select(budget_s: float) -> PruningPlan:
         _largest_fitting(analysis, cost, masked, base, alive, lambda v: 0.0, budget_s, more_is_cheaper=True,
-                         value=lambda state: _predicted_s(goal, state))
+                         value=lambda state: _predicted_s(goal, state, analysis))
         state = mask_state(analysis, masked)
-        predicted = _predicted_s(goal, state)
+        predicted = _predicted_s(goal, state, analysis)
         if not predicted <= budget_s:
             raise LatencyUnreachableError(budget_s, predicted, original, " with every GAL mask at zero")
         return _timing_plan(state)
 
-    fit = fit_measured(select, goal.measure, goal.target_s, latency_model=goal.model)
+    fit = fit_measured(select, goal.measure, goal.target_s, latency_model=goal.model, channels=analysis)
     select(fit.predicted_budget_s)  # deterministic: the masks of the plan that was measured under the target
     return fit
 
