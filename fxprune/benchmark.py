@@ -49,14 +49,16 @@ def _version(dist: str) -> str | None:
 
 def check_options(method: str, flops: float, round_to: int | str | None, batches: Sequence[int],
                   threads: int | None, device: str, dtype: str, repeats: int, warmup: int,
-                  latency: float | None = None) -> None:
+                  latency: float | None = None, blocks: bool = False) -> None:
     """A ConfigError for anything that cannot run, before any model is built."""
     get_method(method)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"repeats={repeats!r} must be a positive integer")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"warmup={warmup!r} must be an integer >= 0")
-    Constraints(flops=flops, round_to=round_to, latency=latency)
+    Constraints(flops=flops, round_to=round_to, latency=latency, blocks=blocks)
+    if blocks:
+        Constraints(flops=flops, latency=latency, blocks=blocks).require_supported(method, get_method(method).supports)
     if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
         raise ConfigError(f"batch sizes {list(batches)} must be positive integers, e.g. --batch 1,32")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -72,7 +74,8 @@ def check_options(method: str, flops: float, round_to: int | str | None, batches
 def bench_model(spec: str, *, method: str = "l1", flops: float = 0.5, round_to: int | str | None = None,
                 batches: Sequence[int] = (1,), input_shape: Sequence[int] | None = None, device: str = "cpu",
                 dtype: str = "float32", measurer: LatencyMeasurer | None = None, verify: bool = True,
-                measure: Callable | None = None, latency: float | None = None, channels_last: bool = False) -> dict:
+                measure: Callable | None = None, latency: float | None = None, channels_last: bool = False,
+                blocks: bool = False) -> dict:
     """One model's numbers: params, MACs and FLOPs per image of the original and the slim model,
     and per batch size both latencies (with their quality) and the speedup (None where either is
     unstable). `measure(models, inputs, measurer)` times the models (default `measure_latencies`).
@@ -85,7 +88,8 @@ def bench_model(spec: str, *, method: str = "l1", flops: float = 0.5, round_to: 
     model = build_model(spec).eval()
     start = time.perf_counter()
     slim = compress(model, method, example_input((1, *shape[1:])), flops, round_to=round_to, verify=verify,
-                    latency=latency, device=device, batch=batches[0], dtype=DTYPES[dtype], channels_last=channels_last)
+                    latency=latency, device=device, batch=batches[0], dtype=DTYPES[dtype], channels_last=channels_last,
+                    blocks=blocks)
     report = slim.fxprune_report
     entry.update(compress_s=time.perf_counter() - start, max_rel_error=report.max_rel_error,
                  params={"original": report.params_before, "slim": report.params_after},
@@ -119,17 +123,17 @@ def bench_models(specs: Sequence[str], *, method: str = "l1", flops: float = 0.5
                  dtype: str = "float32", repeats: int = 7, warmup: int = MIN_WARMUP,
                  input_shape: Sequence[int] | None = None, verify: bool = True, measure: Callable | None = None,
                  log: Callable[[str], None] = lambda _: None, latency: float | None = None,
-                 channels_last: bool = False) -> dict:
+                 channels_last: bool = False, blocks: bool = False) -> dict:
     """`bench_model` for every spec under one setting (threads set for the run, restored after);
     a model that cannot be built or compressed is recorded with its ``error``."""
-    check_options(method, flops, round_to, batches, threads, device, dtype, repeats, warmup, latency)
+    check_options(method, flops, round_to, batches, threads, device, dtype, repeats, warmup, latency, blocks)
     measurer = LatencyMeasurer(repeats=repeats, warmup=warmup)
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     results = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "threads":
                torch.get_num_threads(), "dtype": dtype, "method": method, "flops_target": flops, "round_to": round_to,
-               "latency_target": latency, "channels_last": channels_last,
+               "latency_target": latency, "blocks": blocks, "channels_last": channels_last,
                "batches": list(batches), "repeats": measurer.repeats, "warmup": measurer.warmup_calls(0),
                "max_spread": measurer.max_spread, "max_warmup_ratio": measurer.max_warmup_ratio,
                "extra_rounds": measurer.extra_rounds,
@@ -141,7 +145,7 @@ def bench_models(specs: Sequence[str], *, method: str = "l1", flops: float = 0.5
                 results["models"].append(bench_model(
                     spec, method=method, flops=flops, round_to=round_to, batches=batches, input_shape=input_shape,
                     device=device, dtype=dtype, measurer=measurer, verify=verify, measure=measure, latency=latency,
-                    channels_last=channels_last))
+                    channels_last=channels_last, blocks=blocks))
             except FxpruneError as exc:
                 results["models"].append({"spec": spec, "error": f"{type(exc).__name__}: {exc}"})
     finally:
@@ -172,7 +176,7 @@ def render_table(results: dict) -> str:
                                     "MACs/image", "FLOPs/image", "latency (median)", "speedup"],
                      tablefmt="github", disable_numparse=True)
     target = (f", latency target {results['latency_target']:g} of the original" if results.get("latency_target")
-              else "")
+              else "") + (" (whole residual blocks may go)" if results.get("blocks") else "")
     note = (f"{results['method']} at flops={results['flops_target']:g}{target}, round_to={results.get('round_to')}; "
             f"latency: median of {results['repeats']} "
             f"repeats after {results['warmup']} warm-up calls each, original and slim timed round-robin; a latency "

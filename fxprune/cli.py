@@ -207,7 +207,8 @@ def cmd_bench(args) -> int:
         args.models, method=args.method, flops=flops, round_to=round_to, batches=_csv(args.batch, int, "--batch"),
         threads=args.threads, device=args.device, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
         input_shape=parse_shape(args.input_shape) if args.input_shape else None, verify=not args.no_verify,
-        log=lambda line: print(line, file=sys.stderr), latency=args.latency, channels_last=args.channels_last)
+        log=lambda line: print(line, file=sys.stderr), latency=args.latency, channels_last=args.channels_last,
+        blocks=args.blocks)
     results["command"] = "fxprune bench " + shlex.join(args.argv)
     print(render_table(results))
     if args.json:
@@ -301,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", type=float, default=None,
                    help="a latency target (fraction of the original's, measured at the first --batch) instead of "
                    "--flops alone (pass --flops 1 for latency only)")
+    p.add_argument("--blocks", action="store_true",
+                   help="with --latency, whole residual blocks may go too (l1, l2, bn_scale, random)")
     p.add_argument("--channels-last", action="store_true", help="NHWC activations (for targets and timing)")
     p.add_argument("--batch", default="1", help="batch sizes, comma-separated (e.g. 1,32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

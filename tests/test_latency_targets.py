@@ -210,3 +210,22 @@ def test_a_fraction_target_is_judged_on_the_ratio_measured_now(monkeypatch):
         context = SimpleNamespace(analysis=analysis, constraints=constraints, measure_on=MeasureOn())
         assert latency_target.slim_latency(context, PruningPlan(), profile) == expected
     assert seen == [2]
+
+
+def test_blocks_through_compress_and_the_cli(tmp_path, capsys, clock):
+    """blocks=True end to end: the target is met as measured, the report lists the removed blocks
+    (verified against the masked original by compress), and `fxprune bench --blocks` records it."""
+    import json
+
+    model, x = _resnet18()
+    slim = fxprune.compress(model, "l1", x, flops=1.0, latency=0.5, blocks=True, batch=2)
+    lat = slim.fxprune_report.details["latency"]
+    assert lat["measured_after_s"] <= lat["target_s"] and isinstance(lat["removed_blocks"], list)
+    adds = {br.add for br in fxprune.analyze(model, x).channels.structures.residual_branches}
+    assert set(lat["removed_blocks"]) <= adds
+    assert not set(lat["removed_blocks"]) & {n.name for n in slim.graph.nodes}  # gone from the slim graph
+    out = tmp_path / "b.json"
+    args = ["bench", "torchvision:resnet18", "--input-shape", "1,3,64,64", "--batch", "2", "--repeats", "3"]
+    assert main([*args, "--flops", "1", "--latency", "0.5", "--blocks", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["blocks"] is True
+    assert "(whole residual blocks may go)" in capsys.readouterr().out
