@@ -184,11 +184,7 @@ def _scalar_candidates(channels: ChannelAnalysis, structures) -> list[tuple[str,
     found = channels.structures
     out = []
     if "block" in structures:
-        best: dict[str, object] = {}
-        for b in found.residual_branches:
-            if b.add not in best or b.macs > best[b.add].macs:
-                best[b.add] = b
-        out += [("block", b.add, b.operand, b.nodes, b.macs) for b in best.values()]
+        out += [("block", b.add, b.operand, b.nodes, b.macs) for b in found.residual_bodies()]
     if "branch" in structures:
         out += [("branch", c.cat, c.index, c.nodes, c.macs) for c in found.concat_inputs]
     return out

@@ -53,6 +53,16 @@ class Structures:
     residual_branches: list[ResidualBranch] = field(default_factory=list)
     concat_inputs: list[ConcatInput] = field(default_factory=list)
 
+    def residual_bodies(self) -> list[ResidualBranch]:
+        """Per residual add, its branch with the most MACs: the block's body (the other operand,
+        if it is a branch at all, is a projection shortcut). What GAL's block masks and the latency
+        selection's block removal (`blocks=True`) act on."""
+        body: dict[str, ResidualBranch] = {}
+        for b in self.residual_branches:
+            if b.add not in body or b.macs > body[b.add].macs:
+                body[b.add] = b
+        return list(body.values())
+
 
 def exclusive_branch(start: fx.Node, consumer: fx.Node, order: dict | None = None) -> list[fx.Node]:
     """Nodes computing `start` that serve nothing but `consumer` (through them), in graph order.

@@ -105,10 +105,6 @@ def removable_branches(channels, choices: list[GroupChoice]) -> list[Branch]:
     when every module (or attribute) holding its channels is used by the branch's nodes alone."""
     if channels.structures is None:
         return []
-    body: dict[str, object] = {}
-    for b in channels.structures.residual_branches:
-        if b.add not in body or b.macs > body[b.add].macs:
-            body[b.add] = b
     users: dict[str, set] = {}
     for n in channels.gm.graph.nodes:
         if n.op in ("call_module", "get_attr"):
@@ -122,7 +118,7 @@ def removable_branches(channels, choices: list[GroupChoice]) -> list[Branch]:
         return True
 
     out = []
-    for b in body.values():
+    for b in channels.structures.residual_bodies():
         nodes = plan_removed_nodes(channels, PruningPlan(remove_branches=[(b.add, b.operand)]))
         inner = tuple(i for i, c in enumerate(choices) if inside(channels.groups[c.index], nodes))
         if inner:
@@ -131,6 +127,12 @@ def removable_branches(channels, choices: list[GroupChoice]) -> list[Branch]:
 
 
 NONE_GONE: frozenset = frozenset()
+
+
+def predict_kept(latency_model: LatencyModelLike, kept, removed: frozenset = NONE_GONE) -> float:
+    """`latency_model.predict(kept)`, leaving the layers of the `removed` nodes out when there are
+    any (a model without removed structures, such as a test's fake, need not take the argument)."""
+    return float(latency_model.predict(kept, removed) if removed else latency_model.predict(kept))
 
 
 class _State:
@@ -170,10 +172,8 @@ class _State:
         return sum(self.whole[i] - self.lost[i][pos[i]] for i in self.branches[b].inner)
 
     def predict(self, pos, gone=NONE_GONE) -> float:
-        kept = {c.index: k for c, k in zip(self.choices, self.counts(pos))}
-        if not gone:
-            return float(self.model.predict(kept))
-        return float(self.model.predict(kept, self.removed_nodes(gone)))
+        return predict_kept(self.model, {c.index: k for c, k in zip(self.choices, self.counts(pos))},
+                            self.removed_nodes(gone))
 
     def predict_moves(self, pos, step: int, gone=NONE_GONE) -> np.ndarray:
         """Predicted seconds after moving each group by `step` candidates (inf where it cannot
@@ -375,11 +375,11 @@ def predict_plan(latency_model: LatencyModelLike, plan: PruningPlan, channels=No
     plan that removes some is refused (its prediction would count them)."""
     kept = {g: len(k) for g, k in plan.keep.items()}
     if not (plan.remove_branches or plan.drop_concat_inputs):
-        return float(latency_model.predict(kept))
+        return predict_kept(latency_model, kept)
     if channels is None:
         raise ConfigError("predict_plan: this plan removes residual branches or concat inputs; pass the "
                           "analysis' channels so that their layers are left out of the prediction")
-    return float(latency_model.predict(kept, plan_removed_nodes(channels, plan)))
+    return predict_kept(latency_model, kept, plan_removed_nodes(channels, plan))
 
 
 # ------------------------------------------------------------------------------ measured retries
@@ -682,4 +682,4 @@ def auto_round(channels, cost, scores: dict[int, np.ndarray], plan: PruningPlan,
 
 __all__ = ["ALLOCATIONS", "Branch", "EFFICIENT", "SPEED_MIN_RATIO", "SPEED_PLANS", "LatencyModelLike", "LatencyUnreachableError", "MeasuredFit",
            "allocate_for_speed", "auto_round", "fit_measured", "importance_lost",
-           "plan_counts", "predict_plan", "removable_branches", "select_under_latency", "snap_to_steps"]
+           "plan_counts", "predict_kept", "predict_plan", "removable_branches", "select_under_latency", "snap_to_steps"]

@@ -90,7 +90,7 @@ from fxprune.train import TrainingError, _bar, _batches
 from fxprune.verify import eval_mode
 
 from ..base import MethodContext, MethodResult
-from ..latency_selection import fit_measured
+from ..latency_selection import fit_measured, predict_kept
 from ..latency_target import latency_details, slim_latency
 from .discriminator import DISCRIMINATORS, make_discriminator, output_features
 from .fista import FISTA
@@ -394,9 +394,9 @@ def _predicted_s(goal: LatencyGoal, state, channels) -> float:
     """Predicted latency of a mask state: its channel groups' kept counts, without the layers of
     the blocks and branches it removes (`plan_removed_nodes`)."""
     kept = {g: len(k) for g, k in state.plan.keep.items() if g in goal.model.n_units}
-    if not (state.plan.remove_branches or state.plan.drop_concat_inputs):
-        return float(goal.model.predict(kept))
-    return float(goal.model.predict(kept, plan_removed_nodes(channels, state.plan)))
+    removed = plan_removed_nodes(channels, state.plan) if state.plan.remove_branches or state.plan.drop_concat_inputs \
+        else frozenset()
+    return predict_kept(goal.model, kept, removed)
 
 
 def _fit_latency(analysis, cost, masked: SoftMaskedModel, goal: LatencyGoal):
