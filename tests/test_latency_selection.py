@@ -880,6 +880,31 @@ def test_fit_measured_grows_a_plan_measured_well_under_the_target(selector_parts
     assert _importance(scores, grown.plan) > _importance(scores, first.plan)
     calls = iter([0.5, 5.0])  # the first plan far under, the grown one over: the first is kept
     over = fit_measured(Selector(a, scores, model), lambda p: next(calls) * target, target, latency_model=model,
-                        grow=2)
+                        grow=1)
     assert over.measured_s == 0.5 * target and len(over.rounds) == 2 and over.rounds[1]["measured_s"] == 5.0 * target
     assert plan_counts(a.channels, over.plan) == plan_counts(a.channels, first.plan)
+
+
+def test_fit_measured_bisects_after_a_grow_round_overshoots(selector_parts):
+    """A model that overestimates small plans (0.7x) and is right about large ones: the extrapolated
+    grow budget is measured over the target, so the next rounds bisect between the last budget under
+    and the first over, and end on a plan between the two: measured under the target, more
+    importance kept than the first plan's. Every round's plan is measured at most once."""
+    a, scores, model = selector_parts
+    target = 0.6 * model.original_s
+    measured = []
+
+    def measure(plan):
+        predicted = predict_plan(model, plan)
+        measured.append(predicted)
+        return predicted * (0.7 if predicted <= 0.7 * model.original_s else 1.0)
+
+    first = fit_measured(Selector(a, scores, model), measure, target, latency_model=model)
+    fit = fit_measured(Selector(a, scores, model), measure, target, latency_model=model, grow=3)
+    grow = [r for r in fit.rounds if r.get("grow")]
+    over = [r for r in grow if r["measured_s"] is not None and r["measured_s"] > target]
+    assert over, "the extrapolated grow round was expected to overshoot"
+    assert fit.measured_s <= target and fit.predicted_s > first.predicted_s
+    assert _importance(scores, fit.plan) > _importance(scores, first.plan)
+    assert fit.predicted_budget_s < min(r["budget_s"] for r in over)  # taken from inside the bracket
+    assert grow[1]["budget_s"] < grow[0]["budget_s"]  # the round after the overshoot bisected down

@@ -46,7 +46,9 @@ def run(name: str, latency: float, blocks: bool, batch: int, size: int) -> dict:
         d = slim.fxprune_report.details["latency"]
         row.update(macs=slim.fxprune_report.macs_ratio, measured=d["measured_after_s"] / d["measured_before_s"],
                    predicted=d["predicted_after_s"] / d["measured_before_s"], convs=convs(slim),
-                   removed_blocks=len(d.get("removed_blocks", [])))
+                   removed_blocks=len(d.get("removed_blocks", [])),
+                   rounds=[{k: v for k, v in r.items() if k != "budget_s"} | {"budget": r["budget_s"] / d["measured_before_s"]}
+                           for r in d.get("rounds", [])])
     row["seconds"] = time.perf_counter() - t
     return row
 

@@ -207,6 +207,10 @@ def _ms(t) -> str:
     return "—" if t is None else f"{t * 1e3:.2f}"
 
 
+def _speedup(slow, fast) -> str:
+    return "—" if slow is None or fast is None else f"{slow / fast:.2f}x"
+
+
 def _ratio(a, b) -> str:
     return "—" if a is None or b is None else f"{a / b:.2f}"
 
@@ -273,6 +277,37 @@ def _step(module, x, loss_fn, params):
     return step
 
 
+def _graphed(step, device: str):
+    """`step` captured once in a CUDA graph and replayed per call: the kernels without the host.
+
+    Why: on a GPU the eager training steps are bound by the host's launches (ResNet-56 at batch
+    64: 24 ms a step on an H200, whatever the channels), so fewer channels cannot show. A graph
+    replays the captured kernels with the compact shapes and live indices baked in, which is valid
+    while the masks stay as they are (between two Gate Decorator Ticks, or after GAL's masks froze).
+    The recipe of the CUDA graphs documentation (whole-network capture): warm-up steps on a side
+    stream (optimizer state, cached live sets, cuDNN choices), the gradients set to None so the
+    captured backward writes them fresh, then one captured step. None on a CPU; the error's text
+    where capture fails (the fused op reads its mask on the host: not capturable)."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        torch.cuda.synchronize()
+        graph.replay()
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - reported in the table, the sweep goes on
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+    return graph.replay
+
+
 def gd_steps(args) -> list[dict]:
     """`gd_steps_at` for every batch of ``--gd-batch`` (comma-separated: on a GPU a small batch is
     bound by kernel launches, a large one by the GPU's work)."""
@@ -297,9 +332,12 @@ def gd_steps_at(args, batch: int) -> list[dict]:
     from fxprune.passes.gates import insert_gates
 
     rows = []
+    graphs = args.device.startswith("cuda")
     print("\n| method | model | batch | density | eager masks ms/step | fused ms/step | fused/eager | speed-up "
-          "| compact ms/step | compact/eager | speed-up (compact) |\n"
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| compact ms/step | compact/eager | speed-up (compact) |"
+          + (" eager masks, graphed ms | compact, graphed ms | speed-up (both graphed) | compact graphed vs eager |"
+             if graphs else "") + "\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if graphs else ""))
     for name, build in (("resnet56 (MNIST)", resnet56), ("vgg_bn (MNIST)", vgg_bn)):
         torch.manual_seed(0)
         model = build().to(args.device).train()
@@ -331,21 +369,36 @@ def gd_steps_at(args, batch: int) -> list[dict]:
                 compact_gal = fuse_masked_convs(masked.module, mode=mode, compact=True, cache_live=True)
                 cases[(f"gal ({phase})", phase)] = (masked.module, fuse_masked_convs(masked.module, mode=mode),
                                                     compact_gal, mse)
-                fns = {}
+                fns, failed = {}, {}
                 for (method, _), (plain, fz, cz, loss) in cases.items():
+                    if any(r["method"] == method and r["model"] == name and r["density"] == d for r in rows):
+                        continue
                     params = [p for p in plain.parameters() if p.requires_grad]
                     fns[(method, "eager")] = _step(plain, x, loss, params)
                     fns[(method, "fused")] = _step(fz, x, loss, params)
                     fns[(method, "compact")] = _step(cz, x, loss, params)
+                    for kind, module in (("eager graphed", plain), ("compact graphed", cz)) if graphs else ():
+                        # a step of its own (its own optimizer state): the capture keeps its tensors
+                        replay = _graphed(_step(module, x, loss, params), args.device)
+                        if callable(replay):
+                            fns[(method, kind)] = replay
+                        else:
+                            failed[(method, kind)] = replay
                 t = measure(fns, args.device, args.threads, args.round_time, args.rounds)
                 for method in dict.fromkeys(m for m, _ in fns):
-                    if any(r["method"] == method and r["model"] == name and r["density"] == d for r in rows):
-                        continue
                     e, f_, c = t[(method, "eager")], t[(method, "fused")], t[(method, "compact")]
+                    eg, cg = t.get((method, "eager graphed")), t.get((method, "compact graphed"))
                     rows.append(dict(method=method, model=name, batch=batch, density=d, eager=e, fused=f_,
-                                     compact=c))
-                    print(f"| {method} | {name} | {batch} | {d:.2f} | {e * 1e3:.1f} | {f_ * 1e3:.1f} | "
-                          f"{f_ / e:.2f} | {e / f_:.2f}x | {c * 1e3:.1f} | {c / e:.2f} | {e / c:.2f}x |", flush=True)
+                                     compact=c, eager_graphed=eg, compact_graphed=cg,
+                                     graph_errors={k: v for (m, k), v in failed.items() if m == method} or None))
+                    line = (f"| {method} | {name} | {batch} | {d:.2f} | {e * 1e3:.1f} | {f_ * 1e3:.1f} | "
+                            f"{f_ / e:.2f} | {e / f_:.2f}x | {c * 1e3:.1f} | {c / e:.2f} | {e / c:.2f}x |")
+                    if graphs:
+                        line += (f" {_ms(eg)} | {_ms(cg)} | {_speedup(eg, cg)} | {_speedup(e, cg)} |")
+                    print(line, flush=True)
+                    for (m, kind), err in failed.items():
+                        if m == method:
+                            print(f"  ({method}, {kind}: not captured: {err})", flush=True)
                 cases.pop(("gate_decorator", "hard"), None)
                 cases.pop(("gal (learning)", "learning"), None)
             for p in masked.params():

@@ -422,9 +422,11 @@ def fit_measured(select: Callable[[float], PruningPlan], measure: Callable[[Prun
     `grow` (rounds, default 0): a plan measured under the target by more than `grow_slack` of it
     leaves time unused (a latency model that overestimates; blocks removed whose layers cost less
     than predicted). Up to `grow` more selections at a larger budget, base x target_s / measured
-    (at least budget x (1 + min_shrink)), each kept when it is measured under the target too; the
-    first that is over, repeats the plan or cannot be selected ends it, and the last plan under the
-    target is returned. So a grown result keeps more importance and is still measured under target.
+    (at least budget x (1 + min_shrink)), each kept when it is measured under the target too; once
+    one is measured over, the next rounds bisect between the largest budget measured under and the
+    smallest measured over. A repeated plan before any overshoot, or a selection that fails, ends
+    it; the last plan under the target is returned. So a grown result keeps more importance and is
+    still measured under the target.
 
     Ends after `max_rounds` selections, when a selection repeats the previous plan (it was measured
     over already), or when `select` raises LatencyUnreachableError; then raises
@@ -478,12 +480,23 @@ def fit_measured(select: Callable[[float], PruningPlan], measure: Callable[[Prun
 def _grown(fit: MeasuredFit, select, measure, target_s: float, latency_model, channels, grow: int,
            grow_slack: float, min_shrink: float) -> MeasuredFit:
     """`fit_measured`'s grow rounds (its docstring): larger budgets while the plan stays measured
-    under the target; every round is recorded with "grow": True."""
+    under the target; every round is recorded with "grow": True.
+
+    Why a bracket: the first grow budget extrapolates the measured/predicted ratio, and a latency
+    model that is off by a different factor for the larger plan (blocks taken back, a step crossed)
+    overshoots it. Once one budget is measured over the target, the next rounds bisect between the
+    largest budget measured under it and the smallest measured over it, instead of giving up."""
+    over_budget = None  # the smallest budget whose plan was measured over the target
     for _ in range(grow):
         if fit.measured_s >= target_s * (1 - grow_slack) or not fit.measured_s > 0:
             break
-        base = fit.predicted_s if fit.predicted_s is not None else fit.predicted_budget_s
-        budget = max(fit.predicted_budget_s * (1 + min_shrink), base * target_s / fit.measured_s)
+        if over_budget is None:
+            base = fit.predicted_s if fit.predicted_s is not None else fit.predicted_budget_s
+            budget = max(fit.predicted_budget_s * (1 + min_shrink), base * target_s / fit.measured_s)
+        else:
+            budget = 0.5 * (fit.predicted_budget_s + over_budget)
+            if budget <= fit.predicted_budget_s * (1 + 0.5 * min_shrink):
+                break  # the bracket is narrower than a shrink step: nothing left to gain
         entry = {"budget_s": budget, "predicted_s": None, "measured_s": None, "grow": True}
         fit.rounds.append(entry)
         try:
@@ -495,11 +508,15 @@ def _grown(fit: MeasuredFit, select, measure, target_s: float, latency_model, ch
         entry["predicted_s"] = predicted
         if _same_plan(plan, fit.plan):
             entry["unchanged"] = True
-            break
+            if over_budget is None:
+                break
+            fit.predicted_budget_s = budget  # the same plan up to here: the boundary lies above
+            continue
         measured = float(measure(plan))
         entry["measured_s"] = measured
         if not measured <= target_s:
-            break
+            over_budget = budget
+            continue
         fit = MeasuredFit(plan, measured, budget, fit.rounds, predicted)
     return fit
 

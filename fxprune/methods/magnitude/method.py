@@ -29,8 +29,9 @@ from .criteria import BNScale, Criterion, Norm, RandomScore
 
 
 # Grow rounds of the measured fit (`fit_measured`): a slim model measured more than 3 % under its
-# target gets up to two selections at a larger budget, each kept if it is measured under the target.
-GROW_ROUNDS = 2
+# target gets up to three selections at a larger budget (the first extrapolated, the others
+# bisecting once one overshoots), each kept if it is measured under the target.
+GROW_ROUNDS = 3
 
 
 @dataclass(frozen=True)
