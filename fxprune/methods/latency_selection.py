@@ -385,6 +385,12 @@ def predict_plan(latency_model: LatencyModelLike, plan: PruningPlan, channels=No
 # ------------------------------------------------------------------------------ measured retries
 
 
+# Grow rounds of the measured fit the methods use (`fit_measured(grow=...)`): a slim model measured
+# more than 3 % under its target gets up to three selections at a larger budget (the first
+# extrapolated, the others bisecting once one overshoots), each kept if measured under the target.
+GROW_ROUNDS = 3
+
+
 @dataclass
 class MeasuredFit:
     """The plan measured under the target (the first one, or the last grown one: `fit_measured`),

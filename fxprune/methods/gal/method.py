@@ -90,7 +90,7 @@ from fxprune.train import TrainingError, _bar, _batches
 from fxprune.verify import eval_mode
 
 from ..base import MethodContext, MethodResult
-from ..latency_selection import fit_measured, predict_kept
+from ..latency_selection import GROW_ROUNDS, fit_measured, predict_kept
 from ..latency_target import latency_details, slim_latency
 from .discriminator import DISCRIMINATORS, make_discriminator, output_features
 from .fista import FISTA
@@ -402,7 +402,8 @@ def _predicted_s(goal: LatencyGoal, state, channels) -> float:
 def _fit_latency(analysis, cost, masked: SoftMaskedModel, goal: LatencyGoal):
     """After training: zero the smallest masks (channels, blocks, branches; ties in mask order) until
     the predicted latency is under a budget, measure the slim model, and shrink the budget until the
-    measurement is under the target (`fit_measured`). The masks end in the state that met it.
+    measurement is under the target; a plan measured well under it gets larger budgets that stay
+    under (`fit_measured`'s grow rounds). The masks end in the state of the plan returned.
     Raises LatencyUnreachableError (with the best measurement) when no budget does."""
     alive = sorted(_entries(masked, lambda i, p: p != 0), key=lambda e: abs(e[0]))
     base = [p.detach().clone() for p in masked.params()]
@@ -417,7 +418,8 @@ def _fit_latency(analysis, cost, masked: SoftMaskedModel, goal: LatencyGoal):
             raise LatencyUnreachableError(budget_s, predicted, original, " with every GAL mask at zero")
         return _timing_plan(state)
 
-    fit = fit_measured(select, goal.measure, goal.target_s, latency_model=goal.model, channels=analysis)
+    fit = fit_measured(select, goal.measure, goal.target_s, latency_model=goal.model, channels=analysis,
+                       grow=GROW_ROUNDS)
     select(fit.predicted_budget_s)  # deterministic: the masks of the plan that was measured under the target
     return fit
 

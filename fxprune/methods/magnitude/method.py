@@ -22,16 +22,10 @@ from dataclasses import asdict, dataclass
 from fxprune.latency_model import profile_latency
 
 from ..base import MethodContext, MethodResult
-from ..latency_selection import auto_round, fit_measured, select_under_latency
+from ..latency_selection import GROW_ROUNDS, auto_round, fit_measured, select_under_latency
 from ..latency_target import latency_details, slim_latency
 from ..selection import select
 from .criteria import BNScale, Criterion, Norm, RandomScore
-
-
-# Grow rounds of the measured fit (`fit_measured`): a slim model measured more than 3 % under its
-# target gets up to three selections at a larger budget (the first extrapolated, the others
-# bisecting once one overshoots), each kept if it is measured under the target.
-GROW_ROUNDS = 3
 
 
 @dataclass(frozen=True)
