@@ -24,10 +24,11 @@ from .models import register_builder
 from .passes.inputs import ExampleInputs
 from .passes.tracer import TracedModel, register_leaf_module, trace
 from .report import CompressionReport
+from .tensor_cores import TensorCoreWarning
 from .version import __version__
 
 __all__ = [
     "__version__", "DATA_FREE_METHODS", "METHODS", "ArtifactError", "ArtifactVersionWarning", "CompressionReport", "ConfigError", "ExampleInputs", "FxpruneError", "InputError", "LatencyUnreachableError",
-    "ModelAnalysis", "NothingToPruneError", "PruningPlan", "TargetUnreachableError", "TraceError", "TracedModel",
+    "ModelAnalysis", "NothingToPruneError", "PruningPlan", "TargetUnreachableError", "TensorCoreWarning", "TraceError", "TracedModel",
     "VerificationError", "analyze", "compress", "load", "prune_with_plan", "register_builder", "register_method", "register_leaf_module", "save", "trace",
 ]

@@ -38,6 +38,7 @@ from .hooks import carry_root_hooks, preserve_through_deepcopy
 from .methods import METHODS, MethodContext, get_method, make_options
 from .models import model_source
 from .recipe import make_recipe
+from .tensor_cores import warn_if_misaligned
 from .verify import sensitive_values
 from .verify import verify as verify_against
 
@@ -122,7 +123,10 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
             ``random``, ``uniform`` (data-free), ``gate_decorator``, ``gal``, ``metapruning`` (need data).
         example_inputs: a tensor, tuple of positional args or dict of keyword args.
         flops: fraction of the original FLOPs (= MACs) the result may keep, in (0, 1].
-        round_to: keep channel counts multiples of this (per group, e.g. 8 for tensor cores).
+        round_to: keep channel counts multiples of this (per group, e.g. 8 for tensor cores), or
+            ``"auto"``: on the latency model's step edges. A model on a GPU (parameters on CUDA, or
+            ``device="cuda"``) cut to counts that are not multiples of 8 with round_to None gets a
+            `fxprune.tensor_cores.TensorCoreWarning` (such layers can run slower than the original's).
         ignore: modules (qualified names, globs, types or instances) whose channels must stay.
         leaf_modules: module types or names to trace as opaque leaves (their channels stay).
         concrete_args: fixed values for non-tensor forward arguments (passed to torch.fx).
@@ -202,6 +206,9 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
         analysis = with_weights(analysis, outcome.weights)
         analysis.source = model_source(model) or analysis.source
     t2 = time.perf_counter()
+    misaligned = warn_if_misaligned(model, device, round_to, analysis.channels, plan)
+    if misaligned:
+        details = {**(details or {}), "tensor_cores": misaligned}
     resolved = resolve(analysis.channels, plan)  # once: rewrite, reference, cost and recipe share it
     slim, result = prune_with_plan(analysis, resolved, verify_output=False)
     t3 = time.perf_counter()
