@@ -98,13 +98,15 @@ def _random_keep(analysis, seed: int = 0) -> dict:
 
 
 def check_gated_network_is_the_slim_model(model, analyse, x) -> None:
-    """Gate Decorator: all gates 1 = the model; random gates, half the units masked = the slim model
+    """Gate Decorator: all gates 1 = the model (to 1e-6 relative); random gates, half the units masked = the slim model
     after fold_gates and the rewrite (relative tolerance 1e-5). Every prunable group is gated.
     `analyse(model)` -> the analysis (of a copy: the fold edits its modules)."""
     analysis = analyse(copy.deepcopy(model))
     gated = insert_gates(analysis.channels)
     assert gated.ungated == [] and {s.group for s in gated.sites} == {g.index for g in analysis.channels.prunable_groups}
-    assert_close_outputs(model, gated.module, x, rtol=0)
+    # all gates 1: the same arithmetic up to summation order (the gated graph's attention may take
+    # other kernels: exact on an Intel Xeon, 2-3e-7 relative on an AMD EPYC), so a few float32 ulp
+    assert_close_outputs(model, gated.module, x, rtol=1e-6)
     keep = _random_keep(analysis)
     with torch.no_grad():
         for p in gated.gates():
@@ -118,12 +120,12 @@ def check_gated_network_is_the_slim_model(model, analyse, x) -> None:
 
 
 def check_gal_network_is_the_slim_model(model, analyse, x, structures=("channel", "block")) -> None:
-    """GAL: all masks 1 = the model; random masks with zeros = the slim model after fold_masks
+    """GAL: all masks 1 = the model (to 1e-6 relative); random masks with zeros = the slim model after fold_masks
     (relative tolerance 1e-5). Every prunable group has a mask."""
     analysis = analyse(copy.deepcopy(model))
     masked = insert_soft_masks(analysis.channels, structures)
     assert masked.skipped == {} and len(masked.channel) == len(analysis.channels.prunable_groups)
-    assert_close_outputs(model, masked.module, x, rtol=0)
+    assert_close_outputs(model, masked.module, x, rtol=1e-6)  # all masks 1: as the gates above
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in masked.params():
