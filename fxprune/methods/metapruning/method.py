@@ -16,7 +16,11 @@
    predicted over raises `LatencyUnreachableError`. Each candidate gets its weights from the
    PruningNet, BatchNorm statistics recalibrated on `calib_batches` training batches, and is
    scored by accuracy (ties: loss) on a held-out split of the *training* data (`holdout` of it,
-   or `search_data=`), never a test set.
+   or `search_data=`), never a test set. With a latency limit the chosen structure's slim model is
+   then *measured* end to end (side by side with the original for `latency=`); measured over the
+   limit, the predicted limit shrinks and the best-scored structure the search evaluated under it
+   is taken instead (`_measured_choice`, `fit_measured`'s loop), until one is measured under or
+   `LatencyUnreachableError` gives the best measured value.
 4. **Output**: the best structure's PruningNet weights (recalibrated) are written into the
    private model copy at the kept positions (the first k channels of each group) and the plan
    keeps those; the core rewrite then builds the slim module. `final="finetune"` trains the slim
@@ -83,6 +87,7 @@ from fxprune.train import (
 )
 
 from ..base import MethodContext, MethodResult
+from ..latency_selection import fit_measured
 from ..latency_target import latency_details, slim_latency
 from .evolution import EvolutionConfig, evolve, repair
 
@@ -475,12 +480,16 @@ class _GenomeLimits:
         return float(self.latency_model.predict(genome_kept(self.encoding, genome)))
 
     def __call__(self, genome) -> bool:
+        return self.within(genome, self.latency)
+
+    def within(self, genome, latency_s: float | None) -> bool:
+        """The MACs and params limits, and a predicted latency of at most `latency_s` (None: any)."""
         macs = self.encoding.macs(self.cost, genome)
         if macs > self.max_macs or (self.min_macs is not None and macs < self.min_macs):
             return False
         if self.max_params is not None and self.encoding.params(self.cost, genome) > self.max_params:
             return False
-        return self.latency is None or self.predicted_s(genome) <= self.latency
+        return latency_s is None or self.predicted_s(genome) <= latency_s
 
     def check_reachable(self, flops: float) -> None:
         small = self.encoding.smallest()
@@ -532,6 +541,36 @@ def _final_training(slim, data, opts: MetaPruningOptions, targets_from) -> list:
     for m, flag in was:
         m.training = flag
     return history.epochs
+
+
+def _measured_choice(result, constraint: _GenomeLimits, encoding, channels, context: MethodContext,
+                     latency_model: LatencyModel, target_s: float):
+    """The best-scored searched genome whose slim model is *measured* under the latency target.
+
+    Why: the search keeps genomes the latency model predicts under the target; the model can be
+    wrong for the one it picks. As for every method (`fit_measured`), the slim model is measured
+    end to end; while it is over the target the predicted limit shrinks (by target / measured) and
+    the best-scored genome the search already evaluated under that limit is taken instead (no new
+    search: every evaluated genome has its score). None under any limit, or every one measured
+    over: `LatencyUnreachableError` with the best measured value. Returns (genome, MeasuredFit)."""
+    cache = result.cache
+    ranked = [result.best] + sorted((g for g in cache if g != result.best), key=lambda g: cache[g]["score"],
+                                    reverse=True)
+    genomes: dict[int, tuple] = {}
+
+    def select(budget_s: float) -> PruningPlan:
+        for genome in ranked:
+            if constraint.within(genome, budget_s):
+                plan = PruningPlan(keep=encoding.keep(genome))
+                genomes[id(plan)] = genome
+                return plan
+        fits = [constraint.predicted_s(g) for g in ranked if constraint.within(g, None)]
+        raise LatencyUnreachableError(budget_s, min(fits) if fits else float("inf"), latency_model.original_s,
+                                      f" among the {len(cache)} structures the search evaluated", measured=False)
+
+    fit = fit_measured(select, lambda plan: slim_latency(context, plan, latency_model), target_s,
+                       latency_model=latency_model, channels=channels)
+    return genomes[id(fit.plan)], fit
 
 
 # -- the registry's runner ------------------------------------------------------------------------
@@ -603,6 +642,9 @@ def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: M
     best = result.best
     if not constraint(best):  # the search only ever scores feasible genomes; this guards that contract
         raise AssertionError(f"the search returned an infeasible genome {best}")
+    fit = None
+    if latency_model is not None:  # measured before the final training: time does not depend on weights
+        best, fit = _measured_choice(result, constraint, encoding, channels, context, latency_model, latency)
     slim = scorer.network(best)
     final_history = None
     if opts.final != "none":
@@ -617,17 +659,18 @@ def metapruning(analysis: ModelAnalysis, data, constraints: Constraints, opts: M
         "macs": macs, "flops": 2 * macs, "macs_ratio": macs / cost.total_macs,
         "params_ratio": encoding.params(cost, best) / cost.total_params,
         "search": {"best": {"accuracy": result.best_info["accuracy"], "loss": result.best_info["loss"]},
+                   "chosen": {"accuracy": result.cache[best]["accuracy"], "loss": result.cache[best]["loss"],
+                              "is_search_best": best == result.best},
                    "evaluated": len(result.cache), "rejected": dict(result.rejected), "history": result.history,
                    "ranks": rank_and_world()[1], "scored_by_this_rank": sum(scored)},
         "final": opts.final, "final_training": final_history,
         "seconds": {"limits": t_limits - t0, "pruningnet": t1 - t_limits, "search": t2 - t1,
                     "total": time.perf_counter() - t0},
     })
-    if latency_model is not None:
-        measured = slim_latency(context, plan, latency_model)  # end to end, side by side with the original
-        details["latency"] = latency_details(latency_model, context, plan, measured, {
+    if fit is not None:  # measured end to end (side by side with the original for a fraction)
+        details["latency"] = latency_details(latency_model, context, plan, fit.measured_s, {
             "fraction": constraints.latency, "genome_predicted_s": constraint.predicted_s(best),
-            "measured_within_target": measured <= latency,
+            "measured_within_target": fit.measured_s <= latency, "rounds": fit.rounds,
             "latency_model": {"source": "reused" if opts.latency_model is not None else latency_model.source,
                               "offset_s": latency_model.offset, "scale": latency_model.scale}})
     return plan, details
