@@ -120,6 +120,29 @@ def test_gate_decorator_stops_ticking_under_a_measured_latency(clock):
     _check_flop_clock(clock, model, slim, x, lat)
 
 
+def test_gate_decorator_ticks_that_run_out_raise_a_latency_error_with_the_best_value(monkeypatch):
+    """Tick-Tock under a latency no plan reaches (FLOP clock): the Ticks end with every group at
+    its 10 % minimum, and the user who asked for a latency gets LatencyUnreachableError (best value,
+    of the original, every measured check), not a FLOPs error about flops=1.0."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fxprune.latency_model import profile
+
+    monkeypatch.setattr(profile, "_round_robin", _flop_clock)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 4, (8,), generator=g)),
+                      batch_size=8)
+    model, x = ResidualClassifier().eval(), torch.randn(8, 3, 32, 32)
+    with pytest.raises(fxprune.LatencyUnreachableError) as info:
+        fxprune.compress(model, "gate_decorator", x, 1.0, latency=0.02, data=data,
+                         options=dict(schedule="tick_tock", p=0.5, T=100, tock_epochs=1, finetune_epochs=0))
+    err = info.value
+    assert err.best_s > err.target_s > 0 and err.original_s > err.target_s
+    assert "Gate Decorator's Ticks ended" in str(err) and "flops=" not in str(err)
+    assert err.measured == (err.best_measured_s is not None)
+
+
 def test_gal_thresholds_its_masks_until_measured_under_the_target(clock):
     # real_clock: the same 2.5 ms model; its profile's floor came out at 0.95 of the original once in CI
     from torch.utils.data import DataLoader, TensorDataset

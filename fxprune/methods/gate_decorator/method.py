@@ -49,7 +49,7 @@ from torch import nn
 
 from fxprune.constraints import Constraints
 from fxprune.distributed import average_across_ranks, rank0_value, sync_from_rank0
-from fxprune.errors import ConfigError, TargetUnreachableError
+from fxprune.errors import ConfigError, LatencyUnreachableError, TargetUnreachableError
 from fxprune.latency_model import profile_latency
 from fxprune.passes.fuse_masked_conv import fuse_masked_convs
 from fxprune.passes.gates import GatedModel, fold_gates, insert_gates
@@ -346,8 +346,13 @@ class GateDecoratorMethod:
             return MethodResult(plan, {"schedule": opts.schedule, "ticks": log, **_ungated(work, ungated)},
                                 weights=work.traced.graph_module.state_dict())
         latency = _LatencyStop(work, context)
-        plan = gate_decorator(work.channels, work.cost, context.data, c, opts, targets_from=context.original, log=log,
-                              fits=latency.fits, one_shot_select=latency.select, ungated=ungated)
+        try:
+            plan = gate_decorator(work.channels, work.cost, context.data, c, opts, targets_from=context.original,
+                                  log=log, fits=latency.fits, one_shot_select=latency.select, ungated=ungated)
+        except LatencyUnreachableError:
+            raise
+        except TargetUnreachableError as e:  # the Ticks ran out before the latency stop fitted
+            raise latency.unreachable(e.minimum) from e
         measured = latency.checks[-1]["measured_s"] if latency.checks else slim_latency(context, plan, latency.model)
         details = {"schedule": opts.schedule, "ticks": log, **_ungated(work, ungated),
                    "latency": latency_details(latency.model, context, plan, measured, {"checks": latency.checks})}
@@ -373,6 +378,18 @@ class _LatencyStop:
         self.budget = self.target
         self.limit = self.c.macs_limit(work.cost.total_macs)
         self.checks: list[dict] = []
+        self.best_predicted = math.inf  # the smallest prediction `fits` saw
+
+    def unreachable(self, macs_kept: float) -> LatencyUnreachableError:
+        """The typed error when the Ticks end (every group at its minimum, or max_ticks) before the
+        stop fits: the best measured latency when a plan was measured, else the best predicted one;
+        every measured check in `rounds`."""
+        measured = [c["measured_s"] for c in self.checks if c.get("measured_s") is not None]
+        best = min(measured) if measured else self.best_predicted
+        return LatencyUnreachableError(
+            self.target, best, self.model.original_s,
+            f" (Gate Decorator's Ticks ended at {macs_kept:.4f} of the MACs without fitting it)",
+            measured=bool(measured), best_measured_s=min(measured) if measured else None, rounds=self.checks)
 
     def fits(self, keep: dict) -> bool:
         channels = self.work.channels
@@ -380,6 +397,7 @@ class _LatencyStop:
             return False
         plan = PruningPlan(keep=keep)
         predicted = predict_plan(self.model, plan)
+        self.best_predicted = min(self.best_predicted, predicted)
         if predicted > self.budget:
             return False
         measured = slim_latency(self.context, plan, self.model)
