@@ -95,6 +95,25 @@ def test_forward_scatter_by_plane_copies(name, monkeypatch):
                                     tuple(t.double().requires_grad_() for t in (x, w, m)), fast_mode=True)
 
 
+@pytest.mark.parametrize("live", [[0, 1, 5], [2, 3, 7], [0, 1, 2, 3, 4, 5, 6, 7], [4]])
+def test_plane_copies_cut_the_channels_into_live_and_dead_runs(live):
+    """`gather._segments`: one split of the channel axis into alternating live / dead runs (a
+    leading or trailing run of either kind, every channel live); the scatter and gather built on
+    it equal index_copy_ / index_select with exact zeros on the dead channels."""
+    from fxprune.kernels import gather
+
+    sizes, live_parts, dead_parts = gather._segments(gather._runs(live), 8)
+    assert sum(sizes) == 8 and sorted(live_parts + dead_parts) == list(range(len(sizes)))
+    assert sum(sizes[i] for i in live_parts) == len(live)
+    idx = torch.tensor(live)
+    z = torch.randn(2, len(live), 128, 128)  # planes over _PLANE_COPY_MIN: the split path
+    y = gather._scatter_channels(z, idx, 8)
+    ref = torch.zeros(2, 8, 128, 128).index_copy_(1, idx, z)
+    assert torch.equal(y, ref)
+    x = torch.randn(2, 8, 128, 128)
+    assert torch.equal(gather.gather_channels(x, idx), x.index_select(1, idx))
+
+
 @pytest.mark.parametrize("name", list(GEOMETRIES))
 def test_gradcheck_float64(name):
     x, w, b, m, im, conf = make(name)
