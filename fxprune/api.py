@@ -206,7 +206,8 @@ def compress(model: nn.Module, method: str = "l1", example_inputs: Any = None, f
         analysis = with_weights(analysis, outcome.weights)
         analysis.source = model_source(model) or analysis.source
     t2 = time.perf_counter()
-    misaligned = warn_if_misaligned(model, device, round_to, analysis.channels, plan)
+    misaligned = warn_if_misaligned(model, device, round_to, analysis.channels, plan, chosen.name,
+                                    rounds="round_to" in chosen.supports)
     if misaligned:
         details = {**(details or {}), "tensor_cores": misaligned}
     resolved = resolve(analysis.channels, plan)  # once: rewrite, reference, cost and recipe share it

@@ -39,9 +39,11 @@ def runs_on_gpu(model: nn.Module, device) -> bool:
     return on.startswith("cuda") or any(p.is_cuda for p in model.parameters())
 
 
-def warn_if_misaligned(model: nn.Module, device, round_to, channels, plan) -> dict | None:
+def warn_if_misaligned(model: nn.Module, device, round_to, channels, plan, method: str = "",
+                       rounds: bool = True) -> dict | None:
     """Warn (`TensorCoreWarning`) and return the report's note when a GPU model gets counts that are
-    not multiples of 8 with round_to None; None otherwise."""
+    not multiples of 8 with round_to None; None otherwise. `rounds`: the method takes round_to
+    (else the advice names methods that do: gate_decorator and gal choose their own counts)."""
     if round_to is not None or not runs_on_gpu(model, device):
         return None
     groups = misaligned_groups(channels, plan)
@@ -49,9 +51,14 @@ def warn_if_misaligned(model: nn.Module, device, round_to, channels, plan) -> di
         return None
     shown = ", ".join(f"{name} {kept}/{size}" for name, kept, size in groups[:4])
     more = f" and {len(groups) - 4} more" if len(groups) > 4 else ""
+    if rounds:
+        advice = (f"For a model that runs on a GPU pass round_to={TILE} (or, for a FLOPs target, round_to='auto' "
+                  "with device='cuda')")
+    else:
+        advice = (f"{method or 'This method'} does not take round_to: expect these layers to run slower on a GPU, or "
+                  f"use a method that does (l1, l2, bn_scale, uniform, metapruning) with round_to={TILE}")
     message = (f"{len(groups)} channel groups keep a count that is not a multiple of {TILE} ({shown}{more}); on GPU "
-               f"tensor cores such layers can run slower than the original's (measured 0.70x at half the FLOPs on "
-               f"an H200). For a model that runs on a GPU pass round_to={TILE} (or, for a FLOPs target, "
-               f"round_to='auto' with device='cuda')")
+               "tensor cores such layers can run slower than the original's (measured 0.70x at half the FLOPs on "
+               f"an H200). {advice}")
     warnings.warn(message, TensorCoreWarning, stacklevel=3)
     return {"groups_not_multiple_of_8": len(groups), "examples": [list(g) for g in groups[:4]]}

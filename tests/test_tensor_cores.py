@@ -54,3 +54,16 @@ def test_runs_on_gpu_reads_the_device_and_the_parameters():
     model = torch.nn.Conv2d(3, 8, 3)
     assert tensor_cores.runs_on_gpu(model, "cuda:1") and tensor_cores.runs_on_gpu(model, "cuda")
     assert not tensor_cores.runs_on_gpu(model, "cpu") and not tensor_cores.runs_on_gpu(model, None)
+
+
+def test_a_method_without_round_to_is_not_told_to_pass_it(resnet18):
+    """gate_decorator and gal take no round_to: their warning names the methods that do instead."""
+    model, x = resnet18
+    analysis = fxprune.analyze(model, x)
+    slim = fxprune.compress(model, "uniform", x, flops=0.5)
+    plan = fxprune.PruningPlan(keep={int(g): u for g, u in slim.fxprune_recipe["plan"]["keep"].items()})
+    with pytest.warns(fxprune.TensorCoreWarning, match="gate_decorator does not take round_to") as caught:
+        note = tensor_cores.warn_if_misaligned(model, "cuda", None, analysis.channels, plan, "gate_decorator",
+                                               rounds=False)
+    assert note["groups_not_multiple_of_8"] >= 1 and "pass round_to=8" not in str(caught[0].message)
+    assert tensor_cores.warn_if_misaligned(model, "cuda", 8, analysis.channels, plan) is None
