@@ -234,9 +234,10 @@ def _segments(runs: list[tuple[int, int]], total: int) -> tuple[list[int], list[
     """The channel axis cut into alternating runs of live and dead channels: the segment sizes
     (for one ``split``) and which segments are live and which dead.
 
-    Why: a Python slice and copy per run cost microseconds each, 0.2-0.4 ms per call on layers with
-    tens of runs (random masks); one ``split`` and one ``_foreach_copy_`` / ``_foreach_zero_`` do
-    the same copies from C++ (25-40 % less time on 56x56 planes, measured on this CPU)."""
+    Why: a Python slice and copy per run cost microseconds each, up to 0.16 ms per call on layers
+    with tens of runs (random masks); one ``split`` and one ``_foreach_copy_`` / ``_foreach_zero_`` do
+    the same copies from C++ (0.66-1.07 of the loop's time, median 0.89, on the planes of
+    `benches/micro/bench_scatter.py`)."""
     sizes: list[int] = []
     live_parts: list[int] = []
     dead_parts: list[int] = []
