@@ -31,6 +31,7 @@ GEOMETRIES = {
     "3x3": (4, 6, (7, 6), 3, 1, 1, 1, 1, False, True),
     "strided_dilated": (4, 6, (9, 8), 3, (2, 1), (1, 0), (1, 2), 1, False, True),
     "1x1_no_bias": (5, 7, (4, 5), 1, 1, 0, 1, 1, False, False),
+    "1x1_in_mask": (6, 7, (5, 4), 1, 1, 0, 1, 1, True, True),
     "in_mask": (6, 5, (6, 6), 3, 1, 1, 1, 1, True, True),
     "grouped": (4, 8, (6, 5), 3, 2, 1, 1, 2, False, True),
     "grouped_in_mask": (6, 9, (5, 5), 3, 1, 1, 1, 3, True, False),
@@ -77,40 +78,18 @@ def test_forward_equals_conv_times_mask_with_exact_zeros(name, density):
     assert torch.equal(y[:, m == 0], torch.zeros_like(y[:, m == 0]))  # not computed: exact zeros
 
 
-@pytest.mark.parametrize("name", list(GEOMETRIES))
-def test_forward_scatter_by_plane_copies(name, monkeypatch):
-    """Large channel planes are gathered and scattered by slice copies instead of index_select /
-    index_copy_: same values and gradients."""
-    from fxprune.kernels import gather
-
-    monkeypatch.setattr(gather, "_PLANE_COPY_MIN", 0)
-    x, w, b, m, im, conf = make(name, 0.5, torch.float32)
-    m[0], m[-1] = 0.0, 1.0  # a leading zero run and a trailing live run
-    y = op(x, w, b, m, im, conf)
-    ref = reference(x, w, b, m, im, conf)
-    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    assert torch.equal(y[:, m == 0], torch.zeros_like(y[:, m == 0]))
-    b64, im64 = (None if t is None else t.double() for t in (b, im))
-    assert torch.autograd.gradcheck(lambda x, w, m: op(x, w, b64, m, im64, conf, hard=False),
-                                    tuple(t.double().requires_grad_() for t in (x, w, m)), fast_mode=True)
-
-
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("live", [[0, 1, 5], [2, 3, 7], [0, 1, 2, 3, 4, 5, 6, 7], [4]])
-def test_plane_copies_cut_the_channels_into_live_and_dead_runs(live):
-    """`gather._segments`: one split of the channel axis into alternating live / dead runs (a
-    leading or trailing run of either kind, every channel live); the scatter and gather built on
-    it equal index_copy_ / index_select with exact zeros on the dead channels."""
+def test_scatter_places_the_live_channels_among_exact_zeros(live, fmt):
+    """`gather._scatter_channels` (zero fill + one index_copy_ on the CPU): a leading or trailing
+    run of either kind, every channel live, both layouts; the gather is index_select."""
     from fxprune.kernels import gather
 
-    sizes, live_parts, dead_parts = gather._segments(gather._runs(live), 8)
-    assert sum(sizes) == 8 and sorted(live_parts + dead_parts) == list(range(len(sizes)))
-    assert sum(sizes[i] for i in live_parts) == len(live)
     idx = torch.tensor(live)
-    z = torch.randn(2, len(live), 128, 128)  # planes over _PLANE_COPY_MIN: the split path
-    y = gather._scatter_channels(z, idx, 8)
-    ref = torch.zeros(2, 8, 128, 128).index_copy_(1, idx, z)
-    assert torch.equal(y, ref)
-    x = torch.randn(2, 8, 128, 128)
+    z = torch.randn(2, len(live), 9, 7).contiguous(memory_format=fmt)
+    y = gather._scatter_channels(z, idx, 8, fmt)
+    assert torch.equal(y, torch.zeros(2, 8, 9, 7).index_copy_(1, idx, z)) and y.is_contiguous(memory_format=fmt)
+    x = torch.randn(2, 8, 9, 7)
     assert torch.equal(gather.gather_channels(x, idx), x.index_select(1, idx))
 
 

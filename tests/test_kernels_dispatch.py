@@ -13,7 +13,14 @@ import fxprune
 from fxprune.kernels import backend, dispatch, ops
 from tests.test_kernels import GEOMETRIES, make, op, reference
 
-CPU_IMPLEMENTATIONS = ("gather", "gather_cl", "gather_zero_row", "dense")
+CPU_IMPLEMENTATIONS = ("gather", "gather_cl", "gather_zero_row", "dense", "gemm", "dense_gemm")
+
+
+def _pointwise(name: str) -> bool:
+    """A geometry the GEMM implementations take (1x1, stride 1, no padding, one group)."""
+    conf = make(name)[-1]
+    return (GEOMETRIES[name][3] == 1 and conf["stride"] == (1, 1) and conf["padding"] == (0, 0)
+            and conf["groups"] == 1)
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +45,8 @@ def test_every_implementation_equals_the_reference(name, impl, dtype, layout):
     x = x.contiguous(memory_format=fmt)
     with backend(impl):
         y = op(x, w, b, m, im, conf)
-    valid = {"gather_cl": layout == "nchw", "gather_zero_row": layout == "nchw" and conf["groups"] == 1}
+    valid = {"gather_cl": layout == "nchw", "gather_zero_row": layout == "nchw" and conf["groups"] == 1,
+             "gemm": _pointwise(name), "dense_gemm": _pointwise(name)}
     if valid.get(impl, True):  # otherwise not a candidate for this call: the measured choice ran
         assert dispatch.last()[1] == impl
     ref = reference(x.double(), w.double(), None if b is None else b.double(), m.double(),
@@ -64,12 +72,41 @@ def test_zero_row_with_a_full_channel_block(monkeypatch):
     assert torch.equal(y[:, m == 0], torch.zeros_like(y[:, m == 0]))
 
 
+@pytest.mark.parametrize("name", ["in_mask", "1x1_in_mask"])
 @pytest.mark.parametrize("impl", CPU_IMPLEMENTATIONS)
-def test_every_implementation_passes_gradcheck(impl):
-    x, w, b, m, im, conf = make("in_mask")
+def test_every_implementation_passes_gradcheck(impl, name):
+    """Forced forward (and, for "gemm", backward) implementations; soft mode so the mask gradient
+    of the skipped channels is checked too."""
+    x, w, b, m, im, conf = make(name)
     with backend(impl):
         assert torch.autograd.gradcheck(lambda x, w, m: op(x, w, b, m, im, conf, hard=False),
                                         tuple(t.requires_grad_() for t in (x, w, m)), fast_mode=True)
+        if impl == "gemm" and _pointwise(name):
+            assert dispatch.last_backward()[1] == "gemm" and dispatch.last()[1] == "gemm"
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", dispatch.BACKWARD_IMPLEMENTATIONS)
+def test_every_backward_implementation_equals_the_reference(impl, dtype, layout):
+    """The backward's candidates give conv2d's gradients (input, weight, bias) in either layout and
+    dtype on a pointwise conv with an input mask (tolerance: 1e-5 float32, 3e-2 bfloat16, of the
+    largest gradient)."""
+    x, w, b, m, im, conf = make("1x1_in_mask", 0.5, torch.float32, n=3)
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    x = x.to(dtype).contiguous(memory_format=fmt)
+    w, b, m, im = (t.to(dtype) for t in (w, b, m, im))
+    g = torch.randn(x.shape[0], w.shape[0], *x.shape[2:], generator=torch.Generator().manual_seed(1)).to(dtype)
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    with backend(impl):
+        op(*leaves, m, im, conf).backward(g)
+    assert dispatch.last_backward()[1] == impl
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    reference(*ref_leaves, m.double(), im.double(), conf).backward(g.double())
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    for got, want in zip(leaves, ref_leaves):
+        assert torch.isfinite(got.grad).all()
+        assert (got.grad.double() - want.grad).abs().max() <= tol * want.grad.abs().max()
 
 
 def test_first_call_measures_later_calls_reuse_the_choice(monkeypatch):

@@ -185,6 +185,8 @@ def sweep(args) -> list[dict]:
                         t = {"compact": None} | measure(fns, args.device, args.threads, args.round_time, args.rounds)
                         fns["fused"]()
                         chosen = (dispatch.last() or ("", "?"))[1]
+                        if backward:  # forward / backward implementation
+                            chosen += "/" + (dispatch.last_backward() or ("", "?"))[1]
                         dense = min(dense, t.pop("dense"))
                         rows.append(dict(layer=layer, io=io, dtype=dtype_name, pass_="fwd+bwd" if backward else "fwd",
                                          density=d, dense=dense, dispatch=chosen, **t))

@@ -35,20 +35,22 @@ from torch import Tensor
 
 from ..errors import InputError
 
-IMPLEMENTATIONS = ("gather", "gather_cl", "gather_zero_row", "dense", "triton")
-BACKENDS = ("auto",) + IMPLEMENTATIONS
+IMPLEMENTATIONS = ("gather", "gather_cl", "gather_zero_row", "dense", "gemm", "dense_gemm", "triton")
+BACKWARD_IMPLEMENTATIONS = ("conv", "gemm")  # the backward's candidates (`ops.masked_conv2d_backward`)
+BACKENDS = ("auto",) + IMPLEMENTATIONS + ("conv",)  # "gemm" forces both passes, "conv" the backward
 DENSITY_STEPS = 16
 ROUNDS = 5
 SAMPLE_S = 2e-3  # seconds of calls per timed sample
 MAX_CALLS = 64
 
-_state: dict = {"forced": None, "last": None, "disk_loaded": None}
+_state: dict = {"forced": None, "last": None, "last_backward": None, "disk_loaded": None}
 _cache: dict[str, str] = {}
 
 
 @contextlib.contextmanager
 def backend(name: str):
-    """Force the forward implementation inside the block: one of `BACKENDS` ("auto": measured)."""
+    """Force an implementation inside the block: one of `BACKENDS` ("auto": measured). A name the
+    forward does not have ("conv") forces only the backward; "gemm" forces both where it is valid."""
     if name not in BACKENDS:
         raise InputError(f"unknown masked-conv backend {name!r}: choose from {', '.join(BACKENDS)}")
     old, _state["forced"] = _state["forced"], None if name == "auto" else name
@@ -67,6 +69,11 @@ def last() -> tuple[str, str] | None:
     return _state["last"]
 
 
+def last_backward() -> tuple[str, str] | None:
+    """(call class, implementation) of the last masked-conv backward (`BACKWARD_IMPLEMENTATIONS`)."""
+    return _state["last_backward"]
+
+
 def decisions() -> dict[str, str]:
     """Every call class measured in this process (or read from the disk cache) and its winner."""
     _load_disk()
@@ -76,7 +83,7 @@ def decisions() -> dict[str, str]:
 def clear() -> None:
     """Forget the measured choices of this process (the disk cache file is left alone)."""
     _cache.clear()
-    _state["last"] = None
+    _state["last"] = _state["last_backward"] = None
     _state["disk_loaded"] = None
 
 
@@ -112,7 +119,8 @@ def _load_disk() -> None:
     except (OSError, ValueError):
         return
     if data.get("torch") == torch.__version__:
-        _cache.update({k: v for k, v in data.get("choices", {}).items() if v in IMPLEMENTATIONS})
+        known = IMPLEMENTATIONS + BACKWARD_IMPLEMENTATIONS
+        _cache.update({k: v for k, v in data.get("choices", {}).items() if v in known})
 
 
 def _save_disk() -> None:
@@ -167,11 +175,17 @@ def measure(runners: dict[str, Callable[[], Tensor]], device: torch.device,
 
 
 def heuristic(candidates: list[str], density: float) -> str:
-    return "dense" if density >= 0.9 and "dense" in candidates else "gather"
+    """Dense at density >= 0.9, else the gather path; the first candidate where neither is one."""
+    if density >= 0.9 and "dense" in candidates:
+        return "dense"
+    return "gather" if "gather" in candidates else candidates[0]
 
 
-def run(key: str, runners: dict[str, Callable[[], Tensor]], device: torch.device, density: float) -> Tensor:
-    """Run the implementation chosen for `key` among `runners` (the valid candidates), measuring once."""
+def run(key: str, runners: dict[str, Callable[[], Tensor]], device: torch.device, density: float,
+        slot: str = "last"):
+    """Run the implementation chosen for `key` among `runners` (the valid candidates), measuring once.
+
+    `slot` names where the choice is recorded for `last()` (the forward) / `last_backward()`."""
     choice = _state["forced"]
     if choice not in runners:
         _load_disk()
@@ -183,7 +197,7 @@ def run(key: str, runners: dict[str, Callable[[], Tensor]], device: torch.device
             choice, out, _ = measure(runners, device)
             _cache[key] = choice
             _save_disk()
-            _state["last"] = (key, choice)
+            _state[slot] = (key, choice)
             return out
-    _state["last"] = (key, choice)
+    _state[slot] = (key, choice)
     return runners[choice]()

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import gemm as gemm_conv
 from .live import Live, live
 
 
@@ -116,7 +117,7 @@ def select_live(out: Live, in_: Live | None, groups: int, cin: int, cout: int) -
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor, in_mask: Tensor | None,
             stride, padding, dilation, groups: int, *, channels_last: bool = False, zero_row: bool = False,
-            out_live: Live | None = None, in_live: Live | None = None) -> Tensor:
+            gemm: bool = False, out_live: Live | None = None, in_live: Live | None = None) -> Tensor:
     """Convolve the live filters only and write them into a preallocated output (dead channels: zeros).
 
     `channels_last` runs the gathered conv in NHWC (oneDNN/cuDNN are often faster there) and writes
@@ -127,6 +128,8 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor, in
     output at memcpy speed, instead of one copy or fill per run of live/dead channels. The zero
     plane comes from one extra all-zero filter where that fits in the last channel block (exact for
     finite inputs; an infinite input gives NaN there, like conv * 0), else from appending zeros.
+
+    `gemm` (pointwise convs, `gemm.valid`) computes the gathered conv as one batched GEMM.
     """
     n, cin, h, w_ = x.shape
     cout, _, kh, kw = weight.shape
@@ -159,6 +162,8 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor, in
     if xs.shape[1] == 0:  # every input channel masked: only the bias is left
         z = torch.zeros((n, ws.shape[0], oh, ow), dtype=x.dtype, device=x.device)
         z = z if bs is None else z + bs.reshape(1, -1, 1, 1)
+    elif gemm:
+        z = gemm_conv.conv1x1(xs, ws, bs)
     else:
         z = F.conv2d(xs, ws, bs, stride, padding, dilation, sel.groups)
     if sel.out_idx is None:
@@ -167,7 +172,7 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor, in
 
 
 def dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor, in_mask: Tensor | None,
-                  stride, padding, dilation, groups: int) -> Tensor:
+                  stride, padding, dilation, groups: int, *, gemm: bool = False) -> Tensor:
     """Every channel computed, the mask folded into the filters: conv(x, W * m) + b * m.
 
     The fastest choice when nearly all channels are live (one conv, no gather, no scatter). A dead
@@ -180,34 +185,28 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tens
         scale = scale * cols[:, :, None, None].to(weight.dtype)
     wm = weight * scale
     bm = None if bias is None else bias * out_mask
-    y = F.conv2d(x, wm, bm, stride, padding, dilation, groups)
+    y = gemm_conv.conv1x1(x, wm, bm) if gemm else F.conv2d(x, wm, bm, stride, padding, dilation, groups)
     return y.contiguous(memory_format=output_format(x))
 
 
 # oneDNN and cuDNN compute output channels in blocks of this many (fp32 AVX-512 / tensor-core tiles)
 CHANNEL_BLOCK = 16
 
-# Channel planes at least this large are scattered by slice copies (memcpy speed) instead of
-# index_copy_, whose per-element indexing is about 3x slower on large planes.
-_PLANE_COPY_MIN = 16384
-
-
 def _scatter_channels(z: Tensor, idx: Tensor, cout: int, fmt=torch.contiguous_format,
                       out_live: Live | None = None) -> Tensor:
     """[N, cout, H, W] in `fmt` with z's channels at `idx` (sorted) and exact zeros elsewhere.
 
-    One pass over the output: the live channels are copied in, only the dead ones are zeroed (never a
-    dense zero fill followed by a copy)."""
+    CPU: one zero fill of the whole output, then one ``index_copy_`` of the live channels. Why not
+    write each byte once (copy the live runs, zero only the dead ones)? Measured after a real conv
+    (`benches/micro/bench_scatter.py`), the fill runs at memset speed and one ``index_copy_`` beats a
+    copy or fill per run of channels (each a separate parallel loop, tens of them on random masks):
+    the conv plus this scatter took 1.03-1.09x the sliced conv on ResNet-50's 3x3 layers against
+    1.03-1.16x by runs. Elsewhere (CUDA): the live channels copied in, only the dead ones zeroed."""
     n, _, oh, ow = z.shape
+    if z.device.type == "cpu":
+        y = torch.empty((n, cout, oh, ow), dtype=z.dtype, device=z.device, memory_format=fmt)
+        return y.zero_().index_copy_(1, idx, z)
     y = torch.empty((n, cout, oh, ow), dtype=z.dtype, device=z.device, memory_format=fmt)
-    if z.device.type == "cpu" and fmt == torch.contiguous_format and n * oh * ow >= _PLANE_COPY_MIN:
-        runs = out_live.runs if out_live is not None else _runs(idx.tolist())
-        sizes, live_parts, dead_parts = _segments(runs, cout)
-        parts = y.split(sizes, 1)  # views of every run of live and of dead channels, in one call
-        torch._foreach_copy_([parts[i] for i in live_parts], list(z.split([length for _, length in runs], 1)))
-        if dead_parts:
-            torch._foreach_zero_([parts[i] for i in dead_parts])
-        return y
     y.index_copy_(1, idx, z)
     dead = out_live.dead_idx if out_live is not None else None
     if dead is None:
@@ -219,51 +218,9 @@ def _scatter_channels(z: Tensor, idx: Tensor, cout: int, fmt=torch.contiguous_fo
 
 
 def gather_channels(t: Tensor, idx: Tensor | None) -> Tensor:
-    """t[:, idx] (idx sorted); large CPU planes are gathered by slice copies, like the scatter."""
-    if idx is None:
-        return t
-    n, c, h, w = t.shape
-    if t.device.type == "cpu" and n * h * w >= _PLANE_COPY_MIN and idx.numel():
-        sizes, live_parts, _ = _segments(_runs(idx.tolist()), c)
-        parts = t.split(sizes, 1)
-        return torch.cat([parts[i] for i in live_parts], 1)
-    return t.index_select(1, idx)
-
-
-def _segments(runs: list[tuple[int, int]], total: int) -> tuple[list[int], list[int], list[int]]:
-    """The channel axis cut into alternating runs of live and dead channels: the segment sizes
-    (for one ``split``) and which segments are live and which dead.
-
-    Why: a Python slice and copy per run cost microseconds each, up to 0.16 ms per call on layers
-    with tens of runs (random masks); one ``split`` and one ``_foreach_copy_`` / ``_foreach_zero_`` do
-    the same copies from C++ (0.66-1.07 of the loop's time, median 0.89, on the planes of
-    `benches/micro/bench_scatter.py`)."""
-    sizes: list[int] = []
-    live_parts: list[int] = []
-    dead_parts: list[int] = []
-    start = 0
-    for first, length in runs:
-        if first > start:
-            dead_parts.append(len(sizes))
-            sizes.append(first - start)
-        live_parts.append(len(sizes))
-        sizes.append(length)
-        start = first + length
-    if start < total:
-        dead_parts.append(len(sizes))
-        sizes.append(total - start)
-    return sizes, live_parts, dead_parts
-
-
-def _runs(sorted_idx: list[int]) -> list[tuple[int, int]]:
-    """(first, length) of each run of consecutive channel numbers."""
-    runs: list[list[int]] = []
-    for i in sorted_idx:
-        if runs and runs[-1][0] + runs[-1][1] == i:
-            runs[-1][1] += 1
-        else:
-            runs.append([i, 1])
-    return [(a, b) for a, b in runs]
+    """t[:, idx] (idx sorted): one ``index_select`` (on the CPU as fast as slice copies per run of
+    channels or faster: 0.49-1.01 of their time over 18 planes of 14x14 to 56x56, batch 8 and 64)."""
+    return t if idx is None else t.index_select(1, idx)
 
 
 def _scatter(full_shape, like: Tensor, idx: Tensor | None, part: Tensor, dim: int) -> Tensor:
@@ -309,10 +266,22 @@ def _skipped_mask_grad(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | N
     return rest.out_idx, gmr if br is None else gmr + br.to(gmr.dtype) * gsum
 
 
+def _conv_backward(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
+                   need_x: bool, need_w: bool, gemm: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(dL/dx, dL/dW) of conv2d(x, weight) without bias: oneDNN/cuDNN, or a GEMM (pointwise convs)."""
+    if gemm:
+        return gemm_conv.conv1x1_backward(grad, x, weight, need_x, need_w)
+    gx, gw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
+                                                    [0, 0], groups, [need_x, need_w, False])
+    return gx, gw
+
+
 def backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor,
              in_mask: Tensor | None, stride, padding, dilation, groups: int, hard: bool,
-             needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients for (x, weight, bias, out_mask); an empty tensor where `needs` is False."""
+             needs: list[bool], *, gemm: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for (x, weight, bias, out_mask); an empty tensor where `needs` is False.
+
+    `gemm` (pointwise convs, `gemm.valid`) computes the live channels' gradients as GEMMs."""
     need_x, need_w, need_b, need_m = needs
     need_b = need_b and bias is not None
     cin, cout = x.shape[1], weight.shape[0]
@@ -326,9 +295,8 @@ def backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, out_m
         xs, ws, bs, ms = _gathered(sel, x, weight, bias, out_mask)
         gsum = gs.to(acc).sum((0, 2, 3)) if need_b or (need_m and bs is not None) else None
         if (need_x or need_w or need_m) and xs.shape[1]:
-            gxs, dws, _ = torch.ops.aten.convolution_backward(
-                gs, xs, ws * ms.reshape(-1, 1, 1, 1), None, stride, padding, dilation, False, [0, 0],
-                sel.groups, [need_x, need_w or need_m, False])
+            gxs, dws = _conv_backward(gs, xs, ws * ms.reshape(-1, 1, 1, 1), stride, padding, dilation,
+                                      sel.groups, need_x, need_w or need_m, gemm)
             if need_x:
                 # written once: the live input channels copied in, only the others zeroed
                 gx = gxs.contiguous() if sel.in_idx is None else _scatter_channels(gxs.contiguous(), sel.in_idx, cin)

@@ -2,7 +2,7 @@
 
 Why one object: the forward needs the live indices (to gather), their count (for the dispatcher's
 density bucket), whether every live value is exactly 1 (a 0/1 mask needs no filter scaling), the
-dead indices or the runs of consecutive live channels (to write the output). On CUDA each would be
+dead indices (to write the output). On CUDA each would be
 a device read; `Live` copies the (small) mask to the host once, derives everything there, and moves
 the index tensors back to the device without waiting.
 
@@ -57,17 +57,6 @@ class Live:
     @cached_property
     def dead_idx(self) -> Tensor:
         return self._device((self.host == 0).nonzero().reshape(-1))
-
-    @cached_property
-    def runs(self) -> list[tuple[int, int]]:
-        """(first, length) of each run of consecutive live channels."""
-        out: list[list[int]] = []
-        for i in self.host_idx.tolist():
-            if out and out[-1][0] + out[-1][1] == i:
-                out[-1][1] += 1
-            else:
-                out.append([i, 1])
-        return [(a, b) for a, b in out]
 
 
 def live(mask: Tensor) -> Live:

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ..errors import InputError
-from . import dispatch, gather
+from . import dispatch, gather, gemm
 from .live import live
 
 try:  # triton is optional: the CPU-only torch wheel may come without it
@@ -66,6 +66,10 @@ def _forward(x, weight, bias, out_mask, stride, padding, dilation, groups, in_ma
     if groups == 1 and gather.output_format(x) == torch.contiguous_format:
         runners["gather_zero_row"] = lambda: gather.forward(x, weight, bias, out_mask, in_mask, *conf, zero_row=True,
                                                             out_live=out_live, in_live=in_live)
+    if gemm.valid(x, weight, stride, padding, groups):
+        runners["gemm"] = lambda: gather.forward(x, weight, bias, out_mask, in_mask, *conf, gemm=True,
+                                                 out_live=out_live, in_live=in_live)
+        runners["dense_gemm"] = lambda: gather.dense_forward(x, weight, bias, out_mask, in_mask, *conf, gemm=True)
     if _triton_valid(x, interpreted_ok=dispatch.forced() == "triton"):
         def run_triton():
             with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
@@ -134,9 +138,19 @@ def _masked_conv2d_fake(x, weight, bias, out_mask, stride, padding, dilation, gr
 def masked_conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], out_mask: Tensor,
                            in_mask: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
                            groups: int, hard: bool, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients for (x, weight, bias, out_mask); an empty tensor for each one `needs` says is not needed."""
-    return gather.backward(grad.contiguous(), x, weight, bias, out_mask, in_mask, stride, padding, dilation,
-                           groups, hard, needs)
+    """Gradients for (x, weight, bias, out_mask); an empty tensor for each one `needs` says is not needed.
+
+    Dispatched by measurement like the forward (its own call class): oneDNN/cuDNN's convolution
+    backward over the live channels (`conv`), or GEMMs for pointwise convs (`gemm`)."""
+    grad = grad.contiguous()
+    conf = (stride, padding, dilation, groups, hard, needs)
+    runners = {"conv": lambda: gather.backward(grad, x, weight, bias, out_mask, in_mask, *conf)}
+    if gemm.valid(x, weight, stride, padding, groups):
+        runners["gemm"] = lambda: gather.backward(grad, x, weight, bias, out_mask, in_mask, *conf, gemm=True)
+    density = live(out_mask).density
+    key = dispatch.call_class(x, weight, stride, padding, dilation, groups,
+                              None if in_mask is None else live(in_mask).density, density, True) + "|backward"
+    return dispatch.run(key, runners, x.device, density, slot="last_backward")
 
 
 @masked_conv2d_backward.register_fake
