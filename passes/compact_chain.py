@@ -99,17 +99,22 @@ def _batch_norm(y: Tensor, live: Tensor | None, norm: nn.BatchNorm2d) -> Tensor:
 
 
 def compact_conv(x: Tensor, live_in: Tensor | None, live_out: Tensor | None, weight: Tensor, bias: Tensor | None,
-                 stride, padding, dilation, scale: Tensor | None = None, norm: nn.BatchNorm2d | None = None) -> Tensor:
+                 stride, padding, dilation, scale: Tensor | None = None, norm: nn.BatchNorm2d | None = None,
+                 groups: int = 1) -> Tensor:
     """One conv of a compact chain.
 
     `live_in`: the input is compact (its channels are the conv's input channels `live_in`), else
     dense. `live_out`: the output is compact: the conv's output channels `live_out`, then `norm`
     (its BatchNorm) and the [C] `scale` on them, as the original computed them on every channel;
     else the conv's dense output (the chain's last conv: no norm, no scale). With every channel
-    live this is exactly the original computation."""
+    live this is exactly the original computation.
+
+    `groups` > 1: a depthwise conv (one input channel per output channel) inside one region: its
+    input and output are compact over the same live channels (`live_in` is `live_out`), so it
+    convolves the live channels' filters as a depthwise conv of that many channels."""
     cout, cin = weight.shape[0], weight.shape[1]
     w, b = weight, bias
-    if live_in is not None and 0 < live_in.numel() < cin:  # (none live: the producer's output is dense zeros)
+    if groups == 1 and live_in is not None and 0 < live_in.numel() < cin:  # (none live: dense zeros come in)
         w = w.index_select(1, live_in)
     if live_out is None:
         return F.conv2d(x, w, b, stride, padding, dilation)
@@ -119,10 +124,12 @@ def compact_conv(x: Tensor, live_in: Tensor | None, live_out: Tensor | None, wei
     if gather:
         w = w.index_select(0, live_out)
         b = None if b is None else b.index_select(0, live_out)
+    if groups > 1:
+        groups = w.shape[0]  # depthwise over the channels computed
     s = scale.index_select(0, live_out) if gather else scale
     if norm is None:  # nothing between the conv and the scale: fold it into the filters (no pass over the output)
-        return F.conv2d(x, w * s.reshape(-1, 1, 1, 1), None if b is None else b * s, stride, padding, dilation)
-    y = F.conv2d(x, w, b, stride, padding, dilation)
+        return F.conv2d(x, w * s.reshape(-1, 1, 1, 1), None if b is None else b * s, stride, padding, dilation, groups)
+    y = F.conv2d(x, w, b, stride, padding, dilation, groups)
     if y.shape[1]:
         y = _batch_norm(y, live_out if gather else None, norm)
     return y * s.reshape(1, -1, 1, 1)

@@ -339,7 +339,9 @@ class _Fuser:
 
     def compact_source(self, mul: fx.Node) -> dict | None:
         """A producer of a compact region: conv -> [BatchNorm2d] -> * s, with constant factors in
-        `s`, the conv ungrouped and read only by the BatchNorm (or the mul), the BatchNorm by the mul."""
+        `s`, the conv ungrouped or depthwise and read only by the BatchNorm (or the mul), the
+        BatchNorm by the mul. A depthwise producer ("depthwise": True) joins the region its input
+        belongs to (`compact_regions`), else it is none."""
         for i in (0, 1):
             node, s_node = mul.args[i], mul.args[1 - i]
             norm = None
@@ -347,7 +349,10 @@ class _Fuser:
                     and not node.kwargs and isinstance(self.gm.get_submodule(node.target), nn.BatchNorm2d)):
                 norm, node = node, node.args[0]
             found = self.conv(node)
-            if found is None or not _single_user(node) or found[1][3] != 1:
+            if found is None or not _single_user(node):
+                continue
+            depthwise = found[1][3] == found[0].in_channels == found[0].out_channels > 1
+            if found[1][3] != 1 and not depthwise:
                 continue
             channels = found[0].out_channels
             if norm is not None and (self.gm.get_submodule(norm.target).num_features != channels
@@ -355,7 +360,8 @@ class _Fuser:
                 continue
             const = [f for f in self.scales.channel_scale(s_node, channels, found[0].weight) or [] if f.constant]
             if const:
-                return {"conv": node, "norm": norm, "mul": mul, "scale": s_node, "const": const, "channels": channels}
+                return {"conv": node, "norm": norm, "mul": mul, "scale": s_node, "const": const, "channels": channels,
+                        "depthwise": depthwise}
         return None
 
     def sink(self, node: fx.Node, member: fx.Node, channels: int) -> bool:
@@ -368,7 +374,14 @@ class _Fuser:
         """The graph's compact regions (`passes.compact_chain`): tensors reachable from region
         producers through width-free steps and adds of region tensors, grouped into connected
         regions; only regions that at least one conv reads are kept (elsewhere the masked op of
-        patterns 1-3 does as well)."""
+        patterns 1-3 does as well).
+
+        A depthwise producer (MobileNet's ``dw conv -> BN -> * s`` after an expand conv) whose input
+        is a region tensor of its width joins that region: it reads the region's live channels and
+        writes them (channel c of a depthwise conv reads only channel c). Exact with the region's
+        live set the union of every producer's: a channel only the input's producer keeps is
+        zeroed by the depthwise producer's own scale, one only the depthwise producer keeps reads
+        the exact zeros the input has there, as the plain graph does."""
         sources, root, width = {}, {}, {}
 
         def find(n):
@@ -379,8 +392,13 @@ class _Fuser:
 
         for node in self.graph.nodes:  # topological order: operands are classified before their users
             src = self.compact_source(node) if _is_mul(node) else None
+            if src is not None and src["depthwise"]:
+                into = src["conv"].args[0]
+                src = src if into in root and width[into] == src["channels"] else None
             if src is not None:
                 sources[node], root[node], width[node] = src, node, src["channels"]
+                if src["depthwise"]:
+                    root[node] = find(src["conv"].args[0])
             elif (node.op in ("call_module", "call_function") and node.args and node.args[0] in root
                   and self.width_free(node, node.args[0])):
                 root[node] = find(node.args[0])
@@ -389,6 +407,7 @@ class _Fuser:
                 a, b = find(node.args[0]), find(node.args[1])
                 root[b] = a
                 root[node], width[node] = a, width[node.args[0]]
+        depthwise_readers = {src["conv"] for src in sources.values() if src["depthwise"]}
         regions: dict[fx.Node, dict] = {}
         for node in root:
             r = regions.setdefault(find(node), {"members": [], "sources": [], "sinks": [], "readers": {},
@@ -397,7 +416,7 @@ class _Fuser:
             if node in sources:
                 r["sources"].append(sources[node])
             for user in node.users:
-                if user in root:
+                if user in root or user in depthwise_readers:  # a depthwise producer reads its own region
                     continue
                 if self.sink(user, node, width[node]):
                     r["sinks"].append(user)
@@ -413,6 +432,7 @@ class _Fuser:
         regions = self.compact_regions()
         out_of = {src["conv"]: (src, r) for r in regions for src in r["sources"]}
         into = {conv: r for r in regions for conv in r["sinks"]}
+        into.update({src["conv"]: r for r in regions for src in r["sources"] if src["depthwise"]})
         order = {n: i for i, n in enumerate(self.graph.nodes)}
         for k, r in enumerate(regions):  # the live channels: what some producer keeps (before the first producer)
             with self.graph.inserting_before(min((s["conv"] for s in r["sources"]), key=order.__getitem__)):
@@ -430,7 +450,7 @@ class _Fuser:
                     r["live"] = self.graph.call_function(live_channels, (total,))
         for conv in [n for n in self.graph.nodes if n in out_of or n in into]:
             mod = self.gm.get_submodule(conv.target)
-            stride, padding, dilation, _ = _conv_geometry(mod)
+            stride, padding, dilation, groups = _conv_geometry(mod)
             src, r_out = out_of.get(conv, (None, None))
             r_in = into.get(conv)
             with self.graph.inserting_before(conv):
@@ -440,7 +460,7 @@ class _Fuser:
                 norm = None if src is None or src["norm"] is None else self.graph.get_attr(src["norm"].target)
                 new = self.graph.call_function(compact_conv, (
                     conv.args[0], None if r_in is None else r_in["live"], None if r_out is None else r_out["live"],
-                    w, b, stride, padding, dilation, vec, norm))
+                    w, b, stride, padding, dilation, vec, norm, groups))
             (src["mul"] if src is not None else conv).replace_all_uses_with(new)
             if src is not None:
                 self.replaced[src["mul"]] = new

@@ -191,6 +191,54 @@ def test_a_stream_runs_compact_on_the_channels_some_producer_keeps():
         assert torch.equal(now[[3, 4, 6, 7]], torch.zeros(4, dtype=torch.float64))
 
 
+class _InvertedResidual(nn.Module):
+    """MobileNetV2's block with its own masks: expand (1x1) -> BN -> * (gate * m1) -> ReLU6 ->
+    depthwise 3x3 (with bias) -> BN -> * (gate * m2) -> ReLU6 -> project (1x1). m1 and m2 keep
+    different channels: 1 only m2 (the depthwise conv reads zeros there and its bias makes it
+    non-zero), 2 and 7 only m1 (computed, then zeroed by m2)."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.expand, self.bn1 = nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.dw, self.bn2 = nn.Conv2d(8, 8, 3, stride, 1, groups=8), nn.BatchNorm2d(8)
+        self.project = nn.Conv2d(8, 4, 1)
+        self.gate1, self.gate2 = nn.Parameter(torch.rand(1, 8, 1, 1) + 0.5), nn.Parameter(torch.rand(1, 8, 1, 1) + 0.5)
+        self.register_buffer("m1", torch.tensor([1.0, 0, 1, 0, 0, 1, 0, 1]).reshape(1, 8, 1, 1))
+        self.register_buffer("m2", torch.tensor([1.0, 1, 0, 0, 0, 1, 0, 0]).reshape(1, 8, 1, 1))
+
+    def forward(self, x):
+        h = nn.functional.relu6(self.bn1(self.expand(x)) * (self.gate1 * self.m1))
+        h = nn.functional.relu6(self.bn2(self.dw(h)) * (self.gate2 * self.m2))
+        return self.project(h)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_depthwise_producer_joins_its_input_region(stride):
+    """The depthwise conv reads and writes the expand conv's region compact (live: the union of
+    both masks, channels 0, 1, 2, 5, 7), the project conv reads it: no expansion, and the same
+    outputs and gradients as the plain graph in float64, train and eval; then with every channel
+    dead and every channel live (the masks written in place)."""
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(_InvertedResidual(stride).double().train())
+    plain = copy.deepcopy(gm)
+    compact = fuse_masked_convs(gm, mode="hard", compact=True)
+    convs = {r["conv"]: r for r in compact.meta[META] if r["pattern"] == "compact"}
+    assert convs.keys() == {"expand", "dw", "project"}
+    assert convs["dw"]["in_mask"] and convs["dw"]["out_compact"] and convs["dw"]["norm"] == "bn2"
+    assert convs["project"]["in_mask"] and not convs["project"]["out_compact"]
+    assert not [r for r in compact.meta[META] if r["pattern"] == "compact_expand"]
+    x = torch.randn(3, 3, 7, 7, dtype=torch.float64)
+    for train in (True, False):
+        plain.train(train), compact.train(train)
+        _same(plain, compact, x)
+    for fill in (0.0, 1.0):
+        gm.m1.fill_(fill), gm.m2.fill_(fill)
+        plain.load_state_dict(gm.state_dict())  # dead channels' running statistics were not updated (by design)
+        for train in (True, False):
+            plain.train(train), compact.train(train)
+            _same(plain, compact, x)
+
+
 def test_live_sets_are_computed_once_per_mask_version(monkeypatch):
     """`cache_live=True`: each region reads its live channels (``nonzero``, a host synchronisation
     on a GPU) on the first call and again only after a mask changed in place."""

@@ -328,7 +328,7 @@ def gd_steps_at(args, batch: int) -> list[dict]:
 
     import fxprune
     from fxprune.methods.gate_decorator.method import _mask_units
-    from fxprune.nets import resnet56, vgg_bn
+    from fxprune.nets import NETS
     from fxprune.passes.fuse_masked_conv import fuse_masked_convs
     from fxprune.passes.gal_masks import insert_soft_masks
     from fxprune.passes.gates import insert_gates
@@ -340,7 +340,7 @@ def gd_steps_at(args, batch: int) -> list[dict]:
           + (" eager masks, graphed ms | compact, graphed ms | speed-up (both graphed) | compact graphed vs eager |"
              if graphs else "") + "\n"
           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if graphs else ""))
-    for name, build in (("resnet56 (MNIST)", resnet56), ("vgg_bn (MNIST)", vgg_bn)):
+    for name, build in ((f"{key} (MNIST)", NETS[key]) for key in args.gd_models.split(",")):
         torch.manual_seed(0)
         model = build().to(args.device).train()
         x = torch.randn(batch, 1, 28, 28, device=args.device)
@@ -422,6 +422,8 @@ def main(argv=None) -> None:
     ap.add_argument("--io", action="store_true", help="also mask the input channels (fp32 rows only)")
     ap.add_argument("--gd", action="store_true", help="also time Gate Decorator and GAL training steps")
     ap.add_argument("--gd-batch", default="64", help="training-step batch(es), comma-separated (e.g. 64,512)")
+    ap.add_argument("--gd-models", default="resnet56,vgg_bn",
+                    help="networks of fxprune.nets for --gd, comma-separated (e.g. mobilenetv2_mini)")
     ap.add_argument("--clock", choices=tuple(CLOCK), default="wall",
                     help="wall clock, or this process's CPU time (robust on a shared CPU; use with --threads 1)")
     ap.add_argument("--json", metavar="FILE", help="write every row (and the dispatcher's choices) to FILE")
