@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import fxprune
-from benches.micro.bench_kernels import _step
-from fxprune.methods.gate_decorator.method import _mask_units
+from benches.micro.bench_kernels import _step, random_masks
 from fxprune.nets import NETS
 from fxprune.passes import fuse_masked_conv
 from fxprune.passes.gal_masks import insert_soft_masks
@@ -110,13 +109,7 @@ def main(argv=None) -> None:
           "|---|---:|---:|---:|---:|---:|---:|---:|")
     rng = np.random.default_rng(0)
     for d in (1.0, 0.75, 0.5, 0.25):
-        keep = {g.index: np.sort(rng.choice(g.n_units, max(1, round(d * g.n_units)), replace=False))
-                for g in analysis.prunable_groups}
-        _mask_units(analysis, gated, keep)
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in masked.params():
-                p.copy_((torch.rand(p.shape, generator=gen) < d).to(p.dtype))
+        random_masks(analysis, gated, masked, d, rng)
         for name, (plain, loss, without, with_dw) in built.items():
             worst = _check(without, with_dw, plain, x, loss, 1e-10 if dtype == torch.float64 else 1e-2)
             params = [p for p in plain.parameters() if p.requires_grad]

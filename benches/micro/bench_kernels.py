@@ -27,6 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -316,6 +317,21 @@ def gd_steps(args) -> list[dict]:
     return [row for batch in (int(b) for b in str(args.gd_batch).split(",")) for row in gd_steps_at(args, batch)]
 
 
+def random_masks(analysis, gated, masked, density: float, rng) -> None:
+    """Gate Decorator's masks (`gated`): a random `density` of each prunable group's units kept
+    (`rng`, a numpy Generator); GAL's channel masks (`masked`): each entry 1 with probability
+    `density` (a fixed seed), 0 otherwise. In place, as the methods write them."""
+    from fxprune.methods.gate_decorator.method import _mask_units
+
+    keep = {g.index: np.sort(rng.choice(g.n_units, max(1, round(density * g.n_units)), replace=False))
+            for g in analysis.prunable_groups}
+    _mask_units(analysis, gated, keep)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in masked.params():
+            p.copy_((torch.rand(p.shape, generator=gen) < density).to(p.dtype))
+
+
 def gd_steps_at(args, batch: int) -> list[dict]:
     """Gate Decorator and GAL training steps (forward, backward, SGD), eager masks vs fused, per density.
 
@@ -324,10 +340,7 @@ def gd_steps_at(args, batch: int) -> list[dict]:
     soft mode: only masks directly on a conv output fuse, see docs/kernels.md), "frozen" is the rest of
     the run after the masks froze (fused in hard mode; the masks are constant factors).
     """
-    import numpy as np
-
     import fxprune
-    from fxprune.methods.gate_decorator.method import _mask_units
     from fxprune.nets import NETS
     from fxprune.passes.fuse_masked_conv import fuse_masked_convs
     from fxprune.passes.gal_masks import insert_soft_masks
@@ -354,13 +367,7 @@ def gd_steps_at(args, batch: int) -> list[dict]:
             target = model(x).detach()
         rng = np.random.default_rng(0)
         for d in DENSITIES:
-            keep = {g.index: np.sort(rng.choice(g.n_units, max(1, round(d * g.n_units)), replace=False))
-                    for g in analysis.prunable_groups}
-            _mask_units(analysis, gated, keep)
-            gen = torch.Generator().manual_seed(1)
-            with torch.no_grad():
-                for p in masked.params():
-                    p.copy_((torch.rand(p.shape, generator=gen) < d).to(p.dtype))
+            random_masks(analysis, gated, masked, d, rng)
             ce = lambda out: F.cross_entropy(out, y)  # noqa: E731
             mse = lambda out: F.mse_loss(out, target)  # noqa: E731
             cases = {("gate_decorator", "hard"): (gated.module, fused, compact, ce)}
