@@ -13,8 +13,10 @@ Implementations of the forward, chosen per call class by measuring them once (`d
 ``torch.backends.cudnn.benchmark``; `backend(name)` forces one): the live filters gathered and
 convolved by cuDNN/oneDNN, written into a preallocated output (`gather`, in the input's layout or
 channels_last); one dense conv with the mask folded into the filters (nearly all channels live);
-the Triton implicit-GEMM kernel on CUDA (`triton_conv`). The backward runs over the live channels
-only (`gather.backward`). Registration, fake implementations, autograd and FLOP formulas: `ops`.
+a pointwise conv as one batched GEMM (`gemm`); the Triton implicit-GEMM kernel on CUDA
+(`triton_conv`). The backward runs over the live channels only (`gather.backward`; measured too:
+oneDNN/cuDNN's convolution backward or, for pointwise convs, GEMMs). Registration, fake
+implementations, autograd and FLOP formulas: `ops`.
 
 Gradient semantics for ``out_mask == 0`` channels (``hard=``, chosen by the method pass):
 
