@@ -130,6 +130,29 @@ def test_first_call_measures_later_calls_reuse_the_choice(monkeypatch):
     assert len(calls) == 4 and "train" in dispatch.last()[0]
 
 
+def test_the_backward_measures_once_per_class_too(monkeypatch):
+    """A pointwise conv's backward: the first call of its class measures `conv` against `gemm`, the
+    next reuses the choice; which gradients are needed (x or not) makes another class."""
+    x, w, b, m, im, conf = make("1x1_in_mask", 0.5, torch.float32)
+    measured = []
+    real = dispatch.measure
+    monkeypatch.setattr(dispatch, "measure", lambda runners, *a, **k: measured.append(sorted(runners)) or
+                        real(runners, *a, **k))
+
+    def backward(x_grad: bool):
+        leaves = [x.detach().requires_grad_(x_grad), w.detach().requires_grad_(), b.detach().requires_grad_()]
+        op(*leaves, m, im, conf).sum().backward()
+        return dispatch.last_backward()
+
+    key, choice = backward(True)
+    assert ["conv", "gemm"] in measured and choice in dispatch.BACKWARD_IMPLEMENTATIONS
+    assert "|backward|needs=1110|hard" in key and dispatch.decisions()[key] == choice
+    count = len(measured)
+    assert backward(True) == (key, choice) and len(measured) == count  # remembered (the forward too)
+    key2, _ = backward(False)
+    assert "|backward|needs=0110|hard" in key2 and len(measured) == count + 1
+
+
 def test_disk_cache_is_read_by_a_new_process(tmp_path, monkeypatch):
     path = tmp_path / "dispatch.json"
     monkeypatch.setenv("FXPRUNE_KERNEL_CACHE_FILE", str(path))

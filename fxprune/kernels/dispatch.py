@@ -17,9 +17,11 @@ for a call (Triton on a CPU tensor without the interpreter, Triton not installed
 choice runs instead. ``FXPRUNE_KERNEL_DISPATCH=heuristic`` skips measuring: dense at density
 >= 0.9, else the gather path (Triton never), for runs that must not spend time timing.
 
-The backward always runs over the live channels (`gather.backward`, cuDNN/oneDNN on the gathered
-tensors): it is the only candidate whose cost falls with the density, and at density 1 it is the
-dense backward.
+The backward always runs over the live channels (`gather.backward`): its cost falls with the
+density, and at density 1 it is the dense backward. Its candidates (`BACKWARD_IMPLEMENTATIONS`:
+cuDNN/oneDNN's convolution backward on the gathered tensors, or GEMMs for pointwise convs) are
+measured the same way under their own call class (the forward's, plus "backward", which gradients
+are needed and hard or soft mode).
 """
 from __future__ import annotations
 

@@ -149,7 +149,8 @@ def masked_conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Option
         runners["gemm"] = lambda: gather.backward(grad, x, weight, bias, out_mask, in_mask, *conf, gemm=True)
     density = live(out_mask).density
     key = dispatch.call_class(x, weight, stride, padding, dilation, groups,
-                              None if in_mask is None else live(in_mask).density, density, True) + "|backward"
+                              None if in_mask is None else live(in_mask).density, density, True)
+    key += f"|backward|needs={''.join('1' if n else '0' for n in needs)}|{'hard' if hard else 'soft'}"
     return dispatch.run(key, runners, x.device, density, slot="last_backward")
 
 
