@@ -203,13 +203,26 @@ def test_unknown_backend_is_refused():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["3x3", "1x1_in_mask"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_dispatcher_picks_a_valid_implementation(dtype):
+def test_gpu_dispatcher_picks_a_valid_implementation(dtype, name):
+    """On CUDA tensors: the measured choice, and for the pointwise conv the GEMM forced (forward
+    and backward: cuBLAS), give the reference in both layouts (2e-2 of the largest value: TF32 /
+    bf16)."""
     x, w, b, m, im, conf = (t.cuda().to(dtype) if isinstance(t, torch.Tensor) else t
-                            for t in make("3x3", 0.5, torch.float32, n=4))
+                            for t in make(name, 0.5, torch.float32, n=4))
     for layout in (torch.contiguous_format, torch.channels_last):
         xl = x.contiguous(memory_format=layout)
-        y = op(xl, w, b, m, im, conf)
-        assert dispatch.last()[1] in dispatch.IMPLEMENTATIONS and y.is_contiguous(memory_format=layout)
-        ref = reference(xl.double(), w.double(), b.double(), m.double(), None, conf)
-        assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
+        for impl in ("auto", "gemm") if name.startswith("1x1") else ("auto",):
+            leaves = [xl.detach().requires_grad_(), w.detach().requires_grad_(), b.detach().requires_grad_()]
+            with backend(impl):
+                y = op(*leaves, m, im, conf)
+                y.square().sum().backward()
+            assert dispatch.last()[1] in dispatch.IMPLEMENTATIONS and y.is_contiguous(memory_format=layout)
+            assert impl == "auto" or dispatch.last()[1] == dispatch.last_backward()[1] == "gemm"
+            ref_leaves = [t.detach().double().requires_grad_() for t in (xl, w, b)]
+            ref = reference(*ref_leaves, m.double(), None if im is None else im.double(), conf)
+            ref.square().sum().backward()
+            assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
+            for got, want in zip(leaves, ref_leaves):
+                assert (got.grad.double() - want.grad).abs().max() <= 2e-2 * want.grad.abs().max()
