@@ -278,16 +278,22 @@ def _conv_backward(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dil
 
 def backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, out_mask: Tensor,
              in_mask: Tensor | None, stride, padding, dilation, groups: int, hard: bool,
-             needs: list[bool], *, gemm: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             needs: list[bool], *, gemm: bool = False, out_live: Live | None = None,
+             in_live: Live | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients for (x, weight, bias, out_mask); an empty tensor where `needs` is False.
 
-    `gemm` (pointwise convs, `gemm.valid`) computes the live channels' gradients as GEMMs."""
+    `gemm` (pointwise convs, `gemm.valid`) computes the live channels' gradients as GEMMs.
+    `out_live` / `in_live`: the masks' live sets when the caller read them already (the dispatcher
+    runs this several times while it measures; the masks are read once)."""
     need_x, need_w, need_b, need_m = needs
     need_b = need_b and bias is not None
     cin, cout = x.shape[1], weight.shape[0]
     out_active = out_mask != 0
     in_active = _active(in_mask)
-    sel = select(out_active, in_active, groups, cin, cout)
+    if out_live is not None and (in_mask is None or in_live is not None):
+        sel = select_live(out_live, in_live, groups, cin, cout)
+    else:
+        sel = select(out_active, in_active, groups, cin, cout)
     acc = torch.promote_types(grad.dtype, torch.float32)
     gx = gw = gb = gm = None
     if sel.n_out:

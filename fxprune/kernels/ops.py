@@ -143,13 +143,16 @@ def masked_conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Option
     Dispatched by measurement like the forward (its own call class): oneDNN/cuDNN's convolution
     backward over the live channels (`conv`), or GEMMs for pointwise convs (`gemm`)."""
     grad = grad.contiguous()
+    out_live, in_live = live(out_mask), None if in_mask is None else live(in_mask)  # read once per call
     conf = (stride, padding, dilation, groups, hard, needs)
-    runners = {"conv": lambda: gather.backward(grad, x, weight, bias, out_mask, in_mask, *conf)}
+    lives = dict(out_live=out_live, in_live=in_live)
+    runners = {"conv": lambda: gather.backward(grad, x, weight, bias, out_mask, in_mask, *conf, **lives)}
     if gemm.valid(x, weight, stride, padding, groups):
-        runners["gemm"] = lambda: gather.backward(grad, x, weight, bias, out_mask, in_mask, *conf, gemm=True)
-    density = live(out_mask).density
+        runners["gemm"] = lambda: gather.backward(grad, x, weight, bias, out_mask, in_mask, *conf, gemm=True,
+                                                  **lives)
+    density = out_live.density
     key = dispatch.call_class(x, weight, stride, padding, dilation, groups,
-                              None if in_mask is None else live(in_mask).density, density, True)
+                              None if in_live is None else in_live.density, density, True)
     key += f"|backward|needs={''.join('1' if n else '0' for n in needs)}|{'hard' if hard else 'soft'}"
     return dispatch.run(key, runners, x.device, density, slot="last_backward")
 
