@@ -19,7 +19,10 @@
 #             for the host to issue), resnet50, batch 64 and 1
 #   tp        fxprune vs Torch-Pruning at equal latency on CUDA-graph replays (resnet50, batch 64; needs
 #             torch-pruning: TP_WHEEL_DIR, a folder with its wheel)
-#   gd        Gate Decorator / GAL training steps: eager masks vs fused vs compact regions (GD_BATCH)
+#   gd        Gate Decorator / GAL training steps: eager masks vs fused vs compact regions (GD_BATCH),
+#             eager and captured in CUDA graphs (the fused op's step captures since 2026-12-08)
+#   opcall    the masked conv op's per-call host cost: conv / eager / op / op with its live sets handed
+#             over (no mask read), a tiny layer and a ResNet-50 one (benches/micro/bench_op_overhead.py)
 #   tests     the GPU-only unit tests (Triton kernel on the GPU and under the interpreter, CUDA latency
 #             model, CUDA-graph capture)
 #   kernels   the masked-conv sweep (docs/kernels.md): fused vs sliced vs eager, fp32/bf16, fwd and fwd+bwd
@@ -40,7 +43,7 @@ RES=${RES:-${TMPDIR:-/tmp}/fxprune-gpu-check}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
 BUDGET=${BUDGET:-470}
-STEPS=${STEPS:-"overhead graphs blocks tp gd tests kernels evidence"}
+STEPS=${STEPS:-"overhead graphs blocks tp gd opcall tests kernels evidence"}
 rm -rf "$RES"; mkdir -p "$OUT" "$RES"
 export FXPRUNE_CACHE="$RES/cache"
 START=$(date +%s)
@@ -155,6 +158,13 @@ if want tests && [ "$DEVICE" = cuda ] && room 60 tests; then
     tests/test_latency_model.py tests/test_compact_chain.py tests/test_tp_latency_script.py \
     -k "cuda or triton or gpu or interpreter or graph" --tb=short > "$RES/tests.txt" 2>&1
   tail -3 "$RES/tests.txt"
+fi
+
+if want opcall && room 30 opcall; then
+  step "masked conv op: per-call host cost (conv / eager / op / op with live sets)"
+  timeout "$(cap 60)" python -m benches.micro.bench_op_overhead --device "$DEVICE" --rounds 5 --round-time 0.05 \
+    > "$RES/opcall.txt" 2>&1
+  tail -10 "$RES/opcall.txt"
 fi
 
 if want kernels && room 100 kernels; then

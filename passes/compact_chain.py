@@ -55,7 +55,9 @@ class LiveChannels(nn.Module):
     ``fill_``, indexed assignment, also under ``torch.no_grad()``) bump a tensor's version, and
     moving the module (``.to``) replaces the tensors, so both are seen. A write through ``.data``
     bumps nothing: a graph built with ``cache_live=True`` must not have its masks written that way
-    (fxprune's methods never do)."""
+    (fxprune's methods never do). Moving a module keeps its parameters' identity (``.to`` sets their
+    ``.data``), so the remembered indices are also recomputed when `keep` is on another device.
+    With no `sources` (a constant all-ones vector) they are computed once."""
 
     def __init__(self):
         super().__init__()
@@ -64,7 +66,7 @@ class LiveChannels(nn.Module):
 
     def forward(self, keep: Tensor, *sources: Tensor) -> Tensor:
         seen = self._seen
-        if (self._live is None or len(seen) != len(sources)
+        if (self._live is None or len(seen) != len(sources) or self._live.device != keep.device
                 or any(t is not s or t._version != v for (t, v), s in zip(seen, sources))):
             self._live = live_channels(keep)
             self._seen = tuple((s, s._version) for s in sources)

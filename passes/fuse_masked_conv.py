@@ -327,6 +327,49 @@ class _Fuser:
                                         (conv_node.args[0], w, b, mask, stride, padding, dilation, groups),
                                         {"in_mask": None, "hard": self.mode == "hard"})
 
+    def remembered_live(self, vec: fx.Node, sources: tuple) -> fx.Node:
+        """A `LiveChannels` call (a new submodule) giving the live indices of the [C] vector `vec`,
+        remembered while the tensors `sources` keep their identity and version."""
+        name = "fxprune_live_0"
+        while hasattr(self.gm, name):
+            name = f"fxprune_live_{int(name.rsplit('_', 1)[1]) + 1}"
+        self.gm.add_submodule(name, LiveChannels())
+        return self.graph.call_module(name, (vec, *sources))
+
+    def mask_sources(self, vec: fx.Node) -> tuple | None:
+        """The tensors a mask vector of the op is computed from (its `get_attr` leaves; none for
+        the all-ones out_mask of pattern "input_only", which never changes), or None if it reads
+        anything else (then the op reads the mask itself)."""
+        if vec.op == "call_method" and vec.target == "new_ones":
+            return ()
+        leaves, stack, seen = [], [vec], set()
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node.op == "get_attr":
+                leaves.append(node)
+            elif node.op in ("call_function", "call_method"):
+                stack.extend(node.all_input_nodes)
+            else:
+                return None
+        return tuple(leaves)
+
+    def remember_op_live_sets(self) -> None:
+        """`cache_live`: each masked op gets its masks' live indices from a `LiveChannels` (`out_live`,
+        `in_live`), so it reads no mask values while the masks keep their versions (no host
+        synchronisation per call on a GPU; on a CPU the live set is not derived again each call)."""
+        for op in [n for n in self.graph.nodes if n in self.fused]:
+            lives = {}
+            for kwarg, vec in (("out_live", op.args[3]), ("in_live", op.kwargs.get("in_mask"))):
+                sources = None if vec is None else self.mask_sources(vec)
+                if sources is not None:
+                    with self.graph.inserting_before(op):
+                        lives[kwarg] = self.remembered_live(vec, sources)
+            for kwarg, node in lives.items():
+                op.update_kwarg(kwarg, node)
+
     # ---- patterns ------------------------------------------------------------------------------
     def width_free(self, node: fx.Node, source: fx.Node) -> bool:
         """`node` applies an elementwise f(0) == 0 to `source` alone (it can run on a compact tensor)."""
@@ -441,11 +484,7 @@ class _Fuser:
                 total = self.union(vecs)
                 if self.cache_live:  # remembered while the masks keep their versions (`LiveChannels`)
                     leaves = tuple(dict.fromkeys(n for env in envs for n in env.values() if n.op == "get_attr"))
-                    name = f"fxprune_live_{k}"
-                    while hasattr(self.gm, name):
-                        name += "_"
-                    self.gm.add_submodule(name, LiveChannels())
-                    r["live"] = self.graph.call_module(name, (total, *leaves))
+                    r["live"] = self.remembered_live(total, leaves)
                 else:
                     r["live"] = self.graph.call_function(live_channels, (total,))
         for conv in [n for n in self.graph.nodes if n in out_of or n in into]:
@@ -648,6 +687,8 @@ class _Fuser:
                 self.graph.erase_node(op.meta.pop("fxprune_conv"))
             else:
                 self.restore(op)
+        if self.cache_live:
+            self.remember_op_live_sets()
         self.drop_stale()
         return self.compacted + [self.fused[op] | {"node": op.name} for op in self.graph.nodes if op in self.fused]
 
@@ -660,10 +701,11 @@ def fuse_masked_convs(gm: fx.GraphModule, *, mode: str, compact: bool = False,
     pruned, no gradient; Gate Decorator) or ``"soft"`` (mask gradient everywhere; GAL's FISTA).
     `compact` first runs every compact region (masked channels between convs, residual streams
     included) on its live channels only (pattern "compact", `passes.compact_chain`); the other
-    patterns then apply to the rest. `cache_live` remembers each region's live channels while its
-    masks keep their version counters (`compact_chain.LiveChannels`: no host synchronisation per
-    region and step on a GPU); the masks must then be written in place (``copy_``, indexing), never
-    through ``.data``, which Gate Decorator and GAL respect.
+    patterns then apply to the rest. `cache_live` remembers each region's live channels, and each
+    masked op's (handed to it as ``out_live`` / ``in_live``), while the masks keep their version
+    counters (`compact_chain.LiveChannels`: no host synchronisation per region, op and step on a
+    GPU); the masks must then be written in place (``copy_``, indexing), never through ``.data``,
+    which Gate Decorator and GAL respect.
     """
     if mode not in MODES:
         raise ConfigError(f"fuse_masked_convs: unknown mode {mode!r}: choose 'hard' (zero means pruned, "

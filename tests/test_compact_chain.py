@@ -303,33 +303,36 @@ def test_compact_training_step_replays_from_a_cuda_graph_as_it_runs_eagerly():
     compact region (ResNet-20, half the channels live, forward + backward + SGD) captured in a CUDA
     graph, 3 warm-up steps + 1 checking replay + 3 replays, leaves every parameter where 7 eager
     steps of an identical copy leave it (fp32, rtol 1e-3, atol 1e-5; cuDNN may pick other
-    algorithms inside the capture), all finite; the eager-mask step captures too."""
+    algorithms inside the capture), all finite; the eager-mask step captures too. The same for
+    the fused op's step (``cache_live=True`` without compact regions: the op gets its live sets
+    handed over and reads no mask, so it captures)."""
     from benches.micro.bench_kernels import _graphed, _step as train_step
 
-    def build():
+    def build(compact: bool):
         torch.manual_seed(0)
         model = resnet20().cuda().train()
         x = torch.randn(16, 1, 28, 28, device="cuda")
         a, gated, _ = gated_at_density(model, x[:2], seed=0, density=0.5)
-        compact = fuse_masked_convs(gated.module, mode="hard", compact=True, cache_live=True)
+        fused = fuse_masked_convs(gated.module, mode="hard", compact=compact, cache_live=True)
         y = torch.randint(0, 10, (16,), device="cuda")
         loss = lambda out: nn.functional.cross_entropy(out, y)  # noqa: E731
-        return gated.module, compact, x, loss
+        return gated.module, fused, x, loss
 
-    plain, compact, x, loss = build()
-    eager = train_step(compact, x, loss, [p for p in plain.parameters() if p.requires_grad])
-    for _ in range(7):
-        eager()
-    plain_g, compact_g, x_g, loss_g = build()
-    replay = _graphed(train_step(compact_g, x_g, loss_g, [p for p in plain_g.parameters() if p.requires_grad]),
-                      "cuda")
-    assert callable(replay), replay
-    for _ in range(3):
-        replay()
-    torch.cuda.synchronize()
-    for (name, p), q in zip(plain.named_parameters(), plain_g.parameters()):
-        assert torch.isfinite(q).all(), name
-        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5, msg=name)
-    plain_e, _, x_e, loss_e = build()
+    for compact in (True, False):
+        plain, fused, x, loss = build(compact)
+        eager = train_step(fused, x, loss, [p for p in plain.parameters() if p.requires_grad])
+        for _ in range(7):
+            eager()
+        plain_g, fused_g, x_g, loss_g = build(compact)
+        replay = _graphed(train_step(fused_g, x_g, loss_g, [p for p in plain_g.parameters() if p.requires_grad]),
+                          "cuda")
+        assert callable(replay), (compact, replay)
+        for _ in range(3):
+            replay()
+        torch.cuda.synchronize()
+        for (name, p), q in zip(plain.named_parameters(), plain_g.parameters()):
+            assert torch.isfinite(q).all(), name
+            torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5, msg=f"{name} (compact={compact})")
+    plain_e, _, x_e, loss_e = build(True)
     assert callable(_graphed(train_step(plain_e, x_e, loss_e, [p for p in plain_e.parameters() if p.requires_grad]),
                              "cuda"))

@@ -162,6 +162,60 @@ def test_gate_decorator_graph_trains_the_same(model_cls):
 
 
 @pytest.mark.parametrize("model_cls", [Residual, Depthwise])
+def test_remembered_live_sets_are_handed_to_every_op_and_follow_in_place_mask_updates(model_cls, monkeypatch):
+    """`cache_live=True` without compact regions: every masked op gets its masks' live indices from a
+    `LiveChannels` (kwargs out_live, and in_live where it has an input mask), so no op reads a
+    mask while the masks keep their versions; outputs and gradients equal the graph whose ops read
+    their masks (float64, 1e-10), before and after in-place updates of the masks (``copy_``): a
+    Tick-like removal, then a revival of dead units (a stale live set would skip a revived channel)."""
+    from fxprune.kernels import gather, live as live_module, ops
+    from fxprune.passes.compact_chain import LiveChannels
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    _, gated, _ = _gated(model_cls().double().train(), x[:2])
+    reading = fuse_masked_convs(copy.deepcopy(gated.module), mode="hard")
+    cached = fuse_masked_convs(copy.deepcopy(gated.module), mode="hard", cache_live=True)
+    ops_nodes = [n for n in cached.graph.nodes if n.target is OP]
+    assert len(ops_nodes) == len(cached.meta[META]) > 0
+    for n in ops_nodes:
+        for kwarg, mask in (("out_live", n.args[3]), ("in_live", n.kwargs["in_mask"])):
+            given = n.kwargs.get(kwarg)
+            assert (given is None) == (mask is None), (n, kwarg)
+            if given is not None:
+                assert isinstance(cached.get_submodule(given.target), LiveChannels)
+    reads = []
+
+    def spy(mask, indices=None):
+        if indices is None:
+            reads.append(mask)
+        return live_module.live(mask, indices)
+
+    monkeypatch.setattr(ops, "live", spy)
+    monkeypatch.setattr(gather, "live", spy)
+    for step in range(4):
+        for module in (reading, cached):  # written in place on both copies
+            for name, buf in module.named_buffers():
+                if name.startswith("fxprune_mask_") and step >= 2:
+                    new = buf.clone().reshape(-1)
+                    if step == 2:  # a Tick: one more unit of every mask goes
+                        new[new.nonzero()[0]] = 0
+                    else:  # every dead unit comes back
+                        new.fill_(1)
+                    buf.copy_(new.reshape(buf.shape))
+        y0, g0 = _run(reading, x)
+        n_reads = len(reads)
+        y1, g1 = _run(cached, x)
+        assert len(reads) == n_reads  # the cached graph's ops read no mask
+        assert torch.allclose(y0, y1, rtol=1e-10, atol=1e-12)
+        scale = max(g.abs().max() for g in g0.values())
+        assert g0.keys() == g1.keys()
+        for k in g0:
+            assert torch.allclose(g0[k], g1[k], rtol=0, atol=1e-10 * scale), k
+    assert reads  # the graph without cache_live does read its masks
+
+
+@pytest.mark.parametrize("model_cls", [Residual, Depthwise])
 def test_fused_flops_predict_the_slim_model(model_cls):
     torch.manual_seed(0)
     model = model_cls().eval()

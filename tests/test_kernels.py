@@ -135,11 +135,15 @@ def test_hard_and_soft_gradient_semantics(name):
             assert torch.allclose(om.grad[dead], rm.grad[dead])  # FISTA sees the true gradient
 
 
+@pytest.mark.parametrize("given", [False, True])
 @pytest.mark.parametrize("name,hard", [("in_mask", False), ("depthwise_mult2", True)])
-def test_opcheck(name, hard):
+def test_opcheck(name, hard, given):
+    """`given`: with the masks' live indices handed over (`out_live` / `in_live`) as well."""
     x, w, b, m, im, conf = make(name)
     args = (x.requires_grad_(), w.requires_grad_(), b, m.requires_grad_(), list(conf["stride"]),
             list(conf["padding"]), list(conf["dilation"]), conf["groups"], im, hard)
+    if given:
+        args += ((m != 0).nonzero().reshape(-1), None if im is None else (im != 0).nonzero().reshape(-1))
     torch.library.opcheck(torch.ops.fxprune.masked_conv2d.default, args)
 
 

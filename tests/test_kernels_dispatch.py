@@ -109,6 +109,54 @@ def test_every_backward_implementation_equals_the_reference(impl, dtype, layout)
         assert (got.grad.double() - want.grad).abs().max() <= tol * want.grad.abs().max()
 
 
+@pytest.mark.parametrize("hard", [True, False])
+@pytest.mark.parametrize("impl", CPU_IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_given_live_indices_are_used_instead_of_reading_the_masks(name, impl, hard, monkeypatch):
+    """`out_live` / `in_live` handed over (what the fused pass does with ``cache_live=True``): no live
+    set is read from a mask, in the forward or the backward, and values and gradients (x, weight,
+    bias, mask; hard and soft) equal those of the op reading its masks (float64, 1e-12 relative)."""
+    from fxprune.kernels import gather, live as live_module
+
+    x, w, b, m, im, conf = make(name, 0.5, torch.float64)
+    given = {"out_live": (m != 0).nonzero().reshape(-1),
+             "in_live": None if im is None else (im != 0).nonzero().reshape(-1)}
+    reads = []
+
+    def spy(mask, indices=None):
+        if indices is None:
+            reads.append(mask)
+        return live_module.live(mask, indices)
+
+    monkeypatch.setattr(ops, "live", spy)
+    monkeypatch.setattr(gather, "live", spy)
+
+    def run(**kw):
+        leaves = [t.detach().requires_grad_() for t in (x, w, m) + (() if b is None else (b,))]
+        xs, ws, ms, *bs = leaves
+        with backend(impl):
+            y = fxprune.kernels.masked_conv2d(xs, ws, bs[0] if bs else None, ms, **conf, in_mask=im, hard=hard, **kw)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).reshape(y.shape))
+        return [y.detach()] + [t.grad for t in leaves]
+
+    trusted = run(**given)
+    assert reads == []
+    read = run()
+    assert reads  # the op without the indices does read its masks (the spy sees it)
+    for got, want in zip(trusted, read):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12 * want.abs().max().item()), impl
+
+
+def test_given_live_indices_of_the_wrong_kind_are_refused():
+    x, w, b, m, im, conf = make("in_mask", 0.5, torch.float32)
+    idx = (m != 0).nonzero().reshape(-1)
+    for bad in (idx.int(), idx.reshape(1, -1), torch.arange(w.shape[0] + 1)):
+        with pytest.raises(fxprune.InputError, match="out_live must be the sorted indices"):
+            fxprune.kernels.masked_conv2d(x, w, b, m, **conf, in_mask=im, out_live=bad)
+    with pytest.raises(fxprune.InputError, match="without the mask"):
+        fxprune.kernels.masked_conv2d(x, w, b, m, **conf, in_live=idx)
+
+
 def test_first_call_measures_later_calls_reuse_the_choice(monkeypatch):
     x, w, b, m, im, conf = make("3x3", 0.5, torch.float32)
     calls = []
@@ -226,3 +274,30 @@ def test_gpu_dispatcher_picks_a_valid_implementation(dtype, name):
             assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
             for got, want in zip(leaves, ref_leaves):
                 assert (got.grad.double() - want.grad).abs().max() <= 2e-2 * want.grad.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_op_with_given_live_indices_is_captured_in_a_cuda_graph(monkeypatch):
+    """Handed its masks' live indices, the op reads no mask, so a CUDA graph captures it, also for a
+    call class first met inside the capture (the heuristic's choice runs, unremembered: measuring
+    would synchronise); replays on new input equal the reference (2e-2 of the largest value: TF32)."""
+    x, w, b, m, im, conf = (t.cuda() if isinstance(t, torch.Tensor) else t
+                            for t in make("in_mask", 0.5, torch.float32, n=4))
+    given = {"out_live": (m != 0).nonzero().reshape(-1), "in_live": (im != 0).nonzero().reshape(-1)}
+    static_x = x.clone()
+    monkeypatch.setenv("FXPRUNE_KERNEL_DISPATCH", "heuristic")  # warm-up (cuDNN, cuBLAS) without deciding
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fxprune.kernels.masked_conv2d(static_x, w, b, m, **conf, in_mask=im, **given)
+    torch.cuda.current_stream().wait_stream(side)
+    monkeypatch.delenv("FXPRUNE_KERNEL_DISPATCH")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fxprune.kernels.masked_conv2d(static_x, w, b, m, **conf, in_mask=im, **given)
+    assert dispatch.decisions() == {}
+    static_x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = reference(static_x.double(), w.double(), b.double(), m.double(), im.double(), conf)
+    assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max()

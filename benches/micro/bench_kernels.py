@@ -11,7 +11,9 @@ Goals (issue 16), on the GPU and on the CPU: the fused op within 1.15x of the sl
 the live channels only) at every density <= 0.75, and never slower than eager conv-then-multiply at
 density 1; fp32 and bf16, forward and forward+backward. Layers: the 9 ResNet-50 / MobileNetV2
 convs at 224x224 input of the issue (``--layers all`` adds 5 more). The masked channels are a random
-subset (seeded); the mask is a buffer (no mask gradient, as in Gate Decorator). The ``dispatch``
+subset (seeded); the mask is a buffer (no mask gradient, as in Gate Decorator). The op gets the
+masks' live indices handed over (``out_live`` / ``in_live``), as the fused pass gives them in the
+methods' graphs (``cache_live=True``; since 2026-12-08, before that it read its masks). The ``dispatch``
 column is what the op's dispatcher chose for that cell (measured on its first call, which the
 warm-up absorbs). Times are medians of interleaved rounds (robust against other jobs on a shared
 machine). ``io`` rows (``--io``) mask the input channels at the same density too (what a chain of
@@ -95,6 +97,7 @@ def runner(method: str, s: dict, backward: bool):
     w = w.detach().requires_grad_(backward)
     b = b.detach().requires_grad_(backward)
     m4 = mask.reshape(1, -1, 1, 1)
+    given = {"out_live": s["live"], "in_live": s["in_live"] if s["in_mask"] is not None else None}
 
     if method == "compact":  # in a compact chain: the input arrives compact, the output stays compact
         if groups > 1:
@@ -107,8 +110,8 @@ def runner(method: str, s: dict, backward: bool):
             return compact_conv(x, in_live, s["live"], w, b, stride, pad, 1, scale=mask)
         if method == "eager":
             return F.conv2d(x, w, b, stride, pad, 1, groups) * m4
-        if method == "fused":
-            return masked_conv2d(x, w, b, mask, stride, pad, 1, groups, in_mask=s["in_mask"])
+        if method == "fused":  # as the fused pass calls it in the methods' graphs: live sets handed over
+            return masked_conv2d(x, w, b, mask, stride, pad, 1, groups, in_mask=s["in_mask"], **given)
         return F.conv2d(x, w, b, stride, pad, 1, groups)  # dense, sliced
 
     if not backward:
@@ -290,7 +293,8 @@ def _graphed(step, device: str):
     The recipe of the CUDA graphs documentation (whole-network capture): warm-up steps on a side
     stream (optimizer state, cached live sets, cuDNN choices), the gradients set to None so the
     captured backward writes them fresh, then one captured step. None on a CPU; the error's text
-    where capture fails (the fused op reads its mask on the host: not capturable)."""
+    where capture fails (the fused op captures when the pass hands it its live sets, ``cache_live``;
+    in soft mode, GAL's learning phase, the skipped channels' mask gradient still reads the mask)."""
     if not device.startswith("cuda"):
         return None
     try:
@@ -350,9 +354,9 @@ def gd_steps_at(args, batch: int) -> list[dict]:
     graphs = args.device.startswith("cuda")
     print("\n| method | model | batch | density | eager masks ms/step | fused ms/step | fused/eager | speed-up "
           "| compact ms/step | compact/eager | speed-up (compact) |"
-          + (" eager masks, graphed ms | compact, graphed ms | speed-up (both graphed) | compact graphed vs eager |"
-             if graphs else "") + "\n"
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if graphs else ""))
+          + (" eager masks, graphed ms | fused, graphed ms | compact, graphed ms | speed-up (both graphed) | "
+             "compact graphed vs eager |" if graphs else "") + "\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|---:|" if graphs else ""))
     for name, build in ((f"{key} (MNIST)", NETS[key]) for key in args.gd_models.split(",")):
         torch.manual_seed(0)
         model = build().to(args.device).train()
@@ -360,7 +364,7 @@ def gd_steps_at(args, batch: int) -> list[dict]:
         y = torch.randint(0, 10, (batch,), device=args.device)
         analysis = fxprune.analyze(model, x[:2]).channels
         gated = insert_gates(analysis)
-        fused = fuse_masked_convs(gated.module, mode="hard")
+        fused = fuse_masked_convs(gated.module, mode="hard", cache_live=True)  # as the methods fuse: live sets kept
         compact = fuse_masked_convs(gated.module, mode="hard", compact=True, cache_live=True)
         masked = insert_soft_masks(analysis, ("channel",), "ones", 0)
         with torch.no_grad():
@@ -376,7 +380,8 @@ def gd_steps_at(args, batch: int) -> list[dict]:
                     p.requires_grad_(phase == "learning")
                 mode = "soft" if phase == "learning" else "hard"
                 compact_gal = fuse_masked_convs(masked.module, mode=mode, compact=True, cache_live=True)
-                cases[(f"gal ({phase})", phase)] = (masked.module, fuse_masked_convs(masked.module, mode=mode),
+                cases[(f"gal ({phase})", phase)] = (masked.module,
+                                                    fuse_masked_convs(masked.module, mode=mode, cache_live=True),
                                                     compact_gal, mse)
                 fns, failed = {}, {}
                 for (method, _), (plain, fz, cz, loss) in cases.items():
@@ -386,7 +391,8 @@ def gd_steps_at(args, batch: int) -> list[dict]:
                     fns[(method, "eager")] = _step(plain, x, loss, params)
                     fns[(method, "fused")] = _step(fz, x, loss, params)
                     fns[(method, "compact")] = _step(cz, x, loss, params)
-                    for kind, module in (("eager graphed", plain), ("compact graphed", cz)) if graphs else ():
+                    graphed = (("eager graphed", plain), ("fused graphed", fz), ("compact graphed", cz))
+                    for kind, module in graphed if graphs else ():
                         # a step of its own (its own optimizer state): the capture keeps its tensors
                         replay = _graphed(_step(module, x, loss, params), args.device)
                         if callable(replay):
@@ -396,14 +402,14 @@ def gd_steps_at(args, batch: int) -> list[dict]:
                 t = measure(fns, args.device, args.threads, args.round_time, args.rounds)
                 for method in dict.fromkeys(m for m, _ in fns):
                     e, f_, c = t[(method, "eager")], t[(method, "fused")], t[(method, "compact")]
-                    eg, cg = t.get((method, "eager graphed")), t.get((method, "compact graphed"))
+                    eg, fg, cg = (t.get((method, f"{k} graphed")) for k in ("eager", "fused", "compact"))
                     rows.append(dict(method=method, model=name, batch=batch, density=d, eager=e, fused=f_,
-                                     compact=c, eager_graphed=eg, compact_graphed=cg,
+                                     compact=c, eager_graphed=eg, fused_graphed=fg, compact_graphed=cg,
                                      graph_errors={k: v for (m, k), v in failed.items() if m == method} or None))
                     line = (f"| {method} | {name} | {batch} | {d:.2f} | {e * 1e3:.1f} | {f_ * 1e3:.1f} | "
                             f"{f_ / e:.2f} | {e / f_:.2f}x | {c * 1e3:.1f} | {c / e:.2f} | {e / c:.2f}x |")
                     if graphs:
-                        line += (f" {_ms(eg)} | {_ms(cg)} | {_speedup(eg, cg)} | {_speedup(e, cg)} |")
+                        line += (f" {_ms(eg)} | {_ms(fg)} | {_ms(cg)} | {_speedup(eg, cg)} | {_speedup(e, cg)} |")
                     print(line, flush=True)
                     for (m, kind), err in failed.items():
                         if m == method:

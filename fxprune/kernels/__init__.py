@@ -57,10 +57,14 @@ def _pair(v) -> list[int]:
 
 
 def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_mask: Tensor, stride=1, padding=0,
-                  dilation=1, groups: int = 1, *, in_mask: Optional[Tensor] = None, hard: bool = True) -> Tensor:
-    """``torch.ops.fxprune.masked_conv2d`` with `F.conv2d`-style int-or-pair arguments."""
+                  dilation=1, groups: int = 1, *, in_mask: Optional[Tensor] = None, hard: bool = True,
+                  out_live: Optional[Tensor] = None, in_live: Optional[Tensor] = None) -> Tensor:
+    """``torch.ops.fxprune.masked_conv2d`` with `F.conv2d`-style int-or-pair arguments.
+
+    `out_live` / `in_live`: the sorted indices of the masks' non-zero entries, if the caller keeps
+    them (trusted as given; the op then reads no mask values: no host synchronisation on CUDA)."""
     return torch.ops.fxprune.masked_conv2d(x, weight, bias, out_mask, _pair(stride), _pair(padding),
-                                           _pair(dilation), int(groups), in_mask, hard)
+                                           _pair(dilation), int(groups), in_mask, hard, out_live, in_live)
 
 
 __all__ = ["masked_conv2d", "backend", "conv_output_size", "cuda_backend", "dispatch", "live_macs",

@@ -15,7 +15,8 @@ padding, dilation, groups, input layout, output and input-mask density in 1/16 s
 `backend(name)` forces one implementation inside a block (for comparisons); where it is not valid
 for a call (Triton on a CPU tensor without the interpreter, Triton not installed) the measured
 choice runs instead. ``FXPRUNE_KERNEL_DISPATCH=heuristic`` skips measuring: dense at density
->= 0.9, else the gather path (Triton never), for runs that must not spend time timing.
+>= 0.9, else the gather path (Triton never), for runs that must not spend time timing; so does a
+call class first met while a CUDA graph is being captured.
 
 The backward always runs over the live channels (`gather.backward`): its cost falls with the
 density, and at density 1 it is the dense backward. Its candidates (`BACKWARD_IMPLEMENTATIONS`:
@@ -176,6 +177,12 @@ def measure(runners: dict[str, Callable[[], Tensor]], device: torch.device,
     return best, outputs[best], fastest
 
 
+def _capturing(device: torch.device) -> bool:
+    """A CUDA graph is being captured on the current stream: timing (which synchronises) would break
+    the capture, so an undecided call class takes the heuristic's choice, unremembered."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def heuristic(candidates: list[str], density: float) -> str:
     """Dense at density >= 0.9, else the gather path; the first candidate where neither is one."""
     if density >= 0.9 and "dense" in candidates:
@@ -193,7 +200,7 @@ def run(key: str, runners: dict[str, Callable[[], Tensor]], device: torch.device
         _load_disk()
         choice = _cache.get(key)
     if choice not in runners:
-        if os.environ.get("FXPRUNE_KERNEL_DISPATCH") == "heuristic" or len(runners) == 1:
+        if os.environ.get("FXPRUNE_KERNEL_DISPATCH") == "heuristic" or len(runners) == 1 or _capturing(device):
             choice = heuristic(list(runners), density) if len(runners) > 1 else next(iter(runners))
         else:
             choice, out, _ = measure(runners, device)

@@ -201,18 +201,16 @@ def _scatter_channels(z: Tensor, idx: Tensor, cout: int, fmt=torch.contiguous_fo
     (`benches/micro/bench_scatter.py`), the fill runs at memset speed and one ``index_copy_`` beats a
     copy or fill per run of channels (each a separate parallel loop, tens of them on random masks):
     the conv plus this scatter took 1.03-1.09x the sliced conv on ResNet-50's 3x3 layers against
-    1.03-1.16x by runs. Elsewhere (CUDA): the live channels copied in, only the dead ones zeroed."""
+    1.03-1.16x by runs; ``index_copy_`` then ``index_fill_`` of the dead channels was slower still
+    (1.04-1.99x the conv against 1.04-1.55x, 2026-12-08). Elsewhere (CUDA): the live channels copied
+    in, only the dead ones zeroed, where the dead indices are known without a device read (`out_live`
+    read from the mask); else the CPU's way (finding them would make the host wait for the device)."""
     n, _, oh, ow = z.shape
-    if z.device.type == "cpu":
-        y = torch.empty((n, cout, oh, ow), dtype=z.dtype, device=z.device, memory_format=fmt)
-        return y.zero_().index_copy_(1, idx, z)
     y = torch.empty((n, cout, oh, ow), dtype=z.dtype, device=z.device, memory_format=fmt)
-    y.index_copy_(1, idx, z)
-    dead = out_live.dead_idx if out_live is not None else None
+    dead = None if out_live is None or z.device.type == "cpu" else out_live.dead_idx
     if dead is None:
-        rest = torch.ones(cout, dtype=torch.bool, device=z.device)
-        rest[idx] = False
-        dead = _nonzero(rest)
+        return y.zero_().index_copy_(1, idx, z)
+    y.index_copy_(1, idx, z)
     y.index_fill_(1, dead, 0)
     return y
 

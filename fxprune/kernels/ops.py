@@ -51,10 +51,11 @@ def _triton_valid(x: Tensor, interpreted_ok: bool) -> bool:
     return x.device.type == "cuda" or (interpreted_ok and x.device.type == "cpu" and triton_conv._interpreted())
 
 
-def _forward(x, weight, bias, out_mask, stride, padding, dilation, groups, in_mask):
-    """Dispatch the forward among the valid implementations (see `dispatch`)."""
-    out_live = live(out_mask)
-    in_live = None if in_mask is None else live(in_mask)
+def _forward(x, weight, bias, out_mask, stride, padding, dilation, groups, in_mask, out_idx=None, in_idx=None):
+    """Dispatch the forward among the valid implementations (see `dispatch`). `out_idx` / `in_idx`:
+    the masks' live indices when the caller remembers them (then the masks are not read)."""
+    out_live = live(out_mask, out_idx)
+    in_live = None if in_mask is None else live(in_mask, in_idx)
     conf = (stride, padding, dilation, groups)
     runners = {
         "gather": lambda: gather.forward(x, weight, bias, out_mask, in_mask, *conf, out_live=out_live, in_live=in_live),
@@ -82,7 +83,8 @@ def _forward(x, weight, bias, out_mask, stride, padding, dilation, groups, in_ma
 
 
 def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_mask: Tensor, in_mask: Optional[Tensor],
-           stride, padding, dilation, groups: int) -> None:
+           stride, padding, dilation, groups: int, out_live: Optional[Tensor] = None,
+           in_live: Optional[Tensor] = None) -> None:
     """Refuse arguments the kernels cannot use, naming the argument and the fix."""
     if x.dim() != 4 or weight.dim() != 4:
         raise InputError(f"masked_conv2d takes a 4-D input [N, C, H, W] and 4-D weight; got {x.dim()}-D input "
@@ -109,6 +111,17 @@ def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_mask: Tensor, 
                              f"{x.device}; cast it with .to(x)")
     if not x.dtype.is_floating_point:
         raise InputError(f"masked_conv2d needs floating-point tensors, got {x.dtype}")
+    for name, idx, mask in (("out_live", out_live, out_mask), ("in_live", in_live, in_mask)):
+        if idx is None:
+            continue
+        if mask is None:
+            raise InputError(f"masked_conv2d: {name} (the live indices of a mask) was given without the mask; "
+                             "pass the mask too, or leave the indices out")
+        if idx.dim() != 1 or idx.dtype != torch.long or idx.device != x.device or idx.numel() > mask.numel():
+            raise InputError(f"masked_conv2d: {name} must be the sorted indices of the mask's non-zero entries: "
+                             f"a 1-D int64 tensor on {x.device} with at most {mask.numel()} entries; got "
+                             f"{idx.dim()}-D {idx.dtype} on {idx.device} with {idx.numel()}. Leave it out to "
+                             "have the op read the mask")
     oh, ow = gather.conv_output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3],
                                      stride, padding, dilation)
     if oh < 1 or ow < 1:
@@ -119,15 +132,21 @@ def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_mask: Tensor, 
 @torch.library.custom_op("fxprune::masked_conv2d", mutates_args=())
 def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_mask: Tensor, stride: list[int],
                   padding: list[int], dilation: list[int], groups: int, in_mask: Optional[Tensor] = None,
-                  hard: bool = True) -> Tensor:
-    """y = (conv2d(x * [in_mask != 0], weight) + bias) * out_mask; zero-mask channels are skipped."""
-    _check(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups)
-    return _forward(x, weight, bias, out_mask, stride, padding, dilation, groups, in_mask)
+                  hard: bool = True, out_live: Optional[Tensor] = None,
+                  in_live: Optional[Tensor] = None) -> Tensor:
+    """y = (conv2d(x * [in_mask != 0], weight) + bias) * out_mask; zero-mask channels are skipped.
+
+    `out_live` / `in_live` (optional): the sorted indices of the masks' non-zero entries, trusted
+    as given (the fused pass hands over the live sets it remembers per mask version); with them
+    the op never reads a mask's values, so it never makes the host wait for the device."""
+    _check(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, out_live, in_live)
+    return _forward(x, weight, bias, out_mask, stride, padding, dilation, groups, in_mask, out_live, in_live)
 
 
 @masked_conv2d.register_fake
-def _masked_conv2d_fake(x, weight, bias, out_mask, stride, padding, dilation, groups, in_mask=None, hard=True):
-    _check(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups)
+def _masked_conv2d_fake(x, weight, bias, out_mask, stride, padding, dilation, groups, in_mask=None, hard=True,
+                        out_live=None, in_live=None):
+    _check(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, out_live, in_live)
     oh, ow = gather.conv_output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3],
                                      stride, padding, dilation)
     return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
@@ -137,13 +156,17 @@ def _masked_conv2d_fake(x, weight, bias, out_mask, stride, padding, dilation, gr
 @torch.library.custom_op("fxprune::masked_conv2d_backward", mutates_args=())
 def masked_conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], out_mask: Tensor,
                            in_mask: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
-                           groups: int, hard: bool, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                           groups: int, hard: bool, needs: list[bool], out_live: Optional[Tensor] = None,
+                           in_live: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients for (x, weight, bias, out_mask); an empty tensor for each one `needs` says is not needed.
 
     Dispatched by measurement like the forward (its own call class): oneDNN/cuDNN's convolution
-    backward over the live channels (`conv`), or GEMMs for pointwise convs (`gemm`)."""
+    backward over the live channels (`conv`), or GEMMs for pointwise convs (`gemm`). `out_live` /
+    `in_live`: the forward's remembered live indices, if it had them."""
     grad = grad.contiguous()
-    out_live, in_live = live(out_mask), None if in_mask is None else live(in_mask)  # read once per call
+    out_idx, in_idx = out_live, in_live
+    out_live = live(out_mask, out_idx)  # read once per call (not at all when the indices came along)
+    in_live = None if in_mask is None else live(in_mask, in_idx)
     conf = (stride, padding, dilation, groups, hard, needs)
     lives = dict(out_live=out_live, in_live=in_live)
     runners = {"conv": lambda: gather.backward(grad, x, weight, bias, out_mask, in_mask, *conf, **lives)}
@@ -159,27 +182,28 @@ def masked_conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Option
 
 @masked_conv2d_backward.register_fake
 def _masked_conv2d_backward_fake(grad, x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups,
-                                 hard, needs):
+                                 hard, needs, out_live=None, in_live=None):
     shapes = (x, weight, bias, out_mask)
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None
                  else x.new_empty(0) for t, need in zip(shapes, needs))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, out_mask, stride, padding, dilation, groups, in_mask, hard = inputs
-    ctx.save_for_backward(x, weight, bias, out_mask, in_mask)
+    x, weight, bias, out_mask, stride, padding, dilation, groups, in_mask, hard, out_live, in_live = inputs
+    ctx.save_for_backward(x, weight, bias, out_mask, in_mask, out_live, in_live)
     ctx.conf = (list(stride), list(padding), list(dilation), groups, hard)
 
 
 def _backward(ctx, grad):
-    x, weight, bias, out_mask, in_mask = ctx.saved_tensors
+    x, weight, bias, out_mask, in_mask, out_live, in_live = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:4]]
-    none = (None,) * 6  # stride, padding, dilation, groups, in_mask (a selection, not differentiated), hard
+    # stride, padding, dilation, groups, in_mask (a selection, not differentiated), hard, out_live, in_live
+    none = (None,) * 8
     if not any(needs):
         return (None,) * 4 + none
     stride, padding, dilation, groups, hard = ctx.conf
     grads = torch.ops.fxprune.masked_conv2d_backward(grad, x, weight, bias, out_mask, in_mask, stride, padding,
-                                                     dilation, groups, hard, needs)
+                                                     dilation, groups, hard, needs, out_live, in_live)
     return tuple(g if need else None for g, need in zip(grads, needs)) + none
 
 
