@@ -22,6 +22,7 @@ import fxprune
 from fxprune.methods.gate_decorator.method import _mask_units
 
 from .handler_models import Depthwise, Residual, ResidualClassifier
+from .test_kernels import mask_reads_fixture  # noqa: F401 (the fixture mask_reads)
 
 OP = torch.ops.fxprune.masked_conv2d.default
 
@@ -162,13 +163,12 @@ def test_gate_decorator_graph_trains_the_same(model_cls):
 
 
 @pytest.mark.parametrize("model_cls", [Residual, Depthwise])
-def test_remembered_live_sets_are_handed_to_every_op_and_follow_in_place_mask_updates(model_cls, monkeypatch):
+def test_remembered_live_sets_are_handed_to_every_op_and_follow_in_place_mask_updates(model_cls, mask_reads):
     """`cache_live=True` without compact regions: every masked op gets its masks' live indices from a
     `LiveChannels` (kwargs out_live, and in_live where it has an input mask), so no op reads a
     mask while the masks keep their versions; outputs and gradients equal the graph whose ops read
     their masks (float64, 1e-10), before and after in-place updates of the masks (``copy_``): a
     Tick-like removal, then a revival of dead units (a stale live set would skip a revived channel)."""
-    from fxprune.kernels import gather, live as live_module, ops
     from fxprune.passes.compact_chain import LiveChannels
 
     torch.manual_seed(0)
@@ -184,15 +184,7 @@ def test_remembered_live_sets_are_handed_to_every_op_and_follow_in_place_mask_up
             assert (given is None) == (mask is None), (n, kwarg)
             if given is not None:
                 assert isinstance(cached.get_submodule(given.target), LiveChannels)
-    reads = []
-
-    def spy(mask, indices=None):
-        if indices is None:
-            reads.append(mask)
-        return live_module.live(mask, indices)
-
-    monkeypatch.setattr(ops, "live", spy)
-    monkeypatch.setattr(gather, "live", spy)
+    reads = mask_reads
     for step in range(4):
         for module in (reading, cached):  # written in place on both copies
             for name, buf in module.named_buffers():

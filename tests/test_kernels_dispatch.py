@@ -11,7 +11,7 @@ import torch
 
 import fxprune
 from fxprune.kernels import backend, dispatch, ops
-from tests.test_kernels import GEOMETRIES, make, op, reference
+from tests.test_kernels import GEOMETRIES, make, mask_reads_fixture, op, reference  # noqa: F401 (a fixture)
 
 CPU_IMPLEMENTATIONS = ("gather", "gather_cl", "gather_zero_row", "dense", "gemm", "dense_gemm")
 
@@ -112,24 +112,14 @@ def test_every_backward_implementation_equals_the_reference(impl, dtype, layout)
 @pytest.mark.parametrize("hard", [True, False])
 @pytest.mark.parametrize("impl", CPU_IMPLEMENTATIONS)
 @pytest.mark.parametrize("name", list(GEOMETRIES))
-def test_given_live_indices_are_used_instead_of_reading_the_masks(name, impl, hard, monkeypatch):
+def test_given_live_indices_are_used_instead_of_reading_the_masks(name, impl, hard, mask_reads):
     """`out_live` / `in_live` handed over (what the fused pass does with ``cache_live=True``): no live
     set is read from a mask, in the forward or the backward, and values and gradients (x, weight,
     bias, mask; hard and soft) equal those of the op reading its masks (float64, 1e-12 relative)."""
-    from fxprune.kernels import gather, live as live_module
-
     x, w, b, m, im, conf = make(name, 0.5, torch.float64)
     given = {"out_live": (m != 0).nonzero().reshape(-1),
              "in_live": None if im is None else (im != 0).nonzero().reshape(-1)}
-    reads = []
-
-    def spy(mask, indices=None):
-        if indices is None:
-            reads.append(mask)
-        return live_module.live(mask, indices)
-
-    monkeypatch.setattr(ops, "live", spy)
-    monkeypatch.setattr(gather, "live", spy)
+    reads = mask_reads
 
     def run(**kw):
         leaves = [t.detach().requires_grad_() for t in (x, w, m) + (() if b is None else (b,))]
