@@ -91,6 +91,7 @@ from fxprune.verify import eval_mode
 
 from ..base import MethodContext, MethodResult
 from ..latency_selection import GROW_ROUNDS, fit_measured, predict_kept
+from .. import fused_kernels
 from ..latency_target import latency_details, slim_latency
 from .discriminator import DISCRIMINATORS, make_discriminator, output_features
 from .fista import FISTA
@@ -117,7 +118,9 @@ class GALOptions:
     discriminator: str = "mlp"
     d_regularizer: bool = True
     teacher_mode: str = "eval"
-    fused_kernels: bool = False  # generator through torch.ops.fxprune.masked_conv2d (soft, hard once frozen)
+    # generator through compact regions / torch.ops.fxprune.masked_conv2d (soft, hard once frozen);
+    # "auto": on a CPU without module hooks (`fxprune.methods.fused_kernels`)
+    fused_kernels: bool | str = "auto"
     flops_weighted: float = 0.0  # L1 weight of a mask entry = (MACs it saves / their mean) ** this; 0: all 1
     lam_growth: float = 1.25  # lam multiplier per FISTA step while behind the FLOPs path
     target_at: float = 0.5  # fraction of the run by which the FLOPs target should be met
@@ -139,6 +142,7 @@ class GALOptions:
                                      ("teacher_mode", self.teacher_mode, ("eval", "train"))):
             if value not in choices:
                 raise ConfigError(f"GAL {name}={value!r}: choose one of {', '.join(choices)}")
+        fused_kernels.check(self.fused_kernels, "gal")
         if isinstance(self.flops_weighted, bool):
             self.flops_weighted = float(self.flops_weighted)
         if self.flops_weighted < 0:
@@ -566,7 +570,8 @@ def gal(analysis: ModelAnalysis, data: Iterable, constraints: Constraints, opts:
         mean = float(torch.cat([c.reshape(-1) for c in costs]).mean()) or 1.0
         l1_weights = [((c / mean) ** float(opts.flops_weighted)).to(dtype=dtype, device=device) for c in costs]
     fista = FISTA(masked.params(), opts.mask_lr or opts.lr, opts.lam, weights=l1_weights)
-    run = _Run(masked, teacher, disc, opt_g, opt_d, fista, opts.lam, budget, l1_weights, opts.fused_kernels)
+    used, why = fused_kernels.decide(opts.fused_kernels, masked.module)
+    run = _Run(masked, teacher, disc, opt_g, opt_d, fista, opts.lam, budget, l1_weights, used)
     run.forward = _generator(run)
     was_training = channels.gm.training
     rows = _loop(run, opts, channels, cost, data, opts.epochs, opts.lr, adversarial=True, loss_kind="mse",
@@ -601,7 +606,7 @@ def gal(analysis: ModelAnalysis, data: Iterable, constraints: Constraints, opts:
         "removed_blocks": state.removed_blocks, "removed_branches": state.removed_branches,
         "widths": {str(g): list(w) for g, w in state.widths.items()},
         "unmasked": dict(masked.skipped), "scales_left_in_graph": [a for a, _, _ in unfolded],
-        "epochs": rows, "mask_steps": run.history,
+        "epochs": rows, "mask_steps": run.history, "fused_kernels": {"used": used, "why": why},
     }
     if latency_fit is not None:
         details["latency_fit"] = {"measured_s": latency_fit.measured_s, "rounds": latency_fit.rounds}

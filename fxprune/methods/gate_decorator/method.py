@@ -18,7 +18,8 @@ Schedules (`schedule=`):
 Then `finetune_epochs` of fine-tuning (triangular LR, momentum 0, as the authors), the gates are
 folded into the BatchNorms and the masked channels removed by the core rewrite.
 
-``fused_kernels=True`` trains the gated graph through `passes.fuse_masked_conv` in hard mode with
+``fused_kernels=True`` (by default ``"auto"``: on when training on a CPU without module hooks,
+`fxprune.methods.fused_kernels`) trains the gated graph through `passes.fuse_masked_conv` in hard mode with
 compact chains: where a gated BN output feeds the next conv through activations only (a residual
 block's inner channels, VGG's chain), the channels between the convs run compact, live ones only
 (`passes.compact_chain`); elsewhere each conv whose BN output is gated hands its pruned channels
@@ -56,6 +57,7 @@ from fxprune.passes.gates import GatedModel, fold_gates, insert_gates
 from fxprune.passes.plan import PruningPlan
 from fxprune.train import TrainConfig, TrainingError, train
 
+from .. import fused_kernels
 from ..base import MethodContext, MethodResult
 from ..latency_selection import fit_measured, predict_plan, select_under_latency
 from ..latency_target import latency_details, slim_latency
@@ -80,7 +82,9 @@ class GateDecoratorOptions:
     max_ticks: int = 100_000
     seed: int = 0
     tock_data: Iterable | None = None  # Tock / fine-tune batches (default: the same as the Ticks')
-    fused_kernels: bool = False  # train through torch.ops.fxprune.masked_conv2d (docs/kernels.md)
+    # train through compact regions / torch.ops.fxprune.masked_conv2d (docs/kernels.md); "auto": on a
+    # CPU without module hooks (measured faster there, slower on a GPU: `fxprune.methods.fused_kernels`)
+    fused_kernels: bool | str = "auto"
     progress: bool = False
 
     def __post_init__(self):
@@ -88,6 +92,7 @@ class GateDecoratorOptions:
             raise ConfigError(f"unknown gate_decorator schedule {self.schedule!r}: choose from {', '.join(SCHEDULES)}")
         if not 0 < self.p < 1:
             raise ConfigError(f"p={self.p} must be in (0, 1)")
+        fused_kernels.check(self.fused_kernels, "gate_decorator")
 
 
 class _Scores:
@@ -197,21 +202,25 @@ def gate_decorator(channels, cost, data: Iterable, constraints: Constraints, opt
                    targets_from: nn.Module | None = None, log: list | None = None,
                    fits: Callable[[dict], bool] | None = None,
                    one_shot_select: Callable[[dict], PruningPlan] | None = None,
-                   ungated: list | None = None) -> PruningPlan:
+                   ungated: list | None = None, kernels: dict | None = None) -> PruningPlan:
     """Run the method on `analysis.gm`'s modules (trained in place) and return the plan.
 
     The caller passes an analysis of its own private copy (`MethodContext.private_copy`): training
     changes its weights, and the gates are folded into them at the end. Each Tick appends a row to
     `log`. Ticks go on until `fits(keep)` (default: the MACs fit `constraints`); `one_shot_select`
     replaces the one-shot schedule's FLOPs selection (both are how a latency target plugs in).
-    The prunable groups no gate could be placed on (kept whole) are appended to `ungated`.
+    The prunable groups no gate could be placed on (kept whole) are appended to `ungated`;
+    whether it trained through the fused graph, and why, goes into `kernels` ("used", "why").
     """
     log = [] if log is None else log
     if data is None:
         raise TrainingError("gate_decorator needs data=: an iterable of (inputs, targets) batches")
     torch.manual_seed(opts.seed)
     gated = insert_gates(channels)
-    if opts.fused_kernels:  # same parameters and mask buffers; masked convs skip their pruned channels
+    used, why = fused_kernels.decide(opts.fused_kernels, gated.module)
+    if kernels is not None:
+        kernels.update(used=used, why=why)
+    if used:  # same parameters and mask buffers; masked convs skip their pruned channels
         gated = replace(gated, module=fuse_masked_convs(gated.module, mode="hard", compact=True,
                                                              cache_live=True))
     scores = _Scores(channels, gated)
@@ -340,21 +349,23 @@ class GateDecoratorMethod:
         work = context.private_copy()
         log: list = []
         ungated: list = []
+        kernels: dict = {}
         if not c.has_latency:
             plan = gate_decorator(work.channels, work.cost, context.data, c, opts, targets_from=context.original,
-                                  log=log, ungated=ungated)
-            return MethodResult(plan, {"schedule": opts.schedule, "ticks": log, **_ungated(work, ungated)},
-                                weights=work.traced.graph_module.state_dict())
+                                  log=log, ungated=ungated, kernels=kernels)
+            return MethodResult(plan, {"schedule": opts.schedule, "ticks": log, **_ungated(work, ungated),
+                                       "fused_kernels": kernels}, weights=work.traced.graph_module.state_dict())
         latency = _LatencyStop(work, context)
         try:
             plan = gate_decorator(work.channels, work.cost, context.data, c, opts, targets_from=context.original,
-                                  log=log, fits=latency.fits, one_shot_select=latency.select, ungated=ungated)
+                                  log=log, fits=latency.fits, one_shot_select=latency.select, ungated=ungated,
+                                  kernels=kernels)
         except LatencyUnreachableError:
             raise
         except TargetUnreachableError as e:  # the Ticks ran out before the latency stop fitted
             raise latency.unreachable(e.minimum) from e
         measured = latency.checks[-1]["measured_s"] if latency.checks else slim_latency(context, plan, latency.model)
-        details = {"schedule": opts.schedule, "ticks": log, **_ungated(work, ungated),
+        details = {"schedule": opts.schedule, "ticks": log, **_ungated(work, ungated), "fused_kernels": kernels,
                    "latency": latency_details(latency.model, context, plan, measured, {"checks": latency.checks})}
         return MethodResult(plan, details, weights=work.traced.graph_module.state_dict())
 
