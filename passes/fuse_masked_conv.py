@@ -477,7 +477,7 @@ class _Fuser:
         into = {conv: r for r in regions for conv in r["sinks"]}
         into.update({src["conv"]: r for r in regions for src in r["sources"] if src["depthwise"]})
         order = {n: i for i, n in enumerate(self.graph.nodes)}
-        for k, r in enumerate(regions):  # the live channels: what some producer keeps (before the first producer)
+        for r in regions:  # the live channels: what some producer keeps (before the first producer)
             with self.graph.inserting_before(min((s["conv"] for s in r["sources"]), key=order.__getitem__)):
                 envs = [{} for _ in r["sources"]]
                 vecs = [self.vector(s["const"], r["channels"], env) for s, env in zip(r["sources"], envs)]
