@@ -47,6 +47,24 @@ def register_leaf_module(cls: type, reason: str = "registered leaf") -> type:
     return cls
 
 
+def _register_mode_reading_modules() -> None:
+    """Modules whose forward passes ``self.training`` to a function as a plain bool: traced through,
+    the bool of the trace's moment is baked into the graph. torchvision's StochasticDepth does so
+    (``stochastic_depth(x, p, mode, self.training)``): a model traced in train mode kept dropping
+    residual branches at random in eval mode (a slim ConvNeXt / EfficientNet gave two different
+    outputs for one input after ``.eval()``), and one traced in eval mode never dropped them in
+    training. As leaves they read their flag when they run. (nn.Dropout and the other torch.nn
+    modules are leaves already.)"""
+    try:
+        from torchvision.ops import StochasticDepth
+    except ImportError:  # torchvision is optional for tracing user models
+        return
+    register_leaf_module(StochasticDepth, "reads its training flag when it runs (torchvision StochasticDepth)")
+
+
+_register_mode_reading_modules()
+
+
 def _autowrap_modules() -> tuple:
     mods: list = [math]
     try:  # torchvision.ops functions (stochastic_depth, nms, ...) are recorded as calls

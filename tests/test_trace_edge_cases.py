@@ -504,3 +504,45 @@ def test_reparametrizations_on_every_layer_kind(kind):
     _assert_unchanged(model, before)
     assert torch.isfinite(slim(x)).all()
     prune_and_check(_copy(model), x, seed=1)
+
+
+class _StochasticResidual(nn.Module):
+    """A residual block whose branch goes through torchvision's StochasticDepth (ConvNeXt, EfficientNet)."""
+
+    def __init__(self):
+        super().__init__()
+        import torchvision
+
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 1))
+        self.drop = torchvision.ops.StochasticDepth(0.5, "row")
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.drop(self.branch(x))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_stochastic_depth_reads_the_mode_it_runs_in(train):
+    """torchvision's StochasticDepth passes ``self.training`` to a function as a bool: traced through,
+    a train-mode model's slim copy kept dropping branches in eval mode (verification failed at random;
+    with verify=False two eval calls differed). Traced as a leaf it reads its flag when it runs:
+    from either mode, the slim model (its branch pruned: MACs fell) is deterministic and equal to the
+    masked original in eval mode (verified, 1e-4 relative), and drops branches in train mode."""
+    torch.manual_seed(0)
+    model = _StochasticResidual().train(train)
+    x = torch.randn(8, 3, 6, 6)
+    slim = fxprune.compress(model, "l1", x, 0.6)
+    assert slim.fxprune_report.macs_after < slim.fxprune_report.macs_before
+    slim.eval()
+    with torch.no_grad():
+        assert torch.equal(slim(x), slim(x))
+    assert [n.op for n in slim.graph.nodes if "drop" in str(n.target)] == ["call_module"]
+    slim.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        outs = [slim(x) for _ in range(4)]
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])  # p = 0.5 on 8 rows: branches dropped
+    assert model.training is train  # the user's model is untouched
