@@ -54,12 +54,13 @@ def _register_mode_reading_modules() -> None:
     residual branches at random in eval mode (a slim ConvNeXt / EfficientNet gave two different
     outputs for one input after ``.eval()``), and one traced in eval mode never dropped them in
     training. As leaves they read their flag when they run. (nn.Dropout and the other torch.nn
-    modules are leaves already.)"""
+    modules are leaves already.) torchvision's DropBlock2d / DropBlock3d pass theirs the same way."""
     try:
-        from torchvision.ops import StochasticDepth
+        from torchvision.ops import DropBlock2d, DropBlock3d, StochasticDepth
     except ImportError:  # torchvision is optional for tracing user models
         return
-    register_leaf_module(StochasticDepth, "reads its training flag when it runs (torchvision StochasticDepth)")
+    for cls in (StochasticDepth, DropBlock2d, DropBlock3d):
+        register_leaf_module(cls, f"reads its training flag when it runs (torchvision {cls.__name__})")
 
 
 _register_mode_reading_modules()

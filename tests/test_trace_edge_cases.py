@@ -507,15 +507,17 @@ def test_reparametrizations_on_every_layer_kind(kind):
 
 
 class _StochasticResidual(nn.Module):
-    """A residual block whose branch goes through torchvision's StochasticDepth (ConvNeXt, EfficientNet)."""
+    """A residual block whose branch goes through a random drop of torchvision.ops: StochasticDepth
+    (ConvNeXt, EfficientNet) on the branch's output, or DropBlock2d inside the branch."""
 
-    def __init__(self):
+    def __init__(self, kind: str):
         super().__init__()
         import torchvision
 
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.branch = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 1))
-        self.drop = torchvision.ops.StochasticDepth(0.5, "row")
+        inner = torchvision.ops.DropBlock2d(0.5, 3) if kind == "drop_block" else nn.Identity()
+        self.branch = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), inner, nn.Conv2d(16, 8, 1))
+        self.drop = torchvision.ops.StochasticDepth(0.5, "row") if kind == "stochastic_depth" else nn.Identity()
         self.head = nn.Linear(8, 4)
 
     def forward(self, x):
@@ -524,22 +526,26 @@ class _StochasticResidual(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+@pytest.mark.parametrize("kind", ["stochastic_depth", "drop_block"])
 @pytest.mark.parametrize("train", [True, False])
-def test_stochastic_depth_reads_the_mode_it_runs_in(train):
+def test_stochastic_depth_reads_the_mode_it_runs_in(train, kind):
     """torchvision's StochasticDepth passes ``self.training`` to a function as a bool: traced through,
     a train-mode model's slim copy kept dropping branches in eval mode (verification failed at random;
     with verify=False two eval calls differed). Traced as a leaf it reads its flag when it runs:
     from either mode, the slim model (its branch pruned: MACs fell) is deterministic and equal to the
-    masked original in eval mode (verified, 1e-4 relative), and drops branches in train mode."""
+    masked original in eval mode (verified, 1e-4 relative), and drops branches in train mode.
+    torchvision's DropBlock2d passes its flag the same way, and is a leaf too (the branch's channels
+    stay prunable through it)."""
     torch.manual_seed(0)
-    model = _StochasticResidual().train(train)
+    model = _StochasticResidual(kind).train(train)
     x = torch.randn(8, 3, 6, 6)
     slim = fxprune.compress(model, "l1", x, 0.6)
     assert slim.fxprune_report.macs_after < slim.fxprune_report.macs_before
     slim.eval()
     with torch.no_grad():
         assert torch.equal(slim(x), slim(x))
-    assert [n.op for n in slim.graph.nodes if "drop" in str(n.target)] == ["call_module"]
+    drop = "drop" if kind == "stochastic_depth" else "branch.3"
+    assert [n.op for n in slim.graph.nodes if str(n.target) == drop] == ["call_module"]
     slim.train()
     torch.manual_seed(1)
     with torch.no_grad():
