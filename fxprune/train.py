@@ -104,6 +104,7 @@ def train(model: nn.Module, data: Iterable, cfg: TrainConfig, *, loss_fn: Callab
     by `targets_from`'s predictions (the original model), or refused when it is None.
     """
     torch.manual_seed(cfg.seed)
+    default_loss = loss_fn is None
     loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     forward = _distributed(model)
@@ -126,6 +127,12 @@ def train(model: nn.Module, data: Iterable, cfg: TrainConfig, *, loss_fn: Callab
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg, step, total)
             out = forward(inputs)
+            if default_loss and not isinstance(out, torch.Tensor):
+                raise TrainingError(
+                    f"the model returned a {type(out).__name__}, not one tensor of class scores, in train mode, "
+                    "so the cross-entropy loss cannot take it (torchvision's GoogLeNet / Inception v3 return "
+                    "auxiliary outputs in training): build the model without them (aux_logits=False) or make "
+                    "its forward return the logits alone")
             loss = loss_fn(out, targets)
             if extra_loss is not None:
                 loss = loss + extra_loss(model)
@@ -143,7 +150,7 @@ def train(model: nn.Module, data: Iterable, cfg: TrainConfig, *, loss_fn: Callab
             loss_sum += float(loss.detach()) * len(targets)
             if cfg.progress and sys.stderr.isatty():
                 _bar(epoch, cfg.epochs, step - epoch * (steps_per_epoch or 0), steps_per_epoch, loss_sum / seen)
-            if out.ndim == 2 and targets.ndim == 1:
+            if isinstance(out, torch.Tensor) and out.ndim == 2 and targets.ndim == 1:
                 correct += int((out.argmax(1) == targets).sum())
         if seen == 0:
             raise TrainingError("the training data is empty: pass an iterable of (inputs, targets) batches")

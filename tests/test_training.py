@@ -139,6 +139,23 @@ def test_bad_training_input():
         train(_Tiny(), [(x, torch.zeros(8, dtype=torch.long))], TrainConfig(progress=False))
 
 
+class _WithAuxiliary(_Tiny):
+    """Returns (logits, auxiliary logits) in training, as torchvision's GoogLeNet and Inception v3."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return (y, y) if self.training else y
+
+
+def test_a_structured_training_output_is_a_typed_error_naming_the_fix():
+    x = torch.randn(8, 1, 12, 12)
+    with pytest.raises(TrainingError, match="tuple, not one tensor.*aux_logits=False"):
+        train(_WithAuxiliary(), [(x, torch.zeros(8, dtype=torch.long))], TrainConfig(progress=False))
+    history = train(_WithAuxiliary(), [(x, torch.zeros(8, dtype=torch.long))], TrainConfig(progress=False),
+                    loss_fn=lambda out, y: torch.nn.functional.cross_entropy(out[0], y))
+    assert history  # a loss of the caller's own takes the structured output
+
+
 def test_bn_recalibration_gives_the_data_statistics():
     model = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
     model.eval()
