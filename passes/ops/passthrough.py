@@ -81,7 +81,14 @@ def _stochastic_depth_functions() -> tuple:
     """torchvision's random per-sample / per-channel drops: identity in eval mode, channel by channel
     in training (DropBlock draws its blocks for each channel on its own)."""
     try:
-        from torchvision.ops import DropBlock2d, DropBlock3d, StochasticDepth, drop_block2d, drop_block3d, stochastic_depth
+        from torchvision.ops import (
+            DropBlock2d,
+            DropBlock3d,
+            StochasticDepth,
+            drop_block2d,
+            drop_block3d,
+            stochastic_depth,
+        )
     except ImportError:  # torchvision is optional
         return (), ()
     return (stochastic_depth, drop_block2d, drop_block3d), (StochasticDepth, DropBlock2d, DropBlock3d)
