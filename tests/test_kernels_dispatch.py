@@ -57,6 +57,26 @@ def test_every_implementation_equals_the_reference(name, impl, dtype, layout):
     assert y.is_contiguous(memory_format=fmt)  # the output keeps the input's layout (as conv2d does)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("impl", CPU_IMPLEMENTATIONS)
+def test_an_in_place_op_after_the_op_trains(impl, layout):
+    """The op's output is never a view (a GEMM's reshaped result was): an in-place activation after it
+    (EfficientNet's SiLU(inplace=True), which GAL's fused graph runs) trains, with the gradients of
+    relu(conv2d(x) * m) (float64, 1e-10 relative)."""
+    x, w, b, m, im, conf = make("1x1_in_mask", 0.5, torch.float64)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    with backend(impl):
+        y = op(*leaves, m, im, conf)
+    assert y._base is None
+    y.relu_().square().sum().backward()
+    ref_leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    reference(*ref_leaves, m, im, conf).relu().square().sum().backward()
+    for got, want in zip(leaves, ref_leaves):
+        assert torch.allclose(got.grad, want.grad, rtol=1e-10, atol=1e-10 * want.grad.abs().max().item())
+
+
 def test_zero_row_with_a_full_channel_block(monkeypatch):
     """16k live channels: the zero plane is appended instead of a 17th filter; same result."""
     from fxprune.kernels import gather

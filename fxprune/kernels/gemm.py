@@ -33,19 +33,29 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.conv2d(x, weight, bias)`` for a pointwise conv, computed as a GEMM, in x's layout."""
+    """``F.conv2d(x, weight, bias)`` for a pointwise conv, computed as a GEMM, in x's layout.
+
+    The GEMM writes into the output's own [N, C, H*W] / [N*H*W, C] view (``out=``), and the output
+    itself is returned, not a view of a GEMM result: the masked conv op's output must not be a view
+    (autograd forbids an in-place op, a ``ReLU(inplace=True)`` after it, on a custom function's view
+    output)."""
     n, cin, h, w = x.shape
     cout = weight.shape[0]
     w2 = weight.reshape(cout, cin)
     if _channels_last(x):
-        y = _rows(x) @ w2.t() if bias is None else torch.addmm(bias, _rows(x), w2.t())
-        return y.view(n, h, w, cout).permute(0, 3, 1, 2)
-    x3 = x.reshape(n, cin, h * w)
+        y = torch.empty((n, cout, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        if bias is None:
+            torch.mm(_rows(x), w2.t(), out=_rows(y))
+        else:
+            torch.addmm(bias, _rows(x), w2.t(), out=_rows(y))
+        return y
+    y = torch.empty((n, cout, h, w), dtype=x.dtype, device=x.device)
+    x3, y3, w3 = x.reshape(n, cin, h * w), y.view(n, cout, h * w), w2.expand(n, cout, cin)
     if bias is None:
-        y = torch.matmul(w2, x3)
+        torch.bmm(w3, x3, out=y3)
     else:
-        y = torch.baddbmm(bias.reshape(1, cout, 1), w2.expand(n, cout, cin), x3)
-    return y.view(n, cout, h, w)
+        torch.baddbmm(bias.reshape(1, cout, 1), w3, x3, out=y3)
+    return y
 
 
 def conv1x1_backward(grad: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_w: bool):

@@ -140,7 +140,9 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_mask: T
     as given (the fused pass hands over the live sets it remembers per mask version); with them
     the op never reads a mask's values, so it never makes the host wait for the device."""
     _check(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, out_live, in_live)
-    return _forward(x, weight, bias, out_mask, stride, padding, dilation, groups, in_mask, out_live, in_live)
+    y = _forward(x, weight, bias, out_mask, stride, padding, dilation, groups, in_mask, out_live, in_live)
+    # never a view: autograd forbids an in-place op (ReLU(inplace=True)) on a custom function's view output
+    return y if y._base is None else y.clone()
 
 
 @masked_conv2d.register_fake
