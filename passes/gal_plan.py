@@ -52,6 +52,12 @@ _HOMOGENEOUS_METHODS = {"relu", "relu_", "flatten", "view", "reshape", "contiguo
 _HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
                         nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                         nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Identity, nn.Flatten)
+try:  # torchvision's random drops (leaves since the tracer reads their mode at run time): x times a factor >= 0
+    from torchvision.ops import DropBlock2d, DropBlock3d, StochasticDepth
+
+    _HOMOGENEOUS_MODULES += (StochasticDepth, DropBlock2d, DropBlock3d)
+except ImportError:  # torchvision is optional
+    pass
 
 
 @dataclass
@@ -141,8 +147,11 @@ def _fold_scalar(gm: fx.GraphModule, anchor: fx.Node, x: fx.Node, value: float) 
     if node.op != "call_module" or len(node.users) != 1 or not _single_call(gm, node.target):
         return False
     mod = gm.get_submodule(node.target)
+    weight = getattr(mod, "weight", None)
+    if not isinstance(weight, torch.Tensor):  # nothing to scale: the rewrite keeps the scale as an edit
+        return False
     with torch.no_grad():
-        return fold_into(mod, torch.tensor([value], dtype=mod.weight.dtype, device=mod.weight.device))
+        return fold_into(mod, torch.tensor([value], dtype=weight.dtype, device=weight.device))
 
 
 def fold_masks(channels: ChannelAnalysis, masked: SoftMaskedModel, state: MaskState) -> list[tuple[str, int, float]]:
