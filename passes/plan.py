@@ -43,15 +43,24 @@ def _scaled_input(anchor: fx.Node, operand: int) -> fx.Node:
     return args[operand]
 
 
+def input_scale_targets(graph: fx.Graph, edits) -> list[tuple[fx.Node, fx.Node, float]]:
+    """(node, its input to scale, value) of each edit (PruningPlan.scale_inputs), resolved while the
+    operand numbers still hold: the rewrite drops concat inputs first, which renumbers the rest."""
+    nodes = {n.name: n for n in graph.nodes}
+    return [(nodes[name], _scaled_input(nodes[name], operand), float(value)) for name, operand, value in edits]
+
+
+def insert_scales(graph: fx.Graph, targets) -> None:
+    """Put `x * value` between each target's node and its input `x` (`input_scale_targets`)."""
+    for anchor, x, value in targets:
+        with graph.inserting_before(anchor):
+            y = graph.call_function(operator.mul, (x, value))
+        anchor.replace_input_with(x, y)
+
+
 def insert_input_scales(graph: fx.Graph, edits) -> None:
     """Put `x * value` between each edit's node and its input `x` (PruningPlan.scale_inputs)."""
-    nodes = {n.name: n for n in graph.nodes}
-    for name, operand, value in edits:
-        anchor = nodes[name]
-        x = _scaled_input(anchor, operand)
-        with graph.inserting_before(anchor):
-            y = graph.call_function(operator.mul, (x, float(value)))
-        anchor.replace_input_with(x, y)
+    insert_scales(graph, input_scale_targets(graph, edits))
 
 
 @dataclass(frozen=True)

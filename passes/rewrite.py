@@ -24,7 +24,7 @@ from torch import nn
 from .fold import fold_channel_scales
 from .module_copy import copy_parts
 from .ops import handler_for
-from .plan import PruningPlan, ResolvedPlan, insert_input_scales, resolve
+from .plan import PruningPlan, ResolvedPlan, input_scale_targets, insert_scales, resolve
 from .shapes import VALUE
 from .structures import exclusive_branch
 from .tensors import get_tensor, replace_tensor
@@ -168,6 +168,7 @@ def apply_plan(channels: ChannelAnalysis, plan: PruningPlan | ResolvedPlan) -> f
     resolved = resolve(channels, plan)
     per_tensor = resolved.kept_positions
     root, graph = copy_parts(channels.gm, per_tensor)  # the tensors about to be sliced are not copied
+    scales = input_scale_targets(graph, resolved.plan.scale_inputs)  # before dropping concat inputs renumbers
     _remove_structures(graph, resolved.plan)
     _slice_members(root, graph, per_tensor)
     rctx = RewriteContext(channels, root, resolved.keep_roots)
@@ -175,7 +176,7 @@ def apply_plan(channels: ChannelAnalysis, plan: PruningPlan | ResolvedPlan) -> f
         handler = handler_for(node, rctx) if node.op.startswith("call") else None
         if handler is not None:
             handler.rewrite(rctx, node)
-    insert_input_scales(graph, resolved.plan.scale_inputs)
+    insert_scales(graph, scales)
     graph.lint()
     slim = fx.GraphModule(root, graph, type(channels.gm).__name__)  # keeps only what the graph uses
     if resolved.plan.fold_scales:

@@ -589,3 +589,34 @@ def test_block_masks_fold_through_stochastic_depth(fused):
     report = slim.fxprune_report
     assert report.macs_after < report.macs_before and report.max_rel_error <= 1e-4
     assert report.details["fused_kernels"]["used"] is fused
+
+
+class _ThreeWayConcat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 5, 3, padding=1), nn.Conv2d(3, 6, 1)
+        self.head = nn.Conv2d(15, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x), self.b(x), self.c(x)], 1))
+
+
+def test_a_scaled_concat_input_keeps_its_number_when_an_earlier_input_is_dropped():
+    """GAL's plan drops a branch of a concat (input 0) and keeps a scale on a later one (input 2, its
+    mask folded nowhere): the rewrite resolved the scale's operand number after dropping, when the
+    concat had two inputs left (IndexError; ShuffleNet-v2 under GAL). Now exact against the masked
+    reference (float32, equal), with the dropped branch's channels gone from the head."""
+    from fxprune.passes.mask import masked_reference
+    from fxprune.passes.plan import PruningPlan
+
+    torch.manual_seed(0)
+    model = _ThreeWayConcat().eval()
+    x = torch.randn(2, 3, 5, 5)
+    channels = fxprune.analyze(model, x).channels
+    plan = PruningPlan(drop_concat_inputs=[("cat", 0)], scale_inputs=[("cat", 2, 0.5)])
+    slim, reference = apply_plan(channels, plan), masked_reference(channels, plan)
+    assert slim.head.in_channels == 11
+    with torch.no_grad():
+        want = reference(x)
+        assert torch.allclose(slim(x), want, rtol=0, atol=1e-6 * want.abs().max().item())
+        assert not torch.allclose(want, model(x))  # the scale and the drop did change the function
